@@ -1,0 +1,106 @@
+# pybpftune build: BPF objects (full and legacy variants), the cffi extension,
+# and a development virtual environment at .venv with the package in editable
+# mode.  `make` builds everything; `make test` runs what CI runs.
+
+ARCH ?= $(shell uname -m | sed -e 's/aarch64/arm64/' -e 's/x86_64/x86/')
+VMLINUX_ARCH ?= $(shell uname -m)
+CLANG ?= clang
+LLVM_STRIP ?= llvm-strip
+BPFTOOL ?= bpftool
+PYTHON ?= python3
+VENV ?= .venv
+VPY := $(VENV)/bin/python
+V ?= 0
+Q := $(if $(filter 1,$(V)),,@)
+
+BPF_SRC := $(wildcard src/bpf/*.bpf.c)
+BPF_OUT := src/pybpftune/bpf
+BPF_OBJS := $(patsubst src/bpf/%.bpf.c,$(BPF_OUT)/%.bpf.o,$(BPF_SRC)) \
+            $(patsubst src/bpf/%.bpf.c,$(BPF_OUT)/%.bpf.legacy.o,$(BPF_SRC))
+TEST_BPF_SRC := $(wildcard tests/bpf/*.bpf.c)
+TEST_BPF_OBJS := $(patsubst %.bpf.c,%.bpf.o,$(TEST_BPF_SRC)) \
+                 $(patsubst %.bpf.c,%.bpf.legacy.o,$(TEST_BPF_SRC))
+BPF_HDRS := $(wildcard src/bpf/*.h) vmlinux/$(VMLINUX_ARCH)/vmlinux.h
+BPF_CFLAGS := -g -O2 -target bpf -D__TARGET_ARCH_$(ARCH) -Wall -Werror \
+              -Wno-unused-function -Isrc/bpf -Ivmlinux/$(VMLINUX_ARCH)
+
+# Debian packages needed to build and test (see README).
+DEB_BUILD := clang llvm libbpf-dev bpftool libelf-dev zlib1g-dev pkg-config make gcc \
+             python3 python3-dev python3-venv
+DEB_TEST := iproute2 iperf3 ethtool kmod procps
+DEB_VM := qemu-system-x86 busybox-static binutils xz-utils file cpio
+PIP_DEV := ruff mypy types-cffi pytest
+
+.PHONY: all bpf test-bpf venv ext vmlinux deps lint test unit kernel-test vmtest wheel bench clean
+
+all: bpf test-bpf venv
+
+bpf: $(BPF_OBJS)
+test-bpf: $(TEST_BPF_OBJS)
+
+# Compile, then strip DWARF but keep BTF (CO-RE needs it, the wheel does not
+# need the debug info).  A failed compile fails the build.
+define compile_bpf
+	@echo "  BPF     $(2)"
+	$(Q)$(CLANG) $(BPF_CFLAGS) $(3) -c $(1) -o $(2).tmp
+	$(Q)$(LLVM_STRIP) -g $(2).tmp
+	$(Q)mv $(2).tmp $(2)
+endef
+
+$(BPF_OUT)/%.bpf.o: src/bpf/%.bpf.c $(BPF_HDRS)
+	$(call compile_bpf,$<,$@,)
+$(BPF_OUT)/%.bpf.legacy.o: src/bpf/%.bpf.c $(BPF_HDRS)
+	$(call compile_bpf,$<,$@,-DBPFTUNE_LEGACY)
+tests/bpf/%.bpf.o: tests/bpf/%.bpf.c $(BPF_HDRS)
+	$(call compile_bpf,$<,$@,)
+tests/bpf/%.bpf.legacy.o: tests/bpf/%.bpf.c $(BPF_HDRS)
+	$(call compile_bpf,$<,$@,-DBPFTUNE_LEGACY)
+
+# The venv gets the package in editable mode; that builds the cffi extension
+# in place (src/pybpftune/_libbpf*.so).
+$(VENV)/.stamp: pyproject.toml setup.py build_ffi.py
+	$(Q)$(PYTHON) -m venv $(VENV)
+	$(Q)$(VPY) -m pip install -q --upgrade pip setuptools wheel cffi
+	$(Q)$(VPY) -m pip install -q $(PIP_DEV)
+	$(Q)touch $@
+
+venv: $(VENV)/.stamp bpf ext
+	$(Q)$(VPY) -m pip install -q --no-build-isolation -e .
+
+ext: $(VENV)/.stamp $(BPF_HDRS)
+	$(Q)cd src && ../$(VPY) ../build_ffi.py
+
+vmlinux:
+	$(BPFTOOL) btf dump file /sys/kernel/btf/vmlinux format c > vmlinux/$(VMLINUX_ARCH)/vmlinux.h
+
+deps:
+	apt-get update -qq
+	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(DEB_BUILD) $(DEB_TEST) $(DEB_VM)
+
+lint: $(VENV)/.stamp
+	$(VENV)/bin/ruff check src tests bench build_ffi.py setup.py
+	$(VENV)/bin/ruff format --check src tests bench build_ffi.py setup.py
+	$(VENV)/bin/mypy
+
+unit: all
+	$(VPY) -m pytest -p no:cacheprovider tests/unit
+
+kernel-test: all
+	$(VPY) -m pytest -p no:cacheprovider -m kernel tests
+
+KERNEL ?= 6.1
+vmtest: all
+	$(PYTHON) tests/vm/vmtest.py --kernel $(KERNEL) -- \
+	  $(abspath $(VPY)) -m pytest -p no:cacheprovider -m kernel tests/kernel
+
+test: all lint
+	$(VPY) -m pytest -p no:cacheprovider tests
+
+wheel:
+	$(PYTHON) -m pip wheel --no-deps -w dist .
+
+bench: all
+	$(VPY) bench/loader_bench.py
+
+clean:
+	rm -rf $(BPF_OUT)/*.o tests/bpf/*.o build dist src/*.egg-info src/pybpftune/_libbpf*.so src/pybpftune/_libbpf.c src/pybpftune/_libbpf.o

@@ -1,0 +1,11 @@
+"""pybpftune: BPF-driven auto-tuning of Linux networking, in Python.
+
+A daemon watches the kernel with BPF programs and tunes sysctls in response,
+explaining each change.  Import the pieces you need::
+
+    from pybpftune.objects import BpfObject
+    from pybpftune.ringbuf import RingBuffer
+    from pybpftune.support import probe_support
+"""
+
+__version__ = "0.1.0"
