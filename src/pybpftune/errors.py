@@ -24,7 +24,11 @@ class BpfError(PybpftuneError):
     def __init__(self, what: str, err: int) -> None:
         self.what = what
         self.errno = abs(err)
-        super().__init__(f"{what}: {os.strerror(self.errno)} (errno {self.errno})")
+        super().__init__(f"{what}: {self.short()}")
+
+    def short(self) -> str:
+        """The errno as words and symbol: 'Operation not permitted (EPERM)'."""
+        return f"{os.strerror(self.errno)} ({errno_name(self.errno)})"
 
 
 class BpfObjectError(PybpftuneError):

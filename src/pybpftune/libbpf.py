@@ -61,6 +61,7 @@ UPDATE_EXIST = int(lib.BPF_EXIST)
 MAX_TUNERS = int(lib.BPFTUNE_MAX_TUNERS)
 MAX_VALUES = int(lib.BPFTUNE_MAX_VALUES)
 MAX_UPDATES = int(lib.BPFTUNE_MAX_UPDATES)
+MAX_STR = int(lib.BPFTUNE_MAX_STR)
 NETNS_UNKNOWN = int(lib.BPFTUNE_NETNS_UNKNOWN)
 EVENT_SIZE = int(ffi.sizeof("struct bpftune_event"))
 
@@ -365,6 +366,16 @@ def event_view(data: bytes) -> CData:
 def struct_view(type_name: str, data: bytes) -> CData:
     """Typed view of bytes as a struct from the shared header."""
     return ffi.from_buffer(f"{type_name} *", data)
+
+
+def struct_bytes(view: CData, size: int) -> bytes:
+    """Copy of the bytes behind a struct view."""
+    return bytes(ffi.buffer(view, size))
+
+
+def union_offset() -> int:
+    """Offset of the payload union in struct bpftune_event."""
+    return int(ffi.offsetof("struct bpftune_event", "update"))
 
 
 def struct_size(type_name: str) -> int:

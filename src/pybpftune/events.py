@@ -1,0 +1,104 @@
+"""Events from the shared ring buffer, read through the shared C layout."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from . import libbpf
+
+HEADER_SIZE = libbpf.union_offset()
+
+
+@dataclass(frozen=True)
+class Update:
+    """One proposed change: tunable id, old and new values (up to three)."""
+
+    id: int
+    old: tuple[int, int, int]
+    new: tuple[int, int, int]
+
+
+class Event:
+    """One ring-buffer record (a private copy, safe to keep)."""
+
+    __slots__ = ("_data", "_view")
+
+    def __init__(self, data: bytes) -> None:
+        if len(data) < libbpf.EVENT_SIZE:
+            data = data + bytes(libbpf.EVENT_SIZE - len(data))
+        self._data = data
+        self._view = libbpf.event_view(data)
+
+    @classmethod
+    def build(
+        cls,
+        tuner_id: int,
+        scenario_id: int,
+        netns_cookie: int = 0,
+        pid: int = 0,
+        updates: list[Update] | None = None,
+        text: str | None = None,
+        raw: bytes | None = None,
+    ) -> Event:
+        """A synthetic event, as the BPF side would send it (for tests and replays)."""
+        view = libbpf.struct_view("struct bpftune_event", bytearray(libbpf.EVENT_SIZE))
+        view.tuner_id = tuner_id
+        view.scenario_id = scenario_id
+        view.netns_cookie = netns_cookie
+        view.pid = pid
+        for i, upd in enumerate(updates or []):
+            view.update[i].id = upd.id
+            for j in range(libbpf.MAX_VALUES):
+                view.update[i].old[j] = upd.old[j]
+                view.update[i].new[j] = upd.new[j]
+        if text is not None:
+            encoded = text.encode()[: len(view.str) - 1]
+            for i, b in enumerate(encoded):
+                view.str[i] = bytes([b])
+        if raw is not None:
+            for i, b in enumerate(raw[: len(view.raw_data)]):
+                view.raw_data[i] = b
+        return cls(libbpf.struct_bytes(view, libbpf.EVENT_SIZE))
+
+    @property
+    def data(self) -> bytes:
+        return self._data
+
+    @property
+    def tuner_id(self) -> int:
+        return int(self._view.tuner_id)
+
+    @property
+    def scenario_id(self) -> int:
+        return int(self._view.scenario_id)
+
+    @property
+    def netns_cookie(self) -> int:
+        return int(self._view.netns_cookie)
+
+    @property
+    def pid(self) -> int:
+        return int(self._view.pid)
+
+    def update(self, index: int = 0) -> Update:
+        u = self._view.update[index]
+        return Update(int(u.id), (int(u.old[0]), int(u.old[1]), int(u.old[2])), (int(u.new[0]), int(u.new[1]), int(u.new[2])))
+
+    @property
+    def text(self) -> str:
+        raw = bytes(self._data[HEADER_SIZE : HEADER_SIZE + libbpf.MAX_STR])
+        return raw.split(b"\0", 1)[0].decode(errors="replace")
+
+    @property
+    def raw(self) -> bytes:
+        return self._data[HEADER_SIZE:]
+
+    def payload(self, type_name: str) -> libbpf.CData:
+        """The union's bytes viewed as a struct from the shared header."""
+        return libbpf.struct_view(type_name, self._data[HEADER_SIZE:])
+
+    def __repr__(self) -> str:
+        return (
+            f"Event(tuner_id={self.tuner_id}, scenario_id={self.scenario_id}, "
+            f"netns_cookie={self.netns_cookie}, pid={self.pid})"
+        )

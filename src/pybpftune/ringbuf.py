@@ -1,0 +1,165 @@
+"""The one ring buffer every tuner object writes to, and its one consumer.
+
+:class:`RingBuffer` owns the maps all objects share: the ring buffer itself
+and the correlation map.  The first object loaded creates them; the hub keeps
+a dup of each fd so they outlive any object, and every later object reuses
+them (``bpf_map__reuse_fd``) before its load.  One libbpf consumer polls the
+ring and dispatches each event to the handler registered for its tuner id.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from types import TracebackType
+
+from . import libbpf
+from .errors import PybpftuneError
+from .events import Event
+from .objects import BpfObject
+
+log = logging.getLogger("pybpftune.ringbuf")
+
+RING_MAP = "ring_buffer_map"
+SHARED_MAPS = (RING_MAP, "corr_map")
+
+Handler = Callable[[Event], None]
+ErrorHandler = Callable[[int, BaseException], None]
+
+
+class RingBuffer:
+    """Shared maps plus the single consumer of the shared ring buffer."""
+
+    def __init__(self, size: int | None = None, on_error: ErrorHandler | None = None) -> None:
+        """``size`` (bytes, a power of two) overrides the BPF default;
+        ``on_error`` receives (tuner_id, exception) when a handler raises;
+        without it the exception propagates out of :meth:`poll`."""
+        self._size = size
+        self._fds: dict[str, int] = {}
+        self._ring: libbpf.CData | None = None
+        self._keepalive: libbpf.CData | None = None
+        self._handlers: dict[int, Handler] = {}
+        self._on_error = on_error
+        self._errors: list[tuple[int, BaseException]] = []
+        self.received = 0
+        self.dropped_malformed = 0
+        self.dropped_unknown = 0
+        self._closed = False
+
+    # --- sharing ------------------------------------------------------------
+
+    def prepare(self, obj: BpfObject) -> None:
+        """Before ``obj.load()``: make it reuse the shared maps we already hold."""
+        self._require_open()
+        for name in SHARED_MAPS:
+            if not obj.has_map(name):
+                continue
+            if name in self._fds:
+                obj.reuse_map(name, self._fds[name])
+            elif name == RING_MAP and self._size:
+                obj.set_map_max_entries(name, self._size)
+
+    def adopt(self, obj: BpfObject) -> None:
+        """After ``obj.load()``: keep the shared maps it created alive."""
+        self._require_open()
+        for name in SHARED_MAPS:
+            if obj.has_map(name) and name not in self._fds:
+                self._fds[name] = os.dup(obj.map_fd(name))
+        if self._ring is None and RING_MAP in self._fds:
+            self._ring, self._keepalive = libbpf.ring_buffer_new(self._fds[RING_MAP], self._on_record)
+
+    def map_fd(self, name: str) -> int:
+        try:
+            return self._fds[name]
+        except KeyError:
+            raise PybpftuneError(f"shared map {name} does not exist yet: no object was loaded") from None
+
+    # --- dispatch ------------------------------------------------------------
+
+    def register(self, tuner_id: int, handler: Handler) -> None:
+        if not 0 <= tuner_id < libbpf.MAX_TUNERS:
+            raise PybpftuneError(f"tuner id {tuner_id} is out of range 0..{libbpf.MAX_TUNERS - 1}")
+        self._handlers[tuner_id] = handler
+
+    def unregister(self, tuner_id: int) -> None:
+        self._handlers.pop(tuner_id, None)
+
+    def _on_record(self, data: bytes) -> int:
+        if len(data) < libbpf.union_offset():
+            self.dropped_malformed += 1
+            log.debug("dropping a %d-byte ring-buffer record: shorter than an event header", len(data))
+            return 0
+        event = Event(data)
+        handler = self._handlers.get(event.tuner_id)
+        if handler is None:
+            self.dropped_unknown += 1
+            log.debug("dropping event for unknown tuner id %d (scenario %d)", event.tuner_id, event.scenario_id)
+            return 0
+        self.received += 1
+        try:
+            handler(event)
+        except Exception as exc:  # noqa: BLE001 - isolated per tuner, reported below
+            self._errors.append((event.tuner_id, exc))
+        return 0
+
+    def poll(self, timeout_ms: int) -> int:
+        """Wait up to ``timeout_ms`` for events and dispatch them; returns how many."""
+        self._require_open()
+        if self._ring is None:
+            raise PybpftuneError("no object shares the ring buffer yet")
+        n = libbpf.ring_buffer_poll(self._ring, timeout_ms)
+        self._raise_errors()
+        if n < 0 and n != -4:  # EINTR is a signal arriving, not a failure
+            raise PybpftuneError(f"polling the ring buffer failed: {os.strerror(-n)}")
+        return max(n, 0)
+
+    def consume(self) -> int:
+        """Dispatch whatever is queued without waiting."""
+        self._require_open()
+        if self._ring is None:
+            return 0
+        n = libbpf.ring_buffer_consume(self._ring)
+        self._raise_errors()
+        return max(n, 0)
+
+    def _raise_errors(self) -> None:
+        errors, self._errors = self._errors, []
+        for tuner_id, exc in errors:
+            if self._on_error is None:
+                raise exc
+            self._on_error(tuner_id, exc)
+
+    def fileno(self) -> int:
+        """An epoll fd that becomes readable when events are queued."""
+        if self._ring is None:
+            raise PybpftuneError("no object shares the ring buffer yet")
+        return libbpf.ring_buffer_epoll_fd(self._ring)
+
+    # --- lifecycle -------------------------------------------------------------
+
+    def _require_open(self) -> None:
+        if self._closed:
+            raise PybpftuneError("the ring buffer is closed")
+
+    def close(self) -> None:
+        """Free the consumer, then the shared map fds.  Safe to repeat."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._ring is not None:
+            libbpf.ring_buffer_free(self._ring)
+            self._ring = None
+            self._keepalive = None
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+        self._handlers.clear()
+
+    def __enter__(self) -> RingBuffer:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()

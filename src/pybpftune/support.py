@@ -1,0 +1,231 @@
+"""What the running kernel lets pybpftune do, learned by trying it.
+
+Each program kind is loaded AND attached from the probe object, one at a time,
+then detached: a kind counts only if both work (kprobes may load yet have no
+PMU to attach to).  The result is cached for the process.  Nothing is left
+behind: no mounts, no programs, no files.
+
+Levels, in bpftune's words:
+
+* ``full``   - kernel BTF, ring buffer, tp_btf, fentry/fexit, raw tracepoints
+  and cgroup/sysctl all work: every form of every signal is available.
+* ``legacy`` - kernel BTF, ring buffer, raw tracepoints and cgroup/sysctl
+  work, but not all of the BTF-typed kinds (fentry is the usual casualty).
+  Tuners still run; a signal whose only forms are unavailable is reported.
+* ``none``   - no ring buffer, no kernel BTF, or no raw tracepoints.
+
+The variant pybpftune loads is a separate decision: the full variant (tp_btf,
+fentry and kprobe forms) whenever tp_btf works, else the legacy variant
+(raw_tp and kprobe forms).  See docs/support.md.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import resource
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import libbpf
+from .bpf import object_path
+from .errors import BpfError, PybpftuneError
+from .objects import CGROUP_KINDS, BpfObject
+
+SO_NETNS_COOKIE = 71
+KERNEL_BTF = Path("/sys/kernel/btf/vmlinux")
+
+# Probe program per kind, in the order reported.
+PROBE_PROGRAMS = {
+    "fentry": "probe_fentry",
+    "fexit": "probe_fexit",
+    "tp_btf": "probe_tp_btf",
+    "raw_tp": "probe_raw_tp",
+    "kprobe": "probe_kprobe",
+    "kretprobe": "probe_kretprobe",
+    "iter": "probe_iter",
+    "cgroup_sysctl": "probe_cgroup_sysctl",
+    "sockops": "probe_sockops",
+}
+FULL_KINDS = ("tp_btf", "fentry", "fexit", "raw_tp", "cgroup_sysctl")
+LEGACY_KINDS = ("raw_tp", "cgroup_sysctl")
+
+
+@dataclass(frozen=True)
+class KindSupport:
+    """Whether one program kind loads and attaches here, and if not why."""
+
+    kind: str
+    loads: bool
+    attaches: bool
+    reason: str = ""
+
+    @property
+    def works(self) -> bool:
+        return self.loads and self.attaches
+
+
+@dataclass(frozen=True)
+class Support:
+    kinds: dict[str, KindSupport]
+    kernel_btf: bool
+    ringbuf: bool
+    netns_cookie: bool
+    cgroup2: str | None
+    memlock: str
+    kernel: str = field(default_factory=lambda: os.uname().release)
+
+    def works(self, kind: str) -> bool:
+        """Programs of ``kind`` load and attach (unknown kinds: assume yes)."""
+        k = self.kinds.get(kind)
+        return True if k is None else k.works
+
+    def why_not(self, kind: str) -> str:
+        k = self.kinds.get(kind)
+        return "" if k is None or k.works else k.reason
+
+    @property
+    def level(self) -> str:
+        if not (self.kernel_btf and self.ringbuf):
+            return "none"
+        if all(self.works(k) for k in FULL_KINDS):
+            return "full"
+        if all(self.works(k) for k in LEGACY_KINDS):
+            return "legacy"
+        return "none"
+
+    @property
+    def usable(self) -> bool:
+        return self.level != "none"
+
+    @property
+    def default_variant(self) -> str:
+        """Which object variant to load: full wherever BTF-typed tracepoints work."""
+        return "full" if self.works("tp_btf") else "legacy"
+
+    def missing(self) -> list[str]:
+        """Why the level is not 'full', one phrase each."""
+        out = []
+        if not self.kernel_btf:
+            out.append("no kernel BTF (/sys/kernel/btf/vmlinux)")
+        if not self.ringbuf:
+            out.append("no BPF ring buffer (needs Linux 5.8+)")
+        out.extend(f"{k}: {self.kinds[k].reason}" for k in FULL_KINDS if k in self.kinds and not self.works(k))
+        return out
+
+
+def find_cgroup2() -> str | None:
+    """Mount point of a cgroup v2 hierarchy, preferring /sys/fs/cgroup."""
+    try:
+        mounts = Path("/proc/mounts").read_text().splitlines()
+    except OSError:
+        return None
+    found = [line.split()[1] for line in mounts if len(line.split()) > 2 and line.split()[2] == "cgroup2"]
+    for preferred in ("/sys/fs/cgroup", "/sys/fs/cgroup/unified"):
+        if preferred in found:
+            return preferred
+    return found[0] if found else None
+
+
+def raise_memlock() -> str:
+    """Try to lift RLIMIT_MEMLOCK; never fatal (5.11+ charges BPF to memcg)."""
+    try:
+        resource.setrlimit(resource.RLIMIT_MEMLOCK, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+        return "unlimited"
+    except (ValueError, OSError):
+        soft, _ = resource.getrlimit(resource.RLIMIT_MEMLOCK)
+        limit = "unlimited" if soft == resource.RLIM_INFINITY else f"{soft // 1024} KiB"
+        return f"{limit} (could not raise; fine on Linux 5.11+, which charges BPF memory to the cgroup)"
+
+
+def netns_cookie_of_current() -> int | None:
+    """This thread's network-namespace cookie, or None without SO_NETNS_COOKIE."""
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            return int.from_bytes(s.getsockopt(socket.SOL_SOCKET, SO_NETNS_COOKIE, 8), "little")
+    except OSError:
+        return None
+
+
+def _probe_kind(data: bytes, kind: str, program: str, cgroup2: str | None) -> KindSupport:
+    try:
+        with BpfObject(data, "probe") as obj:
+            for name in obj.programs:
+                obj.set_autoload(name, name == program)
+            try:
+                obj.load()
+            except BpfError as exc:
+                return KindSupport(kind, False, False, f"load refused: {exc.short()}")
+            if kind in CGROUP_KINDS:
+                if cgroup2 is None:
+                    return KindSupport(kind, True, False, "no cgroup v2 hierarchy is mounted")
+                fd = os.open(cgroup2, os.O_RDONLY | os.O_DIRECTORY)
+                try:
+                    obj.attach(program, cgroup_fd=fd)
+                finally:
+                    os.close(fd)
+            else:
+                obj.attach(program)
+            return KindSupport(kind, True, True)
+    except BpfError as exc:
+        return KindSupport(kind, True, False, f"attach refused: {exc.short()}")
+
+
+@functools.cache
+def probe_support() -> Support:
+    """Probe once per process; later calls return the cached answer."""
+    memlock = raise_memlock()
+    kernel_btf = KERNEL_BTF.exists()
+    ringbuf = libbpf.probe_map_type(libbpf.MAP_TYPE_RINGBUF)
+    cgroup2 = find_cgroup2()
+    kinds: dict[str, KindSupport] = {}
+    try:
+        data = object_path("probe").read_bytes()
+    except OSError as exc:
+        raise PybpftuneError(f"cannot read the probe object: {exc}") from exc
+    for kind, program in PROBE_PROGRAMS.items():
+        if not kernel_btf and kind in ("fentry", "fexit", "tp_btf", "iter"):
+            kinds[kind] = KindSupport(kind, False, False, "needs kernel BTF")
+            continue
+        kinds[kind] = _probe_kind(data, kind, program, cgroup2)
+    return Support(
+        kinds=kinds,
+        kernel_btf=kernel_btf,
+        ringbuf=ringbuf,
+        netns_cookie=netns_cookie_of_current() is not None,
+        cgroup2=cgroup2,
+        memlock=memlock,
+    )
+
+
+def support_report(support: Support) -> tuple[list[str], list[str]]:
+    """bpftune-compatible headline lines, then pybpftune's detail lines."""
+    headline = {
+        "full": "bpftune works fully",
+        "legacy": "bpftune works in legacy mode",
+        "none": "bpftune is not supported",
+    }[support.level]
+    lines = [headline]
+    if support.usable:
+        lines.append(
+            "bpftune supports per-netns policy (via netns cookie)"
+            if support.netns_cookie
+            else "bpftune does not support per-netns policy (via netns cookie)"
+        )
+    detail = [f"kernel {support.kernel}, libbpf {libbpf.version()}"]
+    detail.append(f"  {'kernel BTF':<14} {'yes' if support.kernel_btf else 'no'}")
+    detail.append(f"  {'ring buffer':<14} {'yes' if support.ringbuf else 'no'}")
+    detail.append(f"  {'cgroup v2':<14} {support.cgroup2 or 'not mounted'}")
+    detail.append(f"  {'memlock':<14} {support.memlock}")
+    detail.append("program kinds (load / attach):")
+    for k in support.kinds.values():
+        state = "works" if k.works else k.reason
+        detail.append(f"  {k.kind:<14} {state}")
+    if support.usable:
+        detail.append(f"variant loaded by default: {support.default_variant}")
+        if support.level != "full":
+            detail.append("not fully supported because: " + "; ".join(support.missing()))
+    else:
+        detail.append("cannot run because: " + "; ".join(support.missing() or ["raw tracepoints or cgroup programs"]))
+    return lines, detail
