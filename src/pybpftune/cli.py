@@ -61,7 +61,9 @@ def fail(message: str, code: int = 1) -> NoReturn:
 @click.option("-L", "--legacy", is_flag=True, help="Load the legacy variant (raw tracepoints and kprobes only).")
 @click.option("-p", "--port", type=click.IntRange(1, 65535), default=None, help="Query server port (loopback only).")
 @click.option("-P", "--print-libdir", is_flag=True, help="Print where the built-in tuners live, then exit.")
-@click.option("-q", "--query", metavar="REQUEST", default=None, help="Send REQUEST to the running daemon and print the reply.")
+@click.option(
+    "-q", "--query", metavar="REQUEST", default=None, help="Send REQUEST to the running daemon and print the reply."
+)
 @click.option(
     "-r",
     "--learning-rate",
@@ -73,7 +75,9 @@ def fail(message: str, code: int = 1) -> NoReturn:
 )
 @click.option("-R", "--rollback", is_flag=True, help="Restore every sysctl the daemon changed when it exits.")
 @click.option("-s", "--stderr", "to_stderr", is_flag=True, help="Log to stderr instead of syslog/journald.")
-@click.option("-S", "--support", "support", is_flag=True, help="Print what this kernel supports, then exit (0 usable, 1 not).")
+@click.option(
+    "-S", "--support", "support", is_flag=True, help="Print what this kernel supports, then exit (0 usable, 1 not)."
+)
 @click.option("-V", "--version", "version", is_flag=True, help="Print the version, then exit.")
 def main(
     allow: tuple[str, ...],

@@ -82,7 +82,9 @@ class Event:
 
     def update(self, index: int = 0) -> Update:
         u = self._view.update[index]
-        return Update(int(u.id), (int(u.old[0]), int(u.old[1]), int(u.old[2])), (int(u.new[0]), int(u.new[1]), int(u.new[2])))
+        return Update(
+            int(u.id), (int(u.old[0]), int(u.old[1]), int(u.old[2])), (int(u.new[0]), int(u.new[1]), int(u.new[2]))
+        )
 
     @property
     def text(self) -> str:

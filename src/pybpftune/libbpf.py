@@ -363,7 +363,7 @@ def event_view(data: bytes) -> CData:
     return ffi.from_buffer("struct bpftune_event *", data)
 
 
-def struct_view(type_name: str, data: bytes) -> CData:
+def struct_view(type_name: str, data: bytes | bytearray) -> CData:
     """Typed view of bytes as a struct from the shared header."""
     return ffi.from_buffer(f"{type_name} *", data)
 

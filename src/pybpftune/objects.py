@@ -10,7 +10,6 @@ mmaps, object.
 from __future__ import annotations
 
 import mmap
-import os
 from collections.abc import Iterator, MutableMapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -239,9 +238,7 @@ class BpfObject:
         if map_name not in self._mmaps:
             writable = not map_name.endswith(".rodata")
             prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
-            self._mmaps[map_name] = mmap.mmap(
-                libbpf.map_fd(m), libbpf.map_value_size(m), mmap.MAP_SHARED, prot
-            )
+            self._mmaps[map_name] = mmap.mmap(libbpf.map_fd(m), libbpf.map_value_size(m), mmap.MAP_SHARED, prot)
         return memoryview(self._mmaps[map_name])
 
     def has_global(self, name: str) -> bool:
@@ -286,7 +283,7 @@ class BpfObject:
         """Attach one loaded program; cgroup kinds need ``cgroup_fd``."""
         if not self.loaded:
             raise PybpftuneError(f"{self.name}: attach before load")
-        info = self.programs[program] if program in self.programs else None
+        info = self.programs.get(program)
         prog = self._prog(program)
         with libbpf.capture_log() as lines:
             try:
@@ -298,7 +295,9 @@ class BpfObject:
                     handle = libbpf.program_attach(prog)
             except BpfError as exc:
                 detail = " | ".join(line for line in lines[-2:] if line.strip())
-                raise AttachError(f"attaching {self.name}:{program}" + (f" ({detail})" if detail else ""), exc.errno) from exc
+                raise AttachError(
+                    f"attaching {self.name}:{program}" + (f" ({detail})" if detail else ""), exc.errno
+                ) from exc
         link = Link(handle, program)
         self.links.append(link)
         return link
@@ -341,8 +340,3 @@ def failed_program(lines: list[str]) -> str | None:
             if end > start:
                 return line[start + len(marker) : end]
     return None
-
-
-def open_fds() -> int:
-    """Number of file descriptors this process holds (for leak checks)."""
-    return len(os.listdir("/proc/self/fd"))

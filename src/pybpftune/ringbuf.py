@@ -99,7 +99,7 @@ class RingBuffer:
         self.received += 1
         try:
             handler(event)
-        except Exception as exc:  # noqa: BLE001 - isolated per tuner, reported below
+        except Exception as exc:  # isolated per tuner, reported after the poll
             self._errors.append((event.tuner_id, exc))
         return 0
 

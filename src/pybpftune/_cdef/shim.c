@@ -1,0 +1,64 @@
+/* C side of the extension: libbpf print routing and BTF global lookup.
+ * build_ffi.py prepends the ABI and version defines. */
+
+#include <errno.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <string.h>
+#include <linux/types.h>
+#include <bpf/libbpf.h>
+#include <bpf/bpf.h>
+#include <bpf/btf.h>
+#include "bpftune_shared.h"
+
+#if LIBBPF_MAJOR_VERSION < PYBPFTUNE_MIN_LIBBPF_MAJOR
+#error "pybpftune needs libbpf >= 1.0"
+#endif
+
+static void pybpftune_libbpf_log(int level, const char *line);
+
+static int pybpftune_print(enum libbpf_print_level level, const char *fmt, va_list ap)
+{
+	char line[4096];
+
+	vsnprintf(line, sizeof(line), fmt, ap);
+	pybpftune_libbpf_log((int)level, line);
+	return 0;
+}
+
+static void pybpftune_install_print(void)
+{
+	libbpf_set_print(pybpftune_print);
+}
+
+static int pybpftune_find_global(struct bpf_object *obj, const char *name, char *section,
+				 size_t section_len, unsigned int *offset, unsigned int *size)
+{
+	const struct btf *btf = bpf_object__btf(obj);
+	__u32 id, n;
+
+	if (!btf)
+		return -ENOENT;
+	n = btf__type_cnt(btf);
+	for (id = 1; id < n; id++) {
+		const struct btf_type *t = btf__type_by_id(btf, id);
+		const struct btf_var_secinfo *vsi;
+		__u16 i, vlen;
+
+		if (!btf_is_datasec(t))
+			continue;
+		vsi = btf_var_secinfos(t);
+		vlen = btf_vlen(t);
+		for (i = 0; i < vlen; i++, vsi++) {
+			const struct btf_type *var = btf__type_by_id(btf, vsi->type);
+
+			if (strcmp(btf__name_by_offset(btf, var->name_off), name))
+				continue;
+			snprintf(section, section_len, "%s", btf__name_by_offset(btf, t->name_off));
+			*offset = vsi->offset;
+			*size = vsi->size;
+			return 0;
+		}
+	}
+	return -ENOENT;
+}

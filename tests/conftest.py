@@ -1,0 +1,74 @@
+"""Test gates shared by the whole suite.
+
+Kernel tests (marker ``kernel``) load BPF into the running kernel and need
+root.  PYBPFTUNE_KERNEL_TESTS decides what happens when they cannot run:
+
+* unset: run them if possible, else skip with the reason;
+* ``1``: they must run: any skip of a kernel test is reported as a failure;
+* ``0``: skip them.
+
+VM tests (marker ``vm``) have the same three states in PYBPFTUNE_VM_TESTS.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Generator
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+TEST_BPF = ROOT / "tests" / "bpf"
+
+GATES = {"kernel": "PYBPFTUNE_KERNEL_TESTS", "vm": "PYBPFTUNE_VM_TESTS"}
+
+
+def kernel_test_obstacle() -> str | None:
+    """Why kernel tests cannot run here, or None."""
+    if os.geteuid() != 0:
+        return "kernel tests need root"
+    if not Path("/sys/kernel/btf/vmlinux").exists():
+        return "the kernel has no BTF (/sys/kernel/btf/vmlinux)"
+    if not (TEST_BPF / "ringbuf_test.bpf.o").exists():
+        return "BPF test objects are not built (run `make`)"
+    return None
+
+
+def _gate(item: pytest.Item) -> tuple[str, str] | None:
+    for marker, env in GATES.items():
+        if item.get_closest_marker(marker) is not None:
+            return marker, env
+    return None
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    gate = _gate(item)
+    if gate is None:
+        return
+    marker, env = gate
+    if os.environ.get(env) == "0":
+        pytest.skip(f"{env}=0")
+    if marker == "kernel":
+        obstacle = kernel_test_obstacle()
+        if obstacle:
+            pytest.skip(obstacle)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    report = yield
+    gate = _gate(item)
+    if gate is None or not report.skipped or os.environ.get(gate[1]) != "1" or hasattr(report, "wasxfail"):
+        return report
+    reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+    report.outcome = "failed"
+    report.longrepr = f"{gate[1]}=1 but this test was skipped: {reason}"
+    return report
+
+
+@pytest.fixture
+def test_object() -> Path:
+    return TEST_BPF / "ringbuf_test.bpf.o"

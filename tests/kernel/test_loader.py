@@ -1,0 +1,220 @@
+"""The loader against the real kernel: verify, attach, fire, share, clean up."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from pybpftune import libbpf
+from pybpftune.errors import BpfLoadError, NotSupported
+from pybpftune.events import Event
+from pybpftune.loader import load_object
+from pybpftune.objects import BpfObject
+from pybpftune.ringbuf import RingBuffer
+from pybpftune.support import KindSupport, Support, probe_support
+
+pytestmark = pytest.mark.kernel
+
+ROOT = Path(__file__).resolve().parents[2]
+OBJECTS = sorted((ROOT / "src" / "pybpftune" / "bpf").glob("*.o"))
+TEST_OBJECTS = [ROOT / "tests" / "bpf" / "ringbuf_test.bpf.o", ROOT / "tests" / "bpf" / "ringbuf_test.bpf.legacy.o"]
+GETPPID_SCENARIO = 7
+
+
+def our_program_ids(prefix: str = "") -> set[int]:
+    """Kernel ids of loaded programs whose names start with ``prefix``."""
+    return {pid for pid, name, _type in libbpf.loaded_programs() if name.startswith(prefix)}
+
+
+def settled_program_ids(prefix: str, allowed: set[int], timeout: float = 3.0) -> set[int]:
+    """Program ids with ``prefix`` once the kernel's deferred frees have run."""
+    deadline = time.monotonic() + timeout
+    while True:
+        ids = our_program_ids(prefix)
+        if ids <= allowed or time.monotonic() > deadline:
+            return ids
+        time.sleep(0.05)
+
+
+def programs_of(path: Path) -> list[str]:
+    with BpfObject.from_path(path) as obj:
+        return list(obj.programs)
+
+
+@pytest.mark.parametrize(
+    ("path", "program"),
+    [(p, prog) for p in OBJECTS for prog in programs_of(p)],
+    ids=lambda v: v.name if isinstance(v, Path) else v,
+)
+def test_every_program_whose_kind_loads_passes_the_verifier(path: Path, program: str) -> None:
+    support = probe_support()
+    with BpfObject.from_path(path) as obj:
+        kind = obj.programs[program].kind
+        for name in obj.programs:
+            obj.set_autoload(name, name == program)
+        if not support.kinds.get(kind, KindSupport(kind, True, True)).loads:
+            # The probe said this kind cannot load here: the kernel must agree.
+            with pytest.raises(BpfLoadError):
+                obj.load()
+            return
+        obj.load()  # raises BpfLoadError with the verifier log on rejection
+        assert obj.program_fd(program) >= 0
+
+
+def _getppid_events(ring: RingBuffer, want: int) -> None:
+    for _ in range(want):
+        os.getppid()
+    for _ in range(20):
+        if ring.poll(50) == 0 and ring.received >= want:
+            break
+
+
+@pytest.mark.parametrize("variant", TEST_OBJECTS, ids=["full", "legacy"])
+def test_two_objects_feed_one_ring_buffer(variant: Path) -> None:
+    support = probe_support()
+    got: dict[int, list[Event]] = {1: [], 2: []}
+    before = our_program_ids("syscall__")
+    with RingBuffer() as ring:
+        ring.register(1, got[1].append)
+        ring.register(2, got[2].append)
+        first = load_object(
+            variant,
+            "first",
+            support,
+            ring=ring,
+            globals_={"tuner_id": 1, "bpftune_pid": os.getpid(), "magic": 0x1111},
+        )
+        second = load_object(
+            variant,
+            "second",
+            support,
+            ring=ring,
+            globals_={"tuner_id": 2, "bpftune_pid": os.getpid(), "magic": 0x2222},
+        )
+        with first, second:
+            # Both objects write through the same kernel map.
+            assert first.obj.map_fd("ring_buffer_map") != second.obj.map_fd("ring_buffer_map")
+            assert (
+                os.fstat(ring.map_fd("ring_buffer_map")).st_ino == os.fstat(second.obj.map_fd("ring_buffer_map")).st_ino
+            )
+            _getppid_events(ring, 3)
+            # A global written after load through the mmap is seen by the BPF side.
+            second.obj.set_global("value", 99)
+            _getppid_events(ring, 1)
+            assert second.obj.get_global("bpftune_events_sent") == 4
+            assert second.obj.get_global("bpftune_ringbuf_drops") == 0
+        assert len(got[1]) == 4 and len(got[2]) == 4
+        for tuner_id, magic in ((1, 0x1111), (2, 0x2222)):
+            payloads = [ev.payload("struct pybpftune_test_payload") for ev in got[tuner_id]]
+            assert {ev.scenario_id for ev in got[tuner_id]} == {GETPPID_SCENARIO}
+            assert {ev.pid for ev in got[tuner_id]} == {os.getpid()}
+            assert [p.seq for p in payloads] == [0, 1, 2, 3]
+            assert {p.magic for p in payloads} == {magic}
+        assert [ev.payload("struct pybpftune_test_payload").value for ev in got[2]] == [0, 0, 0, 99]
+    assert settled_program_ids("syscall__", before) <= before, "programs left loaded after close"
+
+
+def test_unknown_tuner_events_are_dropped_not_fatal(test_object: Path) -> None:
+    with (
+        RingBuffer() as ring,
+        load_object(
+            test_object,
+            "orphan",
+            probe_support(),
+            ring=ring,
+            globals_={"tuner_id": 9, "bpftune_pid": os.getpid()},
+        ),
+    ):
+        _getppid_events(ring, 2)
+        assert ring.dropped_unknown == 2 and ring.received == 0
+
+
+def test_handler_errors_reach_the_error_callback(test_object: Path) -> None:
+    errors: list[tuple[int, BaseException]] = []
+
+    def bad_handler(event: Event) -> None:
+        raise ValueError("tuner bug")
+
+    with (
+        RingBuffer(on_error=lambda tid, exc: errors.append((tid, exc))) as ring,
+        load_object(
+            test_object, "buggy", probe_support(), ring=ring, globals_={"tuner_id": 4, "bpftune_pid": os.getpid()}
+        ),
+    ):
+        ring.register(4, bad_handler)
+        _getppid_events(ring, 1)
+    assert errors and errors[0][0] == 4 and isinstance(errors[0][1], ValueError)
+
+
+def test_attach_chain_falls_back_or_explains(test_object: Path) -> None:
+    """With tp_btf ruled out, the kprobe form is used where kprobes work,
+    and where they do not the error names the signal and both reasons."""
+    real = probe_support()
+    kinds = dict(real.kinds)
+    kinds["tp_btf"] = KindSupport("tp_btf", False, False, "ruled out by the test")
+    support = Support(kinds, real.kernel_btf, real.ringbuf, real.netns_cookie, real.cgroup2, real.memlock)
+    got: list[Event] = []
+    with RingBuffer() as ring:
+        ring.register(0, got.append)
+        try:
+            loaded = load_object(test_object, "chain", support, ring=ring, globals_={"bpftune_pid": os.getpid()})
+        except NotSupported as exc:
+            assert not real.works("kprobe")
+            assert "syscall" in str(exc) and "ruled out by the test" in str(exc) and "kprobe" in str(exc)
+            return
+        with loaded:
+            assert real.works("kprobe")
+            assert loaded.choices["syscall"].chosen == "kprobe"
+            _getppid_events(ring, 2)
+        assert len(got) == 2
+
+
+def test_broken_program_fails_with_verifier_log() -> None:
+    path = ROOT / "tests" / "bpf" / "broken_fentry.bpf.o"
+    support = probe_support()
+    with BpfObject.from_path(path) as obj, pytest.raises(BpfLoadError) as info:
+        obj.load()
+    err = info.value
+    assert err.program == "connect__fentry"
+    assert err.log_tail, "the error must carry libbpf's log"
+    if support.works("fentry"):
+        assert any("invalid mem access" in line or "R1" in line for line in err.log_tail), err.log_tail
+    with pytest.raises(NotSupported, match="connect"):
+        load_object(path, "broken", support)
+
+
+def test_no_fd_leak_across_load_and_close(test_object: Path) -> None:
+    support = probe_support()
+
+    def cycle() -> None:
+        with RingBuffer() as ring:
+            for i in range(3):
+                loaded = load_object(test_object, f"leak{i}", support, ring=ring, globals_={"tuner_id": i})
+                loaded.obj.set_global("value", i)  # maps the .bss too
+                loaded.close()
+                loaded.close()
+
+    cycle()  # warm caches (libbpf's kernel BTF, probe results)
+    before = len(list(Path("/proc/self/fd").iterdir()))
+    for _ in range(3):
+        cycle()
+    assert len(list(Path("/proc/self/fd").iterdir())) == before
+
+
+def test_support_cli_leaves_nothing_behind() -> None:
+    mounts = Path("/proc/mounts").read_text()
+    programs = our_program_ids("probe_")
+    bpftune = Path(sys.executable).parent / "bpftune"
+    proc = subprocess.run([str(bpftune), "-S"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    first = proc.stderr.splitlines()[0]
+    assert first in ("bpftune: bpftune works fully", "bpftune: bpftune works in legacy mode")
+    assert "per-netns policy" in proc.stderr.splitlines()[1]
+    assert "tp_btf" in proc.stdout and "cgroup_sysctl" in proc.stdout
+    assert Path("/proc/mounts").read_text() == mounts
+    assert settled_program_ids("probe_", programs) <= programs

@@ -1,0 +1,54 @@
+"""The CLI's operator-facing behaviour, in-process (no root needed)."""
+
+from __future__ import annotations
+
+import pytest
+from click.testing import CliRunner
+
+import pybpftune.support as support_mod
+from pybpftune.cli import main
+from tests.unit.test_support_and_loader import make_support
+
+
+def test_help_teaches() -> None:
+    result = CliRunner().invoke(main, ["-h"])
+    assert result.exit_code == 0
+    for flag in ("-a, --allow", "-S, --support", "-R, --rollback", "-r, --learning-rate", "Examples:"):
+        assert flag in result.output
+
+
+def test_bad_learning_rate_is_one_line_exit_2() -> None:
+    result = CliRunner().invoke(main, ["-r", "9"])
+    assert result.exit_code == 2
+    assert "Traceback" not in result.output
+    assert "9 is not in the range 0<=x<=4" in result.output
+
+
+def test_unknown_option_exit_2() -> None:
+    result = CliRunner().invoke(main, ["--frobnicate"])
+    assert result.exit_code == 2
+
+
+def test_version() -> None:
+    result = CliRunner().invoke(main, ["-V"])
+    assert result.exit_code == 0
+    assert "pybpftune" in result.output and "libbpf" in result.output
+
+
+@pytest.mark.parametrize(
+    ("support", "code", "first"),
+    [
+        (make_support(), 0, "bpftune: bpftune works fully"),
+        (make_support(ringbuf=False), 1, "bpftune: bpftune is not supported"),
+        (make_support(kernel_btf=False), 1, "bpftune: bpftune is not supported"),
+    ],
+)
+def test_support_exit_codes(
+    monkeypatch: pytest.MonkeyPatch, support: support_mod.Support, code: int, first: str
+) -> None:
+    monkeypatch.setattr(support_mod, "probe_support", lambda: support)
+    monkeypatch.setattr("os.geteuid", lambda: 0)
+    result = CliRunner().invoke(main, ["-S"])
+    assert result.exit_code == code
+    assert result.stderr.splitlines()[0] == first
+    assert "Traceback" not in result.output

@@ -1,0 +1,79 @@
+"""Support levels and the form chain's planning, without a kernel."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pybpftune.loader import _plan, _signals
+from pybpftune.objects import BpfObject
+from pybpftune.support import KindSupport, Support, support_report
+
+ALL_KINDS = ("fentry", "fexit", "tp_btf", "raw_tp", "kprobe", "kretprobe", "iter", "cgroup_sysctl", "sockops")
+
+
+def make_support(broken: dict[str, str] | None = None, **kw: object) -> Support:
+    broken = broken or {}
+    kinds = {k: KindSupport(k, k not in broken, k not in broken, broken.get(k, "")) for k in ALL_KINDS}
+    args: dict[str, object] = {
+        "kernel_btf": True,
+        "ringbuf": True,
+        "netns_cookie": True,
+        "cgroup2": "/sys/fs/cgroup",
+        "memlock": "unlimited",
+    }
+    args.update(kw)
+    return Support(kinds=kinds, **args)  # type: ignore[arg-type]
+
+
+def test_levels() -> None:
+    assert make_support().level == "full"
+    dev_kernel = make_support({"fentry": "EPERM", "fexit": "EPERM", "kprobe": "ENOENT", "kretprobe": "ENOENT"})
+    assert dev_kernel.level == "legacy"
+    assert dev_kernel.default_variant == "full"
+    assert make_support({"tp_btf": "x", "fentry": "x", "fexit": "x", "iter": "x"}).default_variant == "legacy"
+    assert make_support(ringbuf=False).level == "none"
+    assert make_support(kernel_btf=False).level == "none"
+    assert make_support({"raw_tp": "x", "tp_btf": "x"}).level == "none"
+
+
+def test_report_lines_match_bpftune() -> None:
+    head, detail = support_report(make_support())
+    assert head == ["bpftune works fully", "bpftune supports per-netns policy (via netns cookie)"]
+    head, detail = support_report(make_support({"fentry": "load refused: EPERM"}, netns_cookie=False))
+    assert head == ["bpftune works in legacy mode", "bpftune does not support per-netns policy (via netns cookie)"]
+    assert any("fentry" in line and "EPERM" in line for line in detail)
+    head, detail = support_report(make_support(ringbuf=False))
+    assert head == ["bpftune is not supported"]
+    assert any("ring buffer" in line for line in detail if "cannot run" in line)
+
+
+def test_plan_prefers_tracepoints_and_switches_others_off(test_object: Path) -> None:
+    with BpfObject.from_path(test_object) as obj:
+        assert _signals(obj.programs.values()) == {
+            "syscall": {"tp_btf": ["syscall__tp_btf"], "kprobe": ["syscall__kprobe"]}
+        }
+        choices = _plan(obj, make_support(), {})
+        assert choices["syscall"].chosen == "tp_btf"
+        assert obj.autoload("syscall__tp_btf") and not obj.autoload("syscall__kprobe")
+
+
+def test_plan_falls_back_and_explains(test_object: Path) -> None:
+    with BpfObject.from_path(test_object) as obj:
+        choices = _plan(obj, make_support({"tp_btf": "needs kernel BTF"}), {})
+        assert choices["syscall"].chosen == "kprobe"
+        assert obj.autoload("syscall__kprobe") and not obj.autoload("syscall__tp_btf")
+        choices = _plan(obj, make_support({"tp_btf": "needs kernel BTF"}), {("syscall", "kprobe"): "attach refused"})
+        assert choices["syscall"].chosen is None
+        assert "needs kernel BTF" in choices["syscall"].describe()
+        assert "attach refused" in choices["syscall"].describe()
+
+
+@pytest.mark.parametrize("legacy", [False, True])
+def test_legacy_variant_uses_raw_tracepoint(legacy: bool) -> None:
+    name = "ringbuf_test.bpf.legacy.o" if legacy else "ringbuf_test.bpf.o"
+    path = Path(__file__).resolve().parents[1] / "bpf" / name
+    with BpfObject.from_path(path) as obj:
+        choices = _plan(obj, make_support(), {})
+        assert choices["syscall"].chosen == ("raw_tp" if legacy else "tp_btf")
