@@ -1,0 +1,1 @@
+"""The VM test runner (vmtest.py) and its own tests."""
