@@ -318,10 +318,10 @@ def resolve(spec: str, cache: Path, log: BinaryIO | None = None) -> tuple[str, s
                 fields = target
             result = (codename, fields["Package"], fields["Version"])
             break
-    except VMError:
+    except VMError as exc:
         if memo_hit:  # mirror unreachable: keep using the kernel we already have
             return memo_hit
-        raise
+        raise VMError(exc.code, f"cannot look up kernel package {spec}: {exc.message}") from exc
     if result is None:
         where = " or ".join(f"Debian {c}" for c in codenames)
         raise VMError(EXIT_KERNEL, f"kernel package {spec} not found in {where}")
