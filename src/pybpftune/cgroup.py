@@ -1,0 +1,114 @@
+"""The cgroup v2 root that cgroup programs (sysctl, sockops) attach to.
+
+Prefer an existing cgroup2 mount (no side effects); otherwise mount a private
+one under the state directory and remove it on close.  Also finds programs a
+killed daemon left attached (bpf_prog_attach-style attachments survive their
+process; bpf_link ones do not) and detaches them.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import logging
+import os
+from pathlib import Path
+from types import TracebackType
+
+from . import libbpf
+from .errors import BpfError, PybpftuneError
+from .state import StateDir
+from .support import find_cgroup2
+
+log = logging.getLogger("pybpftune.cgroup")
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+MNT_DETACH = 2
+
+
+def _is_cgroup2_mount(path: Path) -> bool:
+    try:
+        for line in Path("/proc/self/mounts").read_text().splitlines():
+            parts = line.split()
+            if len(parts) > 2 and parts[2] == "cgroup2" and Path(parts[1]) == path:
+                return True
+    except OSError:
+        pass
+    return False
+
+
+class CgroupRoot:
+    """An open fd on a cgroup v2 root; mounts one only if it must."""
+
+    def __init__(self, state: StateDir, path: Path | None = None) -> None:
+        self._state = state
+        self._requested = path
+        self.path: Path | None = None
+        self.fd: int | None = None
+        self._mounted = False
+
+    def open(self) -> int:
+        if self.fd is not None:
+            return self.fd
+        path = self._requested
+        if path is None:
+            found = find_cgroup2()
+            path = Path(found) if found else self._state.subdir("cgroupv2")
+        if not _is_cgroup2_mount(path):
+            path.mkdir(mode=0o755, parents=True, exist_ok=True)
+            if _libc.mount(b"cgroup2", str(path).encode(), b"cgroup2", 0, None) != 0:
+                err = ctypes.get_errno()
+                raise PybpftuneError(f"cannot mount cgroup2 at {path}: {os.strerror(err)}")
+            self._mounted = True
+            log.debug("mounted cgroup2 at %s", path)
+        self.path = path
+        self.fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        return self.fd
+
+    def detach_stale(self, attach_type: int, names: set[str], keep: set[int]) -> int:
+        """Detach programs named like ours that we did not attach."""
+        if self.fd is None or not names:
+            return 0
+        try:
+            attached = libbpf.cgroup_programs(self.fd, attach_type)
+        except BpfError as exc:
+            log.debug("cannot list cgroup programs: %s", exc)
+            return 0
+        names_by_id = {pid: name for pid, name, _t in libbpf.loaded_programs()}
+        detached = 0
+        for prog_id in attached:
+            name = names_by_id.get(prog_id, "")
+            if prog_id in keep or name not in names:
+                continue
+            log.info("detaching old BPF program '%s' (id %d) left by a previous daemon", name, prog_id)
+            try:
+                prog_fd = libbpf.prog_fd_by_id(prog_id)
+                try:
+                    libbpf.prog_detach(prog_fd, self.fd, attach_type)
+                    detached += 1
+                finally:
+                    os.close(prog_fd)
+            except BpfError as exc:
+                log.info("could not detach old program %d: %s", prog_id, exc)
+        return detached
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+        if self._mounted and self.path is not None:
+            if _libc.umount2(str(self.path).encode(), MNT_DETACH) == 0:
+                try:
+                    self.path.rmdir()
+                except OSError:
+                    pass
+            self._mounted = False
+
+    def __enter__(self) -> CgroupRoot:
+        self.open()
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()

@@ -1,0 +1,319 @@
+"""The daemon: load the tuners, poll the shared ring buffer, stop cleanly.
+
+Each tuner is isolated: one that fails to load, or whose handler raises, is
+logged once with the reason and disabled while the others keep working.
+SIGINT/SIGTERM end the loop; the summary is printed, sysctls are restored
+when rollback was asked for, and every program, link, map and mount is
+released in reverse order.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType, TracebackType
+
+from . import __version__
+from .bpf import object_path
+from .cgroup import CgroupRoot
+from .errors import NotSupported, PybpftuneError, UsageError
+from .events import Event
+from .loader import LoadedObject, load_object
+from .log import setup_logging
+from .netns import Namespaces, current_inode
+from .registry import select
+from .ringbuf import RingBuffer
+from .state import DEFAULT_STATE_DIR, StateDir
+from .store import ACTIVE, TunableStore
+from .support import Support, probe_support, support_report
+from .sysctl import ProcSysctl, SysctlBackend
+from .tuner import Steps, Tuner, TunerContext
+
+log = logging.getLogger("pybpftune")
+
+POLL_MS = 100
+TICK_S = 1.0
+
+
+@dataclass
+class DaemonConfig:
+    allow: Iterable[str] = ()
+    cgroup: Path | None = None
+    debug: bool = False
+    daemonize: bool = False
+    libdirs: Iterable[str] = ()
+    legacy: bool = False
+    port: int | None = None
+    learning_rate: int = 4
+    rollback: bool = False
+    to_stderr: bool = False
+    advice: bool = False
+    state_dir: Path = DEFAULT_STATE_DIR
+    caps: dict[str, int] = field(default_factory=dict)
+
+
+class Daemon:
+    """Owns every kernel resource of a running pybpftune, in start order."""
+
+    def __init__(self, config: DaemonConfig, backend: SysctlBackend | None = None) -> None:
+        self.config = config
+        self.state = StateDir(config.state_dir)
+        self.namespaces = Namespaces()
+        self.store = TunableStore(
+            backend or ProcSysctl(self.namespaces), self.namespaces, self.state, config.advice, config.caps
+        )
+        self.steps = Steps(config.learning_rate)
+        self.support: Support | None = None
+        self.variant = "legacy" if config.legacy else "full"
+        self.cgroup = CgroupRoot(self.state, config.cgroup)
+        self.ring = RingBuffer(on_error=self._handler_failed)
+        self.tuners: list[Tuner] = []
+        self.disabled: dict[str, str] = {}
+        self._stop = False
+        self._closed = False
+
+    # --- start -----------------------------------------------------------------------
+
+    def start(self) -> None:
+        if os.geteuid() != 0:
+            raise PybpftuneError("the daemon needs root (CAP_SYS_ADMIN, CAP_BPF, CAP_NET_ADMIN)")
+        support = self.support = probe_support()
+        headline, detail = support_report(support)
+        if not support.usable:
+            raise NotSupported("bpftune", "; ".join(support.missing()) or headline[0])
+        for line in headline:
+            log.info("%s", line)
+        for line in detail:
+            log.debug("%s", line)
+        if not self.config.legacy:
+            self.variant = support.default_variant
+        log.info("pybpftune %s starting (%s variant, learning rate %d)", __version__, self.variant, self.steps.rate)
+        self._recover_journal()
+        classes = select(self.config.allow, self.config.libdirs)
+        needs_cgroup = any(cls.cgroup_programs for cls in classes)
+        if needs_cgroup:
+            self.cgroup.open()
+        ctx = TunerContext(
+            self.store, self.namespaces, self.steps, support, self.variant, self.config.debug, lambda: self.tuners
+        )
+        for cls in classes:
+            self._start_tuner(cls, ctx)
+        if not self.tuners:
+            raise PybpftuneError(
+                "no tuner could be started: " + "; ".join(f"{k}: {v}" for k, v in self.disabled.items())
+            )
+        self.namespaces.scan()
+
+    def _start_tuner(self, cls: type[Tuner], ctx: TunerContext) -> None:
+        tuner_id = len(self.tuners) + len(self.disabled)
+        try:
+            tuner = cls(ctx, tuner_id)
+            if cls.requires_cookies and not self.namespaces.cookie_supported:
+                raise NotSupported(cls.name, "needs network-namespace cookies (Linux 5.14+)")
+            self.store.register(tuner)
+            if cls.bpf_name is not None:
+                tuner.loaded = self._load(tuner, ctx.support)  # type: ignore[arg-type]
+            tuner.start()
+        except PybpftuneError as exc:
+            self.disabled[cls.name] = str(exc)
+            log.warning("tuner %s disabled: %s", cls.name, exc)
+            if "tuner" in locals() and tuner.loaded is not None:
+                tuner.loaded.close()
+            return
+        self.ring.register(tuner_id, self._dispatcher(tuner))
+        self.tuners.append(tuner)
+        extra = ""
+        if tuner.loaded is not None:
+            unavailable = tuner.loaded.unavailable()
+            forms = ", ".join(f"{c.signal} via {c.chosen}" for c in tuner.loaded.choices.values() if c.chosen)
+            extra = f" ({forms})" if forms else ""
+            for choice in unavailable:
+                log.info("tuner %s: signal %s", tuner.name, choice.describe())
+        log.info("tuner %s started%s", tuner.name, extra)
+
+    def _load(self, tuner: Tuner, support: Support) -> LoadedObject:
+        assert tuner.bpf_name is not None
+        path = object_path(tuner.bpf_name, legacy=self.variant == "legacy")
+        globals_ = {
+            "tuner_id": tuner.id,
+            "bpftune_pid": os.getpid(),
+            "bpftune_learning_rate": self.steps.rate,
+            "bpftune_debug": int(self.config.debug),
+            "bpftune_netns_cookie_supported": int(self.namespaces.cookie_supported),
+            "bpftune_init_netns_inum": current_inode(),
+            **tuner.bpf_globals(),
+        }
+        cgroup_fd = self.cgroup.fd
+        if tuner.cgroup_programs and cgroup_fd is not None:
+            from .libbpf import ATTACH_CGROUP_SOCK_OPS, ATTACH_CGROUP_SYSCTL
+
+            names = {p[:15] for p in tuner.cgroup_programs}
+            for attach_type in (ATTACH_CGROUP_SYSCTL, ATTACH_CGROUP_SOCK_OPS):
+                self.cgroup.detach_stale(attach_type, names, keep=set())
+        return load_object(
+            path,
+            tuner.bpf_name,
+            support,
+            ring=self.ring,
+            globals_=globals_,
+            optional_signals=tuner.optional_signals,
+            cgroup_fd=cgroup_fd,
+        )
+
+    def _recover_journal(self) -> None:
+        leftovers = self.state.leftovers()
+        if not leftovers:
+            return
+        pids = sorted({e.pid for e in leftovers})
+        log.warning(
+            "a previous daemon (pid %s) did not exit cleanly; %d original value(s) were journaled",
+            ", ".join(map(str, pids)),
+            len(leftovers),
+        )
+        if self.config.rollback:
+            for entry in leftovers:
+                if not entry.global_ns:
+                    continue
+                try:
+                    self.store.backend.write(entry.tunable, entry.original)
+                    log.info(
+                        "Rolling back sysctl values for '%s' to original values (%s) left by pid %d",
+                        entry.tunable,
+                        " ".join(map(str, entry.original)),
+                        entry.pid,
+                    )
+                except (PybpftuneError, OSError) as exc:
+                    log.warning("could not restore %s: %s", entry.tunable, exc)
+        self.state.clear_journal()
+
+    # --- event path -----------------------------------------------------------------------
+
+    def _dispatcher(self, tuner: Tuner):  # type: ignore[no-untyped-def]
+        def dispatch(event: Event) -> None:
+            if self.store.netns_state(tuner, event.netns_cookie) != ACTIVE:
+                log.debug(
+                    "event scenario %d for tuner %s skipped: disabled in that netns", event.scenario_id, tuner.name
+                )
+                return
+            log.debug(
+                "event scenario %d for tuner %s[%d] netns %d (%s)",
+                event.scenario_id,
+                tuner.name,
+                tuner.id,
+                event.netns_cookie,
+                self.namespaces.describe(event.netns_cookie),
+            )
+            tuner.handle_event(event)
+
+        return dispatch
+
+    def _handler_failed(self, tuner_id: int, exc: BaseException) -> None:
+        for tuner in self.tuners:
+            if tuner.id == tuner_id:
+                log.error("tuner %s disabled: its event handler failed: %r", tuner.name, exc)
+                self._stop_tuner(tuner, summarize=True)
+                self.disabled[tuner.name] = f"handler failed: {exc!r}"
+                return
+
+    def _stop_tuner(self, tuner: Tuner, summarize: bool) -> None:
+        self.ring.unregister(tuner.id)
+        if tuner in self.tuners:
+            self.tuners.remove(tuner)
+        if summarize:
+            self._summarize(tuner)
+        try:
+            tuner.stop()
+        finally:
+            if self.config.rollback:
+                self.store.rollback(tuner)
+            if tuner.loaded is not None:
+                tuner.loaded.close()
+
+    # --- main loop ---------------------------------------------------------------------------
+
+    def request_stop(self, signum: int = 0, frame: FrameType | None = None) -> None:
+        self._stop = True
+
+    def run(self) -> None:
+        """Poll until SIGINT/SIGTERM (or request_stop)."""
+        previous = {s: signal.signal(s, self.request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            log.info("bpftune started")
+            next_tick = time.monotonic() + TICK_S
+            while not self._stop:
+                self.ring.poll(POLL_MS)
+                now = time.monotonic()
+                if now >= next_tick:
+                    next_tick = now + TICK_S
+                    for tuner in list(self.tuners):
+                        try:
+                            tuner.tick(now)
+                        except Exception as exc:
+                            self._handler_failed(tuner.id, exc)
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+
+    # --- stop ----------------------------------------------------------------------------------
+
+    def _summarize(self, tuner: Tuner) -> None:
+        lines = self.store.summary(tuner) + tuner.summary_lines()
+        for line in lines:
+            log.info("%s", line)
+
+    def close(self) -> None:
+        """Summary, rollback (-R), then release everything in reverse order."""
+        if self._closed:
+            return
+        self._closed = True
+        if self.tuners:
+            log.info("# Summary of changes made across all tuners:")
+        for tuner in reversed(list(self.tuners)):
+            try:
+                self._stop_tuner(tuner, summarize=True)
+            except Exception as exc:  # keep tearing the rest down
+                log.error("stopping tuner %s failed: %r", tuner.name, exc)
+        self.ring.close()
+        self.cgroup.close()
+        self.state.clear_journal()
+        log.info("bpftune stopped")
+
+    def __enter__(self) -> Daemon:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+
+def run_daemon(config: DaemonConfig) -> int:
+    """Entry point used by the CLI: returns the process exit code."""
+    setup_logging(config.to_stderr, config.debug)
+    if config.port is not None:
+        raise UsageError("the query server (-p) is not yet supported by this version")
+    if config.daemonize:
+        _daemonize()
+    with Daemon(config) as daemon:
+        daemon.start()
+        daemon.run()
+    return 0
+
+
+def _daemonize() -> None:
+    if os.fork() > 0:
+        os._exit(0)
+    os.setsid()
+    if os.fork() > 0:
+        os._exit(0)
+    devnull = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(devnull, fd)
+    os.close(devnull)
+    sys.stdout.flush()

@@ -1,0 +1,114 @@
+"""The state directory (/run/pybpftune): the only code that writes there.
+
+It holds the journal of original values: before the daemon first changes a
+tunable in a namespace, the original is appended and fsync'ed, so a daemon
+killed with SIGKILL leaves enough behind for the next start to restore.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger("pybpftune.state")
+
+DEFAULT_STATE_DIR = Path("/run/pybpftune")
+JOURNAL = "originals.jsonl"
+
+
+@dataclass(frozen=True)
+class JournalEntry:
+    pid: int
+    tuner: str
+    tunable: str
+    netns_cookie: int
+    global_ns: bool
+    original: tuple[int, ...]
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class StateDir:
+    def __init__(self, path: Path = DEFAULT_STATE_DIR) -> None:
+        self.path = path
+        self._journal_fd: int | None = None
+
+    def ensure(self) -> Path:
+        self.path.mkdir(mode=0o755, parents=True, exist_ok=True)
+        return self.path
+
+    def subdir(self, name: str, mode: int = 0o755) -> Path:
+        d = self.ensure() / name
+        d.mkdir(mode=mode, exist_ok=True)
+        return d
+
+    @property
+    def journal_path(self) -> Path:
+        return self.path / JOURNAL
+
+    def leftovers(self) -> list[JournalEntry]:
+        """Journal entries of daemons that died without cleaning up."""
+        try:
+            lines = self.journal_path.read_text().splitlines()
+        except FileNotFoundError:
+            return []
+        entries = []
+        for line in lines:
+            try:
+                raw = json.loads(line)
+                entry = JournalEntry(
+                    int(raw["pid"]),
+                    str(raw["tuner"]),
+                    str(raw["tunable"]),
+                    int(raw["netns_cookie"]),
+                    bool(raw["global_ns"]),
+                    tuple(int(v) for v in raw["original"]),
+                )
+            except (ValueError, KeyError, TypeError):
+                log.warning("ignoring a corrupt line in %s", self.journal_path)
+                continue
+            if entry.pid != os.getpid() and not _pid_alive(entry.pid):
+                entries.append(entry)
+        return entries
+
+    def record_original(self, entry: JournalEntry) -> None:
+        """Append one original value durably, before it is overwritten."""
+        if self._journal_fd is None:
+            self.ensure()
+            self._journal_fd = os.open(self.journal_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        line = json.dumps(
+            {
+                "pid": entry.pid,
+                "tuner": entry.tuner,
+                "tunable": entry.tunable,
+                "netns_cookie": entry.netns_cookie,
+                "global_ns": entry.global_ns,
+                "original": list(entry.original),
+            }
+        )
+        os.write(self._journal_fd, (line + "\n").encode())
+        os.fsync(self._journal_fd)
+
+    def clear_journal(self) -> None:
+        """After a clean exit (and rollback, if asked) nothing is pending."""
+        self.close()
+        try:
+            self.journal_path.unlink()
+        except FileNotFoundError:
+            pass
+
+    def close(self) -> None:
+        if self._journal_fd is not None:
+            os.close(self._journal_fd)
+            self._journal_fd = None

@@ -1,0 +1,277 @@
+"""The tunable store: every change any tuner makes goes through ``apply``.
+
+It knows, for each (tuner, tunable, namespace): the original value (journaled
+durably before the first write), the bounds, whether the tuner is still
+allowed to act there (an administrator's write turns it off for that
+namespace only), and why the change is made.  It logs bpftune's "what" and
+"why" lines, counts every scenario for the summary, and in advice mode
+proposes without writing.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from .errors import TunerError
+from .netns import Namespaces, NetnsGone
+from .state import JournalEntry, StateDir
+from .sysctl import SysctlBackend, SysctlMissing, format_values
+
+if TYPE_CHECKING:
+    from .tuner import Proposal, Tunable, Tuner
+
+log = logging.getLogger("pybpftune")
+
+ACTIVE, MANUAL, GONE = "active", "manual", "gone"
+REPLICATE = "# To replicate this change on another system, run the following as a privileged user in a terminal:"
+Values = tuple[int, ...]
+
+
+@dataclass
+class TunableRecord:
+    """Everything known about one tunable of one tuner."""
+
+    tunable: Tunable
+    initial: Values | None = None  # global namespace, read at registration
+    originals: dict[int, Values] = field(default_factory=dict)  # per namespace cookie
+    written: dict[int, Values] = field(default_factory=dict)  # last value we wrote, per cookie
+    counts: Counter[tuple[int, bool]] = field(default_factory=Counter)  # (scenario, global?) -> n
+
+
+def clamp(tunable: Tunable, values: Values, caps: dict[str, int]) -> Values:
+    upper = tunable.upper
+    cap = caps.get(tunable.name)
+    if cap is not None:
+        upper = cap if upper is None else min(upper, cap)
+    out = []
+    for v in values:
+        if tunable.lower is not None:
+            v = max(v, tunable.lower)
+        if upper is not None:
+            v = min(v, upper)
+        out.append(v)
+    return tuple(out)
+
+
+class TunableStore:
+    def __init__(
+        self,
+        backend: SysctlBackend,
+        namespaces: Namespaces,
+        state: StateDir | None = None,
+        advice: bool = False,
+        caps: dict[str, int] | None = None,
+    ) -> None:
+        self.backend = backend
+        self.namespaces = namespaces
+        self.state = state
+        self.advice = advice
+        self.caps = dict(caps or {})
+        self._records: dict[tuple[str, int], TunableRecord] = {}
+        self._netns_state: dict[tuple[str, int], str] = {}
+        self._gone_logged: set[int] = set()
+
+    # --- registration and reads ----------------------------------------------------
+
+    def register(self, tuner: Tuner) -> None:
+        """Read every sysctl tunable's initial (global) value."""
+        for t in tuner.tunables:
+            rec = TunableRecord(t)
+            if t.kind == "sysctl":
+                try:
+                    rec.initial = self.backend.read(t.name)
+                except SysctlMissing:
+                    if not t.optional:
+                        raise TunerError(f"tuner {tuner.name}: sysctl {t.name} does not exist") from None
+                if rec.initial is not None and len(rec.initial) != t.num_values:
+                    raise TunerError(
+                        f"tuner {tuner.name}: {t.name} has {len(rec.initial)} values, expected {t.num_values}"
+                    )
+            self._records[(tuner.name, t.id)] = rec
+
+    def record(self, tuner: Tuner, tunable_id: int) -> TunableRecord:
+        try:
+            return self._records[(tuner.name, tunable_id)]
+        except KeyError:
+            raise TunerError(f"tuner {tuner.name} has no registered tunable {tunable_id}") from None
+
+    def _cookie(self, tunable: Tunable, netns_cookie: int | None) -> int:
+        if netns_cookie is None or not tunable.namespaced:
+            return self.namespaces.global_cookie
+        return netns_cookie
+
+    def current(self, tuner: Tuner, tunable_id: int, netns_cookie: int | None = None) -> Values:
+        t = tuner.tunable(tunable_id)
+        return self.backend.read(t.name, self._cookie(t, netns_cookie))
+
+    # --- per-namespace state ---------------------------------------------------------
+
+    def netns_state(self, tuner: Tuner, netns_cookie: int) -> str:
+        return self._netns_state.get((tuner.name, netns_cookie), ACTIVE)
+
+    def disable(self, tuner: Tuner, netns_cookie: int, why: str) -> None:
+        """Stop tuning in one namespace (an administrator took over there)."""
+        if self._netns_state.get((tuner.name, netns_cookie)) == MANUAL:
+            return
+        self._netns_state[(tuner.name, netns_cookie)] = MANUAL
+        log.info("%s; disabling '%s' for namespace cookie %d", why, tuner.name, netns_cookie)
+
+    def mark_gone(self, netns_cookie: int, why: str) -> None:
+        """A namespace vanished: forget it for every tuner, say so once."""
+        for (tuner_name, cookie), _state in list(self._netns_state.items()):
+            if cookie == netns_cookie:
+                self._netns_state[(tuner_name, cookie)] = GONE
+        for rec in self._records.values():
+            rec.originals.pop(netns_cookie, None)
+            rec.written.pop(netns_cookie, None)
+        if netns_cookie not in self._gone_logged:
+            self._gone_logged.add(netns_cookie)
+            log.info("network namespace (cookie %d) is gone: %s", netns_cookie, why)
+
+    # --- the write path --------------------------------------------------------------
+
+    def apply(self, tuner: Tuner, proposal: Proposal) -> bool:
+        """Carry out one proposal; True if the tunable changed."""
+        t = tuner.tunable(proposal.tunable)
+        rec = self.record(tuner, proposal.tunable)
+        cookie = self._cookie(t, proposal.netns_cookie)
+        if self.netns_state(tuner, cookie) != ACTIVE:
+            log.debug("Skipping update of %s: '%s' is disabled in netns cookie %d", t.name, tuner.name, cookie)
+            return False
+        if not t.is_sysctl:
+            raise TunerError(f"{t.name} is not a sysctl; use TunableStore.note for it")
+        if len(proposal.new) != t.num_values:
+            raise TunerError(f"proposal for {t.name} has {len(proposal.new)} values, expected {t.num_values}")
+        try:
+            old = self.backend.read(t.name, cookie)
+        except NetnsGone as exc:
+            self.mark_gone(cookie, str(exc))
+            return False
+        except SysctlMissing:
+            return False
+        new = clamp(t, proposal.new, self.caps)
+        if new == old:
+            return False
+        if cookie not in rec.originals:
+            rec.originals[cookie] = old
+            if self.state is not None and not self.advice:
+                self.state.record_original(
+                    JournalEntry(os.getpid(), tuner.name, t.name, cookie, self.namespaces.is_global(cookie), old)
+                )
+        if self.advice:
+            self._log_change(tuner, t, proposal, cookie, old, new, advice=True)
+            rec.counts[(proposal.scenario, self.namespaces.is_global(cookie))] += 1
+            return False
+        try:
+            self.backend.write(t.name, new, cookie)
+        except NetnsGone as exc:
+            self.mark_gone(cookie, str(exc))
+            return False
+        except OSError as exc:
+            log.warning("could not set %s to (%s): %s", t.name, format_values(new), exc.strerror or exc)
+            return False
+        rec.written[cookie] = new
+        rec.counts[(proposal.scenario, self.namespaces.is_global(cookie))] += 1
+        self._log_change(tuner, t, proposal, cookie, old, new)
+        return True
+
+    def note(self, tuner: Tuner, proposal: Proposal, old: Values) -> None:
+        """Log and count a change made by other means (netlink, per socket)."""
+        t = tuner.tunable(proposal.tunable)
+        rec = self.record(tuner, proposal.tunable)
+        cookie = self._cookie(t, proposal.netns_cookie)
+        rec.counts[(proposal.scenario, self.namespaces.is_global(cookie))] += 1
+        self._log_change(tuner, t, proposal, cookie, old, proposal.new, advice=self.advice)
+
+    def _log_change(
+        self, tuner: Tuner, t: Tunable, p: Proposal, cookie: int, old: Values, new: Values, advice: bool = False
+    ) -> None:
+        scenario = tuner.scenario(p.scenario)
+        where = self.namespaces.describe(cookie)
+        fields = {
+            "tuner": tuner.name,
+            "tunable": t.name,
+            "scenario": scenario.name,
+            "netns_cookie": cookie,
+            "old": old,
+            "new": new,
+            "advice": advice,
+        }
+        log.info(
+            "Scenario '%s' occurred for tunable '%s' in %s. %s",
+            scenario.name,
+            t.name,
+            where,
+            scenario.description,
+            extra={"bpftune": fields},
+        )
+        verb = "would change" if advice else "change"
+        log.info(
+            "Due to %s %s %s from (%s) -> (%s)",
+            p.reason,
+            verb,
+            t.display(),
+            format_values(old),
+            format_values(new),
+            extra={"bpftune": fields},
+        )
+
+    # --- admin writes ------------------------------------------------------------------
+
+    def matches_sysctl(self, tuner: Tuner, path: str) -> list[Tunable]:
+        """Tunables of ``tuner`` whose /proc/sys path ends with ``path``."""
+        return [t for t in tuner.tunables if t.is_sysctl and (t.path == path or t.path.endswith("/" + path))]
+
+    # --- summary and rollback ------------------------------------------------------------
+
+    def summary(self, tuner: Tuner) -> list[str]:
+        lines: list[str] = []
+        for t in tuner.tunables:
+            rec = self._records.get((tuner.name, t.id))
+            if rec is None:
+                continue
+            for (scenario_id, is_global), n in sorted(rec.counts.items()):
+                s = tuner.scenario(scenario_id)
+                where = "global ns" if is_global else "non-global ns"
+                head = f"# Summary: scenario '{s.name}' occurred {n} times for tunable '{t.name}'"
+                lines.append(f"{head} in {where}. {s.description}")
+            glob = self.namespaces.global_cookie
+            if t.is_sysctl and glob in rec.originals and glob in rec.written:
+                current = rec.written[glob]
+                before = format_values(rec.originals[glob])
+                lines.append(f"# sysctl '{t.name}' changed from ({before}) -> ({format_values(current)})")
+                lines.append(REPLICATE)
+                lines.append(f'sysctl -w {t.name}="{format_values(current)}"')
+        return lines
+
+    def rollback(self, tuner: Tuner) -> int:
+        """Restore every original this tuner changed, where it still exists."""
+        restored = 0
+        for t in tuner.tunables:
+            rec = self._records.get((tuner.name, t.id))
+            if rec is None or not t.is_sysctl:
+                continue
+            for cookie, original in list(rec.originals.items()):
+                if cookie not in rec.written or self.netns_state(tuner, cookie) == GONE:
+                    continue
+                try:
+                    current = self.backend.read(t.name, cookie)
+                    log.info(
+                        "Rolling back sysctl values for '%s' from (%s) to original values (%s) in %s...",
+                        t.name,
+                        format_values(current),
+                        format_values(original),
+                        self.namespaces.describe(cookie),
+                    )
+                    self.backend.write(t.name, original, cookie)
+                    restored += 1
+                except (NetnsGone, SysctlMissing, OSError) as exc:
+                    log.info("could not roll back %s in netns cookie %d: %s", t.name, cookie, exc)
+        return restored
+
+    def changed(self, tuner: Tuner) -> bool:
+        return any(rec.written for (name, _), rec in self._records.items() if name == tuner.name)

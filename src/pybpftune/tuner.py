@@ -1,0 +1,217 @@
+"""The tuner framework: declarations, step arithmetic, and the Tuner base.
+
+A tuner reads as a declaration::
+
+    class TcpBufferTuner(Tuner):
+        name = "tcp_buffer"
+        bpf_name = "tcp_buffer_tuner"
+        tunables = (Tunable(0, "net.ipv4.tcp_wmem", 3, namespaced=True, ...), ...)
+        scenarios = (Scenario(0, "need to increase TCP buffer size(s)", "..."), ...)
+
+        def decide(self, event): -> list[Proposal]   # plain rules, unit-testable
+
+Rules return :class:`Proposal` objects; the framework hands each to the
+tunable store's single write path, which knows the original value, the
+bounds, the namespace and the reason, logs the "what" and "why", counts it
+for the summary, journals the original and honours advice mode.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar
+
+from .errors import TunerError
+
+if TYPE_CHECKING:
+    from .events import Event
+    from .loader import LoadedObject
+    from .netns import Namespaces
+    from .store import TunableStore
+    from .support import Support
+
+INT_MAX = 2**31 - 1
+
+
+@dataclass(frozen=True)
+class Tunable:
+    """One thing a tuner may change.
+
+    ``kind`` is "sysctl" (read/written under /proc/sys), "string" (a sysctl
+    holding text) or "other" (changed by other means, e.g. netlink or
+    per-socket; only logged and counted).  ``lower``/``upper`` are hard bounds
+    applied to every value of a proposal; ``labels`` names the values in log
+    lines ("min default max").
+    """
+
+    id: int
+    name: str
+    num_values: int = 1
+    namespaced: bool = False
+    optional: bool = False
+    kind: str = "sysctl"
+    lower: int | None = None
+    upper: int | None = INT_MAX
+    labels: str = ""
+
+    @property
+    def is_sysctl(self) -> bool:
+        return self.kind in ("sysctl", "string")
+
+    @property
+    def path(self) -> str:
+        """The /proc/sys-relative path ("net/ipv4/tcp_rmem")."""
+        return self.name.replace(".", "/")
+
+    def display(self) -> str:
+        return f"{self.name}({self.labels})" if self.labels else self.name
+
+
+@dataclass(frozen=True)
+class Scenario:
+    id: int
+    name: str
+    description: str = ""
+
+
+@dataclass(frozen=True)
+class Proposal:
+    """A rule's decision: set ``tunable`` to ``new`` in namespace ``netns_cookie``."""
+
+    tunable: int
+    scenario: int
+    netns_cookie: int
+    new: tuple[int, ...]
+    reason: str
+
+
+class Steps:
+    """bpftune's learning-rate arithmetic: steps of 2**-(6 - rate)."""
+
+    def __init__(self, rate: int = 4) -> None:
+        if not 0 <= rate <= 4:
+            raise TunerError(f"learning rate {rate} is out of range: values 0-4 are supported")
+        self.rate = rate
+        self.shift = 6 - rate
+
+    def grow(self, v: int) -> int:
+        return v + (v >> self.shift)
+
+    def shrink(self, v: int) -> int:
+        return v - (v >> self.shift)
+
+    def nearly_full(self, v: int, limit: int) -> bool:
+        return v >= limit or v + (limit >> self.shift) >= limit
+
+    def nearly_empty(self, v: int, limit: int) -> bool:
+        return v <= (limit >> self.shift)
+
+    @property
+    def fraction(self) -> float:
+        """One step as a fraction (0.25 at the default rate)."""
+        return 1.0 / (1 << self.shift)
+
+
+@dataclass
+class TunerContext:
+    """What the daemon gives every tuner."""
+
+    store: TunableStore
+    namespaces: Namespaces
+    steps: Steps
+    support: Support | None = None
+    variant: str = "full"
+    debug: bool = False
+    # The other running tuners (the sysctl tuner disables them on admin writes).
+    peers: Callable[[], Sequence[Tuner]] = lambda: ()
+
+
+class Tuner:
+    """Base class: subclasses declare, then implement ``decide``."""
+
+    name: ClassVar[str] = ""
+    description: ClassVar[str] = ""
+    # Object name under pybpftune/bpf (without .bpf.o); None: no BPF object.
+    bpf_name: ClassVar[str | None] = None
+    tunables: ClassVar[tuple[Tunable, ...]] = ()
+    scenarios: ClassVar[tuple[Scenario, ...]] = ()
+    # Signals the tuner can live without (the rest must have a working form).
+    optional_signals: ClassVar[frozenset[str]] = frozenset()
+    # Program names to attach to the root cgroup (cgroup/sysctl, sockops).
+    cgroup_programs: ClassVar[tuple[str, ...]] = ()
+    # Needs at least this support level ("legacy" or "full") to start.
+    requires_cookies: ClassVar[bool] = False
+
+    def __init__(self, ctx: TunerContext, tuner_id: int) -> None:
+        self.ctx = ctx
+        self.id = tuner_id
+        self.loaded: LoadedObject | None = None
+        self.log = logging.getLogger(f"pybpftune.tuner.{self.name}")
+        ids = [t.id for t in self.tunables]
+        if ids != list(range(len(ids))):
+            raise TunerError(f"tuner {self.name}: tunable ids must be 0..n-1 in order, got {ids}")
+
+    # --- declarations -----------------------------------------------------------
+
+    def tunable(self, tunable_id: int) -> Tunable:
+        return self.tunables[tunable_id]
+
+    def scenario(self, scenario_id: int) -> Scenario:
+        for s in self.scenarios:
+            if s.id == scenario_id:
+                return s
+        raise TunerError(f"tuner {self.name}: unknown scenario {scenario_id}")
+
+    @property
+    def steps(self) -> Steps:
+        return self.ctx.steps
+
+    # --- hooks the daemon calls -------------------------------------------------------
+
+    def bpf_globals(self) -> Mapping[str, int]:
+        """Tuner-specific BPF globals to set before load."""
+        return {}
+
+    def start(self) -> None:
+        """After the object is loaded and attached (and tunables read)."""
+
+    def decide(self, event: Event) -> list[Proposal]:
+        """Turn one event into proposals.  Pure rules: no I/O but reads."""
+        return []
+
+    def handle_event(self, event: Event) -> None:
+        """Default handling: decide, then apply each proposal."""
+        for proposal in self.decide(event):
+            self.apply(proposal)
+
+    def apply(self, proposal: Proposal) -> bool:
+        applied = self.ctx.store.apply(self, proposal)
+        if applied:
+            self.applied(proposal)
+        return applied
+
+    def applied(self, proposal: Proposal) -> None:
+        """A proposal took effect (e.g. mirror the new value into BPF)."""
+
+    def tick(self, now: float) -> None:
+        """Called about once a second for time-based rules."""
+
+    def summary_lines(self) -> list[str]:
+        """Extra lines for the exit summary."""
+        return []
+
+    def stop(self) -> None:
+        """Before the object is closed."""
+
+    # --- helpers for subclasses ---------------------------------------------------------
+
+    def set_bpf_global(self, name: str, value: int) -> None:
+        """Update a global in the loaded object (no-op without one)."""
+        if self.loaded is not None:
+            self.loaded.obj.set_global(name, value)
+
+    def current(self, tunable_id: int, netns_cookie: int | None = None) -> tuple[int, ...]:
+        """Current values of a tunable (in a namespace for namespaced ones)."""
+        return self.ctx.store.current(self, tunable_id, netns_cookie)

@@ -1,0 +1,1 @@
+"""Built-in tuners; each module exposes its Tuner subclass as ``TUNER``."""

@@ -1,0 +1,71 @@
+"""sysctl tuner: back off when an administrator writes a tuned sysctl.
+
+Any write by a process other than the daemon to a sysctl that another tuner
+manages turns that tuner off in the writer's namespace only (bpftune's
+"modified sysctl" line).  It changes nothing itself.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .. import libbpf
+from ..events import Event
+from ..tuner import Tuner
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return "?"
+    return raw.replace(b"\0", b" ").decode(errors="replace").strip() or "?"
+
+
+class SysctlTuner(Tuner):
+    name = "sysctl"
+    description = "notices administrator sysctl writes and disables the tuner that owns the sysctl there"
+    bpf_name = "sysctl_tuner"
+    cgroup_programs = ("sysctl_gate", "sysctl_write__cgroup_sysctl")
+
+    def _writer_cookie(self, pid: int) -> int | None:
+        """Namespace of the writing process, if it is still there."""
+        cookie = self.ctx.namespaces.add(f"/proc/{pid}/ns/net") if pid > 0 else None
+        return cookie
+
+    def handle_event(self, event: Event) -> None:
+        path = event.text
+        cookie: int | None = event.netns_cookie
+        if cookie == libbpf.NETNS_UNKNOWN:
+            cookie = self._writer_cookie(event.pid)
+        store = self.ctx.store
+        for tuner in self.ctx.peers():
+            if tuner is self:
+                continue
+            for tunable in store.matches_sysctl(tuner, path):
+                cookies = [cookie] if cookie is not None else self._changed_where(tuner, tunable.id)
+                for c in cookies:
+                    store.disable(
+                        tuner,
+                        c,
+                        f"pid {event.pid}, cmd '{_cmdline(event.pid)}' modified sysctl '{tunable.name}' "
+                        f"that tuner '{tuner.name}' uses",
+                    )
+
+    def _changed_where(self, tuner: Tuner, tunable_id: int) -> list[int]:
+        """The writer is gone: find namespaces whose value is no longer ours."""
+        store = self.ctx.store
+        rec = store.record(tuner, tunable_id)
+        out = []
+        for c, written in rec.written.items():
+            try:
+                if store.current(tuner, tunable_id, c) != written:
+                    out.append(c)
+            except Exception:  # the namespace went away meanwhile
+                continue
+        if not out:
+            self.log.debug("could not tell where %s was written; its writer is gone", tuner.tunable(tunable_id).name)
+        return out
+
+
+TUNER = SysctlTuner
