@@ -27,7 +27,7 @@ BPF_CFLAGS := -g -O2 -target bpf -D__TARGET_ARCH_$(ARCH) -Wall -Werror \
 # Debian packages needed to build and test (see README).
 DEB_BUILD := clang llvm libbpf-dev bpftool libelf-dev zlib1g-dev pkg-config make gcc \
              python3 python3-dev python3-venv
-DEB_TEST := iproute2 iperf3 ethtool kmod procps
+DEB_TEST := iproute2 iperf3 ethtool kmod procps iputils-ping netcat-openbsd
 DEB_VM := qemu-system-x86 busybox-static binutils xz-utils file cpio
 PIP_DEV := ruff mypy types-cffi pytest
 
