@@ -72,3 +72,20 @@ def pytest_runtest_makereport(
 @pytest.fixture
 def test_object() -> Path:
     return TEST_BPF / "ringbuf_test.bpf.o"
+
+
+def _variants() -> list[str]:
+    return [v for v in os.environ.get("PYBPFTUNE_VARIANTS", "full,legacy").split(",") if v]
+
+
+@pytest.fixture(params=_variants())
+def variant(request: pytest.FixtureRequest) -> str:
+    """Object variant a daemon test runs with (PYBPFTUNE_VARIANTS, default both)."""
+    value: str = request.param
+    return value
+
+
+@pytest.fixture
+def variant_args(variant: str) -> tuple[str, ...]:
+    """bpftune flags selecting the variant: -L for legacy."""
+    return ("-L",) if variant == "legacy" else ()

@@ -66,6 +66,12 @@ struct corr {
 	__u64 sum_xy;
 };
 
+/* sysctl tuner payload: which sysctl was written, and the writer's comm. */
+struct sysctl_write_event {
+	char path[112];
+	char comm[16];
+};
+
 /* Payload of the ringbuf test object (tests/bpf) and of the bench object. */
 struct pybpftune_test_payload {
 	__u64 seq;

@@ -25,6 +25,7 @@ int sysctl_gate(struct bpf_sysctl *ctx)
 static __always_inline int on_filter(struct ctl_table_header *head, struct ctl_table *table, int write)
 {
 	struct bpftune_event event = {};
+	struct sysctl_write_event *w = (void *)event.raw_data;
 	struct ctl_dir *parent;
 	const char *dirname = NULL, *procname;
 	struct ctl_table_set *set;
@@ -40,14 +41,15 @@ static __always_inline int on_filter(struct ctl_table_header *head, struct ctl_t
 		dirname = BPF_CORE_READ(parent, header.ctl_table, procname);
 	procname = BPF_CORE_READ(table, procname);
 	if (dirname) {
-		n = bpf_probe_read_kernel_str(event.str, 64, dirname);
+		n = bpf_probe_read_kernel_str(w->path, 48, dirname);
 		if (n > 0) {
 			len = n - 1;
-			event.str[len & 63] = '/';
+			w->path[len & 63] = '/';
 			len = (len + 1) & 63;
 		}
 	}
-	bpf_probe_read_kernel_str(&event.str[len], 64, procname);
+	bpf_probe_read_kernel_str(&w->path[len], 48, procname);
+	bpf_get_current_comm(w->comm, sizeof(w->comm));
 	/* Net sysctls live in a set embedded in their struct net. */
 	set = BPF_CORE_READ(head, set);
 	net = (struct net *)((char *)set - bpf_core_field_offset(struct net, sysctls));
@@ -75,6 +77,7 @@ SEC("cgroup/sysctl")
 int sysctl_write__cgroup_sysctl(struct bpf_sysctl *ctx)
 {
 	struct bpftune_event event = {};
+	struct sysctl_write_event *w = (void *)event.raw_data;
 	struct task_struct *task;
 	__u32 pid;
 
@@ -83,8 +86,9 @@ int sysctl_write__cgroup_sysctl(struct bpf_sysctl *ctx)
 	pid = bpf_get_current_pid_tgid() >> 32;
 	if (pid == (__u32)bpftune_pid)
 		return 1;
-	if (bpf_sysctl_get_name(ctx, event.str, sizeof(event.str), 0) < 0)
+	if (bpf_sysctl_get_name(ctx, w->path, sizeof(w->path), 0) < 0)
 		return 1;
+	bpf_get_current_comm(w->comm, sizeof(w->comm));
 	task = (struct task_struct *)bpf_get_current_task();
 	event.netns_cookie = bpftune_netns_cookie(BPF_CORE_READ(task, nsproxy, net_ns));
 	event.scenario_id = SYSCTL_WRITE_SCENARIO;

@@ -14,7 +14,7 @@ from typing import NoReturn
 import click
 
 from . import __version__
-from .errors import PybpftuneError
+from .errors import PybpftuneError, UsageError
 
 EPILOG = """\b
 Examples:
@@ -79,6 +79,13 @@ def fail(message: str, code: int = 1) -> NoReturn:
     "-S", "--support", "support", is_flag=True, help="Print what this kernel supports, then exit (0 usable, 1 not)."
 )
 @click.option("-V", "--version", "version", is_flag=True, help="Print the version, then exit.")
+@click.option(
+    "--state-dir",
+    type=click.Path(path_type=Path, file_okay=False),
+    default=Path("/run/pybpftune"),
+    show_default=True,
+    help="Where the journal of original values (and a private cgroup2 mount, if needed) live.",
+)
 def main(
     allow: tuple[str, ...],
     cgroup: Path | None,
@@ -94,6 +101,7 @@ def main(
     to_stderr: bool,
     support: bool,
     version: bool,
+    state_dir: Path,
 ) -> None:
     """BPF-driven auto-tuning of Linux networking.
 
@@ -127,8 +135,11 @@ def main(
             learning_rate=learning_rate,
             rollback=rollback,
             to_stderr=to_stderr,
+            state_dir=state_dir,
         )
         sys.exit(run_daemon(config))
+    except UsageError as exc:
+        fail(str(exc), 2)
     except PybpftuneError as exc:
         fail(str(exc))
     except PermissionError as exc:

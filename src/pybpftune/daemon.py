@@ -190,7 +190,9 @@ class Daemon:
                     )
                 except (PybpftuneError, OSError) as exc:
                     log.warning("could not restore %s: %s", entry.tunable, exc)
-        self.state.clear_journal()
+        else:
+            log.warning("their values stay as they are; start with -R to restore them")
+        self.state.forget_leftovers()
 
     # --- event path -----------------------------------------------------------------------
 

@@ -378,6 +378,11 @@ def union_offset() -> int:
     return int(ffi.offsetof("struct bpftune_event", "update"))
 
 
+def c_string(chars: CData) -> str:
+    """A NUL-terminated char array field of a struct view, as text."""
+    return str(ffi.string(chars).decode(errors="replace"))
+
+
 def struct_size(type_name: str) -> int:
     return int(ffi.sizeof(type_name))
 

@@ -119,8 +119,9 @@ def select(allow: Iterable[str], libdirs: Iterable[str] = ()) -> list[type[Tuner
     classes: dict[str, type[Tuner]] = {}
     for cls in [*builtin_tuners(), *entry_point_tuners(), *extra_tuners(libdirs)]:
         classes.setdefault(cls.name, cls)
+    allow = list(allow)
     wanted = [normalize(a) for a in allow]
-    unknown = [w for w in wanted if w not in classes]
+    unknown = [a for a, w in zip(allow, wanted, strict=True) if w not in classes]
     if unknown:
         raise UsageError(f"unknown tuner '{unknown[0]}'; known tuners: {', '.join(classes)}")
     if not wanted:

@@ -1,8 +1,9 @@
 """The state directory (/run/pybpftune): the only code that writes there.
 
-It holds the journal of original values: before the daemon first changes a
-tunable in a namespace, the original is appended and fsync'ed, so a daemon
-killed with SIGKILL leaves enough behind for the next start to restore.
+It holds one journal of original values per daemon process
+(``originals-<pid>.jsonl``): before the daemon first changes a tunable in a
+namespace, the original is appended and fsync'ed, so a daemon killed with
+SIGKILL leaves enough behind for the next start to restore.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from pathlib import Path
 log = logging.getLogger("pybpftune.state")
 
 DEFAULT_STATE_DIR = Path("/run/pybpftune")
-JOURNAL = "originals.jsonl"
+JOURNAL_GLOB = "originals-*.jsonl"
 
 
 @dataclass(frozen=True)
@@ -55,14 +56,24 @@ class StateDir:
 
     @property
     def journal_path(self) -> Path:
-        return self.path / JOURNAL
+        return self.path / f"originals-{os.getpid()}.jsonl"
+
+    def _dead_journals(self) -> list[Path]:
+        out = []
+        for p in sorted(self.path.glob(JOURNAL_GLOB)) if self.path.is_dir() else []:
+            pid = p.name.removeprefix("originals-").removesuffix(".jsonl")
+            if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+                out.append(p)
+        return out
 
     def leftovers(self) -> list[JournalEntry]:
         """Journal entries of daemons that died without cleaning up."""
-        try:
-            lines = self.journal_path.read_text().splitlines()
-        except FileNotFoundError:
-            return []
+        lines = []
+        for p in self._dead_journals():
+            try:
+                lines.extend(p.read_text().splitlines())
+            except OSError:
+                continue
         entries = []
         for line in lines:
             try:
@@ -78,9 +89,13 @@ class StateDir:
             except (ValueError, KeyError, TypeError):
                 log.warning("ignoring a corrupt line in %s", self.journal_path)
                 continue
-            if entry.pid != os.getpid() and not _pid_alive(entry.pid):
-                entries.append(entry)
+            entries.append(entry)
         return entries
+
+    def forget_leftovers(self) -> None:
+        """The dead daemons' journals have been dealt with."""
+        for p in self._dead_journals():
+            p.unlink(missing_ok=True)
 
     def record_original(self, entry: JournalEntry) -> None:
         """Append one original value durably, before it is overwritten."""

@@ -14,12 +14,13 @@ from ..events import Event
 from ..tuner import Tuner
 
 
-def _cmdline(pid: int) -> str:
+def _cmdline(pid: int, comm: str) -> str:
+    """The writer's command line while it lives, else its comm from BPF."""
     try:
         raw = Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError:
-        return "?"
-    return raw.replace(b"\0", b" ").decode(errors="replace").strip() or "?"
+        return comm or "?"
+    return raw.replace(b"\0", b" ").decode(errors="replace").strip() or comm or "?"
 
 
 class SysctlTuner(Tuner):
@@ -34,7 +35,9 @@ class SysctlTuner(Tuner):
         return cookie
 
     def handle_event(self, event: Event) -> None:
-        path = event.text
+        payload = event.payload("struct sysctl_write_event")
+        path = libbpf.c_string(payload.path)
+        command = _cmdline(event.pid, libbpf.c_string(payload.comm))
         cookie: int | None = event.netns_cookie
         if cookie == libbpf.NETNS_UNKNOWN:
             cookie = self._writer_cookie(event.pid)
@@ -48,7 +51,7 @@ class SysctlTuner(Tuner):
                     store.disable(
                         tuner,
                         c,
-                        f"pid {event.pid}, cmd '{_cmdline(event.pid)}' modified sysctl '{tunable.name}' "
+                        f"pid {event.pid}, cmd '{command}' modified sysctl '{tunable.name}' "
                         f"that tuner '{tuner.name}' uses",
                     )
 
