@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# `make test`: every stage CI runs, each timed, all run even if one fails.
+#   lint -> unit + host kernel tests -> kernel tests in Debian 6.1 and 5.10
+#   VMs (full and legacy variants) -> tests of the VM runner itself.
+# Gates: PYBPFTUNE_KERNEL_TESTS and PYBPFTUNE_VM_TESTS (unset: run if
+# possible, else skip with the reason; 1: must run; 0: skip).
+set -u
+cd "$(dirname "$0")/.."
+PY=$PWD/.venv/bin/python
+OUT=.test-results
+rm -rf "$OUT"; mkdir -p "$OUT"
+failed=()
+declare -A took
+
+stage() {  # stage NAME CMD...
+  local name=$1; shift
+  local t0=$SECONDS
+  echo "=== stage $name: $*"
+  if "$@"; then :; else failed+=("$name"); fi
+  took[$name]=$((SECONDS - t0))
+  echo "=== stage $name took ${took[$name]}s"
+}
+
+vm_possible() {
+  command -v qemu-system-x86_64 >/dev/null || { echo "qemu-system-x86_64 is not installed (make deps)"; return 1; }
+  return 0
+}
+
+pytest_args=(-p no:cacheprovider -q -ra)
+
+stage lint make -s lint
+stage host "$PY" -m pytest "${pytest_args[@]}" --junitxml="$OUT/host.xml" tests --ignore=tests/vm
+
+vm_stages=1
+case "${PYBPFTUNE_VM_TESTS:-}" in
+  0) echo "=== VM stages skipped: PYBPFTUNE_VM_TESTS=0"; vm_stages=0 ;;
+  1) vm_possible || { failed+=("vm-setup"); vm_stages=0; } ;;
+  *) if ! why=$(vm_possible); then echo "=== VM stages skipped: $why"; vm_stages=0; fi ;;
+esac
+if [ $vm_stages = 1 ]; then
+  for k in 6.1 5.10; do
+    stage "vm-$k" python3 tests/vm/vmtest.py --kernel "$k" -- \
+      "$PY" -m pytest "${pytest_args[@]}" --junitxml="$OUT/vm-$k.xml" -m kernel tests/kernel
+  done
+  stage vm-runner "$PY" -m pytest "${pytest_args[@]}" --junitxml="$OUT/vm-runner.xml" -m vm tests/vm
+fi
+
+# One closing line over every stage's pytest results.
+"$PY" - "$OUT" <<'PYEOF'
+import sys, pathlib, xml.etree.ElementTree as ET
+tot = {"tests": 0, "failures": 0, "errors": 0, "skipped": 0}
+for f in sorted(pathlib.Path(sys.argv[1]).glob("*.xml")):
+    for suite in ET.parse(f).getroot().iter("testsuite"):
+        for k in tot:
+            tot[k] += int(suite.get(k, 0))
+bad = tot["failures"] + tot["errors"]
+print(f"all stages: {tot['tests'] - bad - tot['skipped']} passed, {bad} failed, {tot['skipped']} skipped")
+PYEOF
+for name in "${!took[@]}"; do echo "  $name: ${took[$name]}s"; done | sort
+if [ ${#failed[@]} -gt 0 ]; then
+  echo "FAILED stages: ${failed[*]}"
+  exit 1
+fi
+echo "every stage passed"
