@@ -72,6 +72,151 @@ struct sysctl_write_event {
 	char comm[16];
 };
 
+/* --- net_buffer tuner ----------------------------------------------------- */
+enum net_buffer_tunable {
+	NET_BUFFER_MAX_BACKLOG = 0,		/* net.core.netdev_max_backlog */
+	NET_BUFFER_FLOW_LIMIT_CPU_BITMAP = 1,	/* net.core.flow_limit_cpu_bitmap */
+	NET_BUFFER_BUDGET = 2,			/* net.core.netdev_budget */
+	NET_BUFFER_BUDGET_USECS = 3,		/* net.core.netdev_budget_usecs */
+	NET_BUFFER_HIGH_ORDER_ALLOC_DISABLE = 4,/* net.core.high_order_alloc_disable */
+};
+
+enum net_buffer_scenario {
+	NET_BUFFER_INCREASE_BACKLOG = 0,
+	NET_BUFFER_SET_FLOW_LIMIT = 1,
+	NET_BUFFER_INCREASE_BUDGET = 2,
+	NET_BUFFER_DECREASE_BUDGET = 3,
+	NET_BUFFER_ENABLE_HIGH_ORDER_ALLOC = 4,
+};
+
+/* scenario_id of a net_buffer event: what the BPF side observed. */
+enum net_buffer_observation {
+	NET_BUFFER_OBS_BACKLOG_DROPS = 1,	/* per-cpu backlog queue overflowed */
+	NET_BUFFER_OBS_TIME_SQUEEZE = 2,	/* net_rx_action ran out of budget or time */
+};
+
+struct net_buffer_obs {
+	__u32 cpu;
+	__u32 pad;
+	__u64 drops;		/* backlog drops counted since the window opened */
+	__u64 window_ns;	/* how long the window has been open */
+	__u64 max_backlog;	/* netdev_max_backlog as the BPF side knows it */
+	__u64 time_squeeze;	/* softnet_data.time_squeeze of that cpu */
+	__u64 prev_time_squeeze;
+};
+
+/* --- ip_frag tuner -------------------------------------------------------- */
+enum ip_frag_tunable {
+	IP_FRAG_IPV4_HIGH_THRESH = 0,	/* net.ipv4.ipfrag_high_thresh */
+	IP_FRAG_IPV6_HIGH_THRESH = 1,	/* net.ipv6.ip6frag_high_thresh */
+};
+
+enum ip_frag_scenario {
+	IP_FRAG_INCREASE = 0,
+	IP_FRAG_DECREASE = 1,
+};
+
+/* scenario_id of an ip_frag event. */
+enum ip_frag_observation {
+	IP_FRAG_OBS_NEAR_THRESH = 1,	/* reassembly memory of a netns nears high_thresh */
+};
+
+struct ip_frag_obs {
+	__u32 family;		/* AF_INET or AF_INET6 */
+	__u32 pad;
+	__s64 mem;		/* fqdir->mem: bytes held by fragment queues */
+	__s64 high_thresh;	/* fqdir->high_thresh as the kernel sees it */
+	__s64 low_thresh;
+};
+
+/* --- udp_buffer tuner ----------------------------------------------------- */
+enum udp_buffer_tunable {
+	UDP_BUFFER_UDP_MEM = 0,		/* net.ipv4.udp_mem */
+	UDP_BUFFER_RMEM_MAX = 1,	/* net.core.rmem_max */
+	UDP_BUFFER_RMEM_DEFAULT = 2,	/* net.core.rmem_default */
+};
+
+enum udp_buffer_scenario {
+	UDP_BUFFER_INCREASE = 0,
+	UDP_BUFFER_DECREASE = 1,
+	UDP_BUFFER_MEM_PRESSURE = 2,
+	UDP_BUFFER_MEM_EXHAUSTION = 3,
+};
+
+/* scenario_id of a udp_buffer event. */
+enum udp_buffer_observation {
+	UDP_BUFFER_OBS_RCVBUF_FULL = 1,	/* a receive queue reached sk_rcvbuf */
+	UDP_BUFFER_OBS_MEM_LIMIT = 2,	/* udp_mem accounting refused a datagram */
+};
+
+/* Which hook saw it. */
+enum udp_buffer_source {
+	UDP_BUFFER_SRC_FAIL_QUEUE = 1,	/* udp:udp_fail_queue_rcv_skb */
+	UDP_BUFFER_SRC_RCVQUEUE_FULL = 2,	/* sock:sock_rcvqueue_full */
+	UDP_BUFFER_SRC_EXCEED_BUF = 3,	/* sock:sock_exceed_buf_limit */
+};
+
+struct udp_buffer_obs {
+	__u32 source;		/* enum udp_buffer_source */
+	__s32 error;		/* -ENOMEM, -ENOBUFS (fail_queue), else 0 */
+	__u32 family;
+	__u32 userlocks;	/* sk_userlocks: SOCK_RCVBUF_LOCK = 2 */
+	__s64 sk_rcvbuf;
+	__s64 rmem_alloc;
+	__s64 mem_allocated;	/* pages charged to the protocol */
+	__s64 mem[3];		/* the protocol's limits (udp_mem), pages */
+};
+
+/* ---- neigh_table tuner ---------------------------------------------------- */
+
+enum neigh_table_tunable {
+	NEIGH_TABLE_IPV4_GC_INTERVAL = 0,	/* net.ipv4.neigh.default.gc_interval */
+	NEIGH_TABLE_IPV4_GC_STALE_TIME = 1,
+	NEIGH_TABLE_IPV4_GC_THRESH1 = 2,
+	NEIGH_TABLE_IPV4_GC_THRESH2 = 3,
+	NEIGH_TABLE_IPV4_GC_THRESH3 = 4,
+	NEIGH_TABLE_IPV6_GC_INTERVAL = 5,	/* net.ipv6.neigh.default.* (optional) */
+	NEIGH_TABLE_IPV6_GC_STALE_TIME = 6,
+	NEIGH_TABLE_IPV6_GC_THRESH1 = 7,
+	NEIGH_TABLE_IPV6_GC_THRESH2 = 8,
+	NEIGH_TABLE_IPV6_GC_THRESH3 = 9,
+	NEIGH_TABLE_ARP_THRESHOLDS = 10,	/* arp_cache gc_thresh1-3 over rtnetlink */
+	NEIGH_TABLE_NDISC_THRESHOLDS = 11,	/* ndisc_cache gc_thresh1-3 over rtnetlink */
+};
+
+enum neigh_table_scenario {
+	NEIGH_TABLE_FULL = 0,		/* entries near gc_thresh3 (or an entry refused) */
+	NEIGH_TABLE_GROWN = 1,		/* thresholds reached the device's bound */
+	NEIGH_TABLE_EMPTY = 2,		/* a large table is nearly empty */
+};
+
+/* neigh_table_stats.flags */
+#define BPFTUNE_NEIGH_F_REFUSED 0x1	/* neigh_create could not allocate: table full */
+
+/* Payload (raw_data) of a neigh_table event; the first 44 bytes as bpftune's tbl_stats. */
+struct neigh_table_stats {
+	__u32 family;		/* AF_INET (arp_cache) or AF_INET6 (ndisc_cache) */
+	__u32 entries;		/* tbl->entries, all namespaces */
+	__u32 gc_entries;	/* entries that count against gc_thresh3 */
+	__u32 thresh1;
+	__u32 thresh2;
+	__u32 thresh3;
+	__u32 ifindex;		/* device of the entry, in its own namespace */
+	char dev[16];
+	__u32 flags;		/* BPFTUNE_NEIGH_F_* */
+	__u32 netns_inum;	/* the device's namespace inode (found without cookies) */
+};
+
+/* ---- route_table tuner ---------------------------------------------------- */
+
+enum route_table_tunable {
+	ROUTE_TABLE_IPV6_MAX_SIZE = 0,	/* net.ipv6.route.max_size */
+};
+
+enum route_table_scenario {
+	ROUTE_TABLE_FULL = 0,		/* IPv6 destination table nearly full */
+};
+
 /* Payload of the ringbuf test object (tests/bpf) and of the bench object. */
 struct pybpftune_test_payload {
 	__u64 seq;

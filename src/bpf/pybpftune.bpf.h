@@ -211,6 +211,31 @@ static __always_inline int bpftune_send_sysctl_event(struct net *net,
 	return bpftune_send_event(event);
 }
 
+/*
+ * Send an observation whose payload the caller wrote into event->raw_data
+ * (a struct from bpftune_shared.h), for user space's rules to judge.
+ * Identical (namespace, key) observations closer than 25 ms are dropped.
+ * Unlike bpftune_send_sysctl_event it also sends events from namespaces
+ * whose cookie is unknown (BPFTUNE_NETNS_UNKNOWN): a tuner of global sysctls
+ * still cares about them.
+ */
+static __always_inline int bpftune_send_observation(__u64 cookie, __u32 scenario,
+						    __u32 key,
+						    struct bpftune_event *event)
+{
+	__u64 now = bpf_ktime_get_ns();
+	__u64 k, *last;
+
+	k = (cookie & 0xffffffffULL) | ((__u64)key << 32) | (1ULL << 63);
+	last = bpf_map_lookup_elem(&last_event_map, &k);
+	if (last && now - *last < BPFTUNE_EVENT_INTERVAL_NS)
+		return 0;
+	bpf_map_update_elem(&last_event_map, &k, &now, BPF_ANY);
+	event->scenario_id = scenario;
+	event->netns_cookie = cookie;
+	return bpftune_send_event(event);
+}
+
 /* Add one (x, y) sample to the shared correlation sums of a tunable. */
 static __always_inline void bpftune_corr_update(__u32 id, __u64 cookie, __u64 x,
 						__u64 y)
