@@ -167,56 +167,6 @@ struct udp_buffer_obs {
 	__s64 mem[3];		/* the protocol's limits (udp_mem), pages */
 };
 
-/* ---- neigh_table tuner ---------------------------------------------------- */
-
-enum neigh_table_tunable {
-	NEIGH_TABLE_IPV4_GC_INTERVAL = 0,	/* net.ipv4.neigh.default.gc_interval */
-	NEIGH_TABLE_IPV4_GC_STALE_TIME = 1,
-	NEIGH_TABLE_IPV4_GC_THRESH1 = 2,
-	NEIGH_TABLE_IPV4_GC_THRESH2 = 3,
-	NEIGH_TABLE_IPV4_GC_THRESH3 = 4,
-	NEIGH_TABLE_IPV6_GC_INTERVAL = 5,	/* net.ipv6.neigh.default.* (optional) */
-	NEIGH_TABLE_IPV6_GC_STALE_TIME = 6,
-	NEIGH_TABLE_IPV6_GC_THRESH1 = 7,
-	NEIGH_TABLE_IPV6_GC_THRESH2 = 8,
-	NEIGH_TABLE_IPV6_GC_THRESH3 = 9,
-	NEIGH_TABLE_ARP_THRESHOLDS = 10,	/* arp_cache gc_thresh1-3 over rtnetlink */
-	NEIGH_TABLE_NDISC_THRESHOLDS = 11,	/* ndisc_cache gc_thresh1-3 over rtnetlink */
-};
-
-enum neigh_table_scenario {
-	NEIGH_TABLE_FULL = 0,		/* entries near gc_thresh3 (or an entry refused) */
-	NEIGH_TABLE_GROWN = 1,		/* thresholds reached the device's bound */
-	NEIGH_TABLE_EMPTY = 2,		/* a large table is nearly empty */
-};
-
-/* neigh_table_stats.flags */
-#define BPFTUNE_NEIGH_F_REFUSED 0x1	/* neigh_create could not allocate: table full */
-
-/* Payload (raw_data) of a neigh_table event; the first 44 bytes as bpftune's tbl_stats. */
-struct neigh_table_stats {
-	__u32 family;		/* AF_INET (arp_cache) or AF_INET6 (ndisc_cache) */
-	__u32 entries;		/* tbl->entries, all namespaces */
-	__u32 gc_entries;	/* entries that count against gc_thresh3 */
-	__u32 thresh1;
-	__u32 thresh2;
-	__u32 thresh3;
-	__u32 ifindex;		/* device of the entry, in its own namespace */
-	char dev[16];
-	__u32 flags;		/* BPFTUNE_NEIGH_F_* */
-	__u32 netns_inum;	/* the device's namespace inode (found without cookies) */
-};
-
-/* ---- route_table tuner ---------------------------------------------------- */
-
-enum route_table_tunable {
-	ROUTE_TABLE_IPV6_MAX_SIZE = 0,	/* net.ipv6.route.max_size */
-};
-
-enum route_table_scenario {
-	ROUTE_TABLE_FULL = 0,		/* IPv6 destination table nearly full */
-};
-
 /* Payload of the ringbuf test object (tests/bpf) and of the bench object. */
 struct pybpftune_test_payload {
 	__u64 seq;
