@@ -30,6 +30,7 @@ pytest_args=(-p no:cacheprovider -q -ra)
 
 stage lint make -s lint
 stage host "$PY" -m pytest "${pytest_args[@]}" --junitxml="$OUT/host.xml" tests --ignore=tests/vm
+stage wheel tests/wheel-check.sh
 
 vm_stages=1
 case "${PYBPFTUNE_VM_TESTS:-}" in

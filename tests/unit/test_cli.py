@@ -52,3 +52,34 @@ def test_support_exit_codes(
     assert result.exit_code == code
     assert result.stderr.splitlines()[0] == first
     assert "Traceback" not in result.output
+
+
+@pytest.mark.parametrize(
+    ("support", "reason"),
+    [(make_support(ringbuf=False), "ring buffer"), (make_support(kernel_btf=False), "kernel BTF")],
+)
+def test_daemon_refuses_unsupported_kernel_in_one_line(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: object, support: support_mod.Support, reason: str
+) -> None:
+    import pybpftune.daemon as daemon_mod
+
+    monkeypatch.setattr(daemon_mod, "probe_support", lambda: support)
+    monkeypatch.setattr("os.geteuid", lambda: 0)
+    result = CliRunner().invoke(main, ["-s", "--state-dir", str(tmp_path)])
+    assert result.exit_code == 1
+    lines = [line for line in result.stderr.splitlines() if "not supported" in line]
+    assert len(lines) == 1 and reason in lines[0]
+    assert "Traceback" not in result.output
+
+
+def test_daemon_needs_root(monkeypatch: pytest.MonkeyPatch, tmp_path: object) -> None:
+    monkeypatch.setattr("os.geteuid", lambda: 1000)
+    result = CliRunner().invoke(main, ["-s", "--state-dir", str(tmp_path)])
+    assert result.exit_code == 1
+    assert "needs root" in result.stderr and "Traceback" not in result.output
+
+
+def test_port_is_refused_until_the_query_server_exists(tmp_path: object) -> None:
+    result = CliRunner().invoke(main, ["-s", "-p", "1234", "--state-dir", str(tmp_path)])
+    assert result.exit_code == 2
+    assert "not yet supported" in result.stderr
