@@ -72,6 +72,99 @@ struct sysctl_write_event {
 	char comm[16];
 };
 
+/* ---- tcp_conn tuner ------------------------------------------------------ */
+
+enum tcp_conn_tunable {
+	TCP_CONN_TUNABLE_CONG = 0,	/* net.persock.tcp.congestion_control */
+	TCP_CONN_TUNABLE_ALLOWED = 1,	/* net.ipv4.tcp_allowed_congestion_control */
+	TCP_CONN_TUNABLE_AVAILABLE = 2, /* net.ipv4.tcp_available_congestion_control */
+	TCP_CONN_TUNABLE_DEFAULT = 3,	/* net.ipv4.tcp_congestion_control */
+	TCP_CONN_TUNABLE_THIN_LTO = 4,	/* net.ipv4.tcp_thin_linear_timeouts */
+};
+
+enum tcp_conn_scenario {
+	TCP_CONN_SCENARIO_SPECIFY = 0,	/* choose a congestion control (RL, allowed list) */
+	TCP_CONN_SCENARIO_LOSS = 1,	/* loss above the threshold: switch to BBR */
+};
+
+/* Algorithms the tuner may choose, in this order everywhere. */
+enum tcp_conn_alg {
+	TCP_CONN_ALG_CUBIC = 0,
+	TCP_CONN_ALG_BBR = 1,
+	TCP_CONN_ALG_HTCP = 2,
+	TCP_CONN_ALG_DCTCP = 3,
+	TCP_CONN_NUM_ALGS = 4,
+	TCP_CONN_ALG_OTHER = 255,	/* a connection running anything else */
+};
+
+enum tcp_conn_reason {
+	TCP_CONN_REASON_LOSS = 0,	/* retransmits above 1/64 of segments sent */
+	TCP_CONN_REASON_GREEDY = 1,	/* lowest RL cost for the remote host */
+	TCP_CONN_REASON_EXPLORE = 2,	/* epsilon-greedy exploration */
+	TCP_CONN_NUM_REASONS = 3,
+};
+
+/* A remote host as the RL state is kept: its namespace and address (v4-mapped). */
+struct tcp_conn_host_key {
+	__u64 netns_cookie;
+	__u8 addr[16];
+};
+
+struct tcp_conn_alg_stats {
+	__u64 metric;		/* moving average of the cost (lower is better) */
+	__u64 samples;		/* connections whose cost was measured */
+	__u64 chosen;		/* times the tuner chose this algorithm for the host */
+	__u64 greedy;		/* ... of them because it had the lowest cost */
+	__u64 min_rtt_us;	/* best min RTT seen with this algorithm */
+	__u64 max_rate;		/* best delivery rate seen with it (bytes/s) */
+};
+
+struct tcp_conn_host {
+	__u64 instances;	/* connections established to the host */
+	__u64 min_rtt_us;	/* best min RTT over all its connections */
+	__u64 max_rate;		/* best delivery rate over all its connections */
+	struct tcp_conn_alg_stats alg[TCP_CONN_NUM_ALGS];
+};
+
+/* Totals since start (array map, key 0). */
+struct tcp_conn_counts {
+	__u64 chosen[TCP_CONN_NUM_REASONS][TCP_CONN_NUM_ALGS];
+	__u64 connections;	/* established connections seen */
+	__u64 measured;		/* connections whose cost was measured at close */
+	__u64 thin_lto;		/* connections given TCP_THIN_LINEAR_TIMEOUTS */
+	__u64 setsockopt_failed;
+	__u64 skipped_netns;	/* connections in namespaces where the tuner is off */
+};
+
+/* Event payload: one congestion-control change (rate-limited per netns). */
+struct tcp_conn_event {
+	__u32 reason;
+	__u32 old_alg;
+	__u32 new_alg;
+	__u32 family;
+	__u64 total_retrans;
+	__u64 segs_out;
+	__u64 cost;
+	__u8 addr[16];
+};
+
+/* ---- netns tuner ---------------------------------------------------------- */
+
+enum netns_scenario {
+	NETNS_SCENARIO_CREATE = 0,
+	NETNS_SCENARIO_DESTROY = 1,
+};
+
+enum netns_tunable {
+	NETNS_TUNABLE_NAMESPACE = 0,	/* network_namespace (bookkeeping only) */
+};
+
+/* Event payload: the namespace's inode, so user space needs no setns to map it. */
+struct netns_event {
+	__u64 inum;
+	__u64 cookie;
+};
+
 /* --- net_buffer tuner ----------------------------------------------------- */
 enum net_buffer_tunable {
 	NET_BUFFER_MAX_BACKLOG = 0,		/* net.core.netdev_max_backlog */
@@ -167,11 +260,133 @@ struct udp_buffer_obs {
 	__s64 mem[3];		/* the protocol's limits (udp_mem), pages */
 };
 
+/* ---- neigh_table tuner ---------------------------------------------------- */
+
+enum neigh_table_tunable {
+	NEIGH_TABLE_IPV4_GC_INTERVAL = 0,	/* net.ipv4.neigh.default.gc_interval */
+	NEIGH_TABLE_IPV4_GC_STALE_TIME = 1,
+	NEIGH_TABLE_IPV4_GC_THRESH1 = 2,
+	NEIGH_TABLE_IPV4_GC_THRESH2 = 3,
+	NEIGH_TABLE_IPV4_GC_THRESH3 = 4,
+	NEIGH_TABLE_IPV6_GC_INTERVAL = 5,	/* net.ipv6.neigh.default.* (optional) */
+	NEIGH_TABLE_IPV6_GC_STALE_TIME = 6,
+	NEIGH_TABLE_IPV6_GC_THRESH1 = 7,
+	NEIGH_TABLE_IPV6_GC_THRESH2 = 8,
+	NEIGH_TABLE_IPV6_GC_THRESH3 = 9,
+	NEIGH_TABLE_ARP_THRESHOLDS = 10,	/* arp_cache gc_thresh1-3 over rtnetlink */
+	NEIGH_TABLE_NDISC_THRESHOLDS = 11,	/* ndisc_cache gc_thresh1-3 over rtnetlink */
+};
+
+enum neigh_table_scenario {
+	NEIGH_TABLE_FULL = 0,		/* entries near gc_thresh3 (or an entry refused) */
+	NEIGH_TABLE_GROWN = 1,		/* thresholds reached the device's bound */
+	NEIGH_TABLE_EMPTY = 2,		/* a large table is nearly empty */
+};
+
+/* neigh_table_stats.flags */
+#define BPFTUNE_NEIGH_F_REFUSED 0x1	/* neigh_create could not allocate: table full */
+
+/* Payload (raw_data) of a neigh_table event; the first 44 bytes as bpftune's tbl_stats. */
+struct neigh_table_stats {
+	__u32 family;		/* AF_INET (arp_cache) or AF_INET6 (ndisc_cache) */
+	__u32 entries;		/* tbl->entries, all namespaces */
+	__u32 gc_entries;	/* entries that count against gc_thresh3 */
+	__u32 thresh1;
+	__u32 thresh2;
+	__u32 thresh3;
+	__u32 ifindex;		/* device of the entry, in its own namespace */
+	char dev[16];
+	__u32 flags;		/* BPFTUNE_NEIGH_F_* */
+	__u32 netns_inum;	/* the device's namespace inode (found without cookies) */
+};
+
+/* ---- route_table tuner ---------------------------------------------------- */
+
+enum route_table_tunable {
+	ROUTE_TABLE_IPV6_MAX_SIZE = 0,	/* net.ipv6.route.max_size */
+};
+
+enum route_table_scenario {
+	ROUTE_TABLE_FULL = 0,		/* IPv6 destination table nearly full */
+};
+
 /* Payload of the ringbuf test object (tests/bpf) and of the bench object. */
 struct pybpftune_test_payload {
 	__u64 seq;
 	__u64 magic;
 	__u64 value;
+};
+
+/* ---- tcp_buffer tuner ------------------------------------------------------ */
+
+/* Tunable ids (order of TcpBufferTuner.tunables). */
+enum tcp_buffer_tunable {
+	TCP_BUFFER_TCP_WMEM = 0,
+	TCP_BUFFER_TCP_RMEM = 1,
+	TCP_BUFFER_TCP_MEM = 2,
+	TCP_BUFFER_TCP_MODERATE_RCVBUF = 3,
+	TCP_BUFFER_TCP_NO_METRICS_SAVE = 4,
+	TCP_BUFFER_TCP_NO_SSTHRESH_METRICS_SAVE = 5,
+	TCP_BUFFER_HIGH_ORDER_ALLOC_DISABLE = 6,
+	TCP_BUFFER_TCP_SYNCOOKIES = 7,
+	TCP_BUFFER_TCP_MAX_SYN_BACKLOG = 8,
+	TCP_BUFFER_TCP_MAX_ORPHANS = 9,
+	TCP_BUFFER_NUM_TUNABLES = 10,
+};
+
+/* Scenario ids (bpftune's numbering). */
+enum tcp_buffer_scenario {
+	TCP_BUFFER_INCREASE = 0,
+	TCP_BUFFER_DECREASE = 1,
+	TCP_BUFFER_DECREASE_LATENCY = 2,
+	TCP_BUFFER_MEM_PRESSURE = 3,
+	TCP_BUFFER_MEM_EXHAUSTION = 4,
+	TCP_BUFFER_MODERATE_RCVBUF = 5,
+	TCP_BUFFER_LOW_MEM_ENTER = 6,
+	TCP_BUFFER_LOW_MEM_LEAVE = 7,
+	TCP_BUFFER_SYN_BACKLOG_INCREASE = 8,
+	TCP_BUFFER_SYN_BACKLOG_DECREASE = 9,
+	TCP_BUFFER_SYNCOOKIES_ENABLE = 10,
+	TCP_BUFFER_SYNCOOKIES_DISABLE = 11,
+	TCP_BUFFER_MAX_ORPHANS_INCREASE = 12,
+};
+
+/* tcp_buffer_conn.flags */
+#define TCP_BUFFER_F_RCV 0x1	 /* receive side (tcp_rmem) */
+#define TCP_BUFFER_F_SND 0x2	 /* send side (tcp_wmem) */
+#define TCP_BUFFER_F_LIMIT 0x4	 /* the socket buffer presses against the sysctl max */
+#define TCP_BUFFER_F_WSCALE 0x8	 /* receive window capped by the handshake's window scale */
+#define TCP_BUFFER_F_LOCKED 0x10 /* SO_RCVBUF/SO_SNDBUF set: the kernel does not autotune it */
+
+/*
+ * What one connection looked like when it pressed against a buffer limit;
+ * sent after update[0] of a tcp_wmem/tcp_rmem event (struct tcp_buffer_event).
+ * Receive side: rtt_us is the receiver's RTT estimate, delivered the bytes
+ * read by the application in the last such RTT, window the window the
+ * buffer allows (window_clamp), window_cap the largest window the handshake's
+ * window scale can advertise.  Send side: rtt_us is srtt, delivered/interval_us
+ * the kernel's delivery-rate sample (segments per microseconds), window the
+ * bytes in flight, window_cap the peer's advertised window, queued
+ * sk_wmem_queued.
+ */
+struct tcp_buffer_conn {
+	__u32 flags;
+	__u32 rtt_us;
+	__u32 min_rtt_us;
+	__u32 mss;
+	__u32 buf;
+	__u32 queued;
+	__u32 window;
+	__u32 window_cap;
+	__u32 delivered;
+	__u32 interval_us;
+	__u32 cwnd;
+	__u32 pad;
+};
+
+struct tcp_buffer_event {
+	struct bpftunable_update update;
+	struct tcp_buffer_conn conn;
 };
 
 #endif /* PYBPFTUNE_SHARED_H */
