@@ -1,0 +1,515 @@
+"""neigh_table tuner: keep the neighbour tables' GC thresholds ahead of their use.
+
+The kernel has one ARP table (arp_cache) and one IPv6 neighbour table
+(ndisc_cache), each shared by every device of every network namespace; their
+gc_thresh1/2/3 are table-wide and can only be changed from the initial
+namespace.  When a table's entries approach gc_thresh3 (or the kernel refused
+an entry because the table was full) the thresholds grow in learning-rate
+steps over rtnetlink (RTM_SETNEIGHTBL), never past a bound computed from the
+addresses of the device whose entry triggered it: per address
+max(2**host_bits, 256) * 4, no bound at 64 host bits or more.  When a table
+grown past the kernel default (gc_thresh3 1024) has nearly emptied, they
+shrink one step, never below the defaults 128/512/1024.
+
+Unlike bpftune, the device's addresses are read in the device's own
+namespace (the event names it by cookie, or by namespace inode on kernels
+without cookies), and the device is named in the request (NDTA_PARMS /
+NDTPA_IFINDEX) only when it lives in the daemon's namespace, where the kernel
+resolves that index: an index from another namespace would make the request
+fail or name a different device.
+
+Changes are logged and counted as "other" tunables through
+``TunableStore.note``; a threshold changed by anyone else (sysctl or netlink)
+makes the tuner back off, and with ``-R`` the original thresholds come back at
+exit.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol
+
+from .. import libbpf
+from ..errors import NotSupported
+from ..events import Event
+from ..netns import RUN_NETNS, Namespaces, NetnsGone, entered
+from ..store import ACTIVE
+from ..sysctl import SysctlMissing
+from ..tuner import INT_MAX, Proposal, Scenario, Steps, Tunable, Tuner
+
+if TYPE_CHECKING:
+    from ..tuner import TunerContext
+
+log = logging.getLogger("pybpftune.tuner.neigh_table")
+
+# enum neigh_table_tunable
+IPV4_GC_THRESH3 = 4
+ARP_THRESHOLDS = 10
+NDISC_THRESHOLDS = 11
+# enum neigh_table_scenario
+FULL, GROWN, EMPTY = 0, 1, 2
+# neigh_table_stats.flags
+F_REFUSED = 0x1
+
+DEFAULTS = (128, 512, 1024)  # the kernel's gc_thresh1/2/3
+ADDRESS_FLOOR = 256  # bpftune counts at least a /24's worth of hosts per address
+PER_HOST = 4  # ... and four entries per possible host
+
+Thresholds = tuple[int, int, int]
+
+
+@dataclass(frozen=True)
+class Family:
+    family: int
+    table: str
+    tunable: int
+    bits: int  # address length
+
+
+FAMILIES: dict[int, Family] = {
+    socket.AF_INET: Family(socket.AF_INET, "arp_cache", ARP_THRESHOLDS, 32),
+    socket.AF_INET6: Family(socket.AF_INET6, "ndisc_cache", NDISC_THRESHOLDS, 128),
+}
+
+
+@dataclass(frozen=True)
+class Table:
+    """A neighbour table as the kernel reports it now."""
+
+    name: str
+    family: int
+    thresholds: Thresholds
+    entries: int
+
+
+@dataclass(frozen=True)
+class Device:
+    """The device an event's entry belongs to, and where it lives."""
+
+    ifindex: int
+    name: str
+    netns_cookie: int
+    netns_inum: int
+
+    def describe(self) -> str:
+        return f"dev '{self.name}' (ifindex {self.ifindex})"
+
+
+# --- the rules (pure) ---------------------------------------------------------------
+
+
+def address_bound(prefixlens: Iterable[int], bits: int) -> int:
+    """bpftune's upper bound for gc_thresh3 from a device's prefix lengths:
+    the sum over addresses of max(2**host_bits, 256) * 4; INT_MAX once any
+    address has 64 host bits or more.  A device without addresses of the
+    family gets the floor of one address (1024)."""
+    prefixlens = list(prefixlens)
+    if not prefixlens:
+        return ADDRESS_FLOOR * PER_HOST
+    total = 0
+    for plen in prefixlens:
+        host_bits = bits - min(max(plen, 0), bits)
+        if host_bits >= 64:
+            return INT_MAX
+        total += max(1 << host_bits, ADDRESS_FLOOR) * PER_HOST
+        if total >= INT_MAX:
+            return INT_MAX
+    return total
+
+
+def grow_thresholds(
+    current: Thresholds, entries: int, bound: int, steps: Steps, refused: bool = False
+) -> Thresholds | None:
+    """New thresholds when ``entries`` nearly fill gc_thresh3 (or the kernel
+    refused an entry): learning-rate steps until the table is no longer nearly
+    full, gc_thresh3 capped at ``bound``, the order 1 <= 2 <= 3 kept.  None when
+    nothing is to be done or gc_thresh3 already reached the bound."""
+    t1, t2, t3 = current
+    if t3 >= bound or t3 >= INT_MAX:
+        return None
+    if not refused and not steps.nearly_full(entries, t3):
+        return None
+    n1, n2, n3 = t1, t2, t3
+    while True:
+        n1 = min(steps.grow(n1), INT_MAX)
+        n2 = min(steps.grow(n2), INT_MAX)
+        n3 = min(max(steps.grow(n3), n3 + 1), bound, INT_MAX)
+        if n3 >= bound or not steps.nearly_full(entries, n3):
+            break
+    n2 = min(n2, n3)
+    n1 = min(n1, n2)
+    return (n1, n2, n3)
+
+
+def shrink_thresholds(current: Thresholds, entries: int, steps: Steps) -> Thresholds | None:
+    """One step down for a table grown past the default gc_thresh3 that has
+    nearly emptied; a threshold never goes below its kernel default (and one
+    already below it stays where it is)."""
+    t3 = current[2]
+    if t3 <= DEFAULTS[2] or not steps.nearly_empty(entries, t3):
+        return None
+    new = tuple(v if v <= d else max(steps.shrink(v), d) for v, d in zip(current, DEFAULTS, strict=True))
+    n1, n2, n3 = new
+    n2 = min(n2, n3)
+    n1 = min(n1, n2)
+    return (n1, n2, n3)
+
+
+# --- the kernel's side: rtnetlink, in the right namespace ---------------------------------
+
+
+class NeighBackend(Protocol):
+    def table(self, family: int) -> Table | None: ...
+
+    def prefixes(self, device: Device, family: int) -> list[int] | None:
+        """Prefix lengths of the device's addresses of ``family``; None when
+        the device (or its namespace) cannot be found."""
+        ...
+
+    def set_thresholds(self, table: Table, new: Thresholds, ifindex: int | None) -> None: ...
+
+
+def _netns_paths() -> Iterator[str]:
+    if RUN_NETNS.is_dir():
+        for p in RUN_NETNS.iterdir():
+            yield str(p)
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            yield f"/proc/{pid}/ns/net"
+
+
+def path_of_netns_inode(inum: int) -> str | None:
+    """A path that leads to the namespace with this inode (kernels without
+    cookies name namespaces only by inode)."""
+    for path in _netns_paths():
+        try:
+            if os.stat(path).st_ino == inum:
+                return path
+        except OSError:
+            continue
+    return None
+
+
+class RtnlNeigh:
+    """The real tables and addresses, over rtnetlink (pyroute2)."""
+
+    def __init__(self, namespaces: Namespaces) -> None:
+        self.namespaces = namespaces
+
+    @staticmethod
+    def _socket() -> Any:
+        from pyroute2 import IPRoute
+
+        return IPRoute(groups=0)
+
+    def table(self, family: int) -> Table | None:
+        fam = FAMILIES[family]
+        with self._socket() as ipr:
+            for msg in ipr.get_ntables(family=family):
+                if msg.get_attr("NDTA_NAME") != fam.table or msg.get_attr("NDTA_THRESH3") is None:
+                    continue
+                config = msg.get_attr("NDTA_CONFIG")
+                entries = int(config["entries"]) if config is not None else 0
+                t1, t2, t3 = (int(msg.get_attr(f"NDTA_THRESH{i}")) for i in (1, 2, 3))
+                return Table(fam.table, family, (t1, t2, t3), entries)
+        return None
+
+    @contextmanager
+    def _in_namespace_of(self, device: Device) -> Iterator[None]:
+        ns = self.namespaces
+        if device.netns_cookie != libbpf.NETNS_UNKNOWN:
+            with ns.enter(device.netns_cookie):
+                yield
+            return
+        if device.netns_inum in (0, ns.global_inode):
+            yield
+            return
+        path = path_of_netns_inode(device.netns_inum)
+        if path is None:
+            raise NetnsGone(f"network namespace with inode {device.netns_inum} is gone")
+        with entered(path):
+            yield
+
+    def prefixes(self, device: Device, family: int) -> list[int] | None:
+        try:
+            with self._in_namespace_of(device), self._socket() as ipr:
+                links = ipr.get_links(device.ifindex)
+                if not links or links[0].get_attr("IFLA_IFNAME") != device.name:
+                    return None
+                return [int(a["prefixlen"]) for a in ipr.get_addr(family=family, index=device.ifindex)]
+        except NetnsGone:
+            return None
+        except OSError as exc:  # pyroute2's NetlinkError is an OSError (e.g. no such device)
+            log.debug("cannot read the addresses of %s: %s", device.describe(), exc)
+            return None
+
+    def set_thresholds(self, table: Table, new: Thresholds, ifindex: int | None) -> None:
+        from pyroute2.netlink import NLM_F_ACK, NLM_F_REQUEST
+        from pyroute2.netlink.rtnl import RTM_SETNEIGHTBL
+        from pyroute2.netlink.rtnl.ndtmsg import ndtmsg
+
+        msg = ndtmsg()
+        msg["family"] = table.family
+        attrs: list[tuple[str, Any]] = [
+            ("NDTA_NAME", table.name),
+            ("NDTA_THRESH1", new[0]),
+            ("NDTA_THRESH2", new[1]),
+            ("NDTA_THRESH3", new[2]),
+        ]
+        if ifindex is not None:
+            attrs.append(("NDTA_PARMS", {"attrs": [("NDTPA_IFINDEX", ifindex)]}))
+        msg["attrs"] = attrs
+        with self._socket() as ipr:
+            status = getattr(ipr, "asyncore", None)
+            if status is not None and "nlm_generator" not in status.status:
+                status.status["nlm_generator"] = False  # pyroute2 0.9's sync IPRoute leaves it unset
+            tuple(ipr.nlm_request(msg, RTM_SETNEIGHTBL, NLM_F_REQUEST | NLM_F_ACK))
+
+
+@dataclass
+class MemoryNeigh:
+    """Tables and addresses in memory, for rules driven by synthetic events."""
+
+    tables: dict[int, Table] = field(default_factory=dict)
+    # (netns cookie, ifindex, family) -> prefix lengths; a missing key: no such device
+    addresses: dict[tuple[int, int, int], list[int]] = field(default_factory=dict)
+    writes: list[tuple[str, Thresholds, int | None]] = field(default_factory=list)
+
+    def table(self, family: int) -> Table | None:
+        return self.tables.get(family)
+
+    def prefixes(self, device: Device, family: int) -> list[int] | None:
+        return self.addresses.get((device.netns_cookie, device.ifindex, family))
+
+    def set_thresholds(self, table: Table, new: Thresholds, ifindex: int | None) -> None:
+        self.writes.append((table.name, new, ifindex))
+        self.tables[table.family] = Table(table.name, table.family, new, table.entries)
+
+
+# --- the tuner ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Plan:
+    """One decision: new thresholds for a table, and what to say about it."""
+
+    proposal: Proposal
+    new: Thresholds
+    table: Table
+    device: Device
+    parms_ifindex: int | None
+    message: str
+
+
+def _sysctls(proto: str, first: int, optional: bool) -> tuple[Tunable, ...]:
+    names = ("gc_interval", "gc_stale_time", "gc_thresh1", "gc_thresh2", "gc_thresh3")
+    return tuple(
+        Tunable(first + i, f"net.{proto}.neigh.default.{n}", 1, optional=optional) for i, n in enumerate(names)
+    )
+
+
+LABELS = "gc_thresh1 gc_thresh2 gc_thresh3"
+
+
+class NeighTableTuner(Tuner):
+    name = "neigh_table"
+    description = "grows (and shrinks back) the neighbour tables' GC thresholds over rtnetlink"
+    bpf_name = "neigh_table_tuner"
+    tunables = (
+        # The sysctls (initial namespace only) are watched, not written: an
+        # administrator's write makes the tuner back off.
+        *_sysctls("ipv4", 0, optional=True),
+        *_sysctls("ipv6", 5, optional=True),
+        Tunable(ARP_THRESHOLDS, "neigh.arp_cache.gc_thresh", 3, kind="other", labels=LABELS),
+        Tunable(NDISC_THRESHOLDS, "neigh.ndisc_cache.gc_thresh", 3, kind="other", optional=True, labels=LABELS),
+    )
+    scenarios = (
+        Scenario(FULL, "neighbour table nearly full", "neighbour table is nearly full, increase its GC thresholds"),
+        Scenario(GROWN, "neighbour table grown excessively", "neighbour table cannot grow past its device's bound"),
+        Scenario(EMPTY, "neighbour table nearly empty", "neighbour table is nearly empty, reduce its GC thresholds"),
+    )
+    # Creations are the signal that matters; without removals the tables only
+    # never shrink back.
+    optional_signals = frozenset({"neigh_remove"})
+
+    def __init__(self, ctx: TunerContext, tuner_id: int, backend: NeighBackend | None = None) -> None:
+        super().__init__(ctx, tuner_id)
+        self.backend: NeighBackend = backend if backend is not None else RtnlNeigh(ctx.namespaces)
+        self.originals: dict[str, Table] = {}  # table name -> as first seen, for -R
+        self.written: dict[str, Thresholds] = {}  # table name -> what we last set
+        self._said: set[tuple[str, str, int, int]] = set()  # "can no longer update" lines given
+
+    # --- lifecycle ----------------------------------------------------------------------
+
+    def start(self) -> None:
+        try:
+            self.ctx.store.backend.read(self.tunable(IPV4_GC_THRESH3).name)
+        except SysctlMissing:
+            raise NotSupported(
+                self.name,
+                "net.ipv4.neigh.default is absent: the neighbour tables' thresholds are global and can only be "
+                "changed from the initial network namespace",
+            ) from None
+
+    def stop(self) -> None:
+        if not getattr(self.ctx, "rollback", False):
+            return
+        for name, original in self.originals.items():
+            if name not in self.written:
+                continue
+            try:
+                live = self.backend.table(original.family)
+                if live is None:
+                    continue
+                log.info(
+                    "Rolling back neighbour table thresholds for '%s' from (%s) to original values (%s)...",
+                    name,
+                    " ".join(map(str, live.thresholds)),
+                    " ".join(map(str, original.thresholds)),
+                )
+                self.backend.set_thresholds(live, original.thresholds, None)
+            except OSError as exc:
+                log.warning("could not roll back the thresholds of %s: %s", name, exc)
+
+    # --- rules ----------------------------------------------------------------------------
+
+    def _global_active(self) -> bool:
+        return self.ctx.store.netns_state(self, self.ctx.namespaces.global_cookie) == ACTIVE
+
+    def _device(self, event: Event, stats: Any) -> Device:
+        return Device(int(stats.ifindex), libbpf.c_string(stats.dev), event.netns_cookie, int(stats.netns_inum))
+
+    def _in_daemon_netns(self, device: Device) -> bool:
+        ns = self.ctx.namespaces
+        if device.netns_cookie != libbpf.NETNS_UNKNOWN:
+            return bool(ns.is_global(device.netns_cookie))
+        return device.netns_inum == ns.global_inode
+
+    def plan(self, event: Event) -> list[Plan]:
+        """What to do about one event; reads the live table, changes nothing."""
+        if event.scenario_id not in (FULL, EMPTY):
+            return []
+        stats = event.payload("struct neigh_table_stats")
+        fam = FAMILIES.get(int(stats.family))
+        if fam is None:
+            return []
+        if not self._global_active():
+            log.debug("neigh_table is disabled in the global namespace; ignoring %s", fam.table)
+            return []
+        table = self.backend.table(fam.family)
+        if table is None:
+            log.debug("no %s table here (IPv6 off?); ignoring the event", fam.table)
+            return []
+        self.originals.setdefault(table.name, table)
+        if self._changed_behind_our_back(table):
+            return []
+        device = self._device(event, stats)
+        where = (
+            self.ctx.namespaces.describe(device.netns_cookie)
+            if device.netns_cookie != libbpf.NETNS_UNKNOWN
+            else "non-global ns"
+        )
+        glob = self.ctx.namespaces.global_cookie
+        if event.scenario_id == EMPTY:
+            new = shrink_thresholds(table.thresholds, table.entries, self.steps)
+            if new is None:
+                return []
+            reason = f"neighbour table {table.name} nearly empty ({table.entries} entries),"
+            message = (
+                f"reduced thresholds for {table.name} table, {device.describe()} in {where}, "
+                f"from ({_fmt(table.thresholds)}) to ({_fmt(new)}): {table.entries} entries"
+            )
+            return [Plan(Proposal(fam.tunable, EMPTY, glob, new, reason), new, table, device, None, message)]
+        refused = bool(int(stats.flags) & F_REFUSED)
+        if not refused and not self.steps.nearly_full(table.entries, table.thresholds[2]):
+            return []
+        prefixes = self.backend.prefixes(device, fam.family)
+        if prefixes is None:
+            log.info(
+                "cannot read the addresses of %s in %s to bound the %s thresholds; not changing them",
+                device.describe(),
+                where,
+                table.name,
+            )
+            return []
+        bound = address_bound(prefixes, fam.bits)
+        log.debug(
+            "computed max %d for %s table thresholds from %s prefixes %s",
+            bound,
+            table.name,
+            device.describe(),
+            prefixes,
+        )
+        new = grow_thresholds(table.thresholds, table.entries, bound, self.steps, refused)
+        if new is None:
+            if table.thresholds[2] >= bound:
+                key = (table.name, device.name, bound, table.thresholds[2])
+                if key not in self._said:
+                    self._said.add(key)
+                    log.info(
+                        "can no longer update thresholds for %s table, %s in %s: gc_thresh3 %d has reached the "
+                        "computed max %d for its addresses (%d entries)",
+                        table.name,
+                        device.describe(),
+                        where,
+                        table.thresholds[2],
+                        bound,
+                        table.entries,
+                    )
+            return []
+        why = "an entry was refused" if refused else f"{table.entries} entries of gc_thresh3 {table.thresholds[2]}"
+        reason = f"neighbour table {table.name} nearly full ({why}),"
+        message = (
+            f"updated thresholds for {table.name} table, {device.describe()} in {where}, "
+            f"from ({_fmt(table.thresholds)}) to ({_fmt(new)}), computed max {bound}"
+        )
+        parms = device.ifindex if self._in_daemon_netns(device) else None
+        return [Plan(Proposal(fam.tunable, FULL, glob, new, reason), new, table, device, parms, message)]
+
+    def _changed_behind_our_back(self, table: Table) -> bool:
+        mine = self.written.get(table.name)
+        if mine is None or mine == table.thresholds:
+            return False
+        self.ctx.store.disable(
+            self,
+            self.ctx.namespaces.global_cookie,
+            f"the {table.name} thresholds were changed from ({_fmt(mine)}) to ({_fmt(table.thresholds)}) "
+            "outside pybpftune",
+        )
+        return True
+
+    def decide(self, event: Event) -> list[Proposal]:
+        return [p.proposal for p in self.plan(event)]
+
+    # --- acting ----------------------------------------------------------------------------
+
+    def handle_event(self, event: Event) -> None:
+        for plan in self.plan(event):
+            self.carry_out(plan)
+
+    def carry_out(self, plan: Plan) -> bool:
+        store = self.ctx.store
+        if store.advice:
+            store.note(self, plan.proposal, plan.table.thresholds)
+            return False
+        try:
+            self.backend.set_thresholds(plan.table, plan.new, plan.parms_ifindex)
+        except OSError as exc:
+            log.warning("could not set the %s thresholds to (%s): %s", plan.table.name, _fmt(plan.new), exc)
+            return False
+        self.written[plan.table.name] = plan.new
+        store.note(self, plan.proposal, plan.table.thresholds)
+        log.info("%s", plan.message)
+        return True
+
+
+def _fmt(values: Iterable[int]) -> str:
+    return " ".join(str(v) for v in values)
+
+
+TUNER = NeighTableTuner

@@ -1,0 +1,71 @@
+"""route_table tuner: grow net.ipv6.route.max_size before the IPv6 table fills.
+
+The BPF side reads a namespace's IPv6 route count (the kernel's own
+rt6_stats: routes plus cached exception routes) and its max_size, and proposes
+a step up when the count nears the limit.  The rule here re-checks the
+proposal against the value current when the event is handled, and grows in
+learning-rate steps until the table is no longer nearly full, so one event
+settles a burst of new routes and a stale event changes nothing.
+
+The sysctl is per namespace and exists only with IPv6: without it the tuner
+runs idle.
+"""
+
+from __future__ import annotations
+
+from .. import libbpf
+from ..events import Event
+from ..netns import NetnsGone
+from ..sysctl import SysctlMissing
+from ..tuner import INT_MAX, Proposal, Scenario, Steps, Tunable, Tuner
+
+MAX_SIZE = 0  # enum route_table_tunable: ROUTE_TABLE_IPV6_MAX_SIZE
+FULL = 0  # enum route_table_scenario: ROUTE_TABLE_FULL
+REASON = "dst table filling up,"  # bpftune's line: "Due to dst table filling up, change ..."
+
+
+def grown_max_size(count: int, current: int, steps: Steps) -> int | None:
+    """The max_size that leaves ``count`` routes no longer nearly full, or None
+    when ``current`` already does (or cannot grow)."""
+    if current <= 0 or not steps.nearly_full(count, current):
+        return None
+    new = current
+    while steps.nearly_full(count, new) and new < INT_MAX:
+        step = steps.grow(new)
+        new = min(INT_MAX, step if step > new else new + 1)
+    return new
+
+
+class RouteTableTuner(Tuner):
+    name = "route_table"
+    description = "grows net.ipv6.route.max_size when a namespace's IPv6 route table nears it"
+    bpf_name = "route_table_tuner"
+    tunables = (Tunable(MAX_SIZE, "net.ipv6.route.max_size", 1, namespaced=True, optional=True, lower=1),)
+    scenarios = (
+        Scenario(FULL, "destination table nearly full", "Need to increase the IPv6 route table size (max_size)"),
+    )
+
+    def start(self) -> None:
+        try:
+            self.ctx.store.current(self, MAX_SIZE)
+        except SysctlMissing:
+            self.log.info("tuner %s: net.ipv6.route.max_size is absent (IPv6 is off): nothing to tune", self.name)
+
+    def decide(self, event: Event) -> list[Proposal]:
+        if event.scenario_id != FULL or event.netns_cookie == libbpf.NETNS_UNKNOWN:
+            return []
+        update = event.update(0)
+        if update.id != MAX_SIZE:
+            return []
+        count = update.old[1]
+        try:
+            (current,) = self.current(MAX_SIZE, event.netns_cookie)
+        except (SysctlMissing, NetnsGone):
+            return []  # IPv6 off there, or the namespace is already gone
+        new = grown_max_size(count, current, self.steps)
+        if new is None:
+            return []
+        return [Proposal(MAX_SIZE, FULL, event.netns_cookie, (new,), REASON)]
+
+
+TUNER = RouteTableTuner
