@@ -388,12 +388,29 @@ def struct_size(type_name: str) -> int:
 
 
 RingCallback = Callable[[bytes], int]
+# A callback's negative return stops libbpf's drain after the current record
+# (which counts as consumed); ring_buffer__poll then returns that value.
+STOP_DRAIN = -11  # -EAGAIN
+_interrupted = threading.local()
 
 
 @ffi.def_extern()  # type: ignore[untyped-decorator]
 def pybpftune_ringbuf_event(ctx: CData, data: CData, size: int) -> int:
-    callback: RingCallback = ffi.from_handle(ctx)
-    return callback(ffi.buffer(data, size)[:])
+    # cffi would print and swallow anything raised here (even KeyboardInterrupt
+    # from a signal); keep it and re-raise once libbpf has returned.
+    try:
+        callback: RingCallback = ffi.from_handle(ctx)
+        return callback(ffi.buffer(data, size)[:])
+    except BaseException as exc:
+        _interrupted.exc = exc
+        return STOP_DRAIN
+
+
+def _reraise_interrupt() -> None:
+    exc = getattr(_interrupted, "exc", None)
+    if exc is not None:
+        _interrupted.exc = None
+        raise exc
 
 
 def ring_buffer_new(map_fd: int, callback: RingCallback) -> tuple[CData, CData]:
@@ -405,11 +422,15 @@ def ring_buffer_new(map_fd: int, callback: RingCallback) -> tuple[CData, CData]:
 
 def ring_buffer_poll(rb: CData, timeout_ms: int) -> int:
     """Events consumed, or negative errno (EINTR is reported, not raised)."""
-    return int(lib.ring_buffer__poll(rb, timeout_ms))
+    n = int(lib.ring_buffer__poll(rb, timeout_ms))
+    _reraise_interrupt()
+    return n
 
 
 def ring_buffer_consume(rb: CData) -> int:
-    return int(lib.ring_buffer__consume(rb))
+    n = int(lib.ring_buffer__consume(rb))
+    _reraise_interrupt()
+    return n
 
 
 def ring_buffer_epoll_fd(rb: CData) -> int:

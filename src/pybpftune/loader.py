@@ -28,6 +28,9 @@ log = logging.getLogger("pybpftune.loader")
 # then trampolines, then kprobes (slowest, and most exposed to inlining).
 FORM_PREFERENCE = ("tp_btf", "raw_tp", "tracepoint", "fentry", "kprobe", "iter")
 MAX_ATTEMPTS = 16
+# Kinds libbpf attaches from the section name alone; others (cgroup kinds,
+# XDP, tc) need a target, and their owner attaches them.
+AUTO_ATTACH_KINDS = frozenset({"tp_btf", "raw_tp", "tracepoint", "fentry", "fexit", "kprobe", "kretprobe", "iter"})
 
 
 def _rank(family: str) -> int:
@@ -120,6 +123,9 @@ def load_object(
             missing = [c for c in choices.values() if c.chosen is None and c.signal not in optional]
             if missing:
                 raise NotSupported(f"{name} signal {missing[0].signal}", missing[0].describe())
+            for info in obj.programs.values():
+                if info.signal is None and not support.works(info.kind):
+                    raise NotSupported(f"{name} program {info.name}", f"{info.kind}: {support.why_not(info.kind)}")
             if ring is not None:
                 ring.prepare(obj)
             for gname, value in (globals_ or {}).items():
@@ -190,8 +196,8 @@ def _attach_all(obj: BpfObject, cgroup_fd: int | None) -> tuple[str, AttachError
     for name, info in obj.programs.items():
         if not obj.autoload(name):
             continue
-        if info.kind in CGROUP_KINDS and cgroup_fd is None:
-            continue  # the owner attaches cgroup programs itself
+        if info.kind not in AUTO_ATTACH_KINDS and not (info.kind in CGROUP_KINDS and cgroup_fd is not None):
+            continue  # the owner attaches it (XDP, tc, cgroup programs without a cgroup)
         try:
             obj.attach(name, cgroup_fd=cgroup_fd if info.kind in CGROUP_KINDS else None)
         except AttachError as exc:

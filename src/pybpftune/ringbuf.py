@@ -16,7 +16,7 @@ from types import TracebackType
 
 from . import libbpf
 from .errors import PybpftuneError
-from .events import Event
+from .events import HEADER_SIZE, Event
 from .objects import BpfObject
 
 log = logging.getLogger("pybpftune.ringbuf")
@@ -31,11 +31,15 @@ ErrorHandler = Callable[[int, BaseException], None]
 class RingBuffer:
     """Shared maps plus the single consumer of the shared ring buffer."""
 
-    def __init__(self, size: int | None = None, on_error: ErrorHandler | None = None) -> None:
+    def __init__(self, size: int | None = None, on_error: ErrorHandler | None = None, max_batch: int = 4096) -> None:
         """``size`` (bytes, a power of two) overrides the BPF default;
         ``on_error`` receives (tuner_id, exception) when a handler raises;
-        without it the exception propagates out of :meth:`poll`."""
+        without it the exception propagates out of :meth:`poll`.
+        ``max_batch`` bounds how many events one poll dispatches, so a flood
+        cannot hold the caller (ticks, signals) for seconds."""
         self._size = size
+        self._max_batch = max_batch
+        self._batch = 0
         self._fds: dict[str, int] = {}
         self._ring: libbpf.CData | None = None
         self._keepalive: libbpf.CData | None = None
@@ -86,30 +90,35 @@ class RingBuffer:
         self._handlers.pop(tuner_id, None)
 
     def _on_record(self, data: bytes) -> int:
-        if len(data) < libbpf.union_offset():
+        self._batch += 1
+        stop = libbpf.STOP_DRAIN if self._batch >= self._max_batch else 0
+        if len(data) < HEADER_SIZE:
             self.dropped_malformed += 1
             log.debug("dropping a %d-byte ring-buffer record: shorter than an event header", len(data))
-            return 0
+            return stop
         event = Event(data)
         handler = self._handlers.get(event.tuner_id)
         if handler is None:
             self.dropped_unknown += 1
             log.debug("dropping event for unknown tuner id %d (scenario %d)", event.tuner_id, event.scenario_id)
-            return 0
+            return stop
         self.received += 1
         try:
             handler(event)
         except Exception as exc:  # isolated per tuner, reported after the poll
             self._errors.append((event.tuner_id, exc))
-        return 0
+        return stop
 
     def poll(self, timeout_ms: int) -> int:
         """Wait up to ``timeout_ms`` for events and dispatch them; returns how many."""
         self._require_open()
         if self._ring is None:
             raise PybpftuneError("no object shares the ring buffer yet")
+        self._batch = 0
         n = libbpf.ring_buffer_poll(self._ring, timeout_ms)
         self._raise_errors()
+        if n == libbpf.STOP_DRAIN:
+            return self._batch
         if n < 0 and n != -4:  # EINTR is a signal arriving, not a failure
             raise PybpftuneError(f"polling the ring buffer failed: {os.strerror(-n)}")
         return max(n, 0)
@@ -119,15 +128,22 @@ class RingBuffer:
         self._require_open()
         if self._ring is None:
             return 0
+        self._batch = 0
         n = libbpf.ring_buffer_consume(self._ring)
         self._raise_errors()
-        return max(n, 0)
+        return self._batch if n == libbpf.STOP_DRAIN else max(n, 0)
 
     def _raise_errors(self) -> None:
         errors, self._errors = self._errors, []
+        if not errors:
+            return
+        if self._on_error is None:
+            if len(errors) == 1:
+                raise errors[0][1]
+            raise ExceptionGroup(
+                f"{len(errors)} ring-buffer handlers failed", [e for _, e in errors if isinstance(e, Exception)]
+            )
         for tuner_id, exc in errors:
-            if self._on_error is None:
-                raise exc
             self._on_error(tuner_id, exc)
 
     def fileno(self) -> int:

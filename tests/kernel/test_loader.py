@@ -218,3 +218,36 @@ def test_support_cli_leaves_nothing_behind() -> None:
     assert "tp_btf" in proc.stdout and "cgroup_sysctl" in proc.stdout
     assert Path("/proc/mounts").read_text() == mounts
     assert settled_program_ids("probe_", programs) <= programs
+
+
+def test_one_poll_dispatches_at_most_max_batch(test_object: Path) -> None:
+    got: list[Event] = []
+    with (
+        RingBuffer(max_batch=2) as ring,
+        load_object(
+            test_object, "batch", probe_support(), ring=ring, globals_={"tuner_id": 3, "bpftune_pid": os.getpid()}
+        ),
+    ):
+        ring.register(3, got.append)
+        for _ in range(5):
+            os.getppid()
+        assert ring.poll(100) == 2
+        assert ring.poll(100) == 2
+        assert ring.poll(100) == 1
+    assert [ev.payload("struct pybpftune_test_payload").seq for ev in got] == [0, 1, 2, 3, 4]
+
+
+def test_interrupt_in_a_handler_is_not_swallowed(test_object: Path) -> None:
+    def interrupted(event: Event) -> None:
+        raise KeyboardInterrupt
+
+    with (
+        RingBuffer(on_error=lambda tid, exc: None) as ring,
+        load_object(
+            test_object, "intr", probe_support(), ring=ring, globals_={"tuner_id": 5, "bpftune_pid": os.getpid()}
+        ),
+    ):
+        ring.register(5, interrupted)
+        os.getppid()
+        with pytest.raises(KeyboardInterrupt):
+            ring.poll(100)
