@@ -100,7 +100,14 @@ class Daemon:
         if needs_cgroup:
             self.cgroup.open()
         ctx = TunerContext(
-            self.store, self.namespaces, self.steps, support, self.variant, self.config.debug, lambda: self.tuners
+            self.store,
+            self.namespaces,
+            self.steps,
+            support,
+            self.variant,
+            self.config.debug,
+            lambda: self.tuners,
+            rollback=self.config.rollback,
         )
         for cls in classes:
             self._start_tuner(cls, ctx)
