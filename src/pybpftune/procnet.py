@@ -1,0 +1,70 @@
+"""Protocol counters from /proc/net/{snmp,snmp6,netstat}, in any namespace.
+
+The kernel prints /proc/net/snmp and /proc/net/netstat as pairs of lines
+("Ip: Forwarding DefaultTTL ..." then "Ip: 1 64 ...") and /proc/net/snmp6 as
+one "Ip6ReasmReqds 12" pair per line.  Both become one flat dict:
+``{"Ip.ReasmReqds": 12, "Ip6ReasmReqds": 3, ...}``.  Reads go through
+/proc/thread-self so they see the namespace the calling thread entered.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .netns import Namespaces, NetnsGone
+
+PROC_NET = Path("/proc/thread-self/net")
+Counters = dict[str, int]
+
+
+def parse_counters(text: str) -> Counters:
+    """Flatten either layout; non-numeric fields are skipped."""
+    out: Counters = {}
+    lines = text.splitlines()
+    i = 0
+    while i < len(lines):
+        parts = lines[i].split()
+        if parts and parts[0].endswith(":") and i + 1 < len(lines):
+            values = lines[i + 1].split()
+            if values and values[0] == parts[0]:
+                for name, value in zip(parts[1:], values[1:], strict=False):
+                    try:
+                        out[f"{parts[0][:-1]}.{name}"] = int(value)
+                    except ValueError:
+                        pass
+                i += 2
+                continue
+        if len(parts) == 2:
+            try:
+                out[parts[0]] = int(parts[1])
+            except ValueError:
+                pass
+        i += 1
+    return out
+
+
+def read_counters(files: tuple[str, ...] = ("snmp", "snmp6")) -> Counters:
+    """Counters of the calling thread's namespace; missing files are skipped
+    (snmp6 does not exist with IPv6 disabled)."""
+    out: Counters = {}
+    for name in files:
+        try:
+            out.update(parse_counters((PROC_NET / name).read_text()))
+        except OSError:
+            continue
+    return out
+
+
+def counters_in(namespaces: Namespaces, cookie: int, files: tuple[str, ...] = ("snmp", "snmp6")) -> Counters | None:
+    """Counters of the namespace with ``cookie``; None if it cannot be entered."""
+    try:
+        with namespaces.enter(cookie):
+            return read_counters(files)
+    except NetnsGone:
+        return None
+
+
+def ratio(part: int, whole: int) -> float:
+    """part/whole, 0 when there was nothing to divide (bpftune divides by
+    zero here when a namespace has seen no traffic)."""
+    return part / whole if whole > 0 else 0.0

@@ -1,0 +1,307 @@
+"""udp_buffer tuner: receive buffer limits and udp_mem for datagram traffic.
+
+The BPF side (udp_buffer_tuner.bpf.c) reports two observations:
+
+* a receive queue overflowed (udp:udp_fail_queue_rcv_skb with -ENOMEM, or
+  sock:sock_rcvqueue_full): grow ``net.core.rmem_default`` when the socket
+  used the default size, or ``net.core.rmem_max`` when the socket asked for
+  a buffer with SO_RCVBUF and the kernel capped it at rmem_max.  A socket
+  that locked a size it chose below the cap is left alone: no global change
+  can help it, and rmem_default is never changed on its account;
+* UDP memory accounting refused datagrams (-ENOBUFS, or
+  sock:sock_exceed_buf_limit): grow ``net.ipv4.udp_mem`` towards 1/16, 1/8
+  and 1/4 of the buffer-usable memory, and when udp_mem[2] can grow no more
+  under exhaustion, take rmem_max/rmem_default back towards their original
+  values instead.
+
+Every value stays within 8 KiB <= value < 256 MiB.  See docs/tuners/udp_buffer.md.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from .. import libbpf
+from ..events import Event
+from ..procnet import Counters, counters_in
+from ..tuner import Proposal, Scenario, Tunable, Tuner, TunerContext
+
+log = logging.getLogger("pybpftune")
+
+# Ids shared with the BPF side (bpftune_shared.h, "udp_buffer tuner").
+UDP_MEM, RMEM_MAX, RMEM_DEFAULT = 0, 1, 2
+INCREASE, DECREASE, MEM_PRESSURE, MEM_EXHAUSTION = 0, 1, 2, 3
+OBS_RCVBUF_FULL, OBS_MEM_LIMIT = 1, 2
+SRC_FAIL_QUEUE, SRC_RCVQUEUE_FULL, SRC_EXCEED_BUF = 1, 2, 3
+
+SOCK_RCVBUF_LOCK = 2
+RMEM_LOWER = 8192
+RMEM_BOUND = 256 * 1024 * 1024  # values stay strictly below
+ENOBUFS = 105
+SAMPLES = ("fail_queue_sample", "rcvqueue_full_sample", "exceed_buf_sample")
+
+
+@dataclass(frozen=True)
+class UdpObservation:
+    """What the BPF side saw (struct udp_buffer_obs)."""
+
+    kind: int
+    source: int
+    error: int
+    family: int
+    userlocks: int
+    sk_rcvbuf: int
+    rmem_alloc: int
+    mem_allocated: int
+    mem: tuple[int, int, int]
+
+    @property
+    def locked(self) -> bool:
+        return bool(self.userlocks & SOCK_RCVBUF_LOCK)
+
+    @classmethod
+    def from_event(cls, event: Event) -> UdpObservation:
+        o = event.payload("struct udp_buffer_obs")
+        return cls(
+            event.scenario_id,
+            int(o.source),
+            int(o.error),
+            int(o.family),
+            int(o.userlocks),
+            int(o.sk_rcvbuf),
+            int(o.rmem_alloc),
+            int(o.mem_allocated),
+            (int(o.mem[0]), int(o.mem[1]), int(o.mem[2])),
+        )
+
+    def event(self, tuner_id: int, netns_cookie: int = 0) -> Event:
+        """The ring-buffer event carrying this observation (tests, replays)."""
+        size = libbpf.struct_size("struct udp_buffer_obs")
+        view = libbpf.struct_view("struct udp_buffer_obs", bytearray(size))
+        view.source, view.error, view.family, view.userlocks = self.source, self.error, self.family, self.userlocks
+        view.sk_rcvbuf, view.rmem_alloc, view.mem_allocated = self.sk_rcvbuf, self.rmem_alloc, self.mem_allocated
+        for i, v in enumerate(self.mem):
+            view.mem[i] = v
+        raw = libbpf.struct_bytes(view, size)
+        return Event.build(tuner_id, self.kind, netns_cookie, raw=raw)
+
+
+def nr_free_buffer_pages(zoneinfo: str | None = None) -> int:
+    """Pages usable for buffers, as the kernel sizes tcp_mem/udp_mem: the sum
+    over Normal zones of managed - high (DMA32 when there is no Normal zone)."""
+    if zoneinfo is None:
+        try:
+            zoneinfo = Path("/proc/zoneinfo").read_text()
+        except OSError:
+            return 0
+    per_zone: dict[str, int] = {}
+    zone = ""
+    fields: dict[str, int] = {}
+
+    def close_zone() -> None:
+        if zone:
+            per_zone[zone] = per_zone.get(zone, 0) + max(0, fields.get("managed", 0) - fields.get("high", 0))
+
+    for line in zoneinfo.splitlines():
+        parts = line.split()
+        if line.startswith("Node") and len(parts) >= 4 and parts[2] == "zone":
+            close_zone()
+            zone, fields = parts[3], {}
+        elif len(parts) == 2 and parts[0] in ("managed", "high") and parts[1].isdigit():
+            fields.setdefault(parts[0], int(parts[1]))
+    close_zone()
+    return per_zone.get("Normal", 0) or per_zone.get("DMA32", 0)
+
+
+class UdpBufferTuner(Tuner):
+    name = "udp_buffer"
+    description = "grows rmem_default/rmem_max on datagram receive-queue overflow and udp_mem under UDP memory pressure"
+    bpf_name = "udp_buffer_tuner"
+    tunables = (
+        Tunable(UDP_MEM, "net.ipv4.udp_mem", 3, labels="min pressure max"),
+        Tunable(RMEM_MAX, "net.core.rmem_max", 1, lower=RMEM_LOWER, upper=RMEM_BOUND - 1),
+        Tunable(RMEM_DEFAULT, "net.core.rmem_default", 1, lower=RMEM_LOWER, upper=RMEM_BOUND - 1),
+    )
+    scenarios = (
+        Scenario(INCREASE, "need to increase UDP buffer size(s)", "Need to increase UDP buffer size(s) to avoid drops"),
+        Scenario(DECREASE, "need to decrease UDP buffer size(s)", "Need to decrease UDP buffer size(s) to save memory"),
+        Scenario(MEM_PRESSURE, "approaching UDP memory pressure", "UDP memory use is nearing the pressure threshold"),
+        Scenario(MEM_EXHAUSTION, "approaching UDP memory exhaustion", "UDP memory use is nearing the hard limit"),
+    )
+    optional_signals = frozenset({"rcvqueue_full", "exceed_buf"})
+
+    def __init__(self, ctx: TunerContext, tuner_id: int) -> None:
+        super().__init__(ctx, tuner_id)
+        # Seams for unit tests: buffer-usable pages and a namespace's counters.
+        self.free_pages: int | None = None
+        self.counters: Callable[[int], Counters | None] = lambda cookie: counters_in(ctx.namespaces, cookie)
+        self._refused: set[int] = set()
+        self._last_refresh = 0.0
+
+    # --- setup -------------------------------------------------------------------------
+
+    def bpf_globals(self) -> dict[str, int]:
+        return {"rmem_max": self.current(RMEM_MAX)[0], "rmem_default": self.current(RMEM_DEFAULT)[0]}
+
+    def start(self) -> None:
+        if self.free_pages is None:
+            self.free_pages = nr_free_buffer_pages()
+
+    def tick(self, now: float) -> None:
+        # Follow changes made behind our back (the sysctl tuner disables us
+        # then, but the BPF pre-filter should still see true values).
+        if now - self._last_refresh >= 5:
+            self._last_refresh = now
+            self._mirror()
+
+    def _mirror(self) -> None:
+        self.set_bpf_global("rmem_max", self.current(RMEM_MAX)[0])
+        self.set_bpf_global("rmem_default", self.current(RMEM_DEFAULT)[0])
+
+    def applied(self, proposal: Proposal) -> None:
+        if proposal.tunable in (RMEM_MAX, RMEM_DEFAULT):
+            self._mirror()
+
+    # --- rules -----------------------------------------------------------------------------
+
+    def decide(self, event: Event) -> list[Proposal]:
+        obs = UdpObservation.from_event(event)
+        if obs.kind == OBS_RCVBUF_FULL:
+            return self.on_rcvbuf_full(obs, event.netns_cookie)
+        if obs.kind == OBS_MEM_LIMIT:
+            return self.on_memory_limit(obs, event.netns_cookie)
+        return []
+
+    def _within_bound(self, tunable: int, value: int) -> bool:
+        if value < RMEM_BOUND:
+            return True
+        if tunable not in self._refused:
+            self._refused.add(tunable)
+            log.info(
+                "%s would reach %d bytes, at or above the %d limit; not increasing it further",
+                self.tunable(tunable).name,
+                value,
+                RMEM_BOUND,
+            )
+        return False
+
+    def on_rcvbuf_full(self, obs: UdpObservation, cookie: int) -> list[Proposal]:
+        rmem_max = self.current(RMEM_MAX)[0]
+        rmem_default = self.current(RMEM_DEFAULT)[0]
+        steps = self.steps
+        out: list[Proposal] = []
+        if obs.locked:
+            # SO_RCVBUF doubles the request and caps it at 2 * rmem_max: only a
+            # socket that hit the cap can gain from a larger rmem_max.
+            if not steps.nearly_full(obs.sk_rcvbuf, 2 * rmem_max):
+                return []
+            new_max = steps.grow(rmem_max)
+            if not self._within_bound(RMEM_MAX, new_max):
+                return []
+            reason = (
+                f"receive queue overflow of a socket whose SO_RCVBUF request was capped by rmem_max "
+                f"({obs.sk_rcvbuf} bytes)"
+            )
+            out.append(Proposal(RMEM_MAX, INCREASE, cookie, (new_max,), reason))
+        else:
+            if not steps.nearly_full(obs.sk_rcvbuf, rmem_default):
+                return []
+            new_default = steps.grow(rmem_default)
+            if not self._within_bound(RMEM_DEFAULT, new_default):
+                return []
+            if new_default > rmem_max:
+                out.append(Proposal(RMEM_MAX, INCREASE, cookie, (new_default,), "rmem_default growing beyond it"))
+            reason = f"receive queue overflow of a socket using the default buffer size ({obs.sk_rcvbuf} bytes)"
+            out.append(Proposal(RMEM_DEFAULT, INCREASE, cookie, (new_default,), reason))
+        self._log_drop_rate(cookie, obs.family)
+        return out
+
+    def on_memory_limit(self, obs: UdpObservation, cookie: int) -> list[Proposal]:
+        mem = self.current(UDP_MEM)
+        steps = self.steps
+        used = obs.mem_allocated
+        if steps.nearly_full(used, mem[2]):
+            scenario, what = MEM_EXHAUSTION, "approaching UDP memory exhaustion"
+        elif steps.nearly_full(used, mem[1]):
+            scenario, what = MEM_PRESSURE, "approaching UDP memory pressure"
+        else:
+            return []
+        free = self.free_pages if self.free_pages is not None else nr_free_buffer_pages()
+        new = grow_udp_mem(mem, free, steps.grow)
+        if new != mem:
+            reason = f"{what} ({used} pages in use)"
+            return [Proposal(UDP_MEM, scenario, cookie, new, reason)]
+        if scenario != MEM_EXHAUSTION:
+            return []
+        # udp_mem[2] is at its cap: give back receive buffer growth instead.
+        out = []
+        for tunable in (RMEM_MAX, RMEM_DEFAULT):
+            current = self.current(tunable)[0]
+            initial = self.ctx.store.record(self, tunable).initial
+            floor = max(RMEM_LOWER, initial[0] if initial else RMEM_LOWER)
+            target = max(floor, steps.shrink(current))
+            if target < current:
+                reason = f"UDP memory exhaustion with udp_mem at its limit ({used} pages in use)"
+                out.append(Proposal(tunable, DECREASE, cookie, (target,), reason))
+        return out
+
+    # --- reporting ---------------------------------------------------------------------------
+
+    def _log_drop_rate(self, cookie: int, family: int) -> None:
+        counters = self.counters(cookie)
+        if not counters:
+            return
+        received, drops, rate = udp_drop_rate(counters, v6=family == 10)
+        log.info("netns: %d UDP in %d, drops %d drop rate %.1f per mille", cookie, received, drops, rate)
+
+    def summary_lines(self) -> list[str]:
+        lines: list[str] = []
+        if self.loaded is None:
+            return lines
+        for name in SAMPLES:
+            try:
+                raw = self.loaded.obj.get_global(name)
+            except Exception:
+                continue
+            count, rate = raw & (2**64 - 1), raw >> 128
+            if count:
+                signal = name.removesuffix("_sample")
+                lines.append(
+                    f"Sample '{signal}': associated program was called {count} times, "
+                    f"collected data every {max(rate, 1)} of these."
+                )
+        return lines
+
+
+def grow_udp_mem(mem: tuple[int, ...], free_pages: int, grow: Callable[[int], int]) -> tuple[int, int, int]:
+    """One step up for udp_mem: [0] and [1] grow while below 1/16 and 1/8 of
+    the buffer-usable pages, [2] grows up to 1/4.  A value that does not grow
+    keeps its current value (bpftune sends 0 for it: UPSTREAM BUG).  Without
+    a known memory size nothing grows."""
+    lo, pressure, hi = mem[0], mem[1], mem[2]
+    if free_pages <= 0:
+        return (lo, pressure, hi)
+    new_lo = min(grow(lo), free_pages // 16) if lo < free_pages // 16 else lo
+    new_pressure = min(grow(pressure), free_pages // 8) if pressure < free_pages // 8 else pressure
+    new_hi = max(hi, min(grow(hi), free_pages // 4))
+    if lo <= pressure <= hi:  # keep an ordered triple ordered
+        new_pressure = min(new_pressure, new_hi)
+        new_lo = min(new_lo, new_pressure)
+    return (new_lo, new_pressure, new_hi)
+
+
+def udp_drop_rate(counters: Counters, v6: bool = False) -> tuple[int, int, float]:
+    """Datagrams delivered, receive-buffer drops and drops per mille of all
+    arrivals; 0 without traffic (bpftune divides by zero there)."""
+    if v6:
+        received, drops = counters.get("Udp6InDatagrams", 0), counters.get("Udp6RcvbufErrors", 0)
+    else:
+        received, drops = counters.get("Udp.InDatagrams", 0), counters.get("Udp.RcvbufErrors", 0)
+    total = received + drops
+    return received, drops, (1000.0 * drops / total) if total > 0 else 0.0
+
+
+TUNER = UdpBufferTuner
