@@ -357,7 +357,7 @@ class NeighTableTuner(Tuner):
             ) from None
 
     def stop(self) -> None:
-        if not getattr(self.ctx, "rollback", False):
+        if not self.ctx.rollback:
             return
         for name, original in self.originals.items():
             if name not in self.written:

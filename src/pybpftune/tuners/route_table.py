@@ -27,7 +27,7 @@ REASON = "dst table filling up,"  # bpftune's line: "Due to dst table filling up
 def grown_max_size(count: int, current: int, steps: Steps) -> int | None:
     """The max_size that leaves ``count`` routes no longer nearly full, or None
     when ``current`` already does (or cannot grow)."""
-    if current <= 0 or not steps.nearly_full(count, current):
+    if current <= 0 or current >= INT_MAX or not steps.nearly_full(count, current):
         return None
     new = current
     while steps.nearly_full(count, new) and new < INT_MAX:

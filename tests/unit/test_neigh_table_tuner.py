@@ -1,0 +1,340 @@
+"""neigh_table rules, driven by synthetic events over in-memory tables (no root)."""
+
+from __future__ import annotations
+
+import logging
+import socket
+
+import pytest
+
+from pybpftune import libbpf
+from pybpftune._libbpf import lib
+from pybpftune.errors import NotSupported
+from pybpftune.events import Event
+from pybpftune.netns import Namespaces
+from pybpftune.store import MANUAL, TunableStore
+from pybpftune.sysctl import MemorySysctl
+from pybpftune.tuner import INT_MAX, Steps, TunerContext
+from pybpftune.tuners import neigh_table as nt
+from pybpftune.tuners.neigh_table import (
+    MemoryNeigh,
+    NeighTableTuner,
+    Table,
+    address_bound,
+    grow_thresholds,
+    shrink_thresholds,
+)
+
+STEPS = Steps(4)
+V4 = socket.AF_INET
+V6 = socket.AF_INET6
+OTHER_NS = 4242  # cookie of a namespace that is not the daemon's
+
+
+def sysctls(ipv6: bool = True, init_ns: bool = True) -> dict[str, tuple[int, ...]]:
+    out: dict[str, tuple[int, ...]] = {}
+    protos = (["ipv4"] if init_ns else []) + (["ipv6"] if ipv6 and init_ns else [])
+    for proto in protos:
+        base = f"net.{proto}.neigh.default."
+        out |= {
+            base + "gc_interval": (30,),
+            base + "gc_stale_time": (60,),
+            base + "gc_thresh1": (128,),
+            base + "gc_thresh2": (512,),
+            base + "gc_thresh3": (1024,),
+        }
+    return out
+
+
+def make_tuner(
+    neigh: MemoryNeigh,
+    ipv6: bool = True,
+    init_ns: bool = True,
+    rollback: bool = False,
+    advice: bool = False,
+    rate: int = 4,
+) -> NeighTableTuner:
+    ns = Namespaces()
+    store = TunableStore(MemorySysctl(sysctls(ipv6, init_ns), ns.global_cookie), ns, advice=advice)
+    ctx = TunerContext(store, ns, Steps(rate), rollback=rollback)
+    tuner = NeighTableTuner(ctx, 3, backend=neigh)
+    store.register(tuner)
+    return tuner
+
+
+def stats_event(
+    scenario: int,
+    family: int = V4,
+    cookie: int = OTHER_NS,
+    ifindex: int = 2,
+    dev: str = "veth0",
+    entries: int = 0,
+    thresholds: tuple[int, int, int] = (128, 512, 1024),
+    flags: int = 0,
+    inum: int = 0,
+) -> Event:
+    view = libbpf.struct_view("struct neigh_table_stats", bytearray(libbpf.struct_size("struct neigh_table_stats")))
+    view.family = family
+    view.entries = entries
+    view.gc_entries = entries
+    view.thresh1, view.thresh2, view.thresh3 = thresholds
+    view.ifindex = ifindex
+    view.dev = dev.encode()
+    view.flags = flags
+    view.netns_inum = inum
+    raw = libbpf.struct_bytes(view, libbpf.struct_size("struct neigh_table_stats"))
+    return Event.build(3, scenario, netns_cookie=cookie, raw=raw)
+
+
+def arp(thresholds: tuple[int, int, int], entries: int) -> Table:
+    return Table("arp_cache", V4, thresholds, entries)
+
+
+# --- declarations match the shared header -------------------------------------------------
+
+
+def test_ids_match_the_shared_header() -> None:
+    assert nt.IPV4_GC_THRESH3 == lib.NEIGH_TABLE_IPV4_GC_THRESH3
+    assert nt.ARP_THRESHOLDS == lib.NEIGH_TABLE_ARP_THRESHOLDS
+    assert nt.NDISC_THRESHOLDS == lib.NEIGH_TABLE_NDISC_THRESHOLDS
+    assert (nt.FULL, nt.GROWN, nt.EMPTY) == (lib.NEIGH_TABLE_FULL, lib.NEIGH_TABLE_GROWN, lib.NEIGH_TABLE_EMPTY)
+    assert nt.F_REFUSED == lib.BPFTUNE_NEIGH_F_REFUSED
+    names = [t.name for t in NeighTableTuner.tunables]
+    assert names[lib.NEIGH_TABLE_IPV6_GC_THRESH1] == "net.ipv6.neigh.default.gc_thresh1"
+    assert names[lib.NEIGH_TABLE_IPV4_GC_INTERVAL] == "net.ipv4.neigh.default.gc_interval"
+    # bpftune's tbl_stats layout is the first 44 bytes of ours.
+    assert libbpf.struct_size("struct neigh_table_stats") >= 44
+
+
+# --- the bound ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("prefixes", "bits", "bound"),
+    [
+        ([24], 32, 1024),  # bpftune's doc: one /24 -> 256 * 4
+        ([32], 32, 1024),  # a host address still counts a /24's worth
+        ([22], 32, 4096),
+        ([24, 24, 24, 24], 32, 4096),  # neigh_table_max2: more /24s raise it
+        ([], 32, 1024),  # no address of the family: the floor of one
+        ([2], 32, INT_MAX),  # 2**30 * 4 overflows an int
+        ([64], 128, INT_MAX),  # 64 host bits or more: no bound
+        ([120], 128, 1024),
+        ([112], 128, 65536 * 4),
+    ],
+)
+def test_address_bound(prefixes: list[int], bits: int, bound: int) -> None:
+    assert address_bound(prefixes, bits) == bound
+
+
+# --- grow -------------------------------------------------------------------------------------
+
+
+def test_grow_steps_until_no_longer_nearly_full() -> None:
+    # 252 entries against 32/64/128: five 25 % steps, each threshold grown alike.
+    assert grow_thresholds((32, 64, 128), 252, 1024, STEPS) == (96, 195, 390)
+    # bpftune's doc example: one step, 1024 -> 1280.
+    assert grow_thresholds((128, 512, 1024), 800, INT_MAX, STEPS) == (160, 640, 1280)
+
+
+def test_grow_is_clamped_at_the_bound_and_keeps_the_order() -> None:
+    assert grow_thresholds((256, 900, 1000), 900, 1024, STEPS) == (320, 1024, 1024)
+    assert grow_thresholds((128, 512, 1024), 1000, 1024, STEPS) is None  # already there
+    assert grow_thresholds((128, 512, 2000), 1990, 1024, STEPS) is None  # above it (admin)
+
+
+def test_grow_needs_a_nearly_full_table_or_a_refusal() -> None:
+    assert grow_thresholds((128, 512, 1024), 700, INT_MAX, STEPS) is None
+    assert grow_thresholds((128, 512, 1024), 700, INT_MAX, STEPS, refused=True) == (160, 640, 1280)
+
+
+def test_grow_never_passes_int_max() -> None:
+    assert grow_thresholds((INT_MAX - 10, INT_MAX - 5, INT_MAX - 1), INT_MAX, INT_MAX, STEPS) == (
+        INT_MAX,
+        INT_MAX,
+        INT_MAX,
+    )
+    assert grow_thresholds((1, 2, INT_MAX), INT_MAX, INT_MAX, STEPS) is None
+
+
+def test_grow_makes_progress_from_tiny_thresholds() -> None:
+    assert grow_thresholds((0, 0, 1), 1, 1024, STEPS) is not None
+
+
+def test_learning_rate_sets_the_step() -> None:
+    # 1.5625 % steps: 1024 -> 1040 is still nearly full of 1024 entries, 1056 is not.
+    assert grow_thresholds((128, 512, 1024), 1024, INT_MAX, Steps(0)) == (132, 528, 1056)
+
+
+# --- shrink ----------------------------------------------------------------------------------
+
+
+def test_shrink_one_step_towards_the_defaults() -> None:
+    assert shrink_thresholds((512, 2048, 4096), 0, STEPS) == (384, 1536, 3072)
+    assert shrink_thresholds((130, 600, 1100), 10, STEPS) == (128, 512, 1024)
+
+
+def test_shrink_only_large_nearly_empty_tables() -> None:
+    assert shrink_thresholds((128, 512, 1024), 0, STEPS) is None  # at the default
+    assert shrink_thresholds((512, 2048, 4096), 1025, STEPS) is None  # not nearly empty
+    assert shrink_thresholds((512, 2048, 4096), 1024, STEPS) is not None
+
+
+def test_shrink_never_raises_a_threshold_set_below_its_default() -> None:
+    assert shrink_thresholds((32, 2048, 4096), 0, STEPS) == (32, 1536, 3072)
+
+
+# --- the tuner on events ------------------------------------------------------------------
+
+
+def test_full_event_grows_over_netlink_and_logs(caplog: pytest.LogCaptureFixture) -> None:
+    neigh = MemoryNeigh({V4: arp((32, 64, 128), 252)}, {(OTHER_NS, 2, V4): [24]})
+    tuner = make_tuner(neigh)
+    caplog.set_level(logging.INFO)
+    tuner.handle_event(stats_event(nt.FULL, entries=252, thresholds=(32, 64, 128)))
+    # Device in another namespace: its index means nothing in ours, so no NDTA_PARMS.
+    assert neigh.writes == [("arp_cache", (96, 195, 390), None)]
+    text = caplog.text
+    assert "updated thresholds for arp_cache table, dev 'veth0' (ifindex 2) in non-global ns" in text
+    assert "from (32 64 128) to (96 195 390), computed max 1024" in text
+    assert "change neigh.arp_cache.gc_thresh(gc_thresh1 gc_thresh2 gc_thresh3) from (32 64 128) -> (96 195 390)" in text
+    summary = tuner.ctx.store.summary(tuner)
+    assert any(
+        "'neighbour table nearly full' occurred 1 times for tunable 'neigh.arp_cache.gc_thresh'" in s for s in summary
+    )
+
+
+def test_device_in_the_daemons_namespace_is_named_in_the_request() -> None:
+    ns_cookie = Namespaces().global_cookie
+    neigh = MemoryNeigh({V4: arp((32, 64, 128), 120)}, {(ns_cookie, 5, V4): [24]})
+    tuner = make_tuner(neigh)
+    tuner.handle_event(stats_event(nt.FULL, cookie=ns_cookie, ifindex=5, entries=120))
+    assert neigh.writes and neigh.writes[0][2] == 5
+
+
+def test_upstream_bug_bound_comes_from_the_devices_own_namespace() -> None:
+    """bpftune looked the device's index up in its own namespace: here index 2
+    is a /16 there (bound 262144), while the event's device, in another
+    namespace, has a /24 (bound 1024).  The thresholds must stop at 1024."""
+    glob = Namespaces().global_cookie
+    neigh = MemoryNeigh(
+        {V4: arp((256, 512, 1000), 990)},
+        {(glob, 2, V4): [16], (OTHER_NS, 2, V4): [24]},
+    )
+    tuner = make_tuner(neigh)
+    tuner.handle_event(stats_event(nt.FULL, cookie=OTHER_NS, ifindex=2, entries=990))
+    assert neigh.writes == [("arp_cache", (320, 640, 1024), None)]
+
+
+def test_at_the_bound_it_says_so_once(caplog: pytest.LogCaptureFixture) -> None:
+    neigh = MemoryNeigh({V4: arp((256, 1024, 1024), 1000)}, {(OTHER_NS, 2, V4): [24]})
+    tuner = make_tuner(neigh)
+    caplog.set_level(logging.INFO)
+    for _ in range(3):
+        tuner.handle_event(stats_event(nt.FULL, entries=1000))
+    assert neigh.writes == []
+    lines = [r.getMessage() for r in caplog.records if "can no longer update thresholds" in r.getMessage()]
+    assert len(lines) == 1
+    assert "for arp_cache table, dev 'veth0' (ifindex 2)" in lines[0] and "computed max 1024" in lines[0]
+
+
+def test_unknown_device_changes_nothing() -> None:
+    neigh = MemoryNeigh({V4: arp((32, 64, 128), 252)}, {})
+    tuner = make_tuner(neigh)
+    tuner.handle_event(stats_event(nt.FULL, entries=252))
+    assert neigh.writes == []
+
+
+def test_stale_event_is_rechecked_against_the_live_table() -> None:
+    # The event saw 128 but the table has grown since and is not full now.
+    neigh = MemoryNeigh({V4: arp((96, 195, 390), 252)}, {(OTHER_NS, 2, V4): [24]})
+    tuner = make_tuner(neigh)
+    tuner.handle_event(stats_event(nt.FULL, entries=252, thresholds=(32, 64, 128)))
+    assert neigh.writes == []
+
+
+def test_refused_entry_grows_even_if_the_count_looks_fine() -> None:
+    neigh = MemoryNeigh({V4: arp((128, 512, 1024), 300)}, {(OTHER_NS, 2, V4): [16]})
+    tuner = make_tuner(neigh)
+    tuner.handle_event(stats_event(nt.FULL, entries=300, flags=nt.F_REFUSED))
+    assert neigh.writes == [("arp_cache", (160, 640, 1280), None)]
+
+
+def test_empty_event_shrinks_and_logs(caplog: pytest.LogCaptureFixture) -> None:
+    neigh = MemoryNeigh({V4: arp((512, 2048, 4096), 3)}, {})
+    tuner = make_tuner(neigh)
+    caplog.set_level(logging.INFO)
+    tuner.handle_event(stats_event(nt.EMPTY, entries=3, thresholds=(512, 2048, 4096)))
+    assert neigh.writes == [("arp_cache", (384, 1536, 3072), None)]
+    assert "reduced thresholds for arp_cache table, dev 'veth0' (ifindex 2)" in caplog.text
+
+
+def test_ipv6_off_does_not_break_ipv4() -> None:
+    neigh = MemoryNeigh({V4: arp((32, 64, 128), 252)}, {(OTHER_NS, 2, V4): [24]})
+    tuner = make_tuner(neigh, ipv6=False)  # no net.ipv6.* sysctls, no ndisc_cache
+    tuner.start()
+    tuner.handle_event(stats_event(nt.FULL, family=V6, entries=252))
+    assert neigh.writes == []
+    tuner.handle_event(stats_event(nt.FULL, family=V4, entries=252))
+    assert neigh.writes == [("arp_cache", (96, 195, 390), None)]
+
+
+def test_ipv6_table_grows_without_a_bound_on_a_64() -> None:
+    neigh = MemoryNeigh({V6: Table("ndisc_cache", V6, (128, 512, 1024), 1000)}, {(OTHER_NS, 2, V6): [64, 64]})
+    tuner = make_tuner(neigh)
+    tuner.handle_event(stats_event(nt.FULL, family=V6, entries=1000))
+    assert neigh.writes == [("ndisc_cache", (200, 800, 1600), None)]
+
+
+def test_outside_the_initial_namespace_it_refuses_to_start() -> None:
+    tuner = make_tuner(MemoryNeigh(), init_ns=False)
+    with pytest.raises(NotSupported, match="initial network namespace"):
+        tuner.start()
+
+
+def test_thresholds_changed_by_someone_else_make_it_back_off(caplog: pytest.LogCaptureFixture) -> None:
+    neigh = MemoryNeigh({V4: arp((32, 64, 128), 252)}, {(OTHER_NS, 2, V4): [24]})
+    tuner = make_tuner(neigh)
+    caplog.set_level(logging.INFO)
+    tuner.handle_event(stats_event(nt.FULL, entries=252))
+    neigh.tables[V4] = arp((10, 20, 40), 252)  # `ip ntable change` by an administrator
+    tuner.handle_event(stats_event(nt.FULL, entries=252))
+    assert len(neigh.writes) == 1
+    glob = tuner.ctx.namespaces.global_cookie
+    assert tuner.ctx.store.netns_state(tuner, glob) == MANUAL
+    assert "thresholds were changed from (96 195 390) to (10 20 40) outside pybpftune" in caplog.text
+
+
+def test_admin_sysctl_write_disables_it_globally_even_for_events_from_other_namespaces() -> None:
+    neigh = MemoryNeigh({V4: arp((32, 64, 128), 252)}, {(OTHER_NS, 2, V4): [24]})
+    tuner = make_tuner(neigh)
+    tuner.ctx.store.disable(tuner, tuner.ctx.namespaces.global_cookie, "pid 1 modified sysctl gc_thresh3")
+    tuner.handle_event(stats_event(nt.FULL, cookie=OTHER_NS, entries=252))
+    assert neigh.writes == []
+
+
+def test_advice_mode_only_says_what_it_would_do(caplog: pytest.LogCaptureFixture) -> None:
+    neigh = MemoryNeigh({V4: arp((32, 64, 128), 252)}, {(OTHER_NS, 2, V4): [24]})
+    tuner = make_tuner(neigh, advice=True)
+    caplog.set_level(logging.INFO)
+    tuner.handle_event(stats_event(nt.FULL, entries=252))
+    assert neigh.writes == []
+    assert "would change neigh.arp_cache.gc_thresh" in caplog.text
+
+
+def test_rollback_restores_the_original_thresholds(caplog: pytest.LogCaptureFixture) -> None:
+    neigh = MemoryNeigh({V4: arp((32, 64, 128), 252)}, {(OTHER_NS, 2, V4): [24]})
+    tuner = make_tuner(neigh, rollback=True)
+    caplog.set_level(logging.INFO)
+    tuner.handle_event(stats_event(nt.FULL, entries=252))
+    tuner.stop()
+    assert neigh.writes[-1] == ("arp_cache", (32, 64, 128), None)
+    assert "Rolling back neighbour table thresholds for 'arp_cache' from (96 195 390)" in caplog.text
+
+
+def test_without_rollback_stop_leaves_the_thresholds() -> None:
+    neigh = MemoryNeigh({V4: arp((32, 64, 128), 252)}, {(OTHER_NS, 2, V4): [24]})
+    tuner = make_tuner(neigh)
+    tuner.handle_event(stats_event(nt.FULL, entries=252))
+    tuner.stop()
+    assert len(neigh.writes) == 1
