@@ -2,10 +2,22 @@
 
 BPF events name a namespace by its cookie (SO_NETNS_COOKIE, Linux 5.14+).
 :class:`Namespaces` maps cookies to something that can be entered: a
-``/run/netns/*`` bind mount or a ``/proc/<pid>/ns/net`` of a process inside.
-Lookups are cached by namespace inode, so a miss costs one ``stat`` per
-process and a ``setns`` only for namespaces never seen before; no fd is held
-per namespace (1000 namespaces cost no fds).
+``/run/netns/*`` bind mount (or any nsfs mount) or a ``/proc/<pid>/ns/net`` of
+a process inside.  No fd is held per namespace (1000 namespaces cost no fds):
+a reference is a path plus the namespace's inode, re-checked before use.
+
+Costs, so that thousands of namespaces stay cheap:
+
+* cookie -> path and inode -> cookie are cached; entering a namespace to read
+  its cookie (``setns`` + a socket) happens once per namespace ever, and not
+  at all when the kernel already told us the (cookie, inode) pair;
+* a miss never scans all processes per event: it first tries the caller's
+  hint (the event's pid), then the nsfs mounts (at most once a second), and
+  scans /proc at most once every ``PROCESS_SCAN_INTERVAL`` seconds;
+* namespaces known to be gone are remembered (cookies are never reused), so
+  events from them cost nothing, and are reported once;
+* new bind mounts under /run/netns are seen through one inotify fd
+  (:meth:`Namespaces.watch` / :meth:`Namespaces.poll_watch`).
 
 Without cookie support the BPF side reports 0 for the initial namespace and
 drops events from others, so everything here degrades to "global only".
@@ -15,14 +27,18 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import errno
 import logging
 import os
 import socket
+import struct
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from .errors import PybpftuneError
 
@@ -31,9 +47,26 @@ log = logging.getLogger("pybpftune.netns")
 CLONE_NEWNET = 0x40000000
 SO_NETNS_COOKIE = 71
 RUN_NETNS = Path("/run/netns")
+# A miss scans the nsfs mounts at most this often, and /proc at most this often.
+MOUNT_SCAN_INTERVAL = 1.0
+PROCESS_SCAN_INTERVAL = 10.0
+# How long a new /run/netns entry may stay a plain file before its bind mount shows.
+PENDING_MOUNT_S = 5.0
+# Cookies of gone namespaces remembered (8 bytes each, oldest forgotten first).
+GONE_MAX = 65536
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
 _lock = threading.RLock()
+
+IN_NONBLOCK = os.O_NONBLOCK
+IN_CLOEXEC = os.O_CLOEXEC
+IN_CREATE = 0x100
+IN_DELETE = 0x200
+IN_MOVED_FROM = 0x40
+IN_MOVED_TO = 0x80
+IN_DELETE_SELF = 0x400
+IN_IGNORED = 0x8000
+_INOTIFY_EVENT = struct.Struct("iIII")
 
 
 class NetnsGone(PybpftuneError):
@@ -57,6 +90,13 @@ def current_cookie() -> int | None:
 
 def current_inode() -> int:
     return os.stat("/proc/thread-self/ns/net").st_ino
+
+
+def _nsfs_dev() -> int | None:
+    try:
+        return os.stat("/proc/self/ns/net").st_dev
+    except OSError:
+        return None
 
 
 @dataclass
@@ -99,14 +139,28 @@ def entered(path: str) -> Iterator[None]:
 class Namespaces:
     """Cookie <-> namespace bookkeeping for the daemon."""
 
-    def __init__(self) -> None:
+    def __init__(self, clock: Any = time.monotonic) -> None:
         cookie = current_cookie()
         self.cookie_supported = cookie is not None
         self.global_cookie = cookie if cookie is not None else 0
         self.global_inode = current_inode()
+        self._clock = clock
         self._by_cookie: dict[int, NetnsRef] = {}
         self._cookie_by_inode: dict[int, int] = {self.global_inode: self.global_cookie}
-        self.scans = 0
+        self._gone: dict[int, None] = {}
+        self._last_mount_scan = float("-inf")
+        self._last_process_scan = float("-inf")
+        self._nsfs_dev = _nsfs_dev()
+        self._watch_fd: int | None = None
+        self._watch_wds: dict[int, str] = {}
+        self._pending: dict[str, float] = {}
+        # Counters for the summary and for tests.
+        self.scans = 0  # full scans (mounts and all processes)
+        self.process_scans = 0
+        self.mount_scans = 0
+        self.entered_to_learn = 0  # setns calls made only to read a cookie
+
+    # --- identity ----------------------------------------------------------------
 
     def is_global(self, cookie: int) -> bool:
         return cookie == self.global_cookie
@@ -118,30 +172,44 @@ class Namespaces:
     def known(self) -> list[NetnsRef]:
         return list(self._by_cookie.values())
 
-    def _candidates(self) -> Iterator[str]:
-        if RUN_NETNS.is_dir():
-            for p in RUN_NETNS.iterdir():
-                yield str(p)
-        try:
-            for line in Path("/proc/self/mounts").read_text().splitlines():
-                parts = line.split()
-                if len(parts) > 2 and parts[2] == "nsfs" and "net:" not in parts[1]:
-                    yield parts[1]
-        except OSError:
-            pass
-        for pid in os.listdir("/proc"):
-            if pid.isdigit():
-                yield f"/proc/{pid}/ns/net"
+    def cookie_of_path(self, path: str) -> int | None:
+        """Cookie of the namespace at ``path`` (learning it if needed)."""
+        return self._learn(path)
+
+    # --- gone namespaces -----------------------------------------------------------
+
+    def is_gone(self, cookie: int) -> bool:
+        return cookie in self._gone
+
+    def mark_gone(self, cookie: int) -> bool:
+        """Remember that a namespace no longer exists; True the first time."""
+        if cookie == self.global_cookie or cookie in self._gone:
+            return False
+        ref = self._by_cookie.pop(cookie, None)
+        if ref is not None:
+            self._cookie_by_inode.pop(ref.inode, None)
+        for inode in [i for i, c in self._cookie_by_inode.items() if c == cookie]:
+            del self._cookie_by_inode[inode]
+        self._gone[cookie] = None
+        while len(self._gone) > GONE_MAX:
+            del self._gone[next(iter(self._gone))]
+        return True
+
+    # --- learning ------------------------------------------------------------------
 
     def _learn(self, path: str) -> int | None:
         """Cookie of the namespace at path (cached by inode)."""
         try:
-            inode = os.stat(path).st_ino
+            st = os.stat(path)
         except OSError:
             return None
+        if self._nsfs_dev is not None and st.st_dev != self._nsfs_dev:
+            return None  # not (yet) a namespace: e.g. /run/netns/X before its bind mount
+        inode = st.st_ino
         cookie = self._cookie_by_inode.get(inode)
         if cookie is None:
             try:
+                self.entered_to_learn += 1
                 with entered(path):
                     cookie = current_cookie()
             except NetnsGone:
@@ -149,23 +217,74 @@ class Namespaces:
             if cookie is None:
                 return None
             self._cookie_by_inode[inode] = cookie
-        if cookie != self.global_cookie:
+        if cookie != self.global_cookie and cookie not in self._gone:
             ref = self._by_cookie.get(cookie)
             if ref is None or not ref.valid():
                 self._by_cookie[cookie] = NetnsRef(cookie, inode, path)
         return cookie
 
-    def scan(self) -> int:
-        """Learn every namespace reachable now; returns how many are known."""
-        self.scans += 1
-        for path in self._candidates():
-            self._learn(path)
-        self.forget_gone()
-        return len(self._by_cookie)
-
     def add(self, path: str) -> int | None:
         """Learn one namespace (e.g. a new one reported by the kernel)."""
         return self._learn(path)
+
+    def learn(self, cookie: int, inode: int, hint: str | None = None) -> bool:
+        """Record a (cookie, inode) pair the kernel reported; True if a path for
+        it is known now.  ``hint`` (e.g. the creator's /proc/<pid>/ns/net) is
+        used when it still leads to that inode: no setns is needed."""
+        if cookie == self.global_cookie or cookie in self._gone:
+            return False
+        self._cookie_by_inode[inode] = cookie
+        ref = self._by_cookie.get(cookie)
+        if ref is not None and ref.valid():
+            return True
+        if hint is not None:
+            try:
+                if os.stat(hint).st_ino == inode:
+                    self._by_cookie[cookie] = NetnsRef(cookie, inode, hint)
+                    return True
+            except OSError:
+                pass
+        return False
+
+    def _mount_candidates(self) -> Iterator[str]:
+        seen = set()
+        if RUN_NETNS.is_dir():
+            for p in RUN_NETNS.iterdir():
+                seen.add(str(p))
+                yield str(p)
+        try:
+            for line in Path("/proc/self/mounts").read_text().splitlines():
+                parts = line.split()
+                if len(parts) > 2 and parts[2] == "nsfs" and "net:" not in parts[1] and parts[1] not in seen:
+                    yield parts[1]
+        except OSError:
+            pass
+
+    @staticmethod
+    def _process_candidates() -> Iterator[str]:
+        for pid in os.listdir("/proc"):
+            if pid.isdigit():
+                yield f"/proc/{pid}/ns/net"
+
+    def scan_mounts(self) -> None:
+        self.mount_scans += 1
+        self._last_mount_scan = self._clock()
+        for path in self._mount_candidates():
+            self._learn(path)
+
+    def scan_processes(self) -> None:
+        self.process_scans += 1
+        self._last_process_scan = self._clock()
+        for path in self._process_candidates():
+            self._learn(path)
+
+    def scan(self) -> int:
+        """Learn every namespace reachable now; returns how many are known."""
+        self.scans += 1
+        self.scan_mounts()
+        self.scan_processes()
+        self.forget_gone()
+        return len(self._by_cookie)
 
     def forget_gone(self) -> list[int]:
         """Drop namespaces whose path no longer leads to them (a later scan
@@ -176,15 +295,33 @@ class Namespaces:
             self._cookie_by_inode.pop(ref.inode, None)
         return gone
 
-    def resolve(self, cookie: int) -> NetnsRef | None:
-        """Where the namespace with this cookie is, scanning once on a miss."""
-        if cookie == self.global_cookie:
+    # --- lookup ---------------------------------------------------------------------
+
+    def resolve(self, cookie: int, hint: str | None = None) -> NetnsRef | None:
+        """Where the namespace with this cookie is, or None.
+
+        Never a per-event scan of every process: the hint first, then the
+        nsfs mounts (at most once a second), then /proc (at most every
+        PROCESS_SCAN_INTERVAL seconds)."""
+        if cookie == self.global_cookie or cookie in self._gone:
             return None
         ref = self._by_cookie.get(cookie)
         if ref is not None and ref.valid():
             return ref
-        self.scan()
-        return self._by_cookie.get(cookie)
+        if hint is not None and self._learn(hint) == cookie:
+            return self._by_cookie.get(cookie)
+        now = self._clock()
+        if now - self._last_mount_scan >= MOUNT_SCAN_INTERVAL:
+            self.scan_mounts()
+            ref = self._by_cookie.get(cookie)
+            if ref is not None and ref.valid():
+                return ref
+        if now - self._last_process_scan >= PROCESS_SCAN_INTERVAL:
+            self.scan_processes()
+            ref = self._by_cookie.get(cookie)
+            if ref is not None and ref.valid():
+                return ref
+        return None
 
     @contextmanager
     def enter(self, cookie: int) -> Iterator[None]:
@@ -197,3 +334,101 @@ class Namespaces:
             raise NetnsGone(f"network namespace with cookie {cookie} is gone")
         with entered(ref.path):
             yield
+
+    def socket(self, cookie: int, family: int, type: int, proto: int = 0) -> socket.socket:
+        """A socket that lives in the namespace of ``cookie`` (a netlink socket
+        for pyroute2, say): created inside, usable from here."""
+        with self.enter(cookie):
+            return socket.socket(family, type, proto)
+
+    def iproute(self, cookie: int) -> Any:
+        """A pyroute2 IPRoute bound to the namespace of ``cookie``; close it
+        after use.  Its netlink socket is opened inside the namespace, so no
+        pyroute2 namespace helper (and no second setns site) is involved."""
+        from pyroute2 import IPRoute
+
+        with self.enter(cookie):
+            return IPRoute()
+
+    # --- watching /run/netns ------------------------------------------------------------
+
+    def watch(self) -> bool:
+        """Start noticing bind mounts appearing under /run/netns (one fd)."""
+        if self._watch_fd is not None:
+            return True
+        fd = _libc.inotify_init1(IN_NONBLOCK | IN_CLOEXEC)
+        if fd < 0:
+            log.debug("inotify unavailable: %s", os.strerror(ctypes.get_errno()))
+            return False
+        self._watch_fd = fd
+        self._add_watch(str(RUN_NETNS.parent), IN_CREATE | IN_MOVED_TO)
+        if RUN_NETNS.is_dir():
+            self._add_watch(str(RUN_NETNS), IN_CREATE | IN_MOVED_TO | IN_DELETE | IN_MOVED_FROM)
+        return True
+
+    def _add_watch(self, path: str, mask: int) -> None:
+        assert self._watch_fd is not None
+        wd = _libc.inotify_add_watch(self._watch_fd, path.encode(), mask)
+        if wd >= 0:
+            self._watch_wds[wd] = path
+
+    def poll_watch(self) -> list[int]:
+        """Handle what inotify saw; returns cookies learned now."""
+        if self._watch_fd is None:
+            return []
+        while True:
+            try:
+                data = os.read(self._watch_fd, 65536)
+            except BlockingIOError:
+                break
+            except OSError as exc:
+                if exc.errno == errno.EINTR:
+                    continue
+                break
+            if not data:
+                break
+            self._inotify_records(data)
+        learned = []
+        now = self._clock()
+        for path, since in list(self._pending.items()):
+            cookie = self._learn(path)
+            if cookie is not None:
+                del self._pending[path]
+                learned.append(cookie)
+            elif now - since > PENDING_MOUNT_S or not os.path.exists(path):
+                del self._pending[path]
+        return learned
+
+    def _inotify_records(self, data: bytes) -> None:
+        off = 0
+        while off + _INOTIFY_EVENT.size <= len(data):
+            wd, mask, _cookie, length = _INOTIFY_EVENT.unpack_from(data, off)
+            raw = data[off + _INOTIFY_EVENT.size : off + _INOTIFY_EVENT.size + length]
+            off += _INOTIFY_EVENT.size + length
+            name = raw.split(b"\0", 1)[0].decode(errors="replace")
+            parent = self._watch_wds.get(wd)
+            if mask & IN_IGNORED:
+                self._watch_wds.pop(wd, None)
+                continue
+            if parent is None or not name:
+                continue
+            path = f"{parent}/{name}"
+            if parent == str(RUN_NETNS.parent):
+                if name == RUN_NETNS.name and str(RUN_NETNS) not in self._watch_wds.values():
+                    self._add_watch(str(RUN_NETNS), IN_CREATE | IN_MOVED_TO | IN_DELETE | IN_MOVED_FROM)
+                    for p in RUN_NETNS.iterdir():
+                        self._pending.setdefault(str(p), self._clock())
+                continue
+            if mask & (IN_CREATE | IN_MOVED_TO):
+                self._pending[path] = self._clock()
+            elif mask & (IN_DELETE | IN_MOVED_FROM):
+                self._pending.pop(path, None)
+                for cookie, ref in list(self._by_cookie.items()):
+                    if ref.path == path:
+                        del self._by_cookie[cookie]
+
+    def close(self) -> None:
+        if self._watch_fd is not None:
+            os.close(self._watch_fd)
+            self._watch_fd = None
+            self._watch_wds.clear()

@@ -37,9 +37,12 @@ class TunableRecord:
 
     tunable: Tunable
     initial: Values | None = None  # global namespace, read at registration
+    initial_text: str | None = None  # the same for a string sysctl
     originals: dict[int, Values] = field(default_factory=dict)  # per namespace cookie
     written: dict[int, Values] = field(default_factory=dict)  # last value we wrote, per cookie
     counts: Counter[tuple[int, bool]] = field(default_factory=Counter)  # (scenario, global?) -> n
+    original_texts: dict[int, str] = field(default_factory=dict)  # string sysctls, per cookie
+    written_texts: dict[int, str] = field(default_factory=dict)
 
 
 def clamp(tunable: Tunable, values: Values, caps: dict[str, int]) -> Values:
@@ -55,6 +58,16 @@ def clamp(tunable: Tunable, values: Values, caps: dict[str, int]) -> Values:
             v = min(v, upper)
         out.append(v)
     return tuple(out)
+
+
+@dataclass(frozen=True)
+class _TextProposal:
+    """What _log_change needs of a string sysctl change."""
+
+    tunable: int
+    scenario: int
+    netns_cookie: int
+    reason: str
 
 
 class TunableStore:
@@ -81,7 +94,13 @@ class TunableStore:
         """Read every sysctl tunable's initial (global) value."""
         for t in tuner.tunables:
             rec = TunableRecord(t)
-            if t.kind == "sysctl":
+            if t.kind == "string":
+                try:
+                    rec.initial_text = self.backend.read_text(t.name)
+                except SysctlMissing:
+                    if not t.optional:
+                        raise TunerError(f"tuner {tuner.name}: sysctl {t.name} does not exist") from None
+            elif t.kind == "sysctl":
                 try:
                     rec.initial = self.backend.read(t.name)
                 except SysctlMissing:
@@ -111,6 +130,8 @@ class TunableStore:
     # --- per-namespace state ---------------------------------------------------------
 
     def netns_state(self, tuner: Tuner, netns_cookie: int) -> str:
+        if self.namespaces.is_gone(netns_cookie):
+            return GONE
         return self._netns_state.get((tuner.name, netns_cookie), ACTIVE)
 
     def disable(self, tuner: Tuner, netns_cookie: int, why: str) -> None:
@@ -119,15 +140,25 @@ class TunableStore:
             return
         self._netns_state[(tuner.name, netns_cookie)] = MANUAL
         log.info("%s; disabling '%s' for namespace cookie %d", why, tuner.name, netns_cookie)
+        log.info(
+            "setting state of netns (cookie %d) to manual for tuner '%s' (%s)",
+            netns_cookie,
+            tuner.name,
+            self.namespaces.describe(netns_cookie),
+        )
+        tuner.netns_disabled(netns_cookie)
 
     def mark_gone(self, netns_cookie: int, why: str) -> None:
         """A namespace vanished: forget it for every tuner, say so once."""
         for (tuner_name, cookie), _state in list(self._netns_state.items()):
             if cookie == netns_cookie:
                 self._netns_state[(tuner_name, cookie)] = GONE
+        self.namespaces.mark_gone(netns_cookie)
         for rec in self._records.values():
             rec.originals.pop(netns_cookie, None)
             rec.written.pop(netns_cookie, None)
+            rec.original_texts.pop(netns_cookie, None)
+            rec.written_texts.pop(netns_cookie, None)
         if netns_cookie not in self._gone_logged:
             self._gone_logged.add(netns_cookie)
             log.info("network namespace (cookie %d) is gone: %s", netns_cookie, why)
@@ -177,6 +208,47 @@ class TunableStore:
         rec.written[cookie] = new
         rec.counts[(proposal.scenario, self.namespaces.is_global(cookie))] += 1
         self._log_change(tuner, t, proposal, cookie, old, new)
+        return True
+
+    def apply_text(
+        self, tuner: Tuner, tunable_id: int, scenario: int, netns_cookie: int | None, text: str, reason: str
+    ) -> bool:
+        """Set a string sysctl (e.g. a list of congestion controls); True if it changed."""
+        t = tuner.tunable(tunable_id)
+        if t.kind != "string":
+            raise TunerError(f"{t.name} is not a string sysctl")
+        rec = self.record(tuner, tunable_id)
+        cookie = self._cookie(t, netns_cookie)
+        if self.netns_state(tuner, cookie) != ACTIVE:
+            log.debug("Skipping update of %s: '%s' is disabled in netns cookie %d", t.name, tuner.name, cookie)
+            return False
+        try:
+            old = self.backend.read_text(t.name, cookie)
+        except NetnsGone as exc:
+            self.mark_gone(cookie, str(exc))
+            return False
+        except SysctlMissing:
+            return False
+        new = " ".join(text.split())
+        if new == " ".join(old.split()):
+            return False
+        rec.original_texts.setdefault(cookie, old)
+        proposal = _TextProposal(tunable_id, scenario, cookie, reason)
+        if self.advice:
+            self._log_change(tuner, t, proposal, cookie, (old,), (new,), advice=True)  # type: ignore[arg-type]
+            rec.counts[(scenario, self.namespaces.is_global(cookie))] += 1
+            return False
+        try:
+            self.backend.write_text(t.name, new, cookie)
+        except NetnsGone as exc:
+            self.mark_gone(cookie, str(exc))
+            return False
+        except OSError as exc:
+            log.warning("could not set %s to (%s): %s", t.name, new, exc.strerror or exc)
+            return False
+        rec.written_texts[cookie] = new
+        rec.counts[(scenario, self.namespaces.is_global(cookie))] += 1
+        self._log_change(tuner, t, proposal, cookie, (old,), (new,))  # type: ignore[arg-type]
         return True
 
     def note(self, tuner: Tuner, proposal: Proposal, old: Values) -> None:
@@ -240,6 +312,10 @@ class TunableStore:
                 head = f"# Summary: scenario '{s.name}' occurred {n} times for tunable '{t.name}'"
                 lines.append(f"{head} in {where}. {s.description}")
             glob = self.namespaces.global_cookie
+            if t.kind == "string" and glob in rec.original_texts and glob in rec.written_texts:
+                lines.append(
+                    f"# sysctl '{t.name}' changed from ({rec.original_texts[glob]}) -> ({rec.written_texts[glob]})"
+                )
             if t.is_sysctl and glob in rec.originals and glob in rec.written:
                 current = rec.written[glob]
                 before = format_values(rec.originals[glob])
@@ -274,4 +350,4 @@ class TunableStore:
         return restored
 
     def changed(self, tuner: Tuner) -> bool:
-        return any(rec.written for (name, _), rec in self._records.items() if name == tuner.name)
+        return any(rec.written or rec.written_texts for (name, _), rec in self._records.items() if name == tuner.name)

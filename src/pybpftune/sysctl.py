@@ -30,6 +30,8 @@ class SysctlBackend(Protocol):
 
     def write(self, name: str, values: Values, netns_cookie: int | None = None) -> None: ...
 
+    def write_text(self, name: str, text: str, netns_cookie: int | None = None) -> None: ...
+
 
 def sysctl_path(name: str) -> Path:
     return PROC_SYS / name.replace(".", "/")
@@ -64,10 +66,13 @@ class ProcSysctl:
         return parse_values(self.read_text(name, netns_cookie))
 
     def write(self, name: str, values: Values, netns_cookie: int | None = None) -> None:
+        self.write_text(name, format_values(values), netns_cookie)
+
+    def write_text(self, name: str, text: str, netns_cookie: int | None = None) -> None:
         cookie = self.namespaces.global_cookie if netns_cookie is None else netns_cookie
         with self.namespaces.enter(cookie):
             try:
-                sysctl_path(name).write_text(format_values(values))
+                sysctl_path(name).write_text(text)
             except FileNotFoundError as exc:
                 raise SysctlMissing(f"sysctl {name} does not exist here") from exc
 
@@ -75,10 +80,14 @@ class ProcSysctl:
 class MemorySysctl:
     """Sysctls in a dict keyed by (namespace cookie, name); cookie None is global."""
 
-    def __init__(self, values: dict[str, Values] | None = None, global_cookie: int = 0) -> None:
+    def __init__(
+        self, values: dict[str, Values] | None = None, global_cookie: int = 0, texts: dict[str, str] | None = None
+    ) -> None:
         self.global_cookie = global_cookie
         self.values: dict[tuple[int, str], Values] = {(global_cookie, k): v for k, v in (values or {}).items()}
+        self.texts: dict[tuple[int, str], str] = {(global_cookie, k): v for k, v in (texts or {}).items()}
         self.writes: list[tuple[int, str, Values]] = []
+        self.text_writes: list[tuple[int, str, str]] = []
 
     def _key(self, name: str, netns_cookie: int | None) -> tuple[int, str]:
         return (self.global_cookie if netns_cookie is None else netns_cookie, name)
@@ -94,7 +103,21 @@ class MemorySysctl:
         return self.values[key]
 
     def read_text(self, name: str, netns_cookie: int | None = None) -> str:
+        key = self._key(name, netns_cookie)
+        if key in self.texts:
+            return self.texts[key]
+        if (self.global_cookie, name) in self.texts:
+            self.texts[key] = self.texts[(self.global_cookie, name)]
+            return self.texts[key]
         return format_values(self.read(name, netns_cookie))
+
+    def write_text(self, name: str, text: str, netns_cookie: int | None = None) -> None:
+        key = self._key(name, netns_cookie)
+        if key in self.texts or (self.global_cookie, name) in self.texts:
+            self.texts[key] = text
+            self.text_writes.append((key[0], name, text))
+        else:
+            self.write(name, parse_values(text), netns_cookie)
 
     def write(self, name: str, values: Values, netns_cookie: int | None = None) -> None:
         key = self._key(name, netns_cookie)

@@ -200,6 +200,10 @@ class Tuner:
     def tick(self, now: float) -> None:
         """Called about once a second for time-based rules."""
 
+    def netns_disabled(self, netns_cookie: int) -> None:
+        """The store turned this tuner off in a namespace (an administrator
+        took over there); e.g. tell the BPF side to leave it alone."""
+
     def summary_lines(self) -> list[str]:
         """Extra lines for the exit summary."""
         return []
@@ -213,6 +217,10 @@ class Tuner:
         """Update a global in the loaded object (no-op without one)."""
         if self.loaded is not None:
             self.loaded.obj.set_global(name, value)
+
+    def apply_text(self, tunable_id: int, scenario: int, netns_cookie: int | None, text: str, reason: str) -> bool:
+        """Set a string sysctl through the store's write path."""
+        return self.ctx.store.apply_text(self, tunable_id, scenario, netns_cookie, text, reason)
 
     def current(self, tunable_id: int, netns_cookie: int | None = None) -> tuple[int, ...]:
         """Current values of a tunable (in a namespace for namespaced ones)."""
