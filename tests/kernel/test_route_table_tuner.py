@@ -1,0 +1,155 @@
+"""route_table against the real kernel: a small max_size and many IPv6 routes.
+
+net.ipv6.route.max_size is per namespace, so the test shrinks it inside a
+namespace it creates.  Kernels without namespace cookies (before 5.14) cannot
+name that namespace to user space: there the test uses the initial namespace
+(only ever in a throwaway VM) and restores it.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from pybpftune.bpf import object_path
+from pybpftune.errors import NotSupported
+from pybpftune.events import Event
+from pybpftune.loader import load_object
+from pybpftune.netns import Namespaces
+from pybpftune.ringbuf import RingBuffer
+from pybpftune.support import KindSupport, Support, probe_support
+from pybpftune.tuners import route_table as rt
+
+from .harness import Daemon, NetnsPair, netns_pair, run, sysctl_get, sysctls
+
+pytestmark = pytest.mark.kernel
+
+MAX_SIZE = "net.ipv6.route.max_size"
+COOKIES = Namespaces().cookie_supported
+
+
+@pytest.fixture
+def pair() -> Iterator[NetnsPair]:
+    with netns_pair("pbtrt") as p:
+        yield p
+
+
+@pytest.fixture
+def netns(pair: NetnsPair) -> Iterator[str | None]:
+    """Where the routes go: the pair's server namespace, or, without cookies
+    (only ever in a throwaway VM), the initial one, with the server's veth
+    end moved there."""
+    if COOKIES:
+        yield pair.server
+        return
+    run(["ip", "link", "set", pair.server_dev, "netns", "1"], pair.server)
+    try:
+        run(["ip", "-6", "addr", "add", f"{pair.server_addr6}/64", "dev", pair.server_dev, "nodad"])
+        run(["ip", "link", "set", pair.server_dev, "up"])
+        yield None
+    finally:
+        run(["ip", "link", "del", pair.server_dev], check=False)
+
+
+def add_routes(pair: NetnsPair, count: int, netns: str | None) -> None:
+    """``count`` IPv6 routes via the peer, in one batch, where the test runs."""
+    dev = pair.server_dev
+    batch = "".join(f"route add fd00:{0x7000 + i:x}::/64 via {pair.client_addr6} dev {dev}\n" for i in range(count))
+    full = [*(["ip", "netns", "exec", netns] if netns else []), "ip", "-6", "-batch", "-"]
+    proc = subprocess.run(full, input=batch, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+
+
+def lookups(netns: str | None, count: int = 10) -> None:
+    """IPv6 route lookups (each ping looks its destination up)."""
+    for i in range(count):
+        cmd = ["ping", "-6", "-c", "1", "-W", "0.2", f"fd00:{0x7000 + i:x}::1"]
+        run(cmd, netns, check=False)
+
+
+def test_max_size_grows_when_the_table_nears_it(
+    pair: NetnsPair, netns: str | None, tmp_path: Path, variant_args: tuple[str, ...]
+) -> None:
+    where = "non-global ns" if netns else "global ns"
+    with sysctls() as s:
+        s.set(MAX_SIZE, 32, netns)
+        with Daemon(["-s", "-a", "route_table", "--state-dir", str(tmp_path), *variant_args]) as d:
+            d.started()
+            add_routes(pair, 40, netns)
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline and "dst table filling up" not in d.output:
+                lookups(netns, 3)
+            m = d.wait_for(rf"Due to dst table filling up, change {MAX_SIZE} from \(32\) -> \((\d+)\)")
+            d.wait_for(rf"Scenario 'destination table nearly full' occurred for tunable '{MAX_SIZE}' in {where}\.")
+            assert int(sysctl_get(MAX_SIZE, netns)) >= int(m[1]) > 32
+
+
+def test_table_below_max_size_changes_nothing(
+    pair: NetnsPair, netns: str | None, tmp_path: Path, variant_args: tuple[str, ...]
+) -> None:
+    with sysctls() as s:
+        s.set(MAX_SIZE, 4096, netns)
+        with Daemon(["-s", "-a", "route_table", "--state-dir", str(tmp_path), *variant_args]) as d:
+            d.started()
+            add_routes(pair, 40, netns)
+            lookups(netns, 10)
+            time.sleep(1)
+            assert sysctl_get(MAX_SIZE, netns) == "4096"
+            assert "dst table filling up" not in d.output
+
+
+# --- the gc forms (fentry / kprobe on fib6_run_gc) ------------------------------------------
+
+
+def without_tracepoints() -> Support:
+    real = probe_support()
+    kinds = dict(real.kinds)
+    for kind in ("tp_btf", "raw_tp"):
+        kinds[kind] = KindSupport(kind, False, False, "ruled out by the test")
+    return Support(kinds, real.kernel_btf, real.ringbuf, real.netns_cookie, real.cgroup2, real.memlock)
+
+
+def test_gc_forms_fire_or_say_why(pair: NetnsPair, netns: str | None, variant: str) -> None:
+    """bpftune's hook, fib6_run_gc, where fentry/kprobes work (the VMs); on
+    the host the error names the signal and why each form cannot work."""
+    real = probe_support()
+    got: list[Event] = []
+    with RingBuffer() as ring:
+        ring.register(6, got.append)
+        try:
+            loaded = load_object(
+                object_path("route_table_tuner", legacy=variant == "legacy"),
+                "route_table_tuner",
+                without_tracepoints(),
+                ring=ring,
+                globals_={
+                    "tuner_id": 6,
+                    "bpftune_pid": os.getpid(),
+                    "bpftune_netns_cookie_supported": int(COOKIES),
+                    "bpftune_init_netns_inum": os.stat("/proc/self/ns/net").st_ino,
+                },
+            )
+        except NotSupported as exc:
+            text = str(exc)
+            assert "dst_table" in text and "ruled out by the test" in text and "kprobe" in text
+            assert not real.works("kprobe")
+            return
+        with loaded, sysctls() as s:
+            assert loaded.choices["dst_table"].chosen == (
+                "fentry" if variant == "full" and real.works("fentry") else "kprobe"
+            )
+            s.set(MAX_SIZE, 32, netns)
+            add_routes(pair, 40, netns)
+            run(["sysctl", "-q", "-w", "net.ipv6.route.flush=1"], netns)  # runs fib6_run_gc (write-only)
+            deadline = time.monotonic() + 10
+            while not got and time.monotonic() < deadline:
+                ring.poll(100)
+        assert got, "no event from fib6_run_gc"
+        update = got[0].update(0)
+        assert got[0].scenario_id == rt.FULL and update.id == rt.MAX_SIZE
+        assert update.old[0] == 32 and update.old[1] >= 40 and update.new[0] == 40
