@@ -352,11 +352,12 @@ enum tcp_buffer_scenario {
 };
 
 /* tcp_buffer_conn.flags */
-#define TCP_BUFFER_F_RCV 0x1	 /* receive side (tcp_rmem) */
-#define TCP_BUFFER_F_SND 0x2	 /* send side (tcp_wmem) */
-#define TCP_BUFFER_F_LIMIT 0x4	 /* the socket buffer presses against the sysctl max */
-#define TCP_BUFFER_F_WSCALE 0x8	 /* receive window capped by the handshake's window scale */
-#define TCP_BUFFER_F_LOCKED 0x10 /* SO_RCVBUF/SO_SNDBUF set: the kernel does not autotune it */
+enum tcp_buffer_conn_flag {
+	TCP_BUFFER_F_RCV = 0x1,	    /* receive side (tcp_rmem) */
+	TCP_BUFFER_F_SND = 0x2,	    /* send side (tcp_wmem) */
+	TCP_BUFFER_F_LIMIT = 0x4,   /* the socket buffer presses against the sysctl max */
+	TCP_BUFFER_F_WSCALE = 0x8,  /* receive window capped by the handshake's window scale */
+};
 
 /*
  * What one connection looked like when it pressed against a buffer limit;
