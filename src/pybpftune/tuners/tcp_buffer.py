@@ -1,0 +1,742 @@
+"""tcp_buffer tuner: TCP buffer limits, TCP memory, the SYN backlog.
+
+What it does (bpftune's tcp_buffer, docs/tuners/tcp_buffer.md):
+
+* grows ``tcp_rmem[2]`` when a connection's receive buffer presses against it
+  (or its window is capped by the window scale fixed at its handshake), and
+  ``tcp_wmem[2]`` when a sender is limited by its send buffer at
+  ``tcp_wmem[2]``, and turns ``tcp_moderate_rcvbuf`` on with the first
+  ``tcp_rmem`` change;
+* raises ``tcp_mem`` when TCP nears memory pressure or exhaustion, never
+  beyond fractions of the free buffer pages F (1/16, 1/8, 1/4); when
+  ``tcp_mem[2]`` cannot grow any more it shrinks the buffer maxima instead;
+  near exhaustion it turns on the low-memory switches
+  (``tcp_no_metrics_save``, ``tcp_no_ssthresh_metrics_save``,
+  ``high_order_alloc_disable``, a smaller ``tcp_max_syn_backlog``) and undoes
+  them when memory recovers;
+* on SYN floods grows ``tcp_max_syn_backlog`` while floods correlate with
+  connections being established, shrinks it when they do not (an attack),
+  and switches ``tcp_syncookies`` on under memory pressure or off when
+  cookies only ever fail;
+* backs a buffer maximum off when its growth correlates with latency.
+
+Beyond bpftune, buffer maxima grow toward what the pressing connection
+needs, not by fixed 25 % steps: its delivery rate times its minimum RTT (the
+bandwidth-delay product), converted to buffer bytes with the connection's own
+buffer-per-window ratio.  While a connection is window-limited and its RTT
+shows no queue, the path has room: the window it needs is taken as twice
+the one it has (as slow start does).  Once a queue forms, the need is 1.25 x
+the BDP, so growth stops near what connections use.  The learning rate
+bounds every step (at most 1 + 12 reference steps: x4 at the default rate).
+
+The rules are plain functions on plain values (unit-tested with synthetic
+events); :class:`TcpBufferTuner` wires them to events, the tunable store and
+time.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..corr import CorrSums, corr_key, read_corr
+from ..errors import PybpftuneError
+from ..events import Event
+from ..sysctl import SysctlMissing
+from ..tuner import INT_MAX, Proposal, Scenario, Steps, Tunable, Tuner, TunerContext
+
+Values = tuple[int, ...]
+
+# Tunable ids (bpftune_shared.h enum tcp_buffer_tunable).
+TCP_WMEM = 0
+TCP_RMEM = 1
+TCP_MEM = 2
+TCP_MODERATE_RCVBUF = 3
+TCP_NO_METRICS_SAVE = 4
+TCP_NO_SSTHRESH_METRICS_SAVE = 5
+HIGH_ORDER_ALLOC_DISABLE = 6
+TCP_SYNCOOKIES = 7
+TCP_MAX_SYN_BACKLOG = 8
+TCP_MAX_ORPHANS = 9
+
+# Scenario ids (enum tcp_buffer_scenario).
+BUFFER_INCREASE = 0
+BUFFER_DECREASE = 1
+BUFFER_DECREASE_LATENCY = 2
+MEM_PRESSURE = 3
+MEM_EXHAUSTION = 4
+MODERATE_RCVBUF = 5
+LOW_MEM_ENTER = 6
+LOW_MEM_LEAVE = 7
+SYN_BACKLOG_INCREASE = 8
+SYN_BACKLOG_DECREASE = 9
+SYNCOOKIES_ENABLE = 10
+SYNCOOKIES_DISABLE = 11
+MAX_ORPHANS_INCREASE = 12
+
+# struct tcp_buffer_conn flags (enum tcp_buffer_conn_flag).
+F_RCV = 0x1
+F_SND = 0x2
+F_LIMIT = 0x4
+F_WSCALE = 0x8
+
+PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+# A queue is forming (the path is full) once the RTT exceeds the minimum by
+# a quarter and by at least a millisecond (below that it is scheduling noise).
+QUEUE_FACTOR = 1.25
+QUEUE_MIN_US = 1000
+# Window wanted once the path is full: the BDP plus a quarter.
+HEADROOM = 1.25
+# Window wanted while the path still has room: twice the current one.
+EXPLORE = 2.0
+# One socket's buffer maximum may use at most this share of tcp_mem[2].
+MEM_CAP_SHARE = 8
+# Spacing of changes to one tunable in one namespace: a few RTTs, so the
+# connections can grow into the new limit before they are judged again.
+COOLDOWN_RTTS = 3
+COOLDOWN_MIN_S = 0.1
+COOLDOWN_MAX_S = 1.0
+MEM_COOLDOWN_S = 0.5
+SYN_COOLDOWN_S = 1.0
+SYN_BACKLOG_MIN = 128
+SYNCOOKIES_FAILED_MIN = 1024
+
+SAMPLES = ("rcv_space", "rcvbuf_grow", "snd_buf", "conn_state", "mem_limit", "syn_flood")
+
+
+def max_step_factor(steps: Steps) -> float:
+    """Largest multiplicative step one change may take: 1 + 12 reference
+    steps (x4 at learning rate 4, x1.1875 at rate 0)."""
+    return 1.0 + 12 * steps.fraction
+
+
+def explore_factor(steps: Steps) -> float:
+    return min(EXPLORE, max_step_factor(steps))
+
+
+# --- connections -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Conn:
+    """One pressing connection, as struct tcp_buffer_conn reports it."""
+
+    flags: int
+    rtt_us: int
+    min_rtt_us: int = 0
+    mss: int = 1448
+    buf: int = 0
+    queued: int = 0
+    window: int = 0
+    window_cap: int = 0
+    delivered: int = 0
+    interval_us: int = 0
+    cwnd: int = 0
+
+    @classmethod
+    def from_event(cls, event: Event) -> Conn:
+        c = event.payload("struct tcp_buffer_event").conn
+        return cls(
+            int(c.flags),
+            int(c.rtt_us),
+            int(c.min_rtt_us),
+            int(c.mss),
+            int(c.buf),
+            int(c.queued),
+            int(c.window),
+            int(c.window_cap),
+            int(c.delivered),
+            int(c.interval_us),
+            int(c.cwnd),
+        )
+
+    @property
+    def receive(self) -> bool:
+        return bool(self.flags & F_RCV)
+
+    @property
+    def base_rtt_us(self) -> int:
+        return self.min_rtt_us or self.rtt_us
+
+    def rate(self) -> float:
+        """Bytes per second the connection moves now."""
+        if self.receive:
+            return self.delivered * 1e6 / self.rtt_us if self.rtt_us else 0.0
+        if self.delivered and self.interval_us:
+            return self.delivered * self.mss * 1e6 / self.interval_us
+        return self.window * 1e6 / self.rtt_us if self.rtt_us else 0.0
+
+    def bdp(self) -> float:
+        """Bandwidth-delay product: the rate times the RTT without a queue."""
+        return self.rate() * self.base_rtt_us / 1e6
+
+    def queueing(self) -> bool:
+        """The RTT shows a standing queue: the path is full."""
+        if not self.min_rtt_us or not self.rtt_us:
+            return False
+        return self.rtt_us > QUEUE_FACTOR * self.min_rtt_us and self.rtt_us - self.min_rtt_us >= QUEUE_MIN_US
+
+    def effective_window(self) -> int:
+        """The window the connection can use now."""
+        if self.receive:
+            return min(self.window, self.window_cap) if self.window_cap else self.window
+        return self.window
+
+    def window_limited(self) -> bool:
+        """The limit, not the application, sets the pace."""
+        if self.receive:
+            # The reader consumes at least half the usable window per RTT.
+            return self.delivered * 2 >= self.effective_window() > 0
+        # The kernel marked the sender sndbuf-limited (or is expanding it).
+        return self.window > 0
+
+    def buffer_per_window(self) -> float:
+        """Buffer bytes per window byte for this connection.
+
+        Receive: the kernel's space-to-window ratio, as this socket shows it
+        (rcvbuf over the window it allows).  Send: the buffer holds the
+        flight plus as much again unsent, at the measured truesize overhead.
+        """
+        if self.receive:
+            if self.window <= 0 or self.buf <= 0:
+                return 2.0
+            return min(4.0, max(1.0, self.buf / self.window))
+        overhead = self.queued / self.window if self.window > 0 and self.queued > 0 else 1.0
+        return 2.0 * min(4.0, max(1.0, overhead))
+
+    def need(self, steps: Steps) -> int:
+        """Buffer bytes this connection needs (see the module docstring)."""
+        if self.window_limited() and not self.queueing():
+            window = explore_factor(steps) * self.effective_window()
+        else:
+            window = HEADROOM * self.bdp()
+        return int(window * self.buffer_per_window())
+
+    def describe(self) -> str:
+        side = "receiver" if self.receive else "sender"
+        text = f"a {side} at {self.rate() * 8 / 1e6:.1f} Mbit/s, RTT {_ms(self.rtt_us)}"
+        if self.min_rtt_us:
+            text += f" (min {_ms(self.min_rtt_us)})"
+        if self.flags & F_WSCALE:
+            text += f", window capped at {self.window_cap} by its window scale"
+        elif self.flags & F_LIMIT:
+            text += f", buffer {self.buf} at the limit"
+        return text
+
+
+def _ms(us: int) -> str:
+    return f"{us / 1000:.1f} ms" if us >= 1000 else f"{us} us"
+
+
+# --- rules (plain functions) ---------------------------------------------------------------
+
+
+def grow_max(old_max: int, need: int, steps: Steps, cap: int = INT_MAX) -> int | None:
+    """New maximum toward ``need``: at least one reference step, at most
+    ``max_step_factor``, never above ``cap``; None when no growth is due."""
+    if need <= old_max or old_max >= cap:
+        return None
+    target = min(need, int(old_max * max_step_factor(steps)))
+    target = max(target, steps.grow(old_max))
+    target = min(target, cap, INT_MAX)
+    return target if target > old_max else None
+
+
+def buffer_cap(tcp_mem: Values | None, page_size: int = PAGE_SIZE) -> int:
+    """Hard cap of a buffer maximum: INT_MAX and 1/8 of tcp_mem[2]."""
+    if not tcp_mem:
+        return INT_MAX
+    return min(INT_MAX, tcp_mem[2] * page_size // MEM_CAP_SHARE)
+
+
+def latency_backoff(old_max: int, floor: int, steps: Steps) -> int | None:
+    """One step down when buffer growth correlates with latency, never
+    below ``floor`` (the namespace's value before we grew it)."""
+    new = max(steps.shrink(old_max), floor)
+    return new if new < old_max else None
+
+
+def tcp_mem_pressure(mem: Values, free_pages: int, steps: Steps) -> Values | None:
+    """tcp_mem when nearing pressure: grow [0] below F/16, [1] below F/8,
+    [2] up to F/4 (F: free buffer pages; 0 = unknown, no cap)."""
+    lo, pressure, hi = mem
+    if not free_pages or lo < free_pages // 16:
+        lo = steps.grow(lo)
+    if not free_pages or pressure < free_pages // 8:
+        pressure = steps.grow(pressure)
+    hi = _grow_high(hi, free_pages, steps)
+    new = (min(lo, pressure), min(pressure, max(hi, pressure)), max(hi, pressure))
+    return new if new != tuple(mem) else None
+
+
+def _grow_high(hi: int, free_pages: int, steps: Steps) -> int:
+    grown = steps.grow(hi)
+    if free_pages:
+        grown = min(grown, free_pages // 4)
+    return max(grown, hi)
+
+
+def tcp_mem_exhaustion(mem: Values, free_pages: int, steps: Steps) -> Values | None:
+    """tcp_mem nearing exhaustion: grow [2] up to F/4; None if it cannot."""
+    hi = _grow_high(mem[2], free_pages, steps)
+    return (mem[0], mem[1], hi) if hi > mem[2] else None
+
+
+def exhaustion_shrink(values: Values, steps: Steps) -> Values | None:
+    """tcp_[rw]mem when tcp_mem[2] cannot grow: one step down, not below the
+    default value (upstream meant to do this but its guard was always true)."""
+    new_max = max(steps.shrink(values[2]), values[1])
+    return (values[0], values[1], new_max) if new_max < values[2] else None
+
+
+def syncookies_rule(syncookies: int, netstat: dict[str, int], low_memory: bool) -> int | None:
+    """New tcp_syncookies, or None.  Off when cookies are on but only ever
+    fail; on when memory is short."""
+    if syncookies and netstat.get("SyncookiesFailed", 0) >= SYNCOOKIES_FAILED_MIN and not netstat.get("SyncookiesRecv"):
+        return 0
+    if not syncookies and low_memory:
+        return 1
+    return None
+
+
+def syn_backlog_rule(backlog: int, corr: CorrSums, steps: Steps) -> tuple[int, int] | None:
+    """(scenario, new tcp_max_syn_backlog) for a SYN flood, or None.
+
+    Floods that come with established connections (correlated) are load:
+    grow.  Floods that do not are an attack: shrink, not below 128.
+    """
+    if corr.n > 10 and corr.coefficient() < 0.75:
+        new = max(SYN_BACKLOG_MIN, steps.shrink(backlog))
+        return (SYN_BACKLOG_DECREASE, new) if new < backlog else None
+    new = min(INT_MAX, steps.grow(backlog))
+    return (SYN_BACKLOG_INCREASE, new) if new > backlog else None
+
+
+def free_buffer_pages(zoneinfo: str) -> int:
+    """Sum of (managed - high) over the Normal zones of /proc/zoneinfo, or over the
+    DMA32 zones when that is 0 (machines whose memory is all below 4 GiB)."""
+    totals: dict[str, int] = {}
+    zone: str | None = None
+    managed = high = 0
+
+    def flush() -> None:
+        if zone is not None:
+            totals[zone] = totals.get(zone, 0) + max(0, managed - high)
+
+    for line in zoneinfo.splitlines():
+        words = line.split()
+        if line.startswith("Node") and "zone" in words:
+            flush()
+            zone = words[-1]
+            managed = high = 0
+        elif len(words) == 2 and words[0] == "managed":
+            managed = int(words[1])
+        elif len(words) == 2 and words[0] == "high":
+            high = int(words[1])
+    flush()
+    return totals.get("Normal", 0) or totals.get("DMA32", 0)
+
+
+def parse_netstat(text: str) -> dict[str, int]:
+    """TcpExt counters of /proc/net/netstat."""
+    out: dict[str, int] = {}
+    lines = text.splitlines()
+    for head, vals in zip(lines[::2], lines[1::2], strict=False):
+        names, values = head.split(), vals.split()
+        if names and names[0] == "TcpExt:":
+            out.update({n: int(v) for n, v in zip(names[1:], values[1:], strict=False)})
+    return out
+
+
+# --- the tuner ----------------------------------------------------------------------------
+
+
+class TcpBufferTuner(Tuner):
+    name = "tcp_buffer"
+    description = "grows TCP buffer limits toward what connections need; TCP memory and SYN backlog"
+    bpf_name = "tcp_buffer_tuner"
+    tunables = (
+        Tunable(TCP_WMEM, "net.ipv4.tcp_wmem", 3, namespaced=True, labels="min default max"),
+        Tunable(TCP_RMEM, "net.ipv4.tcp_rmem", 3, namespaced=True, labels="min default max"),
+        Tunable(TCP_MEM, "net.ipv4.tcp_mem", 3, labels="min pressure max"),
+        Tunable(TCP_MODERATE_RCVBUF, "net.ipv4.tcp_moderate_rcvbuf", 1, namespaced=True),
+        Tunable(TCP_NO_METRICS_SAVE, "net.ipv4.tcp_no_metrics_save", 1, namespaced=True),
+        Tunable(
+            TCP_NO_SSTHRESH_METRICS_SAVE, "net.ipv4.tcp_no_ssthresh_metrics_save", 1, namespaced=True, optional=True
+        ),
+        # Global: the kernel keeps it in init_net's table only.
+        Tunable(HIGH_ORDER_ALLOC_DISABLE, "net.core.high_order_alloc_disable", 1, optional=True),
+        # A sysctl like any other (upstream OR-ed "optional" into its type,
+        # so it was never read and its rules could not fire).
+        Tunable(TCP_SYNCOOKIES, "net.ipv4.tcp_syncookies", 1, namespaced=True, optional=True),
+        Tunable(TCP_MAX_SYN_BACKLOG, "net.ipv4.tcp_max_syn_backlog", 1, namespaced=True),
+        Tunable(TCP_MAX_ORPHANS, "net.ipv4.tcp_max_orphans", 1),
+    )
+    scenarios = (
+        Scenario(
+            BUFFER_INCREASE,
+            "need to increase TCP buffer size(s)",
+            "Need to increase buffer size(s) to maximize throughput",
+        ),
+        Scenario(
+            BUFFER_DECREASE,
+            "need to decrease TCP buffer size(s)",
+            "Need to decrease buffer size(s) to reduce memory utilization",
+        ),
+        Scenario(
+            BUFFER_DECREASE_LATENCY,
+            "need to decrease TCP buffer size due to latency",
+            "Latency is starting to correlate with buffer size increases, so decrease buffer size to avoid this effect",
+        ),
+        Scenario(
+            MEM_PRESSURE,
+            "approaching TCP memory pressure",
+            "Since memory pressure/exhaustion are unstable system states, adjust tcp memory-related tunables",
+        ),
+        Scenario(
+            MEM_EXHAUSTION,
+            "approaching TCP memory exhaustion",
+            "Since memory exhaustion is a highly unstable state, adjust TCP memory-related tunables "
+            "to avoid exhaustion",
+        ),
+        Scenario(
+            MODERATE_RCVBUF,
+            "match receive buffer size with throughput needs",
+            "Since we are tuning rcvbuf max size, ensure auto-tuning of rcvbuf size for the connection is "
+            "enabled to pick optimal rcvbuf size",
+        ),
+        Scenario(
+            LOW_MEM_ENTER,
+            "set tunable on entering low-memory state",
+            "To reduce memory use when TCP memory is short, switch off optional TCP memory consumers",
+        ),
+        Scenario(
+            LOW_MEM_LEAVE,
+            "unset tunable set earlier in low-memory state",
+            "TCP memory is no longer short, so restore the tunables changed on entering the low-memory state",
+        ),
+        Scenario(
+            SYN_BACKLOG_INCREASE,
+            "increase maximum syn backlog",
+            "SYN floods coincide with connections being established, so allow more pending connections",
+        ),
+        Scenario(
+            SYN_BACKLOG_DECREASE,
+            "decrease maximum syn backlog",
+            "SYN floods do not coincide with connections being established, suggesting an attack; "
+            "limit pending connections",
+        ),
+        Scenario(
+            SYNCOOKIES_ENABLE,
+            "enable syncookies",
+            "TCP memory is short during a SYN flood, so answer SYNs with cookies",
+        ),
+        Scenario(
+            SYNCOOKIES_DISABLE,
+            "disable syncookies",
+            "SYN cookies are sent but never returned valid, so they only cost work; disable them",
+        ),
+        Scenario(MAX_ORPHANS_INCREASE, "increase max number of orphaned sockets", ""),
+    )
+    optional_signals = frozenset({"rcvbuf_grow", "mem_pressure", "syn_flood"})
+
+    def __init__(self, ctx: TunerContext, tuner_id: int) -> None:
+        super().__init__(ctx, tuner_id)
+        self.clock: Callable[[], float] = time.monotonic
+        self.page_size = PAGE_SIZE
+        self.free_pages = _read_free_pages()
+        # Where the memory flags come from when no BPF object is loaded (tests).
+        self.near_pressure_flag = False
+        self.near_exhaustion_flag = False
+        self.netstat_reader: Callable[[int], dict[str, int]] = self._read_netstat
+        self.corr_reader: Callable[[int, int], CorrSums] = self._read_corr
+        self._last_change: dict[tuple[int, int], float] = {}
+        self._written_max: dict[tuple[int, int], int] = {}
+        # Low-memory switches we set: cookie -> tunable id -> value before.
+        self._low_mem: dict[int, dict[int, int]] = {}
+
+    # --- hooks --------------------------------------------------------------------------
+
+    def bpf_globals(self) -> dict[str, int]:
+        return {"nr_free_buffer_pages": self.free_pages}
+
+    def start(self) -> None:
+        self.log.debug("tcp_buffer: %d free buffer pages (page size %d)", self.free_pages, self.page_size)
+
+    def handle_event(self, event: Event) -> None:
+        self._maybe_leave_low_memory()
+        for proposal in self.decide(event):
+            self.apply(proposal)
+
+    def applied(self, proposal: Proposal) -> None:
+        key = (proposal.netns_cookie, proposal.tunable)
+        self._last_change[key] = self.clock()
+        if proposal.tunable in (TCP_RMEM, TCP_WMEM):
+            self._written_max[key] = proposal.new[2]
+        if proposal.tunable == TCP_RMEM and proposal.scenario == BUFFER_INCREASE:
+            self._ensure_moderate_rcvbuf(proposal.netns_cookie)
+
+    def tick(self, now: float) -> None:
+        self._maybe_leave_low_memory()
+
+    def summary_lines(self) -> list[str]:
+        lines: list[str] = []
+        if self.loaded is None:
+            return lines
+        for name in SAMPLES:
+            gname = f"{name}_sample"
+            if not self.loaded.obj.has_global(gname):
+                continue
+            count, rate = self._sample(gname)
+            if count:
+                lines.append(
+                    f"Sample '{name}': associated program was called {count} times, "
+                    f"collected data every {rate} of these."
+                )
+        return lines
+
+    # --- inputs --------------------------------------------------------------------------
+
+    @property
+    def near_pressure(self) -> bool:
+        if self.loaded is not None:
+            return bool(self.loaded.obj.get_global("near_memory_pressure"))
+        return self.near_pressure_flag
+
+    @property
+    def near_exhaustion(self) -> bool:
+        if self.loaded is not None:
+            return bool(self.loaded.obj.get_global("near_memory_exhaustion"))
+        return self.near_exhaustion_flag
+
+    def _sample(self, gname: str) -> tuple[int, int]:
+        """(count, rate) of a struct bpftune_sample global: three u64s."""
+        assert self.loaded is not None
+        raw = self.loaded.obj.get_global(gname)
+        mask = (1 << 64) - 1
+        return raw & mask, max((raw >> 128) & mask, 1)
+
+    def _read_corr(self, tunable_id: int, cookie: int) -> CorrSums:
+        if self.loaded is None:
+            return CorrSums()
+        return read_corr(self.loaded.obj.map("corr_map"), self.id, tunable_id, cookie)
+
+    def _reset_corr(self, tunable_id: int, cookie: int) -> None:
+        if self.loaded is None:
+            return
+        try:
+            del self.loaded.obj.map("corr_map")[corr_key(self.id, tunable_id, cookie)]
+        except (KeyError, PybpftuneError):
+            pass
+
+    def _read_netstat(self, cookie: int) -> dict[str, int]:
+        try:
+            with self.ctx.namespaces.enter(cookie):
+                return parse_netstat(Path("/proc/net/netstat").read_text())
+        except (OSError, PybpftuneError):
+            return {}
+
+    def _read(self, tunable_id: int, cookie: int) -> Values | None:
+        try:
+            return self.current(tunable_id, cookie)
+        except (SysctlMissing, PybpftuneError, OSError):
+            return None
+
+    def _cooling(self, cookie: int, tunable_id: int, seconds: float) -> bool:
+        last = self._last_change.get((cookie, tunable_id))
+        return last is not None and self.clock() - last < seconds
+
+    def _initial(self, tunable_id: int, cookie: int, current: Values) -> Values:
+        """The namespace's value before we first changed it."""
+        rec = self.ctx.store.record(self, tunable_id)
+        glob = self.ctx.namespaces.global_cookie
+        key = glob if not self.tunable(tunable_id).namespaced else cookie
+        return rec.originals.get(key, current)
+
+    # --- decisions ------------------------------------------------------------------------
+
+    def decide(self, event: Event) -> list[Proposal]:
+        update = event.update(0)
+        if event.scenario_id in (MEM_PRESSURE, MEM_EXHAUSTION) and update.id == TCP_MEM:
+            return self._decide_memory(event)
+        if update.id in (TCP_RMEM, TCP_WMEM) and event.scenario_id == BUFFER_INCREASE:
+            return self._decide_buffer(event)
+        if update.id == TCP_MAX_SYN_BACKLOG and event.scenario_id == SYN_BACKLOG_INCREASE:
+            return self._decide_syn_flood(event)
+        self.log.debug("tcp_buffer: ignoring event %r (tunable %d)", event, update.id)
+        return []
+
+    def _decide_buffer(self, event: Event) -> list[Proposal]:
+        update = event.update(0)
+        tid, cookie = update.id, event.netns_cookie
+        conn = Conn.from_event(event)
+        written = self._written_max.get((cookie, tid))
+        if written is not None and update.old[2] < written:
+            return []  # seen before our last change: stale
+        cooldown = min(COOLDOWN_MAX_S, max(COOLDOWN_MIN_S, COOLDOWN_RTTS * conn.rtt_us / 1e6))
+        if self._cooling(cookie, tid, cooldown):
+            return []
+        if self.near_pressure or self.near_exhaustion:
+            return []
+        current = self._read(tid, cookie)
+        if current is None:
+            return []
+        need = conn.need(self.steps)
+        cap = buffer_cap(self._read(TCP_MEM, cookie), self.page_size)
+        target = grow_max(current[2], need, self.steps, cap)
+        if target is None:
+            return []
+        if self.corr_reader(tid, cookie).significant():
+            floor = self._initial(tid, cookie, current)[2]
+            backoff = latency_backoff(current[2], max(floor, min(need, current[2])), self.steps)
+            self._reset_corr(tid, cookie)
+            if backoff is None:
+                return []
+            return [
+                Proposal(
+                    tid,
+                    BUFFER_DECREASE_LATENCY,
+                    cookie,
+                    (current[0], current[1], backoff),
+                    "need to decrease max buffer size as latency rose with buffer size increases",
+                )
+            ]
+        reason = (
+            f"need to increase max buffer size to maximize throughput ({conn.describe()}; needs about {need} bytes)"
+        )
+        return [Proposal(tid, BUFFER_INCREASE, cookie, (current[0], current[1], target), reason)]
+
+    def _decide_memory(self, event: Event) -> list[Proposal]:
+        cookie = event.netns_cookie
+        glob = self.ctx.namespaces.global_cookie
+        if self._cooling(glob, TCP_MEM, MEM_COOLDOWN_S):
+            return []
+        mem = self._read(TCP_MEM, glob)
+        if mem is None:
+            return []
+        out: list[Proposal] = []
+        f = self.free_pages
+        if event.scenario_id == MEM_EXHAUSTION:
+            new = tcp_mem_exhaustion(mem, f, self.steps)
+            if new is not None:
+                out.append(Proposal(TCP_MEM, MEM_EXHAUSTION, glob, new, "near memory exhaustion"))
+            else:
+                # tcp_mem[2] is at F/4: make the buffers smaller instead.
+                for tid in (TCP_RMEM, TCP_WMEM):
+                    values = self._read(tid, cookie)
+                    shrunk = exhaustion_shrink(values, self.steps) if values else None
+                    if values is not None and shrunk is not None:
+                        out.append(
+                            Proposal(
+                                tid,
+                                BUFFER_DECREASE,
+                                cookie,
+                                shrunk,
+                                f"near memory exhaustion with tcp_mem max at a quarter of free buffer pages ({f // 4})",
+                            )
+                        )
+            out.extend(self.enter_low_memory(cookie))
+        else:
+            new = tcp_mem_pressure(mem, f, self.steps)
+            if new is not None:
+                out.append(Proposal(TCP_MEM, MEM_PRESSURE, glob, new, "near memory pressure"))
+        return out
+
+    def _decide_syn_flood(self, event: Event) -> list[Proposal]:
+        cookie = event.netns_cookie
+        if self._cooling(cookie, TCP_MAX_SYN_BACKLOG, SYN_COOLDOWN_S):
+            return []
+        out: list[Proposal] = []
+        low_memory = self.near_pressure or self.near_exhaustion
+        cookies = self._read(TCP_SYNCOOKIES, cookie)
+        if cookies is not None:
+            new_cookies = syncookies_rule(cookies[0], self.netstat_reader(cookie), low_memory)
+            if new_cookies == 0:
+                out.append(
+                    Proposal(TCP_SYNCOOKIES, SYNCOOKIES_DISABLE, cookie, (0,), "SYN cookies failing and never valid")
+                )
+            elif new_cookies == 1:
+                out.append(
+                    Proposal(TCP_SYNCOOKIES, SYNCOOKIES_ENABLE, cookie, (1,), "SYN flood while TCP memory is short")
+                )
+        if self.near_exhaustion:
+            out.extend(self.enter_low_memory(cookie))
+            return out
+        backlog = self._read(TCP_MAX_SYN_BACKLOG, cookie)
+        if backlog is None:
+            return out
+        decision = syn_backlog_rule(backlog[0], self.corr_reader(TCP_MAX_SYN_BACKLOG, cookie), self.steps)
+        if decision is not None:
+            scenario, new = decision
+            why = (
+                "SYN flood with connections established"
+                if scenario == SYN_BACKLOG_INCREASE
+                else ("SYN flood without connections established, suggesting an attack")
+            )
+            out.append(Proposal(TCP_MAX_SYN_BACKLOG, scenario, cookie, (new,), why))
+        return out
+
+    # --- low-memory state ---------------------------------------------------------------
+
+    def enter_low_memory(self, cookie: int) -> list[Proposal]:
+        """Switch off optional memory consumers in ``cookie``'s namespace."""
+        if cookie in self._low_mem:
+            return []
+        saved: dict[int, int] = {}
+        out: list[Proposal] = []
+        for tid in (TCP_NO_METRICS_SAVE, TCP_NO_SSTHRESH_METRICS_SAVE, HIGH_ORDER_ALLOC_DISABLE):
+            values = self._read(tid, cookie)
+            if values is not None and values[0] != 1:
+                saved[tid] = values[0]
+                out.append(Proposal(tid, LOW_MEM_ENTER, cookie, (1,), "TCP memory near exhaustion"))
+        backlog = self._read(TCP_MAX_SYN_BACKLOG, cookie)
+        if backlog is not None:
+            shrunk = max(SYN_BACKLOG_MIN, self.steps.shrink(backlog[0]))
+            if shrunk < backlog[0]:
+                saved[TCP_MAX_SYN_BACKLOG] = backlog[0]
+                out.append(
+                    Proposal(TCP_MAX_SYN_BACKLOG, LOW_MEM_ENTER, cookie, (shrunk,), "TCP memory near exhaustion")
+                )
+        self._low_mem[cookie] = saved
+        return out
+
+    def leave_low_memory(self) -> list[Proposal]:
+        """Undo every low-memory switch we set."""
+        out = []
+        for cookie, saved in self._low_mem.items():
+            for tid, value in saved.items():
+                out.append(Proposal(tid, LOW_MEM_LEAVE, cookie, (value,), "TCP memory no longer short"))
+        self._low_mem.clear()
+        return out
+
+    def _maybe_leave_low_memory(self) -> None:
+        if self._low_mem and not (self.near_pressure or self.near_exhaustion):
+            for proposal in self.leave_low_memory():
+                self.apply(proposal)
+
+    def _ensure_moderate_rcvbuf(self, cookie: int) -> None:
+        values = self._read(TCP_MODERATE_RCVBUF, cookie)
+        if values is not None and values[0] != 1:
+            self.apply(
+                Proposal(
+                    TCP_MODERATE_RCVBUF,
+                    MODERATE_RCVBUF,
+                    cookie,
+                    (1,),
+                    "need to auto-tune receive buffers up to the new tcp_rmem max",
+                )
+            )
+
+
+def _read_free_pages() -> int:
+    try:
+        return free_buffer_pages(Path("/proc/zoneinfo").read_text())
+    except OSError:
+        return 0
+
+
+TUNER = TcpBufferTuner
