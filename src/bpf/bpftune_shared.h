@@ -104,6 +104,13 @@ enum tcp_conn_reason {
 	TCP_CONN_NUM_REASONS = 3,
 };
 
+/* Rule constants, shared so Python can check it describes the same rules. */
+enum tcp_conn_const {
+	TCP_CONN_MIN_INSTANCES = 4,	/* connections to a host before RL chooses */
+	TCP_CONN_EPSILON = 20,		/* explore with probability 1/20 */
+	TCP_CONN_LOSS_SHIFT = 6,	/* loss rule: total_retrans > segs_out >> 6 */
+};
+
 /* A remote host as the RL state is kept: its namespace and address (v4-mapped). */
 struct tcp_conn_host_key {
 	__u64 netns_cookie;

@@ -38,8 +38,6 @@
 		__v;                                                           \
 	})
 
-#define TCP_CONN_MIN_INSTANCES 4
-#define TCP_CONN_EPSILON 20
 #define TCP_CONN_EVENT_INTERVAL_NS (1000ULL * 1000 * 1000)
 
 /* Set by user space: which algorithms exist here (bit per enum tcp_conn_alg). */
@@ -304,7 +302,7 @@ static __always_inline void conn_retrans(struct bpf_sock_ops *ops, struct bpf_so
 	int one = 1;
 
 	/* The loss rule: more than 1/64 (~1.5 %) of the segments sent were retransmitted. */
-	if (ops->total_retrans <= (ops->segs_out >> 6))
+	if (ops->total_retrans <= (ops->segs_out >> TCP_CONN_LOSS_SHIFT))
 		return;
 	c = bpf_sk_storage_get(&conn_sk_map, sk, 0, 0);
 	if (!c || c->switched)

@@ -1,0 +1,346 @@
+"""tcp_conn tuner: the congestion control of each TCP connection.
+
+A sockops program on the root cgroup v2 (src/bpf/tcp_conn_tuner.bpf.c)
+chooses per connection with bpf_setsockopt(TCP_CONGESTION):
+
+* loss rule: a connection whose retransmits exceed 1/64 of the segments it
+  sent (``loss_exceeded``) is switched to BBR, once;
+* reinforcement learning: for a remote host (namespace + address) seen at
+  least ``MIN_INSTANCES`` times, the algorithm with the lowest learned cost
+  is chosen (``pick``), a random one with probability 1/``EPSILON``; each
+  connection is scored when it closes (``cost``, folded in by ``rl_update``).
+
+The arithmetic below is the Python twin of src/bpf/tcp_conn_cost.h; a kernel
+test runs the BPF code on the same inputs and compares.  User space makes the
+algorithms choosable (modprobe, tcp_allowed_congestion_control, restored on
+exit), logs the changes the BPF side reports (at most one line per namespace,
+reason and algorithm a second), and prints a table of the choices at exit.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import shutil
+import subprocess
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from .. import libbpf
+from ..errors import PybpftuneError
+from ..events import Event
+from ..sysctl import SysctlMissing
+from ..tuner import Scenario, Tunable, Tuner, TunerContext
+
+log = logging.getLogger("pybpftune.tuner.tcp_conn")
+
+# Index = enum tcp_conn_alg.
+ALGS = ("cubic", "bbr", "htcp", "dctcp")
+MODULES = {"cubic": "tcp_cubic", "bbr": "tcp_bbr", "htcp": "tcp_htcp", "dctcp": "tcp_dctcp"}
+REASONS = ("loss", "greedy", "explore")  # index = enum tcp_conn_reason
+
+TUNABLE_CONG, TUNABLE_ALLOWED, TUNABLE_AVAILABLE, TUNABLE_DEFAULT, TUNABLE_THIN_LTO = range(5)
+SCENARIO_SPECIFY, SCENARIO_LOSS = 0, 1
+REASON_LOSS, REASON_GREEDY, REASON_EXPLORE = range(3)
+
+MIN_INSTANCES = 4
+EPSILON = 20
+LOSS_SHIFT = 6
+COST_SCALE = 1_000_000
+RTT_TERM_MAX = 100 * COST_SCALE
+U64 = (1 << 64) - 1
+
+
+# --- the rules, as pure functions (twins of tcp_conn_cost.h) ----------------------------
+
+
+def loss_exceeded(total_retrans: int, segs_out: int) -> bool:
+    """The loss rule: more retransmits than 1/64 (~1.6 %) of the segments sent."""
+    return total_retrans > (segs_out >> LOSS_SHIFT)
+
+
+def cost(rtt_us: int, host_min_rtt_us: int, rate: int, host_max_rate: int) -> int:
+    """Cost of one connection to a host, in millionths (lower is better).
+
+    ``rtt_us`` is the connection's minimum RTT, ``rate`` its delivery rate
+    (bytes/s) at close; the host's minimum RTT and maximum rate already
+    include this connection.  Two terms, each relative to the host's best:
+
+        (rtt - host_min_rtt) / host_min_rtt      (capped at 100)
+      + (host_max_rate - rate) / host_max_rate   (0..1)
+
+    A connection as fast as the host's best and as close costs 0.  The rate
+    term uses the connection's own rate, not the best rate its algorithm ever
+    reached (bpftune PR #139): a per-algorithm maximum only grows, so one lucky
+    connection would hide every later slow one.
+    """
+    total = 0
+    if host_min_rtt_us and rtt_us > host_min_rtt_us:
+        total += min((rtt_us - host_min_rtt_us) * COST_SCALE // host_min_rtt_us, RTT_TERM_MAX)
+    if host_max_rate and rate < host_max_rate:
+        total += (host_max_rate - rate) * COST_SCALE // host_max_rate
+    return total & U64
+
+
+def rl_update(metric: int, samples: int, new_cost: int, shift: int) -> int:
+    """Move the metric a 2^-shift step towards the new cost (first sample: take it)."""
+    if not samples:
+        return new_cost
+    if new_cost >= metric:
+        return metric + ((new_cost - metric) >> shift)
+    return metric - ((metric - new_cost) >> shift)
+
+
+def delivery_rate(delivered: int, mss: int, interval_us: int) -> int:
+    """Bytes per second of a rate sample: ``delivered`` segments in ``interval_us``."""
+    if not interval_us:
+        return 0
+    return (delivered * mss * 1_000_000 // interval_us) & U64
+
+
+def pick(metrics: Sequence[int], samples: Sequence[int], mask: int, start: int) -> int | None:
+    """Lowest-cost available algorithm; never-measured ones count as 0 (so each
+    is tried once); ties go to the first from ``start``.  None if none is available."""
+    best, best_cost = None, U64 + 1
+    for i in range(len(ALGS)):
+        a = (start + i) % len(ALGS)
+        if not mask & (1 << a):
+            continue
+        m = metrics[a] if samples[a] else 0
+        if m < best_cost:
+            best, best_cost = a, m
+    return best
+
+
+def allowed_with(allowed: str, wanted: Sequence[str]) -> str:
+    """tcp_allowed_congestion_control with every wanted algorithm appended."""
+    names = allowed.split()
+    return " ".join(names + [w for w in wanted if w not in names])
+
+
+def algorithm_mask(available: Sequence[str]) -> int:
+    return sum(1 << i for i, name in enumerate(ALGS) if name in available)
+
+
+# --- reading the BPF side's tables ----------------------------------------------------
+
+
+@dataclass(frozen=True)
+class HostStats:
+    netns_cookie: int
+    address: str
+    instances: int
+    min_rtt_us: int
+    max_rate: int
+    metric: tuple[int, ...]
+    samples: tuple[int, ...]
+    chosen: tuple[int, ...]
+    greedy: tuple[int, ...]
+
+
+def format_address(raw: bytes) -> str:
+    addr = ipaddress.IPv6Address(bytes(raw[:16]))
+    return str(addr.ipv4_mapped or addr)
+
+
+def choice_table(chosen: Sequence[Sequence[int]]) -> list[str]:
+    """The exit table: per algorithm, connections switched by each rule."""
+    lines = [f"# {'CongAlg':<10}{'Loss':>8}{'Greedy':>8}{'Explore':>8}{'Total':>8}"]
+    for a, name in enumerate(ALGS):
+        row = [chosen[r][a] for r in range(len(REASONS))]
+        if any(row):
+            lines.append(f"# {name:<10}{row[0]:>8}{row[1]:>8}{row[2]:>8}{sum(row):>8}")
+    return lines
+
+
+class TcpConnTuner(Tuner):
+    name = "tcp_conn"
+    description = "chooses the congestion control of each TCP connection (BBR on loss, RL per remote host)"
+    bpf_name = "tcp_conn_tuner"
+    cgroup_programs = ("conn_tuner",)
+    tunables = (
+        Tunable(TUNABLE_CONG, "net.persock.tcp.congestion_control", namespaced=True, kind="other"),
+        Tunable(TUNABLE_ALLOWED, "net.ipv4.tcp_allowed_congestion_control", kind="string"),
+        Tunable(TUNABLE_AVAILABLE, "net.ipv4.tcp_available_congestion_control", kind="string"),
+        Tunable(TUNABLE_DEFAULT, "net.ipv4.tcp_congestion_control", namespaced=True, kind="string"),
+        Tunable(TUNABLE_THIN_LTO, "net.ipv4.tcp_thin_linear_timeouts", namespaced=True, lower=0, upper=1),
+    )
+    scenarios = (
+        Scenario(SCENARIO_SPECIFY, "specify TCP congestion control algorithm", "Choose a congestion control."),
+        Scenario(
+            SCENARIO_LOSS,
+            "loss rate exceeded threshold",
+            "Retransmits exceeded 1/64 of the segments sent: BBR copes with loss better.",
+        ),
+    )
+
+    def __init__(self, ctx: TunerContext, tuner_id: int) -> None:
+        super().__init__(ctx, tuner_id)
+        self.available: list[str] = []
+        self.events = 0
+        self._prepared = False
+
+    # --- set-up ------------------------------------------------------------------------
+
+    def _read_text(self, tunable_id: int) -> str:
+        try:
+            return self.ctx.store.backend.read_text(self.tunable(tunable_id).name)
+        except SysctlMissing:
+            return ""
+
+    def _prepare(self) -> None:
+        """Load the modules of the algorithms we may choose (once)."""
+        if self._prepared:
+            return
+        self._prepared = True
+        available = self._read_text(TUNABLE_AVAILABLE).split()
+        modprobe = shutil.which("modprobe")
+        for alg in ALGS:
+            if alg in available or modprobe is None:
+                continue
+            try:
+                subprocess.run([modprobe, "-q", MODULES[alg]], capture_output=True, timeout=10, check=False)
+            except (OSError, subprocess.TimeoutExpired):
+                pass
+        self.available = [a for a in ALGS if a in self._read_text(TUNABLE_AVAILABLE).split()]
+
+    def bpf_globals(self) -> Mapping[str, int]:
+        self._prepare()
+        try:
+            thin = self.current(TUNABLE_THIN_LTO)[0]
+        except (PybpftuneError, IndexError):
+            thin = 0
+        return {"conn_algs_available": algorithm_mask(self.available), "conn_thin_lto_sysctl": thin}
+
+    def start(self) -> None:
+        self._prepare()
+        allowed = self._read_text(TUNABLE_ALLOWED)
+        wanted = allowed_with(allowed, self.available)
+        if wanted != " ".join(allowed.split()):
+            missing = [a for a in self.available if a not in allowed.split()]
+            self.apply_text(
+                TUNABLE_ALLOWED,
+                SCENARIO_SPECIFY,
+                None,
+                wanted,
+                f"tcp_conn choosing among {', '.join(self.available)} per connection "
+                f"({', '.join(missing)} not yet allowed)",
+            )
+        self.log.info(
+            "tcp_conn: choosing among %s; BBR on loss %s",
+            ", ".join(self.available) or "nothing",
+            "on" if "bbr" in self.available else "off (bbr is not available)",
+        )
+
+    def stop(self) -> None:
+        """Put tcp_allowed_congestion_control back as it was."""
+        store = self.ctx.store
+        rec = store.record(self, TUNABLE_ALLOWED)
+        glob = self.ctx.namespaces.global_cookie
+        original = rec.original_texts.get(glob)
+        if original is not None and glob in rec.written_texts:
+            store.apply_text(
+                self, TUNABLE_ALLOWED, SCENARIO_SPECIFY, None, original, "restoring the original list on exit"
+            )
+
+    # --- per-namespace policy -------------------------------------------------------------
+
+    def netns_disabled(self, netns_cookie: int) -> None:
+        """An administrator took over congestion control in a namespace: the
+        sockops program leaves its new connections alone from now on."""
+        if self.loaded is None:
+            return
+        key = netns_cookie.to_bytes(8, "little")
+        self.loaded.obj.map("conn_netns_off")[key] = b"\x01"
+
+    # --- events ---------------------------------------------------------------------------
+
+    def handle_event(self, event: Event) -> None:
+        e = event.payload("struct tcp_conn_event")
+        self.events += 1
+        old = ALGS[e.old_alg] if e.old_alg < len(ALGS) else "other"
+        new = ALGS[e.new_alg] if e.new_alg < len(ALGS) else "other"
+        host = format_address(bytes(e.addr))
+        where = self.ctx.namespaces.describe(event.netns_cookie)
+        if e.reason == REASON_LOSS:
+            why = (
+                f"loss rate exceeding 1/64 of segments sent ({e.total_retrans} retransmits of "
+                f"{e.segs_out} segments) on a connection to {host}"
+            )
+        elif e.reason == REASON_GREEDY:
+            why = f"the lowest learned cost ({e.cost}) among congestion controls for {host}"
+        else:
+            why = f"exploring congestion controls for {host} (1 connection in {EPSILON})"
+        scenario = self.scenario(event.scenario_id if event.scenario_id == SCENARIO_LOSS else SCENARIO_SPECIFY)
+        self.log.info(
+            "Scenario '%s' occurred for tunable 'net.persock.tcp.congestion_control' in %s. %s",
+            scenario.name,
+            where,
+            scenario.description,
+        )
+        self.log.info("Due to %s change net.persock.tcp.congestion_control from (%s) -> (%s)", why, old, new)
+
+    # --- summary --------------------------------------------------------------------------
+
+    def counts(self) -> libbpf.CData | None:
+        if self.loaded is None:
+            return None
+        raw = self.loaded.obj.map("conn_counts").get(bytes(4))
+        return None if raw is None else libbpf.struct_view("struct tcp_conn_counts", raw)
+
+    def hosts(self) -> list[HostStats]:
+        if self.loaded is None:
+            return []
+        out = []
+        table = self.loaded.obj.map("conn_host_map")
+        for key in list(table):
+            raw = table.get(key)
+            if raw is None:
+                continue
+            k = libbpf.struct_view("struct tcp_conn_host_key", key)
+            h = libbpf.struct_view("struct tcp_conn_host", raw)
+            n = len(ALGS)
+            out.append(
+                HostStats(
+                    int(k.netns_cookie),
+                    format_address(bytes(k.addr)),
+                    int(h.instances),
+                    int(h.min_rtt_us),
+                    int(h.max_rate),
+                    tuple(int(h.alg[i].metric) for i in range(n)),
+                    tuple(int(h.alg[i].samples) for i in range(n)),
+                    tuple(int(h.alg[i].chosen) for i in range(n)),
+                    tuple(int(h.alg[i].greedy) for i in range(n)),
+                )
+            )
+        return out
+
+    def summary_lines(self) -> list[str]:
+        c = self.counts()
+        if c is None:
+            return []
+        chosen = [[int(c.chosen[r][a]) for a in range(len(ALGS))] for r in range(len(REASONS))]
+        total = sum(map(sum, chosen))
+        lines = [
+            f"# Summary: tcp_conn_tuner: {total} congestion control choices over {int(c.connections)} "
+            f"connections ({int(c.measured)} scored at close, {int(c.skipped_netns)} left alone in "
+            f"namespaces an administrator took over, {int(c.setsockopt_failed)} setsockopt failures)",
+            f"# Summary: tcp_conn_tuner: set 'net.ipv4.tcp_thin_linear_timeouts' for {int(c.thin_lto)} connections",
+        ]
+        if total:
+            lines += choice_table(chosen)
+        for h in sorted(self.hosts(), key=lambda h: -h.instances)[:16]:
+            where = self.ctx.namespaces.describe(h.netns_cookie)
+            per_alg = ", ".join(
+                f"{name} metric {h.metric[i]} n {h.samples[i]} chosen {h.chosen[i]} greedy {h.greedy[i]}"
+                for i, name in enumerate(ALGS)
+                if h.samples[i] or h.chosen[i]
+            )
+            lines.append(
+                f"# Host {h.address} ({where}): {h.instances} connections, min rtt {h.min_rtt_us} us, "
+                f"max rate {h.max_rate} B/s; {per_alg or 'nothing scored yet'}"
+            )
+        return lines
+
+
+TUNER = TcpConnTuner
