@@ -148,28 +148,48 @@ def netns_cookie_of_current() -> int | None:
         return None
 
 
-def _probe_kind(data: bytes, kind: str, program: str, cgroup2: str | None) -> KindSupport:
+def _attach_probe(obj: BpfObject, kind: str, program: str, cgroup2: str | None) -> KindSupport:
+    """Attach one loaded probe program and detach it at once."""
     try:
+        if kind in CGROUP_KINDS:
+            if cgroup2 is None:
+                return KindSupport(kind, True, False, "no cgroup v2 hierarchy is mounted")
+            fd = os.open(cgroup2, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                obj.attach(program, cgroup_fd=fd).close()
+            finally:
+                os.close(fd)
+        else:
+            obj.attach(program).close()
+    except BpfError as exc:
+        return KindSupport(kind, True, False, f"attach refused: {exc.short()}")
+    return KindSupport(kind, True, True)
+
+
+def _probe_kinds(data: bytes, kinds: dict[str, str], cgroup2: str | None) -> dict[str, KindSupport]:
+    """Load every probe program at once (one BTF parse: slow kernels and VMs
+    care); only if the kernel refuses that, load them one by one."""
+    with BpfObject(data, "probe") as obj:
+        for name in obj.programs:
+            obj.set_autoload(name, name in kinds.values())
+        try:
+            obj.load()
+        except BpfError:
+            pass
+        else:
+            return {kind: _attach_probe(obj, kind, prog, cgroup2) for kind, prog in kinds.items()}
+    out = {}
+    for kind, program in kinds.items():
         with BpfObject(data, "probe") as obj:
             for name in obj.programs:
                 obj.set_autoload(name, name == program)
             try:
                 obj.load()
             except BpfError as exc:
-                return KindSupport(kind, False, False, f"load refused: {exc.short()}")
-            if kind in CGROUP_KINDS:
-                if cgroup2 is None:
-                    return KindSupport(kind, True, False, "no cgroup v2 hierarchy is mounted")
-                fd = os.open(cgroup2, os.O_RDONLY | os.O_DIRECTORY)
-                try:
-                    obj.attach(program, cgroup_fd=fd)
-                finally:
-                    os.close(fd)
-            else:
-                obj.attach(program)
-            return KindSupport(kind, True, True)
-    except BpfError as exc:
-        return KindSupport(kind, True, False, f"attach refused: {exc.short()}")
+                out[kind] = KindSupport(kind, False, False, f"load refused: {exc.short()}")
+                continue
+            out[kind] = _attach_probe(obj, kind, program, cgroup2)
+    return out
 
 
 @functools.cache
@@ -184,11 +204,13 @@ def probe_support() -> Support:
         data = object_path("probe").read_bytes()
     except OSError as exc:
         raise PybpftuneError(f"cannot read the probe object: {exc}") from exc
-    for kind, program in PROBE_PROGRAMS.items():
-        if not kernel_btf and kind in ("fentry", "fexit", "tp_btf", "iter"):
+    btf_kinds = ("fentry", "fexit", "tp_btf", "iter")
+    for kind in PROBE_PROGRAMS:
+        if not kernel_btf and kind in btf_kinds:
             kinds[kind] = KindSupport(kind, False, False, "needs kernel BTF")
-            continue
-        kinds[kind] = _probe_kind(data, kind, program, cgroup2)
+    todo = {k: p for k, p in PROBE_PROGRAMS.items() if k not in kinds}
+    kinds.update(_probe_kinds(data, todo, cgroup2))
+    kinds = {k: kinds[k] for k in PROBE_PROGRAMS}
     return Support(
         kinds=kinds,
         kernel_btf=kernel_btf,
