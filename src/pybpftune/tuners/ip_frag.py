@@ -1,0 +1,211 @@
+"""ip_frag tuner: fragment reassembly thresholds, per network namespace.
+
+The BPF side (ip_frag_tuner.bpf.c) reports when the memory a namespace's
+IPv4 or IPv6 fragment queues hold nears ``high_thresh``, above which the
+kernel drops every new fragment.  The rule raises
+``net.ipv4.ipfrag_high_thresh`` / ``net.ipv6.ip6frag_high_thresh`` in that
+namespace by one step, and backs off (one step down, never below the value
+it started from) once raising it correlates with a rising share of failed
+reassemblies: more memory is then feeding loss or an attack, not helping.
+
+See docs/tuners/ip_frag.md.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from .. import libbpf
+from ..events import Event
+from ..procnet import Counters, counters_in, ratio
+from ..tuner import Proposal, Scenario, Tunable, Tuner, TunerContext
+
+log = logging.getLogger("pybpftune")
+
+# Ids shared with the BPF side (bpftune_shared.h, "ip_frag tuner").
+IPV4_HIGH_THRESH, IPV6_HIGH_THRESH = 0, 1
+INCREASE, DECREASE = 0, 1
+OBS_NEAR_THRESH = 1
+
+AF_INET, AF_INET6 = 2, 10
+CORR_MIN_SAMPLES = 10
+CORR_THRESHOLD = 0.75
+CORR_WINDOW = 32
+COUNTERS = {
+    IPV4_HIGH_THRESH: ("Ip.ReasmReqds", "Ip.ReasmFails"),
+    IPV6_HIGH_THRESH: ("Ip6ReasmReqds", "Ip6ReasmFails"),
+}
+
+
+@dataclass(frozen=True)
+class FragObservation:
+    """What the BPF side saw (struct ip_frag_obs)."""
+
+    family: int
+    mem: int
+    high_thresh: int
+    low_thresh: int
+
+    @property
+    def tunable(self) -> int:
+        return IPV6_HIGH_THRESH if self.family == AF_INET6 else IPV4_HIGH_THRESH
+
+    @classmethod
+    def from_event(cls, event: Event) -> FragObservation:
+        o = event.payload("struct ip_frag_obs")
+        return cls(int(o.family), int(o.mem), int(o.high_thresh), int(o.low_thresh))
+
+    def event(self, tuner_id: int, netns_cookie: int) -> Event:
+        """The ring-buffer event carrying this observation (tests, replays)."""
+        size = libbpf.struct_size("struct ip_frag_obs")
+        view = libbpf.struct_view("struct ip_frag_obs", bytearray(size))
+        view.family, view.mem, view.high_thresh, view.low_thresh = (
+            self.family,
+            self.mem,
+            self.high_thresh,
+            self.low_thresh,
+        )
+        return Event.build(tuner_id, OBS_NEAR_THRESH, netns_cookie, raw=libbpf.struct_bytes(view, size))
+
+
+def pearson(samples: list[tuple[float, float]]) -> float:
+    """Pearson's r of (x, y) samples; 0 with fewer than two or no variance."""
+    n = len(samples)
+    if n < 2:
+        return 0.0
+    mx = sum(x for x, _ in samples) / n
+    my = sum(y for _, y in samples) / n
+    sxy = sum((x - mx) * (y - my) for x, y in samples)
+    sxx = sum((x - mx) ** 2 for x, _ in samples)
+    syy = sum((y - my) ** 2 for _, y in samples)
+    if sxx <= 0 or syy <= 0:
+        return 0.0
+    return max(-1.0, min(1.0, sxy / math.sqrt(sxx * syy)))
+
+
+def mem_total_bytes(meminfo: str | None = None) -> int:
+    """MemTotal from /proc/meminfo, in bytes (0 if unknown)."""
+    if meminfo is None:
+        try:
+            meminfo = Path("/proc/meminfo").read_text()
+        except OSError:
+            return 0
+    for line in meminfo.splitlines():
+        parts = line.split()
+        if len(parts) >= 2 and parts[0] == "MemTotal:" and parts[1].isdigit():
+            return int(parts[1]) * 1024
+    return 0
+
+
+class IpFragTuner(Tuner):
+    name = "ip_frag"
+    description = "raises IPv4/IPv6 fragment reassembly thresholds per namespace when fragment memory nears them"
+    bpf_name = "ip_frag_tuner"
+    tunables = (
+        Tunable(IPV4_HIGH_THRESH, "net.ipv4.ipfrag_high_thresh", 1, namespaced=True),
+        Tunable(IPV6_HIGH_THRESH, "net.ipv6.ip6frag_high_thresh", 1, namespaced=True, optional=True),
+    )
+    scenarios = (
+        Scenario(
+            INCREASE,
+            "need to increase fragmentation high threshold",
+            "Fragment reassembly memory is nearing the high threshold, above which fragments are dropped",
+        ),
+        Scenario(
+            DECREASE,
+            "need to decrease fragmentation high threshold",
+            "Raising the threshold went with more failed reassemblies, so the extra memory is not helping",
+        ),
+    )
+
+    def __init__(self, ctx: TunerContext, tuner_id: int) -> None:
+        super().__init__(ctx, tuner_id)
+        # Seams for unit tests: a namespace's counters and the memory size.
+        self.counters: Callable[[int], Counters | None] = lambda cookie: counters_in(ctx.namespaces, cookie)
+        self.mem_total = mem_total_bytes()
+        self._last: dict[tuple[int, int], tuple[int, int]] = {}  # (cookie, tunable) -> (reqds, fails)
+        self._samples: dict[tuple[int, int], deque[tuple[float, float]]] = {}
+        self._capped: set[tuple[int, int]] = set()
+
+    @property
+    def ceiling(self) -> int:
+        """Never raise a threshold above 1/32 of RAM (or INT_MAX)."""
+        cap = self.mem_total // 32 if self.mem_total > 0 else 2**31 - 1
+        return min(cap, 2**31 - 1)
+
+    def decide(self, event: Event) -> list[Proposal]:
+        if event.scenario_id != OBS_NEAR_THRESH:
+            return []
+        return self.near_threshold(FragObservation.from_event(event), event.netns_cookie)
+
+    def failure_percent(self, cookie: int, tunable: int) -> float | None:
+        """Failed reassemblies as a percentage of those requested since the
+        last look in this namespace (all-time on the first); 0 when there were
+        none (UPSTREAM BUG: bpftune divides by ReasmReqds unchecked)."""
+        counters = self.counters(cookie)
+        if counters is None:
+            return None
+        reqds_name, fails_name = COUNTERS[tunable]
+        reqds, fails = counters.get(reqds_name, 0), counters.get(fails_name, 0)
+        prev_reqds, prev_fails = self._last.get((cookie, tunable), (0, 0))
+        self._last[(cookie, tunable)] = (reqds, fails)
+        return 100.0 * ratio(max(0, fails - prev_fails), max(0, reqds - prev_reqds))
+
+    def near_threshold(self, obs: FragObservation, cookie: int) -> list[Proposal]:
+        tunable = obs.tunable
+        try:
+            current = self.current(tunable, cookie)[0]
+        except Exception as exc:  # namespace gone, IPv6 disabled there
+            log.debug("ip_frag: cannot read %s in netns %d: %s", self.tunable(tunable).name, cookie, exc)
+            return []
+        steps = self.steps
+        if not steps.nearly_full(obs.mem, current):
+            return []  # an older observation; the threshold has moved on since
+        key = (cookie, tunable)
+        fail_pct = self.failure_percent(cookie, tunable)
+        samples = self._samples.setdefault(key, deque(maxlen=CORR_WINDOW))
+        r = pearson(list(samples))
+        if len(samples) >= CORR_MIN_SAMPLES and r > CORR_THRESHOLD:
+            floor = max(self._floor(tunable, cookie), obs.low_thresh)
+            target = max(floor, steps.shrink(current))
+            samples.clear()  # judge the lower setting afresh
+            if target >= current:
+                return []
+            reason = (
+                f"reassembly failures rising with the fragmentation threshold (correlation {r:.2f}, "
+                f"{fail_pct or 0.0:.1f}% failed)"
+            )
+            return [Proposal(tunable, DECREASE, cookie, (target,), reason)]
+        new = steps.grow(current)
+        if new > self.ceiling:
+            new = max(current, self.ceiling)
+            if new == current:
+                if key not in self._capped:
+                    self._capped.add(key)
+                    log.info(
+                        "%s in netns %d is at %d, 1/32 of memory; not increasing it further",
+                        self.tunable(tunable).name,
+                        cookie,
+                        current,
+                    )
+                return []
+        if fail_pct is not None:
+            samples.append((float(new), fail_pct))
+        return [Proposal(tunable, INCREASE, cookie, (new,), "approaching fragmentation maximum threshold")]
+
+    def _floor(self, tunable: int, cookie: int) -> int:
+        """The value this namespace had before we first changed it."""
+        rec = self.ctx.store.record(self, tunable)
+        glob = self.ctx.namespaces.global_cookie
+        original = rec.originals.get(cookie if self.tunable(tunable).namespaced else glob)
+        if original:
+            return original[0]
+        return rec.initial[0] if rec.initial else 0
+
+
+TUNER = IpFragTuner
