@@ -260,7 +260,7 @@ class TcpConnTuner(Tuner):
         self.events += 1
         old = ALGS[e.old_alg] if e.old_alg < len(ALGS) else "other"
         new = ALGS[e.new_alg] if e.new_alg < len(ALGS) else "other"
-        host = format_address(bytes(e.addr))
+        host = f"{format_address(bytes(e.addr))} (netns cookie {event.netns_cookie})"
         where = self.ctx.namespaces.describe(event.netns_cookie)
         if e.reason == REASON_LOSS:
             why = (
@@ -330,7 +330,7 @@ class TcpConnTuner(Tuner):
         if total:
             lines += choice_table(chosen)
         for h in sorted(self.hosts(), key=lambda h: -h.instances)[:16]:
-            where = self.ctx.namespaces.describe(h.netns_cookie)
+            where = f"{self.ctx.namespaces.describe(h.netns_cookie)}, cookie {h.netns_cookie}"
             per_alg = ", ".join(
                 f"{name} metric {h.metric[i]} n {h.samples[i]} chosen {h.chosen[i]} greedy {h.greedy[i]}"
                 for i, name in enumerate(ALGS)
