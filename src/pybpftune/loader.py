@@ -138,7 +138,7 @@ def load_object(
                 key = _form_of(obj, exc.program)
                 if key is None:
                     raise
-                dead[key] = "rejected at load: " + (exc.log_tail[-1].strip() if exc.log_tail else exc.short())
+                dead[key] = "rejected at load: " + load_reason(exc)
                 log.debug("%s: %s form of %s rejected at load, trying the next form", name, key[1], key[0])
                 obj.close()
                 continue
@@ -162,6 +162,25 @@ def load_object(
             obj.close()
             raise
     raise NotSupported(name, f"no working combination of program forms after {MAX_ATTEMPTS} attempts")
+
+
+def load_reason(exc: BpfLoadError) -> str:
+    """The verifier's own complaint (the last line of the program's load log
+    before its statistics), else libbpf's last line, else the errno."""
+    lines = [part.strip() for line in exc.log_tail for part in line.splitlines()]
+    verifier: list[str] = []
+    inside = False
+    for line in lines:
+        if "BEGIN PROG LOAD LOG" in line:
+            inside, verifier = True, []
+        elif "END PROG LOAD LOG" in line:
+            inside = False
+        elif inside and line and not line.startswith(("processed ", "verification time", "stack depth")):
+            verifier.append(line)
+    if verifier:
+        return verifier[-1]
+    tail = [line for line in lines if line]
+    return tail[-1] if tail else exc.short()
 
 
 def _form_of(obj: BpfObject, program: str | None) -> tuple[str, str] | None:
