@@ -208,7 +208,7 @@ def test_loss_event_is_explained_in_bpftune_words(caplog: pytest.LogCaptureFixtu
 def test_admin_write_in_a_namespace_reaches_the_tuner_hook() -> None:
     tuner, _backend, store = make_tuner()
     seen: list[int] = []
-    tuner.netns_disabled = seen.append  # type: ignore[method-assign]
+    tuner.netns_disabled = seen.append  # type: ignore[method-assign,assignment]
     store.disable(tuner, 4242, "pid 1, cmd 'sysctl' modified sysctl 'net.ipv4.tcp_congestion_control'")
     store.disable(tuner, 4242, "again")
     assert seen == [4242]
