@@ -1,0 +1,437 @@
+"""net_buffer tuner: per-cpu backlog queues and the receive softirq budget.
+
+* Backlog drops (skb:kfree_skb with SKB_DROP_REASON_CPU_BACKLOG, or
+  enqueue_to_backlog returning NET_RX_DROP): when a 32nd of
+  ``net.core.netdev_max_backlog`` was dropped within a minute, grow it one
+  step, and set the dropping cpu's bit in ``net.core.flow_limit_cpu_bitmap``
+  so big flows cannot crowd small ones out of that cpu's backlog.
+* Time squeeze (softnet_data.time_squeeze rising: net_rx_action ran out of
+  budget or time with work left): grow ``net.core.netdev_budget`` and
+  ``net.core.netdev_budget_usecs`` one step, at most once a second and never
+  past 50 ms; when increases go with rising scheduler wait (tasks kept off
+  the cpu by longer softirq runs), shrink both instead.
+* At start, re-enable high-order page allocations for socket buffers
+  (``net.core.high_order_alloc_disable`` 1 -> 0) on kernels from 5.14.
+
+All these sysctls are global.  When a signal has no working BPF form (the
+squeeze signal needs softnet_data from kernel BTF and kallsyms), the same
+counters are read from /proc/net/softnet_stat once a second instead.
+See docs/tuners/net_buffer.md.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from .. import libbpf
+from ..events import Event
+from ..tuner import INT_MAX, Proposal, Scenario, Tunable, Tuner, TunerContext
+from .ip_frag import pearson
+
+log = logging.getLogger("pybpftune")
+
+# Ids shared with the BPF side (bpftune_shared.h, "net_buffer tuner").
+MAX_BACKLOG, FLOW_LIMIT_CPU_BITMAP, BUDGET, BUDGET_USECS, HIGH_ORDER_ALLOC_DISABLE = 0, 1, 2, 3, 4
+INCREASE_BACKLOG, SET_FLOW_LIMIT, INCREASE_BUDGET, DECREASE_BUDGET, ENABLE_HIGH_ORDER_ALLOC = 0, 1, 2, 3, 4
+OBS_BACKLOG_DROPS, OBS_TIME_SQUEEZE = 1, 2
+
+BUDGET_USECS_MAX = 50_000
+BUDGET_HOLD_S = 1.0
+CORR_MIN_SAMPLES = 10
+CORR_THRESHOLD = 0.75
+CORR_WINDOW = 32
+WINDOW_S = 60.0
+SAMPLES = ("backlog_sample", "squeeze_sample")
+
+
+@dataclass(frozen=True)
+class NetBufferObservation:
+    """What the BPF side (or /proc/net/softnet_stat) saw (struct net_buffer_obs)."""
+
+    kind: int
+    cpu: int
+    drops: int = 0
+    window_ns: int = 0
+    max_backlog: int = 0
+    time_squeeze: int = 0
+    prev_time_squeeze: int = 0
+
+    @classmethod
+    def from_event(cls, event: Event) -> NetBufferObservation:
+        o = event.payload("struct net_buffer_obs")
+        return cls(
+            event.scenario_id,
+            int(o.cpu),
+            int(o.drops),
+            int(o.window_ns),
+            int(o.max_backlog),
+            int(o.time_squeeze),
+            int(o.prev_time_squeeze),
+        )
+
+    def event(self, tuner_id: int, netns_cookie: int = 0) -> Event:
+        """The ring-buffer event carrying this observation (tests, replays)."""
+        size = libbpf.struct_size("struct net_buffer_obs")
+        view = libbpf.struct_view("struct net_buffer_obs", bytearray(size))
+        view.cpu, view.drops, view.window_ns, view.max_backlog = self.cpu, self.drops, self.window_ns, self.max_backlog
+        view.time_squeeze, view.prev_time_squeeze = self.time_squeeze, self.prev_time_squeeze
+        return Event.build(tuner_id, self.kind, netns_cookie, raw=libbpf.struct_bytes(view, size))
+
+
+# --- text helpers -------------------------------------------------------------------------
+
+
+def parse_cpumask(text: str) -> int:
+    """A cpumask as the kernel prints it ("3", "00000001,00000000") as an int."""
+    digits = "".join(text.split()).replace(",", "")
+    return int(digits, 16) if digits else 0
+
+
+def format_cpumask(mask: int) -> str:
+    """The kernel's cpumask format: 32-bit hex words, most significant first."""
+    words = []
+    while True:
+        words.append(mask & 0xFFFFFFFF)
+        mask >>= 32
+        if not mask:
+            break
+    words.reverse()
+    return ",".join([f"{words[0]:x}"] + [f"{w:08x}" for w in words[1:]])
+
+
+def parse_softnet_stat(text: str) -> list[tuple[int, int, int]]:
+    """(processed, dropped, time_squeeze) per cpu line of /proc/net/softnet_stat."""
+    out = []
+    for line in text.splitlines():
+        fields = line.split()
+        if len(fields) >= 3:
+            out.append((int(fields[0], 16), int(fields[1], 16), int(fields[2], 16)))
+    return out
+
+
+def parse_schedstat(text: str) -> tuple[int, int] | None:
+    """Total (run, wait) nanoseconds over all cpus from /proc/schedstat."""
+    run = wait = 0
+    found = False
+    for line in text.splitlines():
+        fields = line.split()
+        if fields and fields[0].startswith("cpu") and len(fields) >= 9:
+            run += int(fields[7])
+            wait += int(fields[8])
+            found = True
+    return (run, wait) if found else None
+
+
+def parse_psi_some_total(text: str) -> int | None:
+    """Microseconds some task waited for a cpu, from /proc/pressure/cpu."""
+    for line in text.splitlines():
+        if line.startswith("some "):
+            for field in line.split():
+                if field.startswith("total="):
+                    return int(field[6:])
+    return None
+
+
+def kernel_at_least(release: str, major: int, minor: int) -> bool:
+    parts = release.split(".")
+    try:
+        return (int(parts[0]), int("".join(c for c in parts[1] if c.isdigit()) or 0)) >= (major, minor)
+    except (IndexError, ValueError):
+        return False
+
+
+class SchedWait:
+    """Scheduler wait as a percentage, between one call and the next.
+
+    /proc/schedstat gives run and wait (run_delay) time per cpu: wait is
+    reported as a percentage of run.  Without schedstats the cpu pressure
+    stall information (/proc/pressure/cpu "some") gives the share of wall
+    time some task waited.  None until two readings exist, or without either
+    source.
+    """
+
+    def __init__(
+        self, read: Callable[[str], str | None] | None = None, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.read = read or _read_text
+        self.clock = clock
+        self._last: tuple[str, float, int, int] | None = None
+
+    def sample(self) -> float | None:
+        text = self.read("/proc/schedstat")
+        if text is not None and (pair := parse_schedstat(text)) is not None:
+            source, a, b = "schedstat", pair[0], pair[1]
+        else:
+            text = self.read("/proc/pressure/cpu")
+            total = parse_psi_some_total(text) if text is not None else None
+            if total is None:
+                return None
+            source, a, b = "psi", int(self.clock() * 1_000_000), total
+        last, self._last = self._last, (source, 0.0, a, b)
+        if last is None or last[0] != source:
+            return None
+        da, db = a - last[2], b - last[3]
+        if da <= 0:
+            return None
+        return 100.0 * db / da
+
+
+def _read_text(path: str) -> str | None:
+    try:
+        return Path(path).read_text()
+    except OSError:
+        return None
+
+
+class NetBufferTuner(Tuner):
+    name = "net_buffer"
+    description = "grows netdev_max_backlog on backlog drops and netdev_budget(_usecs) on softirq time squeeze"
+    bpf_name = "net_buffer_tuner"
+    tunables = (
+        Tunable(MAX_BACKLOG, "net.core.netdev_max_backlog", 1, lower=1),
+        Tunable(FLOW_LIMIT_CPU_BITMAP, "net.core.flow_limit_cpu_bitmap", 1, kind="string", optional=True),
+        Tunable(BUDGET, "net.core.netdev_budget", 1, lower=1),
+        Tunable(BUDGET_USECS, "net.core.netdev_budget_usecs", 1, lower=1, upper=BUDGET_USECS_MAX),
+        Tunable(HIGH_ORDER_ALLOC_DISABLE, "net.core.high_order_alloc_disable", 1, lower=0, upper=1, optional=True),
+    )
+    scenarios = (
+        Scenario(INCREASE_BACKLOG, "need to increase max backlog", "Need to increase backlog size to avoid drops"),
+        Scenario(
+            SET_FLOW_LIMIT,
+            "need to set per-cpu bitmap value",
+            "Need to set flow limit per-cpu to prioritize small flows",
+        ),
+        Scenario(
+            INCREASE_BUDGET,
+            "need to increase # of packets processed per NAPI poll",
+            "Need to increase number of packets processed across network devices during NAPI poll to use all of "
+            "netdev_budget_usecs",
+        ),
+        Scenario(
+            DECREASE_BUDGET,
+            "need to decrease # of packets processed per NAPI poll",
+            "Need to decrease netdev_budget[_usecs] since the ratio of time spent waiting to run versus time "
+            "spent running for tasks has increased as we have increased netdev budget",
+        ),
+        Scenario(
+            ENABLE_HIGH_ORDER_ALLOC,
+            "need to enable high-order allocations",
+            "Enable high-order allocations for socket buffers: since Linux 5.14 they no longer hurt",
+        ),
+    )
+    optional_signals = frozenset({"backlog", "squeeze"})
+
+    def __init__(self, ctx: TunerContext, tuner_id: int) -> None:
+        super().__init__(ctx, tuner_id)
+        # Seams for unit tests.
+        self.clock: Callable[[], float] = time.monotonic
+        self.sched_wait = SchedWait()
+        self.read_softnet: Callable[[], str | None] = lambda: _read_text("/proc/net/softnet_stat")
+        self.kernel_release = os.uname().release
+        self.poll_backlog = False
+        self.poll_squeeze = False
+        self._last_budget_change = -1e9
+        self._budget_samples: deque[tuple[float, float]] = deque(maxlen=CORR_WINDOW)
+        self._usecs_capped = False
+        self._softnet_last: list[tuple[int, int, int]] | None = None
+        self._poll_drops: deque[tuple[float, int]] = deque()
+
+    # --- setup ------------------------------------------------------------------------------
+
+    def bpf_globals(self) -> dict[str, int]:
+        return {"max_backlog": self.current(MAX_BACKLOG)[0]}
+
+    def start(self) -> None:
+        if self.loaded is not None:
+            choices = self.loaded.choices
+            self.poll_backlog = "backlog" in choices and choices["backlog"].chosen is None
+            self.poll_squeeze = "squeeze" in choices and choices["squeeze"].chosen is None
+        for what, on in (("backlog drops", self.poll_backlog), ("time squeeze", self.poll_squeeze)):
+            if on:
+                log.info("tuner %s: watching %s in /proc/net/softnet_stat once a second instead", self.name, what)
+        self.enable_high_order_alloc()
+
+    def enable_high_order_alloc(self) -> bool:
+        try:
+            current = self.current(HIGH_ORDER_ALLOC_DISABLE)[0]
+        except Exception:  # sysctl missing on this kernel
+            return False
+        if current != 1 or not kernel_at_least(self.kernel_release, 5, 14):
+            return False
+        return self.apply(
+            Proposal(
+                HIGH_ORDER_ALLOC_DISABLE,
+                ENABLE_HIGH_ORDER_ALLOC,
+                self.ctx.namespaces.global_cookie,
+                (0,),
+                f"high-order allocations being safe on kernel {self.kernel_release}",
+            )
+        )
+
+    def applied(self, proposal: Proposal) -> None:
+        if proposal.tunable == MAX_BACKLOG:
+            # A new setting: count its drops from scratch.
+            self.set_bpf_global("max_backlog", self.current(MAX_BACKLOG)[0])
+            self.set_bpf_global("backlog_drops", 0)
+            self.set_bpf_global("backlog_window_start", 0)
+            self._poll_drops.clear()
+        elif proposal.tunable in (BUDGET, BUDGET_USECS):
+            self._last_budget_change = self.clock()
+
+    # --- events -------------------------------------------------------------------------------
+
+    def decide(self, event: Event) -> list[Proposal]:
+        obs = NetBufferObservation.from_event(event)
+        if obs.kind == OBS_BACKLOG_DROPS:
+            return self.on_backlog_drops(obs, event.netns_cookie)
+        if obs.kind == OBS_TIME_SQUEEZE:
+            return self.on_time_squeeze(obs, event.netns_cookie)
+        return []
+
+    def handle_event(self, event: Event) -> None:
+        obs = NetBufferObservation.from_event(event)
+        self._act(obs, self.decide(event), event.netns_cookie)
+
+    def _act(self, obs: NetBufferObservation, proposals: list[Proposal], cookie: int) -> None:
+        for proposal in proposals:
+            self.apply(proposal)
+        if obs.kind == OBS_BACKLOG_DROPS and proposals:
+            self.set_flow_limit(obs.cpu, cookie)
+
+    # --- rules ----------------------------------------------------------------------------------
+
+    def on_backlog_drops(self, obs: NetBufferObservation, cookie: int) -> list[Proposal]:
+        backlog = self.current(MAX_BACKLOG)[0]
+        if obs.max_backlog and obs.max_backlog < backlog:
+            return []  # counted against an older, smaller setting
+        if obs.drops < max(1, backlog >> 5):
+            return []
+        new = self.steps.grow(backlog)
+        if new == backlog:
+            new = backlog + 1
+        if new > INT_MAX:
+            return []
+        reason = f"{obs.drops} packet(s) dropped from full per-cpu backlog queues"
+        return [Proposal(MAX_BACKLOG, INCREASE_BACKLOG, cookie, (new,), reason)]
+
+    def set_flow_limit(self, cpu: int, cookie: int) -> bool:
+        try:
+            text = self.ctx.store.backend.read_text(self.tunable(FLOW_LIMIT_CPU_BITMAP).name)
+        except Exception:  # no CONFIG_NET_FLOW_LIMIT
+            return False
+        mask = parse_cpumask(text)
+        if mask & (1 << cpu):
+            return False
+        return self.apply_text(
+            FLOW_LIMIT_CPU_BITMAP,
+            SET_FLOW_LIMIT,
+            cookie,
+            format_cpumask(mask | (1 << cpu)),
+            f"backlog drops on cpu {cpu}",
+        )
+
+    def on_time_squeeze(self, obs: NetBufferObservation, cookie: int) -> list[Proposal]:
+        now = self.clock()
+        if now - self._last_budget_change < BUDGET_HOLD_S:
+            return []
+        budget = self.current(BUDGET)[0]
+        usecs = self.current(BUDGET_USECS)[0]
+        if budget >= INT_MAX:
+            return []
+        new_budget, new_usecs = self.steps.grow(budget), self.steps.grow(usecs)
+        wait = self.sched_wait.sample()
+        if wait is not None:
+            self._budget_samples.append((float(budget), wait))
+        r = pearson(list(self._budget_samples))
+        if len(self._budget_samples) >= CORR_MIN_SAMPLES and r > CORR_THRESHOLD:
+            self._budget_samples.clear()
+            out = []
+            for tunable, current in ((BUDGET, budget), (BUDGET_USECS, usecs)):
+                floor = self._original(tunable)
+                target = max(floor, self.steps.shrink(current))
+                if target < current:
+                    reason = f"scheduler wait rising with the budget (correlation {r:.2f}, wait {wait or 0:.1f}%)"
+                    out.append(Proposal(tunable, DECREASE_BUDGET, cookie, (target,), reason))
+            return out
+        if new_usecs > BUDGET_USECS_MAX:
+            if not self._usecs_capped:
+                self._usecs_capped = True
+                log.info(
+                    "tuner %s: netdev_budget_usecs would exceed %d us; not increasing the budget further",
+                    self.name,
+                    BUDGET_USECS_MAX,
+                )
+            return []
+        squeezes = obs.time_squeeze - obs.prev_time_squeeze
+        reason = f"{squeezes} time squeeze(s) on cpu {obs.cpu} (softirq ran out of budget with work left)"
+        return [
+            Proposal(BUDGET, INCREASE_BUDGET, cookie, (new_budget,), reason),
+            Proposal(BUDGET_USECS, INCREASE_BUDGET, cookie, (new_usecs,), reason),
+        ]
+
+    def _original(self, tunable: int) -> int:
+        rec = self.ctx.store.record(self, tunable)
+        glob = self.ctx.namespaces.global_cookie
+        original = rec.originals.get(glob) or rec.initial
+        return original[0] if original else 1
+
+    # --- /proc/net/softnet_stat fallback ----------------------------------------------------------
+
+    def tick(self, now: float) -> None:
+        if not (self.poll_backlog or self.poll_squeeze):
+            return
+        text = self.read_softnet()
+        if text is None:
+            return
+        stats = parse_softnet_stat(text)
+        last, self._softnet_last = self._softnet_last, stats
+        if last is None or len(last) != len(stats):
+            return
+        glob = self.ctx.namespaces.global_cookie
+        if self.poll_backlog:
+            drops = [(cpu, s[1] - p[1]) for cpu, (s, p) in enumerate(zip(stats, last, strict=True)) if s[1] > p[1]]
+            if drops:
+                t = self.clock()
+                self._poll_drops.extend((t, n) for _cpu, n in drops)
+                while self._poll_drops and t - self._poll_drops[0][0] > WINDOW_S:
+                    self._poll_drops.popleft()
+                total = sum(n for _t, n in self._poll_drops)
+                window = int((t - self._poll_drops[0][0]) * 1e9)
+                cpu = max(drops, key=lambda d: d[1])[0]
+                obs = NetBufferObservation(OBS_BACKLOG_DROPS, cpu, total, window, 0)
+                self._act(obs, self.on_backlog_drops(obs, glob), glob)
+        if self.poll_squeeze:
+            for cpu, (s, p) in enumerate(zip(stats, last, strict=True)):
+                if s[2] > p[2]:
+                    obs = NetBufferObservation(OBS_TIME_SQUEEZE, cpu, time_squeeze=s[2], prev_time_squeeze=p[2])
+                    self._act(obs, self.on_time_squeeze(obs, glob), glob)
+                    break
+
+    # --- reporting ----------------------------------------------------------------------------------
+
+    def summary_lines(self) -> list[str]:
+        lines: list[str] = []
+        if self.loaded is None:
+            return lines
+        for name in SAMPLES:
+            try:
+                raw = self.loaded.obj.get_global(name)
+            except Exception:
+                continue
+            count, rate = raw & (2**64 - 1), raw >> 128
+            if count:
+                signal = name.removesuffix("_sample")
+                lines.append(
+                    f"Sample '{signal}': associated program was called {count} times, "
+                    f"collected data every {max(rate, 1)} of these."
+                )
+        return lines
+
+
+TUNER = NetBufferTuner

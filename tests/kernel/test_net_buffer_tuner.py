@@ -1,0 +1,167 @@
+"""net_buffer on the real kernel: backlog drops, time squeeze, high-order allocs.
+
+Traffic: a UDP socket in a client namespace sends 44-segment GSO datagrams
+(UDP_SEGMENT) over a veth whose UDP segmentation offload is off, so the
+stack segments each send into 44 packets that veth hands to the per-cpu
+backlog in one go.  With netdev_max_backlog = 32 every send overflows the
+backlog; with netdev_budget = 10 every receive softirq runs out of budget.
+
+netdev_max_backlog, netdev_budget(_usecs), flow_limit_cpu_bitmap and
+high_order_alloc_disable are global sysctls: each test saves and restores
+the ones it touches (the daemon may change the others, so they are saved
+too), and keeps the small values for a few seconds only.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from pybpftune.bpf import object_path
+from pybpftune.loader import load_object
+from pybpftune.ringbuf import RingBuffer
+from pybpftune.support import probe_support
+
+from .harness import Daemon, NetnsPair, Sysctls, netns_pair, run, sysctl_get, sysctls
+
+pytestmark = pytest.mark.kernel
+
+BACKLOG = "net.core.netdev_max_backlog"
+BITMAP = "net.core.flow_limit_cpu_bitmap"
+BUDGET = "net.core.netdev_budget"
+USECS = "net.core.netdev_budget_usecs"
+HIGH_ORDER = "net.core.high_order_alloc_disable"
+ALL = (BACKLOG, BITMAP, BUDGET, USECS, HIGH_ORDER)
+
+BURST = """
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.setsockopt(socket.SOL_UDP, 103, 1400)  # UDP_SEGMENT
+payload = b"x" * (1400 * 44)
+for _ in range(int(sys.argv[2])):
+    s.sendto(payload, (sys.argv[1], 5400))
+"""
+
+
+@pytest.fixture
+def saved() -> Iterator[Sysctls]:
+    with sysctls() as s:
+        for name in ALL:
+            s.save(name)
+        yield s
+
+
+@pytest.fixture
+def gso_pair() -> Iterator[NetnsPair]:
+    with netns_pair("pbtnb") as pair:
+        run(["ethtool", "-K", pair.client_dev, "tx-udp-segmentation", "off"], pair.client)
+        yield pair
+
+
+def burst(pair: NetnsPair, sends: int = 10) -> None:
+    run([sys.executable, "-c", BURST, pair.server_addr, str(sends)], pair.client)
+
+
+def burst_until(d: Daemon, pair: NetnsPair, pattern: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        burst(pair)
+        try:
+            d.wait_for(pattern, timeout=0.5)
+            return
+        except AssertionError:
+            if time.monotonic() > deadline:
+                raise
+
+
+def nb_daemon(state_dir: Path, variant_args: tuple[str, ...]) -> Daemon:
+    return Daemon(["-s", "-a", "net_buffer", "--state-dir", str(state_dir), *variant_args])
+
+
+def test_backlog_drops_grow_netdev_max_backlog(
+    saved: Sysctls, gso_pair: NetnsPair, variant_args: tuple[str, ...], tmp_path: Path
+) -> None:
+    saved.set(BACKLOG, 32)
+    with nb_daemon(tmp_path, variant_args) as d:
+        d.started()
+        assert "backlog via" in d.output
+        burst_until(
+            d,
+            gso_pair,
+            r"Due to \d+ packet\(s\) dropped from full per-cpu backlog queues "
+            r"change net.core.netdev_max_backlog from \(32\) -> \(40\)",
+        )
+        d.wait_for(r"Scenario 'need to increase max backlog' occurred for tunable 'net.core.netdev_max_backlog'")
+        d.wait_for(r"Due to backlog drops on cpu \d+ change net.core.flow_limit_cpu_bitmap from \(\w+\) -> \(\w+\)")
+        assert int(sysctl_get(BACKLOG)) >= 40
+        assert d.stop() == 0
+    assert "# sysctl 'net.core.netdev_max_backlog' changed from (32) -> (" in d.output
+
+
+def test_time_squeeze_grows_netdev_budget(
+    saved: Sysctls, gso_pair: NetnsPair, variant_args: tuple[str, ...], tmp_path: Path
+) -> None:
+    saved.set(BUDGET, 10)
+    usecs = int(sysctl_get(USECS))  # its minimum is two jiffies on recent kernels: keep it
+    with nb_daemon(tmp_path, variant_args) as d:
+        d.started()
+        if "squeeze via" not in d.output:
+            # No BPF form here (softnet_data not resolvable): say why, poll procfs.
+            d.wait_for(r"tuner net_buffer: signal squeeze: unavailable \(")
+            d.wait_for(r"watching time squeeze in /proc/net/softnet_stat once a second instead")
+        burst_until(
+            d,
+            gso_pair,
+            r"Due to \d+ time squeeze\(s\) on cpu \d+ \(softirq ran out of budget with work left\) "
+            r"change net.core.netdev_budget from \(10\) -> \(12\)",
+        )
+        d.wait_for(rf"change net.core.netdev_budget_usecs from \({usecs}\) -> \({usecs + usecs // 4}\)")
+        assert int(sysctl_get(BUDGET)) >= 12
+
+
+def test_high_order_allocations_are_re_enabled(saved: Sysctls, variant_args: tuple[str, ...], tmp_path: Path) -> None:
+    saved.set(HIGH_ORDER, 1)
+    with nb_daemon(tmp_path, variant_args) as d:
+        d.started()
+        release = tuple(int(p) for p in __import__("os").uname().release.split(".")[:2])
+        if release >= (5, 14):
+            d.wait_for(r"change net.core.high_order_alloc_disable from \(1\) -> \(0\)")
+            assert sysctl_get(HIGH_ORDER) == "0"
+        else:
+            time.sleep(1)
+            assert sysctl_get(HIGH_ORDER) == "1"
+
+
+def softnet_drops() -> int:
+    lines = Path("/proc/net/softnet_stat").read_text().splitlines()
+    return sum(int(line.split()[1], 16) for line in lines)
+
+
+def test_each_backlog_drop_is_counted_once(saved: Sysctls, gso_pair: NetnsPair, variant: str) -> None:
+    """UPSTREAM BUG: bpftune counted every backlog drop twice (in the hook and
+    again in its shared helper), halving the effective threshold.  The BPF
+    counter must match the kernel's own count in /proc/net/softnet_stat."""
+    with (
+        RingBuffer() as ring,
+        load_object(
+            object_path("net_buffer_tuner", legacy=variant == "legacy"),
+            "net_buffer_tuner",
+            probe_support(),
+            ring=ring,
+            optional_signals={"squeeze"},
+            globals_={"max_backlog": 1 << 40},  # never report: only count
+        ) as loaded,
+    ):
+        assert loaded.choices["backlog"].chosen is not None, loaded.choices["backlog"].describe()
+        saved.set(BACKLOG, 32)
+        before = softnet_drops()
+        burst(gso_pair, 20)
+        dropped = softnet_drops() - before
+        counted = loaded.obj.get_global("backlog_drops")
+    assert dropped > 0
+    # Other traffic on the host may drop too; both counters see it alike.
+    assert abs(counted - dropped) <= max(2, dropped // 20), (counted, dropped)

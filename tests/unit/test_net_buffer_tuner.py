@@ -1,0 +1,248 @@
+"""net_buffer rules, driven by synthetic observations over in-memory sysctls."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+from pybpftune import _libbpf
+from pybpftune.netns import Namespaces
+from pybpftune.store import TunableStore
+from pybpftune.sysctl import MemorySysctl
+from pybpftune.tuner import Steps, TunerContext
+from pybpftune.tuners import net_buffer as nb
+from pybpftune.tuners.net_buffer import NetBufferObservation, NetBufferTuner, SchedWait
+
+lib = _libbpf.lib
+BACKLOG, BITMAP, BUDGET, USECS, HIGH_ORDER = (
+    "net.core.netdev_max_backlog",
+    "net.core.flow_limit_cpu_bitmap",
+    "net.core.netdev_budget",
+    "net.core.netdev_budget_usecs",
+    "net.core.high_order_alloc_disable",
+)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class Waits:
+    """Scheduler wait percentages handed out one per sample."""
+
+    def __init__(self, values: list[float | None]) -> None:
+        self.values = values
+
+    def sample(self) -> float | None:
+        return self.values.pop(0) if self.values else None
+
+
+def make_tuner(
+    backlog: int = 1000, budget: int = 300, usecs: int = 8000, high_order: int = 0, bitmap: str = "0"
+) -> tuple[NetBufferTuner, MemorySysctl, Clock]:
+    ns = Namespaces()
+    backend = MemorySysctl(
+        {BACKLOG: (backlog,), BUDGET: (budget,), USECS: (usecs,), HIGH_ORDER: (high_order,)},
+        global_cookie=ns.global_cookie,
+        texts={BITMAP: bitmap},
+    )
+    store = TunableStore(backend, ns)
+    tuner = NetBufferTuner(TunerContext(store, ns, Steps(4)), 4)
+    store.register(tuner)
+    clock = Clock()
+    tuner.clock = clock
+    tuner.sched_wait = Waits([])  # type: ignore[assignment]
+    return tuner, backend, clock
+
+
+def drops(n: int, cpu: int = 1, backlog: int = 1000) -> NetBufferObservation:
+    return NetBufferObservation(nb.OBS_BACKLOG_DROPS, cpu, n, 5_000_000_000, backlog)
+
+
+def squeeze(cpu: int = 0, new: int = 12, old: int = 10) -> NetBufferObservation:
+    return NetBufferObservation(nb.OBS_TIME_SQUEEZE, cpu, time_squeeze=new, prev_time_squeeze=old)
+
+
+def test_ids_match_the_shared_header() -> None:
+    assert (nb.MAX_BACKLOG, nb.FLOW_LIMIT_CPU_BITMAP, nb.BUDGET, nb.BUDGET_USECS, nb.HIGH_ORDER_ALLOC_DISABLE) == (
+        lib.NET_BUFFER_MAX_BACKLOG,
+        lib.NET_BUFFER_FLOW_LIMIT_CPU_BITMAP,
+        lib.NET_BUFFER_BUDGET,
+        lib.NET_BUFFER_BUDGET_USECS,
+        lib.NET_BUFFER_HIGH_ORDER_ALLOC_DISABLE,
+    )
+    assert (
+        nb.INCREASE_BACKLOG,
+        nb.SET_FLOW_LIMIT,
+        nb.INCREASE_BUDGET,
+        nb.DECREASE_BUDGET,
+        nb.ENABLE_HIGH_ORDER_ALLOC,
+    ) == (
+        lib.NET_BUFFER_INCREASE_BACKLOG,
+        lib.NET_BUFFER_SET_FLOW_LIMIT,
+        lib.NET_BUFFER_INCREASE_BUDGET,
+        lib.NET_BUFFER_DECREASE_BUDGET,
+        lib.NET_BUFFER_ENABLE_HIGH_ORDER_ALLOC,
+    )
+    assert (nb.OBS_BACKLOG_DROPS, nb.OBS_TIME_SQUEEZE) == (
+        lib.NET_BUFFER_OBS_BACKLOG_DROPS,
+        lib.NET_BUFFER_OBS_TIME_SQUEEZE,
+    )
+
+
+def test_observation_round_trips_through_the_event_layout() -> None:
+    obs = NetBufferObservation(nb.OBS_TIME_SQUEEZE, 3, 7, 11, 13, 17, 19)
+    assert NetBufferObservation.from_event(obs.event(4)) == obs
+
+
+def test_a_32nd_of_the_backlog_dropped_grows_it_and_sets_the_cpu_bit(caplog: pytest.LogCaptureFixture) -> None:
+    tuner, backend, _ = make_tuner(backlog=1000)
+    with caplog.at_level(logging.INFO, logger="pybpftune"):
+        tuner.handle_event(drops(30, cpu=1).event(4))
+        assert backend.writes == []  # 30 < 1000/32
+        tuner.handle_event(drops(32, cpu=1).event(4))
+    assert backend.read(BACKLOG) == (1250,)
+    assert backend.read_text(BITMAP) == "2"
+    assert (
+        "Due to 32 packet(s) dropped from full per-cpu backlog queues change net.core.netdev_max_backlog "
+        "from (1000) -> (1250)" in caplog.text
+    )
+    assert "Due to backlog drops on cpu 1 change net.core.flow_limit_cpu_bitmap from (0) -> (2)" in caplog.text
+
+
+def test_bits_accumulate_in_the_kernel_cpumask_format() -> None:
+    tuner, backend, _ = make_tuner(bitmap="00000000,00000001")
+    tuner.handle_event(drops(100, cpu=33).event(4))
+    assert backend.read_text(BITMAP) == "2,00000001"
+    tuner.handle_event(drops(2000, cpu=33, backlog=1250).event(4))
+    assert backend.text_writes[-1][2] == "2,00000001"  # bit already set: not rewritten
+
+
+def test_tiny_backlog_grows_on_a_single_drop() -> None:
+    tuner, backend, _ = make_tuner(backlog=8)
+    tuner.handle_event(drops(1, backlog=8).event(4))
+    assert backend.read(BACKLOG) == (10,)
+
+
+def test_drops_counted_against_an_older_setting_are_ignored() -> None:
+    tuner, _backend, _ = make_tuner(backlog=1250)
+    assert tuner.decide(drops(500, backlog=1000).event(4)) == []
+
+
+def test_time_squeeze_grows_budget_and_usecs_once_a_second(caplog: pytest.LogCaptureFixture) -> None:
+    tuner, backend, clock = make_tuner(budget=300, usecs=8000)
+    with caplog.at_level(logging.INFO, logger="pybpftune"):
+        tuner.handle_event(squeeze().event(4))
+        tuner.handle_event(squeeze().event(4))  # within the hold-off
+    assert backend.read(BUDGET) == (375,)
+    assert backend.read(USECS) == (10000,)
+    assert (
+        "Due to 2 time squeeze(s) on cpu 0 (softirq ran out of budget with work left) change "
+        "net.core.netdev_budget from (300) -> (375)" in caplog.text
+    )
+    clock.now += 1.5
+    tuner.handle_event(squeeze().event(4))
+    assert backend.read(BUDGET) == (468,)
+
+
+def test_budget_usecs_stops_at_50ms(caplog: pytest.LogCaptureFixture) -> None:
+    tuner, backend, _ = make_tuner(budget=300, usecs=45000)
+    with caplog.at_level(logging.INFO, logger="pybpftune"):
+        tuner.handle_event(squeeze().event(4))
+    assert backend.writes == []
+    assert "netdev_budget_usecs would exceed 50000 us" in caplog.text
+
+
+def test_budget_increases_that_go_with_scheduler_wait_are_backed_off(caplog: pytest.LogCaptureFixture) -> None:
+    tuner, backend, clock = make_tuner(budget=300, usecs=2000)
+    tuner.sched_wait = Waits([None] + [float(5 * i) for i in range(1, 12)])  # type: ignore[assignment]
+    with caplog.at_level(logging.INFO, logger="pybpftune"):
+        for _ in range(nb.CORR_MIN_SAMPLES + 1):
+            tuner.handle_event(squeeze().event(4))
+            clock.now += 2
+    assert "Scenario 'need to decrease # of packets processed per NAPI poll'" in caplog.text
+    assert "Due to scheduler wait rising with the budget (correlation 0.9" in caplog.text
+    assert "would exceed" not in caplog.text
+    written = [values[0] for _cookie, name, values in backend.writes if name == BUDGET]
+    assert written[-1] < max(written)
+    assert backend.read(BUDGET)[0] >= 300
+
+
+def test_backing_off_never_goes_below_the_original_budget() -> None:
+    tuner, backend, _ = make_tuner(budget=300, usecs=8000)
+    tuner.sched_wait = Waits([10.0])  # type: ignore[assignment]
+    tuner._budget_samples.extend((30.0 * i, float(i)) for i in range(nb.CORR_MIN_SAMPLES))
+    props = tuner.decide(squeeze().event(4))
+    assert props == []  # shrink would go below 300 / 8000: nothing to do
+    assert backend.writes == []
+
+
+def test_high_order_allocations_re_enabled_from_5_14() -> None:
+    tuner, backend, _ = make_tuner(high_order=1)
+    tuner.kernel_release = "5.10.0-32-amd64"
+    assert not tuner.enable_high_order_alloc()
+    tuner.kernel_release = "6.1.0-56-amd64"
+    assert tuner.enable_high_order_alloc()
+    assert backend.read(HIGH_ORDER) == (0,)
+    assert not tuner.enable_high_order_alloc()
+
+
+SOFTNET_1 = (
+    "00000010 00000000 00000001 0 0 0 0 0 0 0 0 0 00000000\n00000020 00000005 00000000 0 0 0 0 0 0 0 0 0 00000001\n"
+)
+SOFTNET_2 = (
+    "00000090 00000000 00000004 0 0 0 0 0 0 0 0 0 00000000\n000000a0 0000002a 00000000 0 0 0 0 0 0 0 0 0 00000001\n"
+)
+
+
+def test_procfs_fallback_sees_drops_and_squeezes() -> None:
+    tuner, backend, _ = make_tuner(backlog=32, budget=10, usecs=8000)
+    tuner.poll_backlog = tuner.poll_squeeze = True
+    texts = [SOFTNET_1, SOFTNET_2]
+    tuner.read_softnet = lambda: texts.pop(0)
+    tuner.tick(1.0)
+    assert backend.writes == []  # first reading: a baseline
+    tuner.tick(2.0)
+    assert backend.read(BACKLOG) == (40,)  # 0x2a - 5 = 37 drops on cpu 1
+    assert backend.read_text(BITMAP) == "2"
+    assert backend.read(BUDGET) == (12,)  # cpu 0 squeezed 3 more times
+
+
+def test_parsers() -> None:
+    assert nb.parse_cpumask("0") == 0
+    assert nb.parse_cpumask("00000001,00000003\n") == (1 << 32) | 3
+    assert nb.format_cpumask(0) == "0"
+    assert nb.format_cpumask(5) == "5"
+    assert nb.format_cpumask((1 << 32) | 3) == "1,00000003"
+    assert nb.parse_softnet_stat(SOFTNET_1) == [(16, 0, 1), (32, 5, 0)]
+    assert nb.parse_schedstat("version 15\ntimestamp 1\ncpu0 0 0 0 0 0 0 100 50 3\ncpu1 0 0 0 0 0 0 300 10 3\n") == (
+        400,
+        60,
+    )
+    assert nb.parse_schedstat("version 15\n") is None
+    assert nb.parse_psi_some_total("some avg10=1.00 avg60=0 avg300=0 total=1234\nfull avg10=0 total=0\n") == 1234
+    assert nb.kernel_at_least("6.18.44-fc-v657", 5, 14)
+    assert not nb.kernel_at_least("5.10.0-32-amd64", 5, 14)
+    assert nb.kernel_at_least("5.14", 5, 14)
+
+
+def test_sched_wait_from_schedstat_then_psi() -> None:
+    files = {"/proc/schedstat": "cpu0 0 0 0 0 0 0 1000 100 1\n"}
+    wait = SchedWait(read=files.get, clock=lambda: 0.0)
+    assert wait.sample() is None
+    files["/proc/schedstat"] = "cpu0 0 0 0 0 0 0 3000 500 1\n"
+    assert wait.sample() == pytest.approx(20.0)  # 400 ns waiting per 2000 ns running
+
+    now = [10.0]
+    psi = {"/proc/pressure/cpu": "some avg10=0 avg60=0 avg300=0 total=1000000\n"}
+    wait = SchedWait(read=psi.get, clock=lambda: now[0])
+    assert wait.sample() is None
+    now[0] += 2.0
+    psi["/proc/pressure/cpu"] = "some avg10=0 avg60=0 avg300=0 total=1500000\n"
+    assert wait.sample() == pytest.approx(25.0)  # 0.5 s of stall in 2 s
+    assert SchedWait(read=lambda path: None).sample() is None
