@@ -141,6 +141,11 @@ class Tuner:
     scenarios: ClassVar[tuple[Scenario, ...]] = ()
     # Signals the tuner can live without (the rest must have a working form).
     optional_signals: ClassVar[frozenset[str]] = frozenset()
+    # Forms the kernel may refuse for more than their program kind: a missing
+    # tracepoint argument, enum value or kernel symbol.  Program name -> what
+    # it needs.  The loader falls back from them like from any refused form;
+    # the verifier test accepts their refusal but nobody else's.
+    kernel_dependent_forms: ClassVar[Mapping[str, str]] = {}
     # Program names to attach to the root cgroup (cgroup/sysctl, sockops).
     cgroup_programs: ClassVar[tuple[str, ...]] = ()
     # Needs at least this support level ("legacy" or "full") to start.
