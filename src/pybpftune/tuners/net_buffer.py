@@ -28,6 +28,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from types import MappingProxyType
 
 from .. import libbpf
 from ..events import Event
@@ -226,6 +227,16 @@ class NetBufferTuner(Tuner):
         ),
     )
     optional_signals = frozenset({"backlog", "squeeze"})
+    kernel_dependent_forms = MappingProxyType(
+        {
+            "backlog__tp_btf": "skb drop reasons (SKB_DROP_REASON_CPU_BACKLOG, Linux 5.17+)",
+            "backlog__raw_tp": "skb drop reasons (SKB_DROP_REASON_CPU_BACKLOG, Linux 5.17+)",
+            **{
+                f"squeeze__{form}": "softnet_data in kernel BTF and its address in kallsyms"
+                for form in ("tp_btf", "raw_tp", "fentry", "kprobe")
+            },
+        }
+    )
 
     def __init__(self, ctx: TunerContext, tuner_id: int) -> None:
         super().__init__(ctx, tuner_id)
