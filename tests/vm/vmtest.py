@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
 import dataclasses
 import fcntl
 import hashlib
@@ -358,6 +359,8 @@ def fetch(codename: str, package: str, version: str, cache: Path, log: BinaryIO 
             r = subprocess.run(["dpkg", "-x", str(deb), str(root)], capture_output=True, text=True, check=False)
             if r.returncode != 0:
                 raise VMError(EXIT_KERNEL, f"cannot unpack {deb.name}: {r.stderr.strip()}")
+            if not (root / "lib").exists() and (root / "usr" / "lib" / "modules").is_dir():
+                (root / "lib").symlink_to("usr/lib")  # merged-/usr packages (trixie and later)
             releases = [d.name for d in (root / "lib" / "modules").glob("*") if d.is_dir()]
             if len(releases) != 1 or not (root / "boot" / f"vmlinuz-{releases[0]}").is_file():
                 raise VMError(EXIT_KERNEL, f"{package} does not look like a kernel image package")
@@ -710,6 +713,12 @@ class _Tail:
         return len(data)
 
 
+def _die_with_parent() -> None:
+    """In the qemu child: get SIGKILL if the runner dies, so no VM outlives a killed run."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
 def _stop(proc: subprocess.Popen[bytes]) -> None:
     if proc.poll() is None:
         with contextlib.suppress(ProcessLookupError):
@@ -780,7 +789,10 @@ def run(
             err.flush()
         start = time.monotonic()
         with open(job / "qemu.err", "wb") as qemu_err:
-            proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=qemu_err)
+            proc = subprocess.Popen(
+                cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=qemu_err,
+                start_new_session=True, preexec_fn=_die_with_parent,
+            )  # fmt: skip
         tails = [_Tail(job / "out", out), _Tail(job / "err", err)]
         console = _Tail(job / "console.log", err if verbose else None)
         started: float | None = None
