@@ -10,6 +10,7 @@ different device of the initial namespace, which is what bpftune got wrong.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import signal
 import subprocess
@@ -31,6 +32,10 @@ from .harness import Daemon, NetnsPair, Sysctls, netns_pair, run, sysctl_get, sy
 
 pytestmark = pytest.mark.kernel
 
+# Under qemu/TCG (PYBPFTUNE_VM=1, set by tests/vm/vmtest.py) everything is ~30x slower.
+SLOW = 10 if os.environ.get("PYBPFTUNE_VM") else 1
+WAIT = 30 * SLOW
+
 V4 = "net.ipv4.neigh.default.gc_thresh"
 V6 = "net.ipv6.neigh.default.gc_thresh"
 
@@ -45,10 +50,23 @@ def set_thresholds(s: Sysctls, prefix: str, values: tuple[int, int, int]) -> Non
         s.set(f"{prefix}{i}", v)
 
 
+LOCK = Path("/run/lock/pybpftune-neigh-thresholds.lock")
+
+
 @pytest.fixture
 def pair() -> Iterator[NetnsPair]:
-    with netns_pair("pbtnt") as p:
-        yield p
+    """A namespace pair, and the machine-wide lock on the (global) thresholds:
+    two runs of these tests at once would set them under each other's feet.
+    Entries from other tests' namespaces may still trigger the first change,
+    so the assertions accept any device unless the line is about ours."""
+    LOCK.parent.mkdir(parents=True, exist_ok=True)
+    with LOCK.open("a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            with netns_pair("pbtnt") as p:
+                yield p
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def neighbours(pair: NetnsPair, cmd: str, addrs: list[str], v6: bool = False) -> None:
@@ -78,18 +96,22 @@ def test_thresholds_grow_with_static_neighbours_and_roll_back(
         set_thresholds(s, V4, (32, 64, 128))
         set_thresholds(s, V6, (32, 64, 128))
         with neigh_daemon(tmp_path, variant_args, "-R") as d:
-            d.started()
+            d.started(60 * SLOW)
             neighbours(pair, "add", v4_hosts(3, 252))
             m = d.wait_for(
-                rf"updated thresholds for arp_cache table, dev '{pair.server_dev}' \(ifindex \d+\) in non-global ns, "
-                r"from \(32 64 128\) to \((\d+) (\d+) (\d+)\), computed max 1024"
+                r"updated thresholds for arp_cache table, dev '[^']+' \(ifindex \d+\) in non-global ns, "
+                r"from \(32 64 128\) to \((\d+) (\d+) (\d+)\), computed max 1024",
+                timeout=WAIT,
             )
             grown = (int(m[1]), int(m[2]), int(m[3]))
-            assert grown[2] > 250 and thresholds(V4) == grown
-            d.wait_for(r"Due to neighbour table arp_cache nearly full .* change neigh\.arp_cache\.gc_thresh")
+            # A slow machine may handle the first event mid-batch and grow again later.
+            assert grown[2] > 128 and thresholds(V4)[2] >= grown[2]
+            d.wait_for(
+                r"Due to neighbour table arp_cache nearly full .* change neigh\.arp_cache\.gc_thresh", timeout=WAIT
+            )
             # IPv6: /64 addresses put no bound on ndisc_cache.
             neighbours(pair, "add", [f"fd00:168::{i:x}" for i in range(0x100, 0x1FA)], v6=True)
-            d.wait_for(rf"updated thresholds for ndisc_cache table, dev '{pair.server_dev}'")
+            d.wait_for(r"updated thresholds for ndisc_cache table, dev '[^']+'", timeout=WAIT)
             assert thresholds(V6)[2] > 128
             assert d.stop(signal.SIGTERM) == 0
         assert "Rolling back neighbour table thresholds for 'arp_cache'" in d.output
@@ -103,18 +125,21 @@ def test_full_slash24_stops_growth_until_the_device_gets_more_addresses(
     with sysctls() as s:
         set_thresholds(s, V4, (256, 512, 1000))
         with neigh_daemon(tmp_path, variant_args) as d:
-            d.started()
+            d.started(60 * SLOW)
             # ~780 entries nearly fill 1000: growth stops at the /24's bound 1024.
             neighbours(pair, "add", [f"192.168.168.{i}" for i in range(3, 255)])
             neighbours(pair, "add", [f"192.168.{b}.{i}" for b in (100, 101) for i in range(1, 255)])
             neighbours(pair, "add", [f"192.168.102.{i}" for i in range(1, 20)])
-            d.wait_for(r"updated thresholds for arp_cache table, .* to \(\d+ \d+ 1024\), computed max 1024")
+            d.wait_for(
+                r"updated thresholds for arp_cache table, .* to \(\d+ \d+ 1024\), computed max 1024", timeout=WAIT
+            )
             assert thresholds(V4)[2] == 1024
             mark = len(d.lines)
             neighbours(pair, "add", [f"192.168.102.{i}" for i in range(20, 60)])
             d.wait_for(
                 rf"can no longer update thresholds for arp_cache table, dev '{pair.server_dev}' \(ifindex \d+\) "
                 r"in non-global ns: gc_thresh3 1024 has reached the computed max 1024",
+                timeout=WAIT,
             )
             assert thresholds(V4)[2] == 1024
             # Three more /24s on the device raise its bound to 4096 (bpftune's max2 test).
@@ -122,7 +147,9 @@ def test_full_slash24_stops_growth_until_the_device_gets_more_addresses(
                 run(["ip", "addr", "add", f"10.{b}.0.1/24", "dev", pair.server_dev], pair.server)
             neighbours(pair, "add", [f"192.168.102.{i}" for i in range(60, 100)])
             d.wait_for(
-                r"updated thresholds for arp_cache table, .* from \(\d+ \d+ 1024\) .*computed max 4096", start=mark
+                r"updated thresholds for arp_cache table, .* from \(\d+ \d+ 1024\) .*computed max 4096",
+                start=mark,
+                timeout=WAIT,
             )
             assert thresholds(V4)[2] > 1024
 
@@ -131,13 +158,14 @@ def test_large_table_shrinks_back_when_emptied(pair: NetnsPair, tmp_path: Path, 
     with sysctls() as s:
         set_thresholds(s, V4, (512, 2048, 4096))
         with neigh_daemon(tmp_path, variant_args) as d:
-            d.started()
+            d.started(60 * SLOW)
             hosts = v4_hosts(3, 254)
             neighbours(pair, "add", hosts)
             neighbours(pair, "del", hosts)
             d.wait_for(
-                rf"reduced thresholds for arp_cache table, dev '{pair.server_dev}' \(ifindex \d+\) in non-global ns, "
-                r"from \(512 2048 4096\) to \(384 1536 3072\)"
+                r"reduced thresholds for arp_cache table, dev '[^']+' \(ifindex \d+\) in non-global ns, "
+                r"from \(512 2048 4096\) to \(384 1536 3072\)",
+                timeout=WAIT,
             )
             t = thresholds(V4)
             assert 1024 <= t[2] < 4096 and t[0] >= 128 and t[1] >= 512
@@ -150,9 +178,9 @@ def test_ipv4_works_with_ipv6_disabled_in_the_namespace(
     with sysctls() as s:
         set_thresholds(s, V4, (32, 64, 128))
         with neigh_daemon(tmp_path, variant_args) as d:
-            d.started()
+            d.started(60 * SLOW)
             neighbours(pair, "add", v4_hosts(3, 200))
-            d.wait_for(rf"updated thresholds for arp_cache table, dev '{pair.server_dev}'")
+            d.wait_for(r"updated thresholds for arp_cache table, dev '[^']+'", timeout=WAIT)
             assert thresholds(V4)[2] > 128
             d.stop()
         assert "Traceback" not in d.output
@@ -196,7 +224,7 @@ def test_removal_fallback_forms_fire_or_say_why(pair: NetnsPair, variant: str) -
             set_thresholds(s, V4, (512, 2048, 4096))
             neighbours(pair, "add", ["192.168.168.77"])
             neighbours(pair, "del", ["192.168.168.77"])
-            deadline = time.monotonic() + 10
+            deadline = time.monotonic() + 10 * SLOW
             while not got and time.monotonic() < deadline:
                 ring.poll(100)
         assert got, "no event from neigh_remove_one"

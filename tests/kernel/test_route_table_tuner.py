@@ -29,6 +29,10 @@ from .harness import Daemon, NetnsPair, netns_pair, run, sysctl_get, sysctls
 
 pytestmark = pytest.mark.kernel
 
+# Under qemu/TCG (PYBPFTUNE_VM=1, set by tests/vm/vmtest.py) everything is ~30x slower.
+SLOW = 10 if os.environ.get("PYBPFTUNE_VM") else 1
+WAIT = 30 * SLOW
+
 MAX_SIZE = "net.ipv6.route.max_size"
 COOKIES = Namespaces().cookie_supported
 
@@ -79,13 +83,16 @@ def test_max_size_grows_when_the_table_nears_it(
     with sysctls() as s:
         s.set(MAX_SIZE, 32, netns)
         with Daemon(["-s", "-a", "route_table", "--state-dir", str(tmp_path), *variant_args]) as d:
-            d.started()
+            d.started(60 * SLOW)
             add_routes(pair, 40, netns)
-            deadline = time.monotonic() + 30
+            deadline = time.monotonic() + WAIT
             while time.monotonic() < deadline and "dst table filling up" not in d.output:
                 lookups(netns, 3)
-            m = d.wait_for(rf"Due to dst table filling up, change {MAX_SIZE} from \(32\) -> \((\d+)\)")
-            d.wait_for(rf"Scenario 'destination table nearly full' occurred for tunable '{MAX_SIZE}' in {where}\.")
+            m = d.wait_for(rf"Due to dst table filling up, change {MAX_SIZE} from \(32\) -> \((\d+)\)", timeout=WAIT)
+            d.wait_for(
+                rf"Scenario 'destination table nearly full' occurred for tunable '{MAX_SIZE}' in {where}\.",
+                timeout=WAIT,
+            )
             assert int(sysctl_get(MAX_SIZE, netns)) >= int(m[1]) > 32
 
 
@@ -95,7 +102,7 @@ def test_table_below_max_size_changes_nothing(
     with sysctls() as s:
         s.set(MAX_SIZE, 4096, netns)
         with Daemon(["-s", "-a", "route_table", "--state-dir", str(tmp_path), *variant_args]) as d:
-            d.started()
+            d.started(60 * SLOW)
             add_routes(pair, 40, netns)
             lookups(netns, 10)
             time.sleep(1)
@@ -146,7 +153,7 @@ def test_gc_forms_fire_or_say_why(pair: NetnsPair, netns: str | None, variant: s
             s.set(MAX_SIZE, 32, netns)
             add_routes(pair, 40, netns)
             run(["sysctl", "-q", "-w", "net.ipv6.route.flush=1"], netns)  # runs fib6_run_gc (write-only)
-            deadline = time.monotonic() + 10
+            deadline = time.monotonic() + 10 * SLOW
             while not got and time.monotonic() < deadline:
                 ring.poll(100)
         assert got, "no event from fib6_run_gc"

@@ -430,7 +430,8 @@ class NeighTableTuner(Tuner):
             return []
         prefixes = self.backend.prefixes(device, fam.family)
         if prefixes is None:
-            log.info(
+            # Usually a namespace that vanished right after its entry was made.
+            log.debug(
                 "cannot read the addresses of %s in %s to bound the %s thresholds; not changing them",
                 device.describe(),
                 where,
