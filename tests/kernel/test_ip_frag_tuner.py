@@ -15,6 +15,7 @@ raises the threshold of that side only.
 
 from __future__ import annotations
 
+import os
 import subprocess
 import time
 from collections.abc import Iterator
@@ -24,13 +25,21 @@ from pathlib import Path
 
 import pytest
 
-from pybpftune.netns import current_cookie
+from pybpftune.bpf import object_path
+from pybpftune.errors import NotSupported
+from pybpftune.events import Event
+from pybpftune.loader import load_object
+from pybpftune.netns import current_cookie, current_inode
+from pybpftune.ringbuf import RingBuffer
+from pybpftune.support import KindSupport, Support, probe_support
+from pybpftune.tuners import ip_frag as fr
 
 from .harness import Daemon, Sysctls, netns_pair, run, sysctl_get, sysctls
 
 pytestmark = pytest.mark.kernel
 
 SMALL = 8192
+SLOW = 10 if os.environ.get("PYBPFTUNE_VM") else 1
 V4 = ("net.ipv4.ipfrag_high_thresh", "net.ipv4.ipfrag_low_thresh")
 V6 = ("net.ipv6.ip6frag_high_thresh", "net.ipv6.ip6frag_low_thresh")
 
@@ -97,7 +106,7 @@ def ping(path: Path2, v6: bool, count: int = 4) -> None:
 
 
 def ping_until(d: Daemon, path: Path2, v6: bool, pattern: str, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + timeout * SLOW
     while True:
         ping(path, v6)
         try:
@@ -149,3 +158,55 @@ def test_fragment_memory_near_threshold_raises_it(where: str, variant_args: tupl
                 assert grown(high, path.server)
         if where == "netns":
             assert (sysctl_get(V4[0]), sysctl_get(V6[0])) == glob_before, "only the namespace's thresholds move"
+
+
+# --- the fallback forms (fentry / kprobe on ip_defrag and ipv6_frag_rcv) ----------------------
+
+
+def without_tracepoints() -> Support:
+    real = probe_support()
+    kinds = dict(real.kinds)
+    for kind in ("tp_btf", "raw_tp"):
+        kinds[kind] = KindSupport(kind, False, False, "ruled out by the test")
+    return Support(kinds, real.kernel_btf, real.ringbuf, real.netns_cookie, real.cgroup2, real.memlock)
+
+
+def test_defrag_fallback_forms_fire_or_say_why(variant: str) -> None:
+    """Where fentry or kprobes work (the VMs) the ip_defrag/ipv6_frag_rcv forms
+    report both families; elsewhere the error names the signal and why."""
+    real = probe_support()
+    got: list[Event] = []
+    with RingBuffer() as ring:
+        ring.register(5, got.append)
+        try:
+            loaded = load_object(
+                object_path("ip_frag_tuner", legacy=variant == "legacy"),
+                "ip_frag_tuner",
+                without_tracepoints(),
+                ring=ring,
+                globals_={
+                    "tuner_id": 5,
+                    "bpftune_pid": os.getpid(),
+                    "bpftune_netns_cookie_supported": int(current_cookie() is not None),
+                    "bpftune_init_netns_inum": current_inode(),
+                },
+            )
+        except NotSupported as exc:
+            text = str(exc)
+            assert "signal frag" in text and "ruled out by the test" in text and "kprobe" in text
+            assert not real.works("kprobe")
+            return
+        with loaded, global_pair() as path, sysctls() as s:
+            chosen = loaded.choices["frag"].chosen
+            assert chosen == ("fentry" if variant == "full" and real.works("fentry") else "kprobe")
+            offloads_off(path)
+            shrink_thresholds(s, None)
+            deadline = time.monotonic() + 30 * SLOW
+            families: set[int] = set()
+            while families != {fr.AF_INET, fr.AF_INET6} and time.monotonic() < deadline:
+                ping(path, v6=fr.AF_INET in families, count=2)
+                ring.poll(100)
+                families = {fr.FragObservation.from_event(e).family for e in got}
+        assert families == {fr.AF_INET, fr.AF_INET6}, f"events: {got}"
+        obs = fr.FragObservation.from_event(got[0])
+        assert obs.high_thresh == SMALL and obs.mem >= SMALL - SMALL // 4
