@@ -97,11 +97,13 @@ BPFTUNE_TP(rcvqueue_full, sock_rcvqueue_full, struct sock *sk, struct sk_buff *s
 {
 	__u16 family, protocol;
 
-	if (!bpftune_sample(&rcvqueue_full_sample))
-		return 0;
+	/* Filter before sampling, so other sockets' overflows do not slow
+	 * the sampling of the ones we care about. */
 	family = BPF_CORE_READ(sk, __sk_common.skc_family);
 	protocol = BPF_CORE_READ(sk, sk_protocol);
 	if ((family != AF_INET && family != AF_INET6) || protocol == IPPROTO_TCP)
+		return 0;
+	if (!bpftune_sample(&rcvqueue_full_sample))
 		return 0;
 	return observe(sk, NULL, UDP_BUFFER_OBS_RCVBUF_FULL, UDP_BUFFER_SRC_RCVQUEUE_FULL, 0, -1);
 }
@@ -113,10 +115,10 @@ BPFTUNE_TP(exceed_buf, sock_exceed_buf_limit, struct sock *sk, struct proto *pro
 
 	if (kind != SK_MEM_RECV)
 		return 0;
-	if (!bpftune_sample(&exceed_buf_sample))
-		return 0;
 	protocol = BPF_CORE_READ(sk, sk_protocol);
 	if (protocol != IPPROTO_UDP && protocol != IPPROTO_UDPLITE)
+		return 0;
+	if (!bpftune_sample(&exceed_buf_sample))
 		return 0;
 	return observe(sk, prot, UDP_BUFFER_OBS_MEM_LIMIT, UDP_BUFFER_SRC_EXCEED_BUF, 0, allocated);
 }
