@@ -150,3 +150,26 @@ def test_socket_that_locked_a_small_buffer_changes_nothing(
             time.sleep(1)
         assert (sysctl_get(RMEM_MAX), sysctl_get(RMEM_DEFAULT)) == ("16384", "16384")
         assert "Due to" not in d.output
+
+
+UDP_MEM = "net.ipv4.udp_mem"
+
+
+def test_udp_memory_exhaustion_grows_udp_mem(variant_args: tuple[str, ...], tmp_path: Path) -> None:
+    """udp_mem 20 45 50 pages and a 1 MiB receive queue nobody reads: UDP
+    memory runs out (-ENOBUFS) and udp_mem[2] rises, [0] and [1] with it."""
+    with sysctls() as s, netns_pair("pbtudp") as pair, udp_daemon(tmp_path, variant_args) as d:
+        s.save(RMEM_DEFAULT)
+        s.set(RMEM_MAX, 1 << 20)
+        d.started()
+        with silent_receiver(pair, rcvbuf=1 << 20) as rcvbuf:
+            assert rcvbuf == 2 << 20
+            s.set(UDP_MEM, "20 45 50")
+            flood_until(
+                d,
+                pair,
+                r"Due to approaching UDP memory exhaustion \(\d+ pages in use\) "
+                r"change net.ipv4.udp_mem\(min pressure max\) from \(20 45 50\) -> \(25 56 62\)",
+            )
+        d.wait_for(r"Scenario 'approaching UDP memory exhaustion' occurred for tunable 'net.ipv4.udp_mem'")
+        assert int(sysctl_get(UDP_MEM).split()[2]) > 50
