@@ -205,8 +205,8 @@ class Apt:
         # apt-get update exits 0 even when a source failed (only a warning says so).  A missing
         # -updates or -security suite is tolerable; a missing release suite is not.
         problems = [ln for ln in r.stdout.splitlines() if ln.startswith(("E:", "W: Failed"))]
-        have_main = any((self.root / "lists").glob(f"*_dists_{self.codename}_*Release"))
-        if r.returncode != 0 or not have_main:
+        main_failed = any(f"/dists/{self.codename}/" in ln for ln in problems)
+        if r.returncode != 0 or main_failed:
             first = problems[0] if problems else "apt-get update failed"
             raise VMError(
                 EXIT_KERNEL, f"cannot fetch the Debian {self.codename} package lists from Debian's mirror: {first}"
@@ -324,8 +324,10 @@ def resolve(spec: str, cache: Path, log: BinaryIO | None = None) -> tuple[str, s
             return memo_hit
         raise VMError(exc.code, f"cannot look up kernel package {spec}: {exc.message}") from exc
     if result is None:
+        if memo_hit:
+            return memo_hit
         where = " or ".join(f"Debian {c}" for c in codenames)
-        raise VMError(EXIT_KERNEL, f"kernel package {spec} not found in {where}")
+        raise VMError(EXIT_KERNEL, f"kernel package {wanted} not found in {where}")
     if spec in ALIASES and not result[2].startswith(spec + "."):
         raise VMError(EXIT_KERNEL, f"Debian {result[0]} now ships {result[1]} {result[2]}, not a {spec} kernel")
     known[spec] = {"codename": result[0], "package": result[1], "version": result[2], "time": time.time()}
@@ -851,7 +853,7 @@ def unavailable_reason(kernel_spec: str = "6.1") -> str | None:
         if shutil.which(tool) is None:
             return f"{tool} not found (apt-get install {pkg})"
     cache = cache_dir()
-    with contextlib.suppress(OSError, ValueError):
+    with contextlib.suppress(OSError, ValueError, KeyError, TypeError, AttributeError):
         entry = json.loads((cache / "resolved.json").read_text()).get(kernel_spec)
         if entry and (cache / "kernels" / _key(entry["package"], entry["version"]) / "kernel.json").is_file():
             return None
