@@ -204,7 +204,14 @@ static __always_inline void conn_event(struct bpf_sock_ops *ops, struct conn_sk 
 	e->segs_out = ops->segs_out;
 	e->cost = cost;
 	__builtin_memcpy(e->addr, c->host.addr, sizeof(e->addr));
-	bpftune_send_event(event);
+	/* Not bpftune_send_event(): sockops programs may not ask for the
+	 * current pid before Linux 6.x, and the task is arbitrary here anyway. */
+	event->tuner_id = tuner_id;
+	event->pid = 0;
+	if (bpf_ringbuf_output(&ring_buffer_map, event, sizeof(*event), 0))
+		__sync_fetch_and_add(&bpftune_ringbuf_drops, 1);
+	else
+		__sync_fetch_and_add(&bpftune_events_sent, 1);
 }
 
 static __always_inline int conn_set(struct bpf_sock_ops *ops, struct conn_sk *c, __u32 alg, __u32 reason,
