@@ -95,10 +95,10 @@ def test_guest_runs_the_requested_kernel(roundtrip: tuple[Result, Path], release
 
 
 def test_timeout_is_124_with_one_line(release: str, tmp_path: Path) -> None:
-    r = _runner("--kernel", KERNEL, "--timeout", "15", "--", "sh", "-c", "echo started; sleep 600", cwd=tmp_path)
+    r = _runner("--kernel", KERNEL, "--timeout", "5", "--", "sh", "-c", "echo started; sleep 600", cwd=tmp_path)
     assert r.returncode == vmtest.EXIT_TIMEOUT, r.stderr
     assert r.stdout == "started\n"
-    assert r.stderr.splitlines() == ["vmtest: timeout: sh -c 'echo started; sleep 600' did not finish within 15s"]
+    assert r.stderr.splitlines() == ["vmtest: timeout: sh -c 'echo started; sleep 600' did not finish within 5s"]
 
 
 def test_unknown_package_is_a_clear_error(release: str, tmp_path: Path) -> None:

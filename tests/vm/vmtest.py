@@ -742,6 +742,7 @@ def run(
     argv: Sequence[str],
     kernel_spec: str = "6.1",
     timeout: float = 600.0,
+    boot_timeout: float = 180.0,
     mem: str = "2G",
     cpus: int = 2,
     verbose: bool = False,
@@ -751,6 +752,8 @@ def run(
     environ: dict[str, str] | None = None,
 ) -> int:
     """Boot kernel_spec, run argv in cwd as root, stream its output, return its exit code.
+
+    timeout counts from the moment the command starts; boot_timeout bounds the boot before it.
 
     Raises VMError for the runner's own failures (timeout, boot failure, missing kernel).
     """
@@ -809,7 +812,8 @@ def run(
                         err.flush()
                 if proc.poll() is not None:
                     break
-                if time.monotonic() - start > timeout:
+                elapsed = time.monotonic() - start
+                if elapsed > (boot_timeout if started is None else started + timeout):
                     timed_out = True
                     break
                 if not moved:
@@ -834,7 +838,7 @@ def run(
         qemu_line = _tail_lines(job / "qemu.err", 1).strip()
         what = f"kernel {kernel.release}"
         if timed_out:
-            raise VMError(EXIT_VM, f"VM failure: {what} did not reach the command within {timeout:g}s", detail)
+            raise VMError(EXIT_VM, f"VM failure: {what} did not boot to the command within {boot_timeout:g}s", detail)
         if started is None:
             reason = f"qemu exited with {proc.returncode}: {qemu_line}" if qemu_line else "the guest stopped"
             hint = "" if verbose else " (rerun with --verbose to see the console)"
@@ -874,8 +878,15 @@ def main(args: Sequence[str] | None = None) -> int:
         epilog="Exit codes: CMD's own; 124 timeout; 125 VM failure; 126 kernel package not found or not downloadable.",
     )
     parser.add_argument("--kernel", default="6.1", help="6.1, 5.10, 6.12 or a package like linux-image-6.1.0-56-amd64")
-    parser.add_argument("--timeout", type=float, default=float(os.environ.get("PYBPFTUNE_VM_TIMEOUT", "600")),
-                        help="seconds for boot plus command (default 600, env PYBPFTUNE_VM_TIMEOUT)")  # fmt: skip
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=float(os.environ.get("PYBPFTUNE_VM_TIMEOUT", "600")),
+        help="seconds the command may run, boot excluded (default 600, env PYBPFTUNE_VM_TIMEOUT)",
+    )
+    parser.add_argument("--boot-timeout", type=float,
+                        default=float(os.environ.get("PYBPFTUNE_VM_BOOT_TIMEOUT", "180")),
+                        help="seconds the kernel may take to reach the command (default 180)")  # fmt: skip
     parser.add_argument("--mem", default=os.environ.get("PYBPFTUNE_VM_MEM", "2G"), help="guest memory (default 2G)")
     parser.add_argument("--cpus", type=int, default=int(os.environ.get("PYBPFTUNE_VM_CPUS", "2")), help="vCPUs (2)")
     parser.add_argument("--verbose", "-v", action="store_true", help="print the guest console and timings")
@@ -897,7 +908,7 @@ def main(args: Sequence[str] | None = None) -> int:
             return 0
         if not command:
             parser.error("no command given")
-        return run(command, ns.kernel, ns.timeout, ns.mem, ns.cpus, ns.verbose)
+        return run(command, ns.kernel, ns.timeout, ns.boot_timeout, ns.mem, ns.cpus, ns.verbose)
     except VMError as exc:
         if exc.detail:
             err.write(exc.detail.encode(errors="replace") + b"\n")
