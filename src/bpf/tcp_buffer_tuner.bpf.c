@@ -6,8 +6,6 @@
  *   rcv_space    receive buffer pressing tcp_rmem[2] or capped by the window
  *                scale: tracepoint tcp:tcp_rcv_space_adjust | fentry | kprobe
  *                on tcp_rcv_space_adjust.                          (sampled)
- *   rcvbuf_grow  the same check where the kernel has tcp:tcp_rcvbuf_grow
- *                (6.17+).                                 (optional, sampled)
  *   snd_buf      send side limited by tcp_wmem[2]: tracepoint tcp:tcp_probe
  *                (an ACK reaches a socket the kernel marks sndbuf-limited) |
  *                fentry | kprobe on tcp_sndbuf_expand.              (sampled)
@@ -42,7 +40,6 @@ __u32 near_memory_exhaustion;
 
 /* Adaptive sampling state of each hot hook (reported at exit). */
 struct bpftune_sample rcv_space_sample;
-struct bpftune_sample rcvbuf_grow_sample;
 struct bpftune_sample snd_buf_sample;
 struct bpftune_sample conn_state_sample;
 struct bpftune_sample mem_limit_sample;
@@ -397,15 +394,6 @@ BPFTUNE_FENTRY(rcv_space, tcp_rcv_space_adjust, struct sock *sk)
 BPFTUNE_KPROBE(rcv_space, tcp_rcv_space_adjust, struct sock *sk)
 {
 	if (!bpftune_sample(&rcv_space_sample))
-		return 0;
-	return on_rcv(sk);
-}
-
-/* ---- rcvbuf_grow (optional) ----------------------------------------------------- */
-
-BPFTUNE_TP(rcvbuf_grow, tcp_rcvbuf_grow, struct sock *sk, int time)
-{
-	if (!bpftune_sample(&rcvbuf_grow_sample))
 		return 0;
 	return on_rcv(sk);
 }

@@ -105,7 +105,7 @@ SYN_COOLDOWN_S = 1.0
 SYN_BACKLOG_MIN = 128
 SYNCOOKIES_FAILED_MIN = 1024
 
-SAMPLES = ("rcv_space", "rcvbuf_grow", "snd_buf", "conn_state", "mem_limit", "syn_flood")
+SAMPLES = ("rcv_space", "snd_buf", "conn_state", "mem_limit", "syn_flood")
 
 
 def max_step_factor(steps: Steps) -> float:
@@ -211,10 +211,13 @@ class Conn:
     def need(self, steps: Steps) -> int:
         """Buffer bytes this connection needs (see the module docstring)."""
         if self.window_limited() and not self.queueing():
-            window = explore_factor(steps) * self.effective_window()
-        else:
-            window = HEADROOM * self.bdp()
-        return int(window * self.buffer_per_window())
+            return int(explore_factor(steps) * self.effective_window() * self.buffer_per_window())
+        return self.full_need()
+
+    def full_need(self) -> int:
+        """Buffer bytes for a window of the BDP plus a quarter: what keeps
+        the pipe full at the rate measured now."""
+        return int(HEADROOM * self.bdp() * self.buffer_per_window())
 
     def describe(self) -> str:
         side = "receiver" if self.receive else "sender"
@@ -442,7 +445,7 @@ class TcpBufferTuner(Tuner):
         ),
         Scenario(MAX_ORPHANS_INCREASE, "increase max number of orphaned sockets", ""),
     )
-    optional_signals = frozenset({"rcvbuf_grow", "mem_pressure", "syn_flood"})
+    optional_signals = frozenset({"mem_pressure", "syn_flood"})
 
     def __init__(self, ctx: TunerContext, tuner_id: int) -> None:
         super().__init__(ctx, tuner_id)
@@ -586,14 +589,12 @@ class TcpBufferTuner(Tuner):
         if current is None:
             return []
         need = conn.need(self.steps)
-        cap = buffer_cap(self._read(TCP_MEM, cookie), self.page_size)
-        target = grow_max(current[2], need, self.steps, cap)
-        if target is None:
-            return []
         if self.corr_reader(tid, cookie).significant():
-            floor = self._initial(tid, cookie, current)[2]
-            backoff = latency_backoff(current[2], max(floor, min(need, current[2])), self.steps)
+            # Latency rose with buffer size: one step down, toward what fills
+            # the pipe, never below the value before we first grew it.
             self._reset_corr(tid, cookie)
+            floor = max(self._initial(tid, cookie, current)[2], min(current[2], conn.full_need()))
+            backoff = latency_backoff(current[2], floor, self.steps)
             if backoff is None:
                 return []
             return [
@@ -602,9 +603,12 @@ class TcpBufferTuner(Tuner):
                     BUFFER_DECREASE_LATENCY,
                     cookie,
                     (current[0], current[1], backoff),
-                    "need to decrease max buffer size as latency rose with buffer size increases",
+                    f"need to decrease max buffer size as latency rose with buffer size increases ({conn.describe()})",
                 )
             ]
+        target = grow_max(current[2], need, self.steps, buffer_cap(self._read(TCP_MEM, cookie), self.page_size))
+        if target is None:
+            return []
         reason = (
             f"need to increase max buffer size to maximize throughput ({conn.describe()}; needs about {need} bytes)"
         )
