@@ -24,8 +24,8 @@
  */
 #include "pybpftune.bpf.h"
 
-#define SOCK_SNDBUF_LOCK_BIT 1
-#define SOCK_RCVBUF_LOCK_BIT 2
+#define SOCK_SNDBUF_LOCK_MASK 1
+#define SOCK_RCVBUF_LOCK_MASK 2
 #define TCP_ESTABLISHED_STATE 1
 #define TCP_CHRONO_SNDBUF 3
 #define SOCK_NOSPACE_BIT 2
@@ -171,7 +171,7 @@ static __always_inline int on_rcv(struct sock *sk)
 	if (!sk)
 		return 0;
 	locks = BPF_CORE_READ_BITFIELD_PROBED(sk, sk_userlocks);
-	if (locks & (1 << SOCK_RCVBUF_LOCK_BIT))
+	if (locks & SOCK_RCVBUF_LOCK_MASK)
 		return 0;
 	net = bpftune_sock_net(sk);
 	old[0] = BPF_CORE_READ(net, ipv4.sysctl_tcp_rmem[0]);
@@ -180,8 +180,8 @@ static __always_inline int on_rcv(struct sock *sk)
 	rcvbuf = BPF_CORE_READ(sk, sk_rcvbuf);
 	window = BPF_CORE_READ(tp, window_clamp);
 	space = BPF_CORE_READ(tp, rcvq_space.space);
-	if (BPF_CORE_READ_BITFIELD_PROBED(&tp->rx_opt, wscale_ok)) {
-		ws = BPF_CORE_READ_BITFIELD_PROBED(&tp->rx_opt, rcv_wscale);
+	if (BPF_CORE_READ_BITFIELD_PROBED(tp, rx_opt.wscale_ok)) {
+		ws = BPF_CORE_READ_BITFIELD_PROBED(tp, rx_opt.rcv_wscale);
 		cap = 65535U << (ws & 15);
 	} else {
 		cap = 65535;
@@ -260,7 +260,7 @@ static __always_inline int on_snd(struct sock *sk, bool expanding)
 	if (!expanding && !sndbuf_limited(sk, tp))
 		return 0;
 	locks = BPF_CORE_READ_BITFIELD_PROBED(sk, sk_userlocks);
-	if (locks & (1 << SOCK_SNDBUF_LOCK_BIT))
+	if (locks & SOCK_SNDBUF_LOCK_MASK)
 		return 0;
 	net = bpftune_sock_net(sk);
 	old[0] = BPF_CORE_READ(net, ipv4.sysctl_tcp_wmem[0]);

@@ -1,0 +1,350 @@
+"""tcp_buffer on the real kernel: starved buffers in a namespace get raised.
+
+A namespace pair over veth; the starved side's tcp_rmem (or tcp_wmem) has its
+maximum equal to its default, and iperf3 pushes data through it.  The
+daemon must raise the maximum in that namespace only, say why with the old
+and new values, and (for tcp_rmem) turn tcp_moderate_rcvbuf on.  The
+tracepoint forms of the signals (tcp:tcp_rcv_space_adjust, tcp:tcp_probe,
+sock:inet_sock_set_state, sock:sock_exceed_buf_limit) exist on every kernel
+we run on, so both variants work on the host and in the VMs; the fentry /
+kprobe-only signals (mem_pressure, syn_flood) are reported unavailable on the
+host, with the reason, and are attached in the VMs.
+
+The daemon runs with -R and the global TCP sysctls are saved and restored:
+other traffic on the machine must not leave the global namespace changed.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from pybpftune.bpf import object_path
+from pybpftune.events import Event
+from pybpftune.loader import load_object
+from pybpftune.netns import current_inode
+from pybpftune.ringbuf import RingBuffer
+from pybpftune.support import probe_support
+
+from .harness import Daemon, NetnsPair, Sysctls, iperf3, iperf3_server, netns_pair, sysctl_get, sysctls
+
+pytestmark = pytest.mark.kernel
+
+GLOBAL_SAVED = ("net.ipv4.tcp_rmem", "net.ipv4.tcp_wmem", "net.ipv4.tcp_mem", "net.core.high_order_alloc_disable")
+OPTIONAL_SIGNALS = ("mem_pressure", "syn_flood")
+START_TIMEOUT = 300  # the VMs run ~30x slower than the host
+CHANGE = r"change net\.ipv4\.{name}\(min default max\) from \((\d+) (\d+) (\d+)\) -> \((\d+) (\d+) (\d+)\)"
+
+
+def tb_daemon(variant_args: tuple[str, ...], state_dir: Path) -> Daemon:
+    return Daemon(["-s", "-a", "tcp_buffer", "-R", "--state-dir", str(state_dir), *variant_args])
+
+
+def traffic_until(
+    d: Daemon, pair: NetnsPair, pattern: str, timeout: float = 120, reverse: bool = False
+) -> re.Match[str]:
+    """iperf3 client -> server (server -> client with ``reverse``) in short
+    runs until the daemon logs a line matching ``pattern``."""
+    deadline = time.monotonic() + timeout
+    extra = ("-R",) if reverse else ()
+    with iperf3_server(pair.server):
+        while True:
+            iperf3(pair.client, pair.server_addr, seconds=3, extra=extra)
+            try:
+                return d.wait_for(pattern, timeout=2)
+            except AssertionError:
+                if time.monotonic() > deadline:
+                    raise
+
+
+def changes(output: str, name: str) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
+    """(old, new) of every logged change of net.ipv4.<name>, in order."""
+    out = []
+    for m in re.finditer(CHANGE.format(name=name), output):
+        values = tuple(int(v) for v in m.groups())
+        out.append((values[:3], values[3:]))
+    return out
+
+
+def check_chain(found: list[tuple[tuple[int, ...], tuple[int, ...]]], first_old: tuple[int, ...], final: str) -> None:
+    """Each logged change starts where the previous ended and the last one is
+    what the namespace holds now; the first grows the maximum, later ones may
+    also be latency back-offs, but none goes below the starting value or
+    above INT_MAX, and min/default are never touched."""
+    assert found, "no change logged"
+    assert found[0][0] == first_old
+    assert found[0][1][2] > first_old[2]
+    for (_, prev_new), (old, _) in itertools.pairwise(found):
+        assert old == prev_new
+    for old, new in found:
+        assert new[:2] == old[:2] and new[2] != old[2]
+        assert first_old[2] <= new[2] <= 2**31 - 1
+    assert " ".join(map(str, found[-1][1])) == final
+
+
+@pytest.fixture
+def saved_globals() -> Iterator[Sysctls]:
+    with sysctls() as s:
+        for name in GLOBAL_SAVED:
+            s.save(name)
+        yield s
+
+
+def test_starved_receiver_gets_tcp_rmem_raised(
+    saved_globals: Sysctls, variant_args: tuple[str, ...], tmp_path: Path
+) -> None:
+    with sysctls() as s, netns_pair("pbttb") as pair:
+        s.set("net.ipv4.tcp_rmem", "4096 131072 131072", pair.server)
+        s.set("net.ipv4.tcp_moderate_rcvbuf", 0, pair.server)
+        client_rmem = sysctl_get("net.ipv4.tcp_rmem", pair.client)
+        with tb_daemon(variant_args, tmp_path) as d:
+            d.started(START_TIMEOUT)
+            assert "rcv_space via" in d.output
+            traffic_until(
+                d,
+                pair,
+                r"Due to need to increase max buffer size to maximize throughput \(a receiver .*\) "
+                + CHANGE.format(name="tcp_rmem"),
+            )
+            d.wait_for(r"change net\.ipv4\.tcp_moderate_rcvbuf from \(0\) -> \(1\)")
+            rmem = sysctl_get("net.ipv4.tcp_rmem", pair.server)
+            assert int(rmem.split()[2]) > 131072
+            assert sysctl_get("net.ipv4.tcp_moderate_rcvbuf", pair.server) == "1"
+            assert sysctl_get("net.ipv4.tcp_rmem", pair.client) == client_rmem
+            check_chain(changes(d.output, "tcp_rmem"), (4096, 131072, 131072), rmem)
+            assert "for tunable 'net.ipv4.tcp_rmem' in non-global ns" in d.output
+            # Growth follows need: no runaway toward the INT_MAX wall.
+            assert int(rmem.split()[2]) <= 64 << 20
+            assert d.stop() == 0
+        assert "Summary: scenario 'need to increase TCP buffer size(s)'" in d.output
+        assert "Sample 'rcv_space': associated program was called" in d.output
+
+
+def test_starved_sender_gets_tcp_wmem_raised(
+    saved_globals: Sysctls, variant_args: tuple[str, ...], tmp_path: Path
+) -> None:
+    with sysctls() as s, netns_pair("pbttb") as pair:
+        s.set("net.ipv4.tcp_wmem", "4096 16384 16384", pair.client)
+        with tb_daemon(variant_args, tmp_path) as d:
+            d.started(START_TIMEOUT)
+            # The send-side signal has a tracepoint form (tcp:tcp_probe) on
+            # every kernel we support, so it is never reported unavailable.
+            assert "snd_buf via" in d.output
+            assert "signal snd_buf: unavailable" not in d.output
+            traffic_until(
+                d,
+                pair,
+                r"Due to need to increase max buffer size to maximize throughput \(a sender .*\) "
+                + CHANGE.format(name="tcp_wmem"),
+            )
+            wmem = sysctl_get("net.ipv4.tcp_wmem", pair.client)
+            assert int(wmem.split()[2]) > 16384
+            check_chain(changes(d.output, "tcp_wmem"), (4096, 16384, 16384), wmem)
+            assert d.stop() == 0
+        assert "Sample 'snd_buf': associated program was called" in d.output
+
+
+def test_startup_log_accounts_for_every_optional_signal(
+    saved_globals: Sysctls, variant_args: tuple[str, ...], tmp_path: Path
+) -> None:
+    """Each optional signal is either attached (named in the start line) or
+    reported unavailable with the reason of every form."""
+    support = probe_support()
+    with tb_daemon(variant_args, tmp_path) as d:
+        d.started(START_TIMEOUT)
+        started = d.wait_for(r"tuner tcp_buffer started \((.*)\)").group(1)
+        for signal in OPTIONAL_SIGNALS:
+            if f"{signal} via" in started:
+                continue
+            line = d.wait_for(rf"tuner tcp_buffer: signal {signal}: unavailable \((.*)\)").group(1)
+            assert "kprobe:" in line
+            if not variant_args:
+                assert "fentry:" in line
+        if not support.works("fentry") and not support.works("kprobe"):
+            # The host: no fentry, no kprobes.
+            for signal in OPTIONAL_SIGNALS:
+                assert f"signal {signal}: unavailable" in d.output
+        else:
+            for signal in OPTIONAL_SIGNALS:
+                assert f"{signal} via" in started
+
+
+def bpf_globals() -> dict[str, int]:
+    return {
+        "tuner_id": 1,
+        "bpftune_pid": os.getpid(),
+        "bpftune_netns_cookie_supported": 1,
+        "bpftune_init_netns_inum": current_inode(),
+    }
+
+
+NETNS_COOKIE = "import socket; s = socket.socket(); print(int.from_bytes(s.getsockopt(1, 71, 8), 'little'))"
+
+
+def netns_cookie(ns: str) -> int:
+    out = subprocess.run(
+        ["ip", "netns", "exec", ns, sys.executable, "-c", NETNS_COOKIE], capture_output=True, text=True, check=True
+    )
+    return int(out.stdout)
+
+
+CONNECT = """
+import socket, sys
+for _ in range(int(sys.argv[2])):
+    c = socket.create_connection((sys.argv[1], int(sys.argv[3])))
+    c.close()
+"""
+ACCEPT = """
+import socket, sys
+s = socket.socket()
+s.bind((sys.argv[1], int(sys.argv[3])))
+s.listen(64)
+print("ready", flush=True)
+for _ in range(int(sys.argv[2])):
+    c, _ = s.accept()
+    c.close()
+"""
+
+
+def test_established_connections_are_counted_per_namespace(variant: str) -> None:
+    """The SYN-backlog rule correlates floods with established connections.
+    Upstream's counter compared the sockops op with BPF_TCP_ESTABLISHED and
+    stayed 0; ours counts every transition to ESTABLISHED, per namespace."""
+    n, port = 7, 5411
+    support = probe_support()
+    path = object_path("tcp_buffer_tuner", legacy=variant == "legacy")
+    with netns_pair("pbttb") as pair, RingBuffer() as ring:
+        globals_ = bpf_globals()
+        with load_object(
+            path, "tcp_buffer_tuner", support, ring=ring, globals_=globals_, optional_signals=OPTIONAL_SIGNALS
+        ) as lo:
+            assert lo.choices["conn_state"].chosen is not None
+            server = subprocess.Popen(
+                ["ip", "netns", "exec", pair.server, sys.executable, "-c", ACCEPT, pair.server_addr, str(n), str(port)],
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+            try:
+                assert server.stdout is not None and server.stdout.readline().strip() == "ready"
+                subprocess.run(
+                    [
+                        "ip",
+                        "netns",
+                        "exec",
+                        pair.client,
+                        sys.executable,
+                        "-c",
+                        CONNECT,
+                        pair.server_addr,
+                        str(n),
+                        str(port),
+                    ],
+                    check=True,
+                    timeout=120,
+                )
+                server.wait(60)
+            finally:
+                server.kill()
+                server.wait()
+            stats = lo.obj.map("syn_stats")
+            for ns in (pair.server, pair.client):
+                key = netns_cookie(ns).to_bytes(8, "little")
+                raw = stats[key]
+                established = int.from_bytes(raw[8:16], "little")
+                assert established == n, f"{ns}: {established} connections counted, {n} made"
+
+
+RECEIVER = """
+import socket, sys
+s = socket.socket()
+if int(sys.argv[3]):
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)  # locks the size
+s.bind((sys.argv[1], int(sys.argv[2])))
+s.listen(1)
+print("ready", flush=True)
+c, _ = s.accept()
+buf = bytearray(1 << 20)
+while c.recv_into(buf):
+    pass
+"""
+BULK_SENDER = """
+import socket, sys, time
+c = socket.create_connection((sys.argv[1], int(sys.argv[2])))
+chunk = b"x" * (1 << 20)
+end = time.monotonic() + float(sys.argv[3])
+while time.monotonic() < end:
+    c.sendall(chunk)
+c.close()
+"""
+
+
+def rmem_events(pair: NetnsPair, variant: str, locked: bool, port: int) -> int:
+    """tcp_rmem proposals the BPF side sends while a receiver in the server
+    namespace (its buffer at tcp_rmem[2]) reads a bulk transfer."""
+    events: list[Event] = []
+    support = probe_support()
+    path = object_path("tcp_buffer_tuner", legacy=variant == "legacy")
+    with (
+        RingBuffer() as ring,
+        load_object(
+            path, "tcp_buffer_tuner", support, ring=ring, globals_=bpf_globals(), optional_signals=OPTIONAL_SIGNALS
+        ),
+    ):
+        ring.register(1, events.append)
+        server = subprocess.Popen(
+            [
+                "ip",
+                "netns",
+                "exec",
+                pair.server,
+                sys.executable,
+                "-c",
+                RECEIVER,
+                pair.server_addr,
+                str(port),
+                str(int(locked)),
+            ],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            assert server.stdout is not None and server.stdout.readline().strip() == "ready"
+            sender = subprocess.Popen(
+                [
+                    "ip",
+                    "netns",
+                    "exec",
+                    pair.client,
+                    sys.executable,
+                    "-c",
+                    BULK_SENDER,
+                    pair.server_addr,
+                    str(port),
+                    "3",
+                ]
+            )
+            while sender.poll() is None:
+                ring.poll(100)
+            ring.poll(100)
+        finally:
+            server.kill()
+            server.wait()
+    cookie = netns_cookie(pair.server)
+    return sum(1 for e in events if e.netns_cookie == cookie and e.update(0).id == 1)
+
+
+def test_so_rcvbuf_sockets_are_left_to_their_owner(variant: str) -> None:
+    """A receiver that fixed its buffer with SO_RCVBUF opts out of kernel
+    autotuning: its full buffer says nothing about tcp_rmem."""
+    with sysctls() as s, netns_pair("pbttb") as pair:
+        s.set("net.ipv4.tcp_rmem", "4096 65536 65536", pair.server)
+        assert rmem_events(pair, variant, locked=False, port=5413) > 0
+        assert rmem_events(pair, variant, locked=True, port=5414) == 0
