@@ -133,10 +133,10 @@ def test_fragment_memory_near_threshold_raises_it(where: str, variant_args: tupl
         shrink_thresholds(s, path.server)
         glob_before = (sysctl_get(V4[0]), sysctl_get(V6[0]))
         with frag_daemon(tmp_path, variant_args) as d:
-            d.started()
+            d.started(60 * SLOW)
             assert "frag via" in d.output
             if where == "netns" and not cookies:
-                d.wait_for(r"does not support per-netns policy")
+                d.wait_for(r"does not support per-netns policy", timeout=30 * SLOW)
                 for _ in range(3):
                     ping(path, v6=False)
                     ping(path, v6=True)

@@ -92,7 +92,7 @@ def test_backlog_drops_grow_netdev_max_backlog(
 ) -> None:
     saved.set(BACKLOG, 32)
     with nb_daemon(tmp_path, variant_args) as d:
-        d.started()
+        d.started(60 * SLOW)
         assert "backlog via" in d.output
         burst_until(
             d,
@@ -100,8 +100,14 @@ def test_backlog_drops_grow_netdev_max_backlog(
             r"Due to \d+ packet\(s\) dropped from full per-cpu backlog queues "
             r"change net.core.netdev_max_backlog from \(32\) -> \(40\)",
         )
-        d.wait_for(r"Scenario 'need to increase max backlog' occurred for tunable 'net.core.netdev_max_backlog'")
-        d.wait_for(r"Due to backlog drops on cpu \d+ change net.core.flow_limit_cpu_bitmap from \(\w+\) -> \(\w+\)")
+        d.wait_for(
+            r"Scenario 'need to increase max backlog' occurred for tunable 'net.core.netdev_max_backlog'",
+            timeout=30 * SLOW,
+        )
+        d.wait_for(
+            r"Due to backlog drops on cpu \d+ change net.core.flow_limit_cpu_bitmap from \(\w+\) -> \(\w+\)",
+            timeout=30 * SLOW,
+        )
         assert int(sysctl_get(BACKLOG)) >= 40
         assert d.stop() == 0
     assert "# sysctl 'net.core.netdev_max_backlog' changed from (32) -> (" in d.output
@@ -113,28 +119,30 @@ def test_time_squeeze_grows_netdev_budget(
     saved.set(BUDGET, 10)
     usecs = int(sysctl_get(USECS))  # its minimum is two jiffies on recent kernels: keep it
     with nb_daemon(tmp_path, variant_args) as d:
-        d.started()
+        d.started(60 * SLOW)
         if "squeeze via" not in d.output:
             # No BPF form here (softnet_data not resolvable): say why, poll procfs.
-            d.wait_for(r"tuner net_buffer: signal squeeze: unavailable \(")
-            d.wait_for(r"watching time squeeze in /proc/net/softnet_stat once a second instead")
+            d.wait_for(r"tuner net_buffer: signal squeeze: unavailable \(", timeout=30 * SLOW)
+            d.wait_for(r"watching time squeeze in /proc/net/softnet_stat once a second instead", timeout=30 * SLOW)
         burst_until(
             d,
             gso_pair,
             r"Due to \d+ time squeeze\(s\) on cpu \d+ \(softirq ran out of budget with work left\) "
             r"change net.core.netdev_budget from \(10\) -> \(12\)",
         )
-        d.wait_for(rf"change net.core.netdev_budget_usecs from \({usecs}\) -> \({usecs + usecs // 4}\)")
+        d.wait_for(
+            rf"change net.core.netdev_budget_usecs from \({usecs}\) -> \({usecs + usecs // 4}\)", timeout=30 * SLOW
+        )
         assert int(sysctl_get(BUDGET)) >= 12
 
 
 def test_high_order_allocations_are_re_enabled(saved: Sysctls, variant_args: tuple[str, ...], tmp_path: Path) -> None:
     saved.set(HIGH_ORDER, 1)
     with nb_daemon(tmp_path, variant_args) as d:
-        d.started()
+        d.started(60 * SLOW)
         release = tuple(int(p) for p in __import__("os").uname().release.split(".")[:2])
         if release >= (5, 14):
-            d.wait_for(r"change net.core.high_order_alloc_disable from \(1\) -> \(0\)")
+            d.wait_for(r"change net.core.high_order_alloc_disable from \(1\) -> \(0\)", timeout=30 * SLOW)
             assert sysctl_get(HIGH_ORDER) == "0"
         else:
             time.sleep(1)

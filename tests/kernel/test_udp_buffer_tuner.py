@@ -9,6 +9,7 @@ restored around each test (no other tuner or test touches them).
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -25,6 +26,7 @@ pytestmark = pytest.mark.kernel
 RMEM_MAX = "net.core.rmem_max"
 RMEM_DEFAULT = "net.core.rmem_default"
 PORT = 5399
+SLOW = 10 if os.environ.get("PYBPFTUNE_VM") else 1
 
 RECEIVER = """
 import socket, sys, time
@@ -77,7 +79,7 @@ def flood(pair: NetnsPair, count: int = 300) -> None:
 
 
 def flood_until(d: Daemon, pair: NetnsPair, pattern: str, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + timeout * SLOW
     while True:
         flood(pair)
         try:
@@ -96,7 +98,7 @@ def test_overflow_at_default_size_grows_rmem_default_and_max(
     small_rmem: Sysctls, variant_args: tuple[str, ...], tmp_path: Path
 ) -> None:
     with netns_pair("pbtudp") as pair, udp_daemon(tmp_path, variant_args) as d:
-        d.started()
+        d.started(60 * SLOW)
         assert "fail_queue via" in d.output
         with silent_receiver(pair) as rcvbuf:
             assert rcvbuf == 16384
@@ -106,8 +108,11 @@ def test_overflow_at_default_size_grows_rmem_default_and_max(
                 r"Due to receive queue overflow of a socket using the default buffer size \(16384 bytes\) "
                 r"change net.core.rmem_default from \(16384\) -> \(20480\)",
             )
-        d.wait_for(r"Due to rmem_default growing beyond it change net.core.rmem_max from \(16384\) -> \(20480\)")
-        d.wait_for(r"netns: \d+ UDP in \d+, drops [1-9]\d* drop rate")
+        d.wait_for(
+            r"Due to rmem_default growing beyond it change net.core.rmem_max from \(16384\) -> \(20480\)",
+            timeout=30 * SLOW,
+        )
+        d.wait_for(r"netns: \d+ UDP in \d+, drops [1-9]\d* drop rate", timeout=30 * SLOW)
         assert int(sysctl_get(RMEM_DEFAULT)) >= 20480
         assert int(sysctl_get(RMEM_MAX)) >= int(sysctl_get(RMEM_DEFAULT))
         assert d.stop() == 0
@@ -121,7 +126,7 @@ def test_socket_that_set_so_rcvbuf_leaves_rmem_default_alone(
     """SO_RCVBUF 32768 > rmem_max: capped, so rmem_max grows; the socket
     locked its size, so rmem_default must not change on its account."""
     with netns_pair("pbtudp") as pair, udp_daemon(tmp_path, variant_args) as d:
-        d.started()
+        d.started(60 * SLOW)
         with silent_receiver(pair, rcvbuf=32768) as rcvbuf:
             assert rcvbuf == 2 * 16384, "SO_RCVBUF is capped at rmem_max, then doubled"
             flood_until(
@@ -142,7 +147,7 @@ def test_socket_that_locked_a_small_buffer_changes_nothing(
     """SO_RCVBUF 4096 < rmem_max: the application chose its size; no global
     limit is holding it back, so neither rmem value moves."""
     with netns_pair("pbtudp") as pair, udp_daemon(tmp_path, variant_args) as d:
-        d.started()
+        d.started(60 * SLOW)
         with silent_receiver(pair, rcvbuf=4096) as rcvbuf:
             assert rcvbuf == 8192
             for _ in range(3):
@@ -161,7 +166,7 @@ def test_udp_memory_exhaustion_grows_udp_mem(variant_args: tuple[str, ...], tmp_
     with sysctls() as s, netns_pair("pbtudp") as pair, udp_daemon(tmp_path, variant_args) as d:
         s.save(RMEM_DEFAULT)
         s.set(RMEM_MAX, 1 << 20)
-        d.started()
+        d.started(60 * SLOW)
         with silent_receiver(pair, rcvbuf=1 << 20) as rcvbuf:
             assert rcvbuf == 2 << 20
             s.set(UDP_MEM, "20 45 50")
@@ -171,5 +176,7 @@ def test_udp_memory_exhaustion_grows_udp_mem(variant_args: tuple[str, ...], tmp_
                 r"Due to approaching UDP memory exhaustion \(\d+ pages in use\) "
                 r"change net.ipv4.udp_mem\(min pressure max\) from \(20 45 50\) -> \(25 56 62\)",
             )
-        d.wait_for(r"Scenario 'approaching UDP memory exhaustion' occurred for tunable 'net.ipv4.udp_mem'")
+        d.wait_for(
+            r"Scenario 'approaching UDP memory exhaustion' occurred for tunable 'net.ipv4.udp_mem'", timeout=30 * SLOW
+        )
         assert int(sysctl_get(UDP_MEM).split()[2]) > 50
