@@ -13,6 +13,7 @@ from pybpftune.store import TunableStore
 from pybpftune.sysctl import MemorySysctl
 from pybpftune.tuner import Steps, TunerContext
 from pybpftune.tuners import ip_frag as fr
+from pybpftune.tuners.common import pearson
 from pybpftune.tuners.ip_frag import FragObservation, IpFragTuner
 
 lib = _libbpf.lib
@@ -160,7 +161,7 @@ def test_mem_total_parses_meminfo() -> None:
 
 
 def test_pearson() -> None:
-    assert fr.pearson([(1, 2), (2, 4), (3, 6)]) == pytest.approx(1.0)
-    assert fr.pearson([(1, 6), (2, 4), (3, 2)]) == pytest.approx(-1.0)
-    assert fr.pearson([(1, 1), (2, 1)]) == 0.0
-    assert fr.pearson([(1, 1)]) == 0.0
+    assert pearson([(1, 2), (2, 4), (3, 6)]) == pytest.approx(1.0)
+    assert pearson([(1, 6), (2, 4), (3, 2)]) == pytest.approx(-1.0)
+    assert pearson([(1, 1), (2, 1)]) == 0.0
+    assert pearson([(1, 1)]) == 0.0

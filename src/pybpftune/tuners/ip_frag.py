@@ -14,7 +14,6 @@ See docs/tuners/ip_frag.md.
 from __future__ import annotations
 
 import logging
-import math
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,6 +23,7 @@ from .. import libbpf
 from ..events import Event
 from ..procnet import Counters, counters_in, ratio
 from ..tuner import Proposal, Scenario, Tunable, Tuner, TunerContext
+from .common import pearson, sample_lines
 
 log = logging.getLogger("pybpftune")
 
@@ -71,21 +71,6 @@ class FragObservation:
             self.low_thresh,
         )
         return Event.build(tuner_id, OBS_NEAR_THRESH, netns_cookie, raw=libbpf.struct_bytes(view, size))
-
-
-def pearson(samples: list[tuple[float, float]]) -> float:
-    """Pearson's r of (x, y) samples; 0 with fewer than two or no variance."""
-    n = len(samples)
-    if n < 2:
-        return 0.0
-    mx = sum(x for x, _ in samples) / n
-    my = sum(y for _, y in samples) / n
-    sxy = sum((x - mx) * (y - my) for x, y in samples)
-    sxx = sum((x - mx) ** 2 for x, _ in samples)
-    syy = sum((y - my) ** 2 for _, y in samples)
-    if sxx <= 0 or syy <= 0:
-        return 0.0
-    return max(-1.0, min(1.0, sxy / math.sqrt(sxx * syy)))
 
 
 def mem_total_bytes(meminfo: str | None = None) -> int:
@@ -197,6 +182,9 @@ class IpFragTuner(Tuner):
         if fail_pct is not None:
             samples.append((float(new), fail_pct))
         return [Proposal(tunable, INCREASE, cookie, (new,), "approaching fragmentation maximum threshold")]
+
+    def summary_lines(self) -> list[str]:
+        return sample_lines(self, ("rx", "defrag"))
 
     def _floor(self, tunable: int, cookie: int) -> int:
         """The value this namespace had before we first changed it."""

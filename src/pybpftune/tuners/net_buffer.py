@@ -33,7 +33,7 @@ from types import MappingProxyType
 from .. import libbpf
 from ..events import Event
 from ..tuner import INT_MAX, Proposal, Scenario, Tunable, Tuner, TunerContext
-from .ip_frag import pearson
+from .common import pearson, sample_lines
 
 log = logging.getLogger("pybpftune")
 
@@ -48,7 +48,6 @@ CORR_MIN_SAMPLES = 10
 CORR_THRESHOLD = 0.75
 CORR_WINDOW = 32
 WINDOW_S = 60.0
-SAMPLES = ("backlog_sample", "squeeze_sample")
 
 
 @dataclass(frozen=True)
@@ -427,22 +426,7 @@ class NetBufferTuner(Tuner):
     # --- reporting ----------------------------------------------------------------------------------
 
     def summary_lines(self) -> list[str]:
-        lines: list[str] = []
-        if self.loaded is None:
-            return lines
-        for name in SAMPLES:
-            try:
-                raw = self.loaded.obj.get_global(name)
-            except Exception:
-                continue
-            count, rate = raw & (2**64 - 1), raw >> 128
-            if count:
-                signal = name.removesuffix("_sample")
-                lines.append(
-                    f"Sample '{signal}': associated program was called {count} times, "
-                    f"collected data every {max(rate, 1)} of these."
-                )
-        return lines
+        return sample_lines(self, ("backlog", "squeeze"))
 
 
 TUNER = NetBufferTuner

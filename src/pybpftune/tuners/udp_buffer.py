@@ -28,6 +28,7 @@ from .. import libbpf
 from ..events import Event
 from ..procnet import Counters, counters_in
 from ..tuner import Proposal, Scenario, Tunable, Tuner, TunerContext
+from .common import sample_lines
 
 log = logging.getLogger("pybpftune")
 
@@ -41,7 +42,6 @@ SOCK_RCVBUF_LOCK = 2
 RMEM_LOWER = 8192
 RMEM_BOUND = 256 * 1024 * 1024  # values stay strictly below
 ENOBUFS = 105
-SAMPLES = ("fail_queue_sample", "rcvqueue_full_sample", "exceed_buf_sample")
 
 
 @dataclass(frozen=True)
@@ -258,22 +258,7 @@ class UdpBufferTuner(Tuner):
         log.info("netns: %d UDP in %d, drops %d drop rate %.1f per mille", cookie, received, drops, rate)
 
     def summary_lines(self) -> list[str]:
-        lines: list[str] = []
-        if self.loaded is None:
-            return lines
-        for name in SAMPLES:
-            try:
-                raw = self.loaded.obj.get_global(name)
-            except Exception:
-                continue
-            count, rate = raw & (2**64 - 1), raw >> 128
-            if count:
-                signal = name.removesuffix("_sample")
-                lines.append(
-                    f"Sample '{signal}': associated program was called {count} times, "
-                    f"collected data every {max(rate, 1)} of these."
-                )
-        return lines
+        return sample_lines(self, ("fail_queue", "rcvqueue_full", "exceed_buf"))
 
 
 def grow_udp_mem(mem: tuple[int, ...], free_pages: int, grow: Callable[[int], int]) -> tuple[int, int, int]:
