@@ -495,7 +495,7 @@ mount -t cgroup2 -o nsdelegate cgroup2 "$R$VMTEST_CG2" || mount -t cgroup2 cgrou
 mount -t tracefs tracefs $R/sys/kernel/tracing
 mount -t debugfs debugfs $R/sys/kernel/debug
 mkdir -p "$R$VMTEST_CWD"
-mount -t 9p -o $o,cache=mmap cwd "$R$VMTEST_CWD" || fail "cannot mount $VMTEST_CWD"
+mount -t 9p -o $o,cache=loose cwd "$R$VMTEST_CWD" || fail "cannot mount $VMTEST_CWD"
 mkdir -p "$R/lib/modules/$VMTEST_KREL"
 mount --bind "/lower$VMTEST_MODDIR" "$R/lib/modules/$VMTEST_KREL"
 ip link set lo up
