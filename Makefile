@@ -28,10 +28,10 @@ BPF_CFLAGS := -g -O2 -target bpf -D__TARGET_ARCH_$(ARCH) -Wall -Werror \
 DEB_BUILD := clang llvm libbpf-dev bpftool libelf-dev zlib1g-dev pkg-config make gcc \
              python3 python3-dev python3-venv
 DEB_TEST := iproute2 iperf3 ethtool kmod procps iputils-ping netcat-openbsd
-DEB_VM := qemu-system-x86 busybox-static binutils xz-utils file cpio
+DEB_VM := qemu-system-x86 busybox-static kmod debian-archive-keyring
 PIP_DEV := ruff mypy types-cffi pytest
 
-.PHONY: all bpf test-bpf venv ext vmlinux deps lint test unit kernel-test vmtest wheel bench clean
+.PHONY: all bpf test-bpf venv ext vmlinux deps lint test unit kernel-test vmtest vmtest-prepare wheel bench clean
 
 all: bpf test-bpf venv
 
@@ -89,9 +89,13 @@ kernel-test: all
 	$(VPY) -m pytest -p no:cacheprovider -m kernel tests
 
 KERNEL ?= 6.1
+VM_MARK ?= kernel and guest
 vmtest: all
 	python3 tests/vm/vmtest.py --kernel $(KERNEL) -- \
-	  $(abspath $(VPY)) -m pytest -p no:cacheprovider -m kernel tests/kernel
+	  $(abspath $(VPY)) -m pytest -p no:cacheprovider -m "$(VM_MARK)" tests/kernel
+
+vmtest-prepare:
+	python3 tests/vm/vmtest.py --kernel $(KERNEL) --prepare
 
 # Everything CI runs, stage by stage (see tests/run-stages.sh).
 test: all

@@ -41,7 +41,7 @@ esac
 if [ $vm_stages = 1 ]; then
   for k in 6.1 5.10; do
     stage "vm-$k" python3 tests/vm/vmtest.py --kernel "$k" -- \
-      "$PY" -m pytest "${pytest_args[@]}" --junitxml="$OUT/vm-$k.xml" -m kernel tests/kernel
+      "$PY" -m pytest "${pytest_args[@]}" --junitxml="$OUT/vm-$k.xml" -m "kernel and guest" tests/kernel
   done
   stage vm-runner "$PY" -m pytest "${pytest_args[@]}" --junitxml="$OUT/vm-runner.xml" -m vm tests/vm
 fi

@@ -19,7 +19,7 @@ from pybpftune.registry import builtin_tuners
 from pybpftune.ringbuf import RingBuffer
 from pybpftune.support import KindSupport, Support, probe_support
 
-pytestmark = pytest.mark.kernel
+pytestmark = [pytest.mark.kernel, pytest.mark.guest]
 
 ROOT = Path(__file__).resolve().parents[2]
 OBJECTS = sorted((ROOT / "src" / "pybpftune" / "bpf").glob("*.o"))
