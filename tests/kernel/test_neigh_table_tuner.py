@@ -89,6 +89,7 @@ def neigh_daemon(state_dir: Path, variant_args: tuple[str, ...], *extra: str) ->
     return Daemon(["-s", "-a", "neigh_table", "--state-dir", str(state_dir), *variant_args, *extra])
 
 
+@pytest.mark.guest
 def test_thresholds_grow_with_static_neighbours_and_roll_back(
     pair: NetnsPair, tmp_path: Path, variant_args: tuple[str, ...]
 ) -> None:
@@ -188,6 +189,7 @@ def without_tracepoints() -> Support:
     return Support(kinds, real.kernel_btf, real.ringbuf, real.netns_cookie, real.cgroup2, real.memlock)
 
 
+@pytest.mark.guest
 def test_removal_fallback_forms_fire_or_say_why(pair: NetnsPair, variant: str) -> None:
     """neigh_remove via neigh_remove_one where fentry/kprobes work (the VMs);
     elsewhere the error names the signal and why each form failed."""

@@ -76,6 +76,7 @@ def lookups(netns: str | None, count: int = 10) -> None:
         run(cmd, netns, check=False)
 
 
+@pytest.mark.guest
 def test_max_size_grows_when_the_table_nears_it(
     pair: NetnsPair, netns: str | None, tmp_path: Path, variant_args: tuple[str, ...]
 ) -> None:
@@ -114,6 +115,7 @@ def without_tracepoints() -> Support:
     return Support(kinds, real.kernel_btf, real.ringbuf, real.netns_cookie, real.cgroup2, real.memlock)
 
 
+@pytest.mark.guest
 def test_gc_forms_fire_or_say_why(pair: NetnsPair, netns: str | None, variant: str) -> None:
     """bpftune's hook, fib6_run_gc, where fentry/kprobes work (the VMs); on
     the host the error names the signal and why each form cannot work."""
