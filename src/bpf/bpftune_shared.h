@@ -108,7 +108,8 @@ enum tcp_conn_reason {
 enum tcp_conn_const {
 	TCP_CONN_MIN_INSTANCES = 4,	/* connections to a host before RL chooses */
 	TCP_CONN_EPSILON = 20,		/* explore with probability 1/20 */
-	TCP_CONN_LOSS_SHIFT = 6,	/* loss rule: total_retrans > segs_out >> 6 */
+	TCP_CONN_LOSS_SHIFT = 6,	/* loss rule: total_retrans > segs_out >> 6 ... */
+	TCP_CONN_MIN_RETRANS = 2,	/* ... and at least 2 retransmits */
 };
 
 /* A remote host as the RL state is kept: its namespace and address (v4-mapped). */

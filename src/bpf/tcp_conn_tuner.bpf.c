@@ -308,8 +308,10 @@ static __always_inline void conn_retrans(struct bpf_sock_ops *ops, struct bpf_so
 	struct conn_sk *c;
 	int one = 1;
 
-	/* The loss rule: more than 1/64 (~1.5 %) of the segments sent were retransmitted. */
-	if (ops->total_retrans <= (ops->segs_out >> TCP_CONN_LOSS_SHIFT))
+	/* The loss rule: more than 1/64 (~1.5 %) of the segments sent were
+	 * retransmitted, and more than one segment: a lone tail-loss probe or
+	 * spurious timeout early in a connection is not a loss rate. */
+	if (ops->total_retrans < TCP_CONN_MIN_RETRANS || ops->total_retrans <= (ops->segs_out >> TCP_CONN_LOSS_SHIFT))
 		return;
 	c = bpf_sk_storage_get(&conn_sk_map, sk, 0, 0);
 	if (!c || c->switched)

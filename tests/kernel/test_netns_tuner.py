@@ -75,7 +75,7 @@ def nsdemo(
     env = {"PYBPFTUNE_NSDEMO_FILE": str(listing), "PYBPFTUNE_NSDEMO_STEPS": str(steps)}
     args = ["-s", "-d", "-a", "nsdemo", "-l", str(TUNERS), "--state-dir", str(tmp_path / "state"), *extra]
     with Daemon([*args, *variant_args], env=env) as d:
-        d.started()
+        d.started(timeout=180 if IN_VM else 60)
         yield d, listing
 
 
@@ -152,7 +152,7 @@ def test_many_namespaces_cost_no_fds_and_no_process_scans(tmp_path: Path, varian
         namespaces(names),
         Daemon(["-s", "-a", "netns", "-a", "sysctl", "--state-dir", str(tmp_path / "state"), *variant_args]) as d,
     ):
-        d.started()
+        d.started(timeout=180 if IN_VM else 60)
         if not require_cookies_or_check_refusal(d):
             return
         d.wait_for(r"tuner netns started")
@@ -182,7 +182,7 @@ def test_sysctl_netns_tcp_rmem_changed_by_hand_is_left_alone(variant_args: tuple
         for pair in (manual, tuned):
             s.set("net.ipv4.tcp_rmem", low, pair.server)
         with Daemon(["-s", "-a", "sysctl", "-a", "tcp_buffer", *variant_args]) as d:
-            d.started()
+            d.started(timeout=180 if IN_VM else 60)
             if not COOKIES:
                 return
             run(["sysctl", "-q", "-w", f"net.ipv4.tcp_rmem={low}"], manual.server)

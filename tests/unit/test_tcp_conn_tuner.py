@@ -38,16 +38,26 @@ def test_ids_match_the_shared_header() -> None:
         lib.TCP_CONN_TUNABLE_THIN_LTO,
     )
     assert ids == tuple(t.id for t in TcpConnTuner.tunables)
-    assert (lib.TCP_CONN_MIN_INSTANCES, lib.TCP_CONN_EPSILON, lib.TCP_CONN_LOSS_SHIFT) == (
+    assert (lib.TCP_CONN_MIN_INSTANCES, lib.TCP_CONN_EPSILON, lib.TCP_CONN_LOSS_SHIFT, lib.TCP_CONN_MIN_RETRANS) == (
         tc.MIN_INSTANCES,
         tc.EPSILON,
         tc.LOSS_SHIFT,
+        tc.MIN_RETRANS,
     )
 
 
 @pytest.mark.parametrize(
     ("retrans", "segs", "exceeded"),
-    [(0, 0, False), (1, 0, True), (1, 63, True), (1, 64, False), (2, 64, True), (15, 1000, False), (16, 1000, True)],
+    [
+        (0, 0, False),
+        (1, 0, False),
+        (1, 14, False),
+        (2, 63, True),
+        (2, 128, False),
+        (3, 128, True),
+        (15, 1000, False),
+        (16, 1000, True),
+    ],
 )
 def test_loss_rule_is_more_than_one_in_64(retrans: int, segs: int, exceeded: bool) -> None:
     assert tc.loss_exceeded(retrans, segs) is exceeded

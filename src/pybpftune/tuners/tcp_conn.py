@@ -46,6 +46,7 @@ REASON_LOSS, REASON_GREEDY, REASON_EXPLORE = range(3)
 MIN_INSTANCES = 4
 EPSILON = 20
 LOSS_SHIFT = 6
+MIN_RETRANS = 2
 COST_SCALE = 1_000_000
 RTT_TERM_MAX = 100 * COST_SCALE
 U64 = (1 << 64) - 1
@@ -55,8 +56,9 @@ U64 = (1 << 64) - 1
 
 
 def loss_exceeded(total_retrans: int, segs_out: int) -> bool:
-    """The loss rule: more retransmits than 1/64 (~1.6 %) of the segments sent."""
-    return total_retrans > (segs_out >> LOSS_SHIFT)
+    """The loss rule: more retransmits than 1/64 (~1.6 %) of the segments sent,
+    and at least two (one tail-loss probe or spurious timeout is not a rate)."""
+    return total_retrans >= MIN_RETRANS and total_retrans > (segs_out >> LOSS_SHIFT)
 
 
 def cost(rtt_us: int, host_min_rtt_us: int, rate: int, host_max_rate: int) -> int:
