@@ -57,12 +57,25 @@ def traffic_until(
     extra = ("-R",) if reverse else ()
     with iperf3_server(pair.server):
         while True:
-            iperf3(pair.client, pair.server_addr, seconds=3, extra=extra)
+            iperf3_when_ready(pair, seconds=3, extra=extra)
             try:
                 return d.wait_for(pattern, timeout=2)
             except AssertionError:
                 if time.monotonic() > deadline:
                     raise
+
+
+def iperf3_when_ready(pair: NetnsPair, seconds: float, extra: tuple[str, ...] = ()) -> str:
+    """iperf3 from the client namespace, retried while the server is not yet
+    listening (it takes seconds to start in the VMs)."""
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            return iperf3(pair.client, pair.server_addr, seconds=seconds, extra=extra)
+        except AssertionError as exc:
+            if "unable to connect" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
 
 
 def changes(output: str, name: str) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
