@@ -14,6 +14,7 @@ import os
 import random
 import re
 import subprocess
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -96,10 +97,23 @@ def conn_daemon(variant_args: tuple[str, ...], *extra: str) -> Iterator[Daemon]:
         yield d
 
 
+def client(ns: str, server: str, port: int, seconds: float) -> None:
+    """One iperf3 run; waits for a slow (VM) server to listen."""
+    for _ in range(60):
+        try:
+            iperf3(ns, server, seconds=seconds, port=port)
+            return
+        except AssertionError as exc:
+            if "unable to connect" not in str(exc):
+                raise
+            time.sleep(0.5)
+    raise AssertionError(f"iperf3 server on {server}:{port} never listened")
+
+
 def traffic(pair: NetnsPair, runs: int = RUNS) -> None:
     with iperf3_server(pair.server, PORT):
         for _ in range(runs):
-            iperf3(pair.client, pair.server_addr, seconds=SECONDS, port=PORT)
+            client(pair.client, pair.server_addr, PORT, SECONDS)
 
 
 def cubic_default(pair: NetnsPair) -> None:
