@@ -87,6 +87,7 @@ def require_cookies_or_check_refusal(d: Daemon) -> bool:
     return False
 
 
+@pytest.mark.guest  # the copy_net_ns fexit/kprobe forms only work in the VMs
 def test_namespaces_created_after_start_are_learned_and_tuned(tmp_path: Path, variant_args: tuple[str, ...]) -> None:
     name = tag("pbtnl")
     with namespaces([name]), nsdemo(tmp_path, variant_args, "-a", "netns") as (d, listing):
@@ -146,6 +147,7 @@ def test_a_namespace_vanishing_under_the_tuner_is_logged_once(tmp_path: Path, va
     assert d.output.count(f"network namespace (cookie {cookie}) is gone") == 1, d.output
 
 
+@pytest.mark.guest
 def test_many_namespaces_cost_no_fds_and_no_process_scans(tmp_path: Path, variant_args: tuple[str, ...]) -> None:
     prefix = tag("pbtnm")
     names = [f"{prefix}n{i}" for i in range(MANY)]
@@ -173,6 +175,7 @@ def test_many_namespaces_cost_no_fds_and_no_process_scans(tmp_path: Path, varian
     assert scans and int(scans.group(1)) <= 3, d.output
 
 
+@pytest.mark.guest  # the sysctl tuner's fentry/kprobe forms
 def test_sysctl_netns_tcp_rmem_changed_by_hand_is_left_alone(variant_args: tuple[str, ...]) -> None:
     """bpftune's sysctl_netns scenario with tcp_buffer: the namespace where
     tcp_rmem was changed by hand is left alone, another one is still tuned."""

@@ -144,6 +144,7 @@ def allowed() -> str:
     return Path("/proc/sys/net/ipv4/tcp_allowed_congestion_control").read_text().strip()
 
 
+@pytest.mark.guest  # netem loss and delay as the issue asks; sockops on stock kernels
 def test_lossy_connections_are_switched_to_bbr_and_counted(variant_args: tuple[str, ...]) -> None:
     before = allowed()
     with netns_pair("pbtcc") as pair:
@@ -167,6 +168,7 @@ def test_lossy_connections_are_switched_to_bbr_and_counted(variant_args: tuple[s
     assert allowed() == (m.group(1) if m else before), "tcp_allowed_congestion_control was not restored"
 
 
+@pytest.mark.guest
 def test_without_loss_the_loss_rule_stays_quiet(variant_args: tuple[str, ...]) -> None:
     with netns_pair("pbtcn") as pair:
         client = cookie_of(pair.client)
@@ -202,6 +204,7 @@ def test_admin_choice_in_a_namespace_is_left_alone(variant_args: tuple[str, ...]
     assert m and int(m.group(1)) >= 1, out
 
 
+@pytest.mark.guest  # htcp and dctcp are modules there: modprobe and the allowed list
 def test_allowed_list_gains_the_algorithms_while_running(variant_args: tuple[str, ...]) -> None:
     before = allowed()
     with conn_daemon(variant_args) as d:
@@ -215,6 +218,7 @@ def test_allowed_list_gains_the_algorithms_while_running(variant_args: tuple[str
     assert allowed() == (m.group(1) if m else before)
 
 
+@pytest.mark.guest
 @pytest.mark.parametrize("name", ["conn_cost_test.bpf.o", "conn_cost_test.bpf.legacy.o"])
 def test_bpf_cost_arithmetic_matches_python(name: str) -> None:
     rng = random.Random(5)
