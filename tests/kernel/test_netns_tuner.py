@@ -23,7 +23,7 @@ import pytest
 from pybpftune.netns import Namespaces
 
 from .harness import Daemon, iperf3_server, netns_pair, run, sysctl_get, sysctls
-from .test_tcp_conn_tuner import client
+from .test_tcp_conn_tuner import iperf_run
 
 pytestmark = pytest.mark.kernel
 
@@ -194,7 +194,7 @@ def test_sysctl_netns_tcp_rmem_changed_by_hand_is_left_alone(variant_args: tuple
             d.wait_for(r"setting state of netns \(cookie \d+\) to manual for tuner 'tcp_buffer'")
             for pair in (manual, tuned):
                 with iperf3_server(pair.server, 5241):
-                    client(pair.client, pair.server_addr, 5241, 3)
+                    iperf_run(pair.client, pair.server_addr, 5241, 3)
             d.wait_for(r"change net\.ipv4\.tcp_rmem", timeout=10)
             d.stop()
         assert sysctl_get("net.ipv4.tcp_rmem", manual.server) == low
