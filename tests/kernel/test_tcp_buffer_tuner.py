@@ -12,6 +12,11 @@ host, with the reason, and are attached in the VMs.
 
 The daemon runs with -R and the global TCP sysctls are saved and restored:
 other traffic on the machine must not leave the global namespace changed.
+
+Kernels before 5.14 have no network-namespace cookies: events from other
+namespaces cannot be attributed (the daemon says "does not support per-netns
+policy"), so there the same scenarios run in the global namespace over
+loopback (in the throwaway VM), and the start-up line is checked instead.
 """
 
 from __future__ import annotations
@@ -23,18 +28,20 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from pybpftune.bpf import object_path
 from pybpftune.events import Event
-from pybpftune.loader import load_object
-from pybpftune.netns import current_inode
+from pybpftune.loader import LoadedObject, load_object
+from pybpftune.netns import current_cookie, current_inode
 from pybpftune.ringbuf import RingBuffer
 from pybpftune.support import probe_support
 
-from .harness import Daemon, NetnsPair, Sysctls, iperf3, iperf3_server, netns_pair, sysctl_get, sysctls
+from .harness import Daemon, Sysctls, netns_pair, run, sysctl_get, sysctls
 
 pytestmark = pytest.mark.kernel
 
@@ -48,30 +55,70 @@ def tb_daemon(variant_args: tuple[str, ...], state_dir: Path) -> Daemon:
     return Daemon(["-s", "-a", "tcp_buffer", "-R", "--state-dir", str(state_dir), *variant_args])
 
 
-def traffic_until(
-    d: Daemon, pair: NetnsPair, pattern: str, timeout: float = 120, reverse: bool = False
-) -> re.Match[str]:
-    """iperf3 client -> server (server -> client with ``reverse``) in short
-    runs until the daemon logs a line matching ``pattern``."""
+@dataclass
+class Site:
+    """Where a test's server and client live: two namespaces over veth, or
+    (without namespace cookies) the global namespace over loopback."""
+
+    server: str | None
+    client: str | None
+    addr: str
+
+    @property
+    def where(self) -> str:
+        return "non-global ns" if self.server else "global ns"
+
+    def cmd(self, ns: str | None, argv: list[str]) -> list[str]:
+        return ["ip", "netns", "exec", ns, *argv] if ns else argv
+
+
+COOKIES = current_cookie() is not None
+
+
+@contextmanager
+def site() -> Iterator[Site]:
+    if COOKIES:
+        with netns_pair("pbttb") as pair:
+            yield Site(pair.server, pair.client, pair.server_addr)
+    else:
+        yield Site(None, None, "127.0.0.1")
+
+
+def check_netns_policy(d: Daemon) -> None:
+    expected = "supports" if COOKIES else "does not support"
+    assert f"bpftune {expected} per-netns policy" in d.output
+
+
+def traffic_until(d: Daemon, where: Site, pattern: str, timeout: float = 120, port: int = 5431) -> re.Match[str]:
+    """iperf3 client -> server in short runs until the daemon logs a line
+    matching ``pattern``."""
     deadline = time.monotonic() + timeout
-    extra = ("-R",) if reverse else ()
-    with iperf3_server(pair.server):
+    server = subprocess.Popen(
+        where.cmd(where.server, ["iperf3", "-s", "-p", str(port)]), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    try:
         while True:
-            iperf3_when_ready(pair, seconds=3, extra=extra)
+            iperf3_when_ready(where, port, seconds=3)
             try:
                 return d.wait_for(pattern, timeout=2)
             except AssertionError:
                 if time.monotonic() > deadline:
                     raise
+    finally:
+        server.kill()
+        server.wait()
 
 
-def iperf3_when_ready(pair: NetnsPair, seconds: float, extra: tuple[str, ...] = ()) -> str:
-    """iperf3 from the client namespace, retried while the server is not yet
+def iperf3_when_ready(where: Site, port: int, seconds: float) -> str:
+    """iperf3 from the client side, retried while the server is not yet
     listening (it takes seconds to start in the VMs)."""
     deadline = time.monotonic() + 60
     while True:
         try:
-            return iperf3(pair.client, pair.server_addr, seconds=seconds, extra=extra)
+            return run(
+                where.cmd(where.client, ["iperf3", "-c", where.addr, "-p", str(port), "-t", str(seconds)]),
+                timeout=seconds + 60,
+            )
         except AssertionError as exc:
             if "unable to connect" not in str(exc) or time.monotonic() > deadline:
                 raise
@@ -114,26 +161,28 @@ def saved_globals() -> Iterator[Sysctls]:
 def test_starved_receiver_gets_tcp_rmem_raised(
     saved_globals: Sysctls, variant_args: tuple[str, ...], tmp_path: Path
 ) -> None:
-    with sysctls() as s, netns_pair("pbttb") as pair:
-        s.set("net.ipv4.tcp_rmem", "4096 131072 131072", pair.server)
-        s.set("net.ipv4.tcp_moderate_rcvbuf", 0, pair.server)
-        client_rmem = sysctl_get("net.ipv4.tcp_rmem", pair.client)
+    with sysctls() as s, site() as where:
+        s.set("net.ipv4.tcp_rmem", "4096 131072 131072", where.server)
+        s.set("net.ipv4.tcp_moderate_rcvbuf", 0, where.server)
+        client_rmem = sysctl_get("net.ipv4.tcp_rmem", where.client)
         with tb_daemon(variant_args, tmp_path) as d:
             d.started(START_TIMEOUT)
+            check_netns_policy(d)
             assert "rcv_space via" in d.output
             traffic_until(
                 d,
-                pair,
+                where,
                 r"Due to need to increase max buffer size to maximize throughput \(a receiver .*\) "
                 + CHANGE.format(name="tcp_rmem"),
             )
             d.wait_for(r"change net\.ipv4\.tcp_moderate_rcvbuf from \(0\) -> \(1\)")
-            rmem = sysctl_get("net.ipv4.tcp_rmem", pair.server)
+            rmem = sysctl_get("net.ipv4.tcp_rmem", where.server)
             assert int(rmem.split()[2]) > 131072
-            assert sysctl_get("net.ipv4.tcp_moderate_rcvbuf", pair.server) == "1"
-            assert sysctl_get("net.ipv4.tcp_rmem", pair.client) == client_rmem
+            assert sysctl_get("net.ipv4.tcp_moderate_rcvbuf", where.server) == "1"
+            if where.client != where.server:
+                assert sysctl_get("net.ipv4.tcp_rmem", where.client) == client_rmem
             check_chain(changes(d.output, "tcp_rmem"), (4096, 131072, 131072), rmem)
-            assert "for tunable 'net.ipv4.tcp_rmem' in non-global ns" in d.output
+            assert f"for tunable 'net.ipv4.tcp_rmem' in {where.where}" in d.output
             # Growth follows need: no runaway toward the INT_MAX wall.
             assert int(rmem.split()[2]) <= 64 << 20
             assert d.stop() == 0
@@ -144,23 +193,25 @@ def test_starved_receiver_gets_tcp_rmem_raised(
 def test_starved_sender_gets_tcp_wmem_raised(
     saved_globals: Sysctls, variant_args: tuple[str, ...], tmp_path: Path
 ) -> None:
-    with sysctls() as s, netns_pair("pbttb") as pair:
-        s.set("net.ipv4.tcp_wmem", "4096 16384 16384", pair.client)
+    with sysctls() as s, site() as where:
+        s.set("net.ipv4.tcp_wmem", "4096 16384 16384", where.client)
         with tb_daemon(variant_args, tmp_path) as d:
             d.started(START_TIMEOUT)
+            check_netns_policy(d)
             # The send-side signal has a tracepoint form (tcp:tcp_probe) on
             # every kernel we support, so it is never reported unavailable.
             assert "snd_buf via" in d.output
             assert "signal snd_buf: unavailable" not in d.output
             traffic_until(
                 d,
-                pair,
+                where,
                 r"Due to need to increase max buffer size to maximize throughput \(a sender .*\) "
                 + CHANGE.format(name="tcp_wmem"),
             )
-            wmem = sysctl_get("net.ipv4.tcp_wmem", pair.client)
+            wmem = sysctl_get("net.ipv4.tcp_wmem", where.client)
             assert int(wmem.split()[2]) > 16384
             check_chain(changes(d.output, "tcp_wmem"), (4096, 16384, 16384), wmem)
+            assert f"for tunable 'net.ipv4.tcp_wmem' in {where.where}" in d.output
             assert d.stop() == 0
         assert "Sample 'snd_buf': associated program was called" in d.output
 
@@ -194,7 +245,7 @@ def bpf_globals() -> dict[str, int]:
     return {
         "tuner_id": 1,
         "bpftune_pid": os.getpid(),
-        "bpftune_netns_cookie_supported": 1,
+        "bpftune_netns_cookie_supported": int(COOKIES),
         "bpftune_init_netns_inum": current_inode(),
     }
 
@@ -202,11 +253,13 @@ def bpf_globals() -> dict[str, int]:
 NETNS_COOKIE = "import socket; s = socket.socket(); print(int.from_bytes(s.getsockopt(1, 71, 8), 'little'))"
 
 
-def netns_cookie(ns: str) -> int:
-    out = subprocess.run(
-        ["ip", "netns", "exec", ns, sys.executable, "-c", NETNS_COOKIE], capture_output=True, text=True, check=True
-    )
-    return int(out.stdout)
+def netns_cookie(ns: str | None) -> int:
+    """The namespace's cookie as the BPF side reports it (0: the global
+    namespace without cookie support)."""
+    if ns is None and not COOKIES:
+        return 0
+    cmd = Site(ns, None, "").cmd(ns, [sys.executable, "-c", NETNS_COOKIE])
+    return int(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout)
 
 
 CONNECT = """
@@ -227,52 +280,40 @@ for _ in range(int(sys.argv[2])):
 """
 
 
+def loaded(variant: str, ring: RingBuffer) -> LoadedObject:
+    path = object_path("tcp_buffer_tuner", legacy=variant == "legacy")
+    return load_object(
+        path, "tcp_buffer_tuner", probe_support(), ring=ring, globals_=bpf_globals(), optional_signals=OPTIONAL_SIGNALS
+    )
+
+
 def test_established_connections_are_counted_per_namespace(variant: str) -> None:
     """The SYN-backlog rule correlates floods with established connections.
     Upstream's counter compared the sockops op with BPF_TCP_ESTABLISHED and
     stayed 0; ours counts every transition to ESTABLISHED, per namespace."""
     n, port = 7, 5411
-    support = probe_support()
-    path = object_path("tcp_buffer_tuner", legacy=variant == "legacy")
-    with netns_pair("pbttb") as pair, RingBuffer() as ring:
-        globals_ = bpf_globals()
-        with load_object(
-            path, "tcp_buffer_tuner", support, ring=ring, globals_=globals_, optional_signals=OPTIONAL_SIGNALS
-        ) as lo:
-            assert lo.choices["conn_state"].chosen is not None
-            server = subprocess.Popen(
-                ["ip", "netns", "exec", pair.server, sys.executable, "-c", ACCEPT, pair.server_addr, str(n), str(port)],
-                stdout=subprocess.PIPE,
-                text=True,
-            )
-            try:
-                assert server.stdout is not None and server.stdout.readline().strip() == "ready"
-                subprocess.run(
-                    [
-                        "ip",
-                        "netns",
-                        "exec",
-                        pair.client,
-                        sys.executable,
-                        "-c",
-                        CONNECT,
-                        pair.server_addr,
-                        str(n),
-                        str(port),
-                    ],
-                    check=True,
-                    timeout=120,
-                )
-                server.wait(60)
-            finally:
-                server.kill()
-                server.wait()
-            stats = lo.obj.map("syn_stats")
-            for ns in (pair.server, pair.client):
-                key = netns_cookie(ns).to_bytes(8, "little")
-                raw = stats[key]
-                established = int.from_bytes(raw[8:16], "little")
-                assert established == n, f"{ns}: {established} connections counted, {n} made"
+    with site() as where, RingBuffer() as ring, loaded(variant, ring) as lo:
+        assert lo.choices["conn_state"].chosen is not None
+        server = subprocess.Popen(
+            where.cmd(where.server, [sys.executable, "-c", ACCEPT, where.addr, str(n), str(port)]),
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            assert server.stdout is not None and server.stdout.readline().strip() == "ready"
+            connect = where.cmd(where.client, [sys.executable, "-c", CONNECT, where.addr, str(n), str(port)])
+            subprocess.run(connect, check=True, timeout=120)
+            server.wait(60)
+        finally:
+            server.kill()
+            server.wait()
+        stats = lo.obj.map("syn_stats")
+        # Both ends count where they live; over loopback both are global.
+        expected = n if where.server != where.client else 2 * n
+        for ns in {where.server, where.client}:
+            raw = stats[netns_cookie(ns).to_bytes(8, "little")]
+            established = int.from_bytes(raw[8:16], "little")
+            assert established == expected, f"{ns or 'global'}: {established} connections counted, {expected} made"
 
 
 RECEIVER = """
@@ -299,50 +340,21 @@ c.close()
 """
 
 
-def rmem_events(pair: NetnsPair, variant: str, locked: bool, port: int) -> int:
-    """tcp_rmem proposals the BPF side sends while a receiver in the server
-    namespace (its buffer at tcp_rmem[2]) reads a bulk transfer."""
+def rmem_events(where: Site, variant: str, locked: bool, port: int) -> int:
+    """tcp_rmem proposals the BPF side sends while a receiver on the server
+    side (its buffer at tcp_rmem[2]) reads a bulk transfer."""
     events: list[Event] = []
-    support = probe_support()
-    path = object_path("tcp_buffer_tuner", legacy=variant == "legacy")
-    with (
-        RingBuffer() as ring,
-        load_object(
-            path, "tcp_buffer_tuner", support, ring=ring, globals_=bpf_globals(), optional_signals=OPTIONAL_SIGNALS
-        ),
-    ):
+    with RingBuffer() as ring, loaded(variant, ring):
         ring.register(1, events.append)
         server = subprocess.Popen(
-            [
-                "ip",
-                "netns",
-                "exec",
-                pair.server,
-                sys.executable,
-                "-c",
-                RECEIVER,
-                pair.server_addr,
-                str(port),
-                str(int(locked)),
-            ],
+            where.cmd(where.server, [sys.executable, "-c", RECEIVER, where.addr, str(port), str(int(locked))]),
             stdout=subprocess.PIPE,
             text=True,
         )
         try:
             assert server.stdout is not None and server.stdout.readline().strip() == "ready"
             sender = subprocess.Popen(
-                [
-                    "ip",
-                    "netns",
-                    "exec",
-                    pair.client,
-                    sys.executable,
-                    "-c",
-                    BULK_SENDER,
-                    pair.server_addr,
-                    str(port),
-                    "3",
-                ]
+                where.cmd(where.client, [sys.executable, "-c", BULK_SENDER, where.addr, str(port), "3"])
             )
             while sender.poll() is None:
                 ring.poll(100)
@@ -350,14 +362,14 @@ def rmem_events(pair: NetnsPair, variant: str, locked: bool, port: int) -> int:
         finally:
             server.kill()
             server.wait()
-    cookie = netns_cookie(pair.server)
+    cookie = netns_cookie(where.server)
     return sum(1 for e in events if e.netns_cookie == cookie and e.update(0).id == 1)
 
 
-def test_so_rcvbuf_sockets_are_left_to_their_owner(variant: str) -> None:
+def test_so_rcvbuf_sockets_are_left_to_their_owner(saved_globals: Sysctls, variant: str) -> None:
     """A receiver that fixed its buffer with SO_RCVBUF opts out of kernel
     autotuning: its full buffer says nothing about tcp_rmem."""
-    with sysctls() as s, netns_pair("pbttb") as pair:
-        s.set("net.ipv4.tcp_rmem", "4096 65536 65536", pair.server)
-        assert rmem_events(pair, variant, locked=False, port=5413) > 0
-        assert rmem_events(pair, variant, locked=True, port=5414) == 0
+    with sysctls() as s, site() as where:
+        s.set("net.ipv4.tcp_rmem", "4096 65536 65536", where.server)
+        assert rmem_events(where, variant, locked=False, port=5413) > 0
+        assert rmem_events(where, variant, locked=True, port=5414) == 0
