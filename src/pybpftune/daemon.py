@@ -256,7 +256,10 @@ class Daemon:
             log.info("bpftune started")
             next_tick = time.monotonic() + TICK_S
             while not self._stop:
-                self.ring.poll(POLL_MS)
+                if self.ring.active:
+                    self.ring.poll(POLL_MS)
+                else:  # only BPF-free tuners: nothing to poll, just tick
+                    time.sleep(POLL_MS / 1000)
                 now = time.monotonic()
                 if now >= next_tick:
                     next_tick = now + TICK_S

@@ -156,7 +156,7 @@ def load_object(
                 continue
             for choice in choices.values():
                 if choice.chosen is None:
-                    log.info("%s: optional signal %s", name, choice.describe())
+                    log.debug("%s: optional signal %s", name, choice.describe())
             return LoadedObject(obj, choices)
         except BaseException:
             obj.close()

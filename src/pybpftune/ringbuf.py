@@ -146,6 +146,11 @@ class RingBuffer:
         for tuner_id, exc in errors:
             self._on_error(tuner_id, exc)
 
+    @property
+    def active(self) -> bool:
+        """True once an object shares the ring buffer (there is something to poll)."""
+        return self._ring is not None
+
     def fileno(self) -> int:
         """An epoll fd that becomes readable when events are queued."""
         if self._ring is None:

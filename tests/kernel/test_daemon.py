@@ -141,3 +141,11 @@ def test_unknown_tuner_is_one_line_and_nothing_attached(state_dir: Path) -> None
     errors = [line for line in proc.stderr.splitlines() if "unknown tuner" in line]
     assert len(errors) == 1 and "no_such_tuner" in errors[0] and "sysctl" in errors[0]
     assert program_names().count("sysctl_gate") <= before
+
+
+def test_bpf_free_tuners_alone_still_run(fin: Sysctls, state_dir: Path) -> None:
+    with Daemon(["-s", "-a", "demo", "-l", str(TUNERS), "--state-dir", str(state_dir), "-R"]) as d:
+        d.started()
+        d.wait_for(r"from \(60\) -> \(61\)")
+        assert d.stop() == 0
+    assert sysctl_get(FIN) == "60"
