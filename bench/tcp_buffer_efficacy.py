@@ -1,0 +1,253 @@
+#!/usr/bin/env python3
+"""tcp_buffer efficacy: starved buffers on a 50 ms, 200 Mbit/s path.
+
+Two namespaces joined by veth; netem on both ends gives 25 ms each way (50 ms
+RTT) and 200 Mbit/s (bandwidth-delay product 1.25 MB).  A client sends to a
+server in back-to-back transfers (iperf3, a new connection each, 5 s each by
+default) for 30 s, in three set-ups:
+
+* starved:    tcp_rmem and tcp_wmem "4096 65536 131072" in both namespaces;
+* tuned:      the same, with ``bpftune -s -a tcp_buffer`` running;
+* hand-tuned: tcp_rmem "4096 131072 16777216", tcp_wmem "4096 16384 16777216".
+
+It prints the receiver's goodput per second of every transfer, the first
+connection's mean (its window scale is fixed at its handshake from the starved
+limits), and the ratio to hand-tuned of the connections opened 10 s or more
+after the first transfer's start (the target is >= 95 %), plus the limits the
+daemon ended with and its change lines with their times.
+
+Runs as root on a kernel with sch_netem; on the development host (no netem)
+run it in the 6.1 VM:
+
+    python3 tests/vm/vmtest.py --kernel 6.1 --timeout 1800 -- \\
+        /work/main/.venv/bin/python bench/tcp_buffer_efficacy.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from tests.kernel.harness import Daemon, NetnsPair, netns_pair, run, sysctl_get, sysctls  # noqa: E402
+
+STARVED = "4096 65536 131072"
+HAND_RMEM = "4096 131072 16777216"
+HAND_WMEM = "4096 16384 16777216"
+ONE_WAY_DELAY = "25ms"
+RATE = "200mbit"
+BDP = 200e6 / 8 * 0.050
+LATE_S = 10.0
+
+
+@dataclass
+class Transfer:
+    start: float  # seconds after the first transfer's start
+    per_second: list[float]  # receiver goodput, Mbit/s
+
+    @property
+    def mean(self) -> float:
+        return statistics.fmean(self.per_second) if self.per_second else 0.0
+
+
+@dataclass
+class Run:
+    name: str
+    transfers: list[Transfer] = field(default_factory=list)
+    daemon_lines: list[tuple[float, str]] = field(default_factory=list)
+    limits: dict[str, str] = field(default_factory=dict)
+
+    def late_mean(self) -> float:
+        late = [t for t in self.transfers if t.start >= LATE_S]
+        return statistics.fmean([t.mean for t in late]) if late else 0.0
+
+
+class TimedDaemon(Daemon):
+    """The harness daemon, remembering when each line arrived."""
+
+    def __init__(self, args: list[str]) -> None:
+        self.times: list[float] = []
+        super().__init__(args)
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            with self._cond:
+                self.lines.append(line.rstrip("\n"))
+                self.times.append(time.monotonic())
+                self._cond.notify_all()
+        with self._cond:
+            self._cond.notify_all()
+
+
+def shape(pair: NetnsPair) -> None:
+    """25 ms each way and 200 Mbit/s; no segmentation offloads, so netem's
+    rate applies per wire packet."""
+    for ns, dev in ((pair.client, pair.client_dev), (pair.server, pair.server_dev)):
+        run(["ethtool", "-K", dev, "gso", "off", "tso", "off"], ns, check=False)
+        run(["tc", "qdisc", "add", "dev", dev, "root", "netem", "delay", ONE_WAY_DELAY, "rate", RATE], ns)
+
+
+@contextmanager
+def path_with(rmem: str, wmem: str) -> Iterator[NetnsPair]:
+    with sysctls() as s, netns_pair("pbteff") as pair:
+        for ns in (pair.server, pair.client):
+            s.set("net.ipv4.tcp_rmem", rmem, ns)
+            s.set("net.ipv4.tcp_wmem", wmem, ns)
+        shape(pair)
+        run(["ping", "-c", "1", "-W", "5", pair.server_addr], pair.client, check=False)
+        yield pair
+
+
+def transfer(pair: NetnsPair, port: int, seconds: int) -> tuple[float, list[float]]:
+    """One iperf3 transfer client -> server; (client start time, receiver
+    goodput per second in Mbit/s)."""
+    server = subprocess.Popen(
+        ["ip", "netns", "exec", pair.server, "iperf3", "-s", "-1", "-J", "-i", "1", "-p", str(port)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            started = time.monotonic()
+            client = subprocess.run(
+                [
+                    "ip",
+                    "netns",
+                    "exec",
+                    pair.client,
+                    "iperf3",
+                    "-c",
+                    pair.server_addr,
+                    "-p",
+                    str(port),
+                    "-t",
+                    str(seconds),
+                ],
+                capture_output=True,
+                text=True,
+                timeout=seconds + 120,
+            )
+            if client.returncode == 0:
+                break
+            if "unable to connect" not in client.stderr or time.monotonic() > deadline:
+                raise RuntimeError(f"iperf3 client failed: {client.stderr.strip()}")
+            time.sleep(0.2)
+        out, _ = server.communicate(timeout=60)
+    finally:
+        server.kill()
+        server.wait()
+    report = json.loads(out)
+    rates = [iv["sum"]["bits_per_second"] / 1e6 for iv in report["intervals"] if iv["sum"]["seconds"] > 0.5]
+    return started, rates
+
+
+def workload(pair: NetnsPair, total: int, each: int, base_port: int) -> list[Transfer]:
+    transfers = []
+    t0: float | None = None
+    n = 0
+    while True:
+        started, rates = transfer(pair, base_port + n, each)
+        t0 = started if t0 is None else t0
+        transfers.append(Transfer(started - t0, rates))
+        n += 1
+        if time.monotonic() - t0 >= total:
+            return transfers
+
+
+def measure(name: str, total: int, each: int, legacy: bool, base_port: int) -> Run:
+    result = Run(name)
+    if name == "hand-tuned":
+        with path_with(HAND_RMEM, HAND_WMEM) as pair:
+            result.transfers = workload(pair, total, each, base_port)
+        return result
+    with path_with(STARVED, STARVED) as pair:
+        if name == "starved":
+            result.transfers = workload(pair, total, each, base_port)
+            return result
+        with tempfile.TemporaryDirectory() as state:
+            args = ["-s", "-a", "tcp_buffer", "--state-dir", state, *(["-L"] if legacy else [])]
+            d = TimedDaemon(args)
+            with d:
+                d.started(600)
+                begin = time.monotonic()
+                result.transfers = workload(pair, total, each, base_port)
+                result.limits = {
+                    "server tcp_rmem": sysctl_get("net.ipv4.tcp_rmem", pair.server),
+                    "server tcp_wmem": sysctl_get("net.ipv4.tcp_wmem", pair.server),
+                    "client tcp_rmem": sysctl_get("net.ipv4.tcp_rmem", pair.client),
+                    "client tcp_wmem": sysctl_get("net.ipv4.tcp_wmem", pair.client),
+                }
+                d.stop()
+                result.daemon_lines = [
+                    (t - begin, line) for t, line in zip(d.times, d.lines, strict=False) if "Due to" in line
+                ]
+    return result
+
+
+def report(runs: list[Run], each: int) -> None:
+    by_name = {r.name: r for r in runs}
+    print(f"# path: {ONE_WAY_DELAY} each way, {RATE}, BDP {BDP / 1e6:.2f} MB; transfers of {each} s back to back")
+    for r in runs:
+        print(f"\n## {r.name}")
+        for i, t in enumerate(r.transfers):
+            per_second = " ".join(f"{v:6.1f}" for v in t.per_second)
+            print(f"conn {i + 1:2d} opened at {t.start:5.1f} s: {per_second}   mean {t.mean:6.1f} Mbit/s")
+        for key, value in r.limits.items():
+            print(f"final {key}: {value}")
+        for when, line in r.daemon_lines:
+            print(f"  {when:6.2f} s {line.removeprefix('bpftune: ')}")
+    hand = by_name.get("hand-tuned")
+    if hand is None:
+        return
+    print("\n## ratios to hand-tuned")
+    for r in runs:
+        if r is hand or not r.transfers:
+            continue
+        first = r.transfers[0].mean / hand.transfers[0].mean if hand.transfers[0].mean else 0.0
+        late = r.late_mean() / hand.late_mean() if hand.late_mean() else 0.0
+        print(
+            f"{r.name:8s} first connection {r.transfers[0].mean:6.1f} Mbit/s ({first:5.1%});"
+            f" connections opened at >= {LATE_S:.0f} s {r.late_mean():6.1f} Mbit/s ({late:5.1%})"
+        )
+    print(f"hand-tuned first connection {hand.transfers[0].mean:6.1f}; later ones {hand.late_mean():6.1f} Mbit/s")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seconds", type=int, default=30, help="length of each run (default 30)")
+    parser.add_argument("--each", type=int, default=5, help="length of each transfer (default 5)")
+    parser.add_argument("--legacy", action="store_true", help="run the daemon with -L")
+    parser.add_argument(
+        "--only", choices=("starved", "tuned", "hand-tuned"), action="append", help="run only these set-ups"
+    )
+    args = parser.parse_args()
+    if os.geteuid() != 0:
+        print("needs root (namespaces, netem, BPF)", file=sys.stderr)
+        return 2
+    print(f"# {platform.node()} kernel {platform.release()}, {'legacy' if args.legacy else 'full'} variant")
+    names = args.only or ["starved", "tuned", "hand-tuned"]
+    runs = []
+    for i, name in enumerate(names):
+        runs.append(measure(name, args.seconds, args.each, args.legacy, 5300 + 100 * i))
+    report(runs, args.each)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
