@@ -81,11 +81,17 @@ def entry_point_tuners() -> list[type[Tuner]]:
 
 
 def _check_trusted(path: Path) -> None:
-    """Refuse plugin paths anyone but root could have written."""
+    """Refuse plugin paths anyone but root could have written.
+
+    Every component must be a root-owned non-symlink that only root can
+    write; a sticky ancestor such as /tmp is accepted, since others may add
+    entries there but cannot replace the root-owned ones below it."""
     path = path.absolute()
     for p in [path, *path.parents]:
         st = os.lstat(p)
-        if stat.S_ISLNK(st.st_mode) or st.st_uid != 0 or st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        writable = st.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
+        sticky_ancestor = p != path and st.st_mode & stat.S_ISVTX
+        if stat.S_ISLNK(st.st_mode) or st.st_uid != 0 or (writable and not sticky_ancestor):
             raise UsageError(f"refusing untrusted plugin '{path}': {p} must be root-owned and not group/other-writable")
 
 

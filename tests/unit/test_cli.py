@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from click.testing import CliRunner
 
@@ -83,3 +85,19 @@ def test_port_is_refused_until_the_query_server_exists(tmp_path: object) -> None
     result = CliRunner().invoke(main, ["-s", "-p", "1234", "--state-dir", str(tmp_path)])
     assert result.exit_code == 2
     assert "not yet supported" in result.stderr
+
+
+def test_untrusted_plugin_directory_is_refused(tmp_path: Path) -> None:
+    from pybpftune.errors import UsageError
+    from pybpftune.registry import extra_tuners
+
+    plugins = tmp_path / "plugins"
+    plugins.mkdir()
+    plugins.chmod(0o777)
+    with pytest.raises(UsageError, match="refusing untrusted plugin"):
+        extra_tuners([str(plugins)])
+    plugins.chmod(0o755)
+    (plugins / "evil_tuner.py").write_text("TUNER = None\n")
+    (plugins / "evil_tuner.py").chmod(0o666)
+    with pytest.raises(UsageError, match="refusing untrusted plugin"):
+        extra_tuners([str(plugins)])
