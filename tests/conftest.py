@@ -78,11 +78,16 @@ def _variants() -> list[str]:
     return [v for v in os.environ.get("PYBPFTUNE_VARIANTS", "full,legacy").split(",") if v]
 
 
-@pytest.fixture(params=_variants())
-def variant(request: pytest.FixtureRequest) -> str:
-    """Object variant a daemon test runs with (PYBPFTUNE_VARIANTS, default both)."""
-    value: str = request.param
-    return value
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Parametrize ``variant``: PYBPFTUNE_VARIANTS (default both), except
+    that tests marked ``all_variants`` always run with full and legacy."""
+    explicit = any(
+        "variant" in (m.args[0] if isinstance(m.args[0], (list, tuple)) else str(m.args[0]).replace(" ", "").split(","))
+        for m in metafunc.definition.iter_markers("parametrize")
+    )
+    if "variant" in metafunc.fixturenames and not explicit:
+        both = metafunc.definition.get_closest_marker("all_variants") is not None
+        metafunc.parametrize("variant", ["full", "legacy"] if both else _variants())
 
 
 @pytest.fixture

@@ -90,6 +90,7 @@ def test_rollback_restores_on_sigterm(fin: Sysctls, state_dir: Path, variant_arg
 
 
 @pytest.mark.guest  # the sysctl tuner's fentry/kprobe forms only work in the VMs
+@pytest.mark.all_variants
 def test_admin_write_makes_the_tuner_back_off(fin: Sysctls, state_dir: Path, variant_args: tuple[str, ...]) -> None:
     with demo_daemon(state_dir, variant_args=variant_args) as d:
         d.started()

@@ -158,6 +158,8 @@ def saved_globals() -> Iterator[Sysctls]:
         yield s
 
 
+@pytest.mark.guest
+@pytest.mark.all_variants
 def test_starved_receiver_gets_tcp_rmem_raised(
     saved_globals: Sysctls, variant_args: tuple[str, ...], tmp_path: Path
 ) -> None:
@@ -190,6 +192,8 @@ def test_starved_receiver_gets_tcp_rmem_raised(
         assert "Sample 'rcv_space': associated program was called" in d.output
 
 
+@pytest.mark.guest
+@pytest.mark.all_variants
 def test_starved_sender_gets_tcp_wmem_raised(
     saved_globals: Sysctls, variant_args: tuple[str, ...], tmp_path: Path
 ) -> None:
@@ -216,6 +220,8 @@ def test_starved_sender_gets_tcp_wmem_raised(
         assert "Sample 'snd_buf': associated program was called" in d.output
 
 
+@pytest.mark.guest
+@pytest.mark.all_variants
 def test_startup_log_accounts_for_every_optional_signal(
     saved_globals: Sysctls, variant_args: tuple[str, ...], tmp_path: Path
 ) -> None:
