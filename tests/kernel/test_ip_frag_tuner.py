@@ -126,6 +126,7 @@ def grown(name: str, ns: str | None) -> bool:
 
 
 @pytest.mark.parametrize("where", ["netns", "global"])
+@pytest.mark.guest
 def test_fragment_memory_near_threshold_raises_it(where: str, variant_args: tuple[str, ...], tmp_path: Path) -> None:
     cookies = current_cookie() is not None
     with netns_path() if where == "netns" else global_pair() as path, sysctls() as s:
@@ -171,6 +172,7 @@ def without_tracepoints() -> Support:
     return Support(kinds, real.kernel_btf, real.ringbuf, real.netns_cookie, real.cgroup2, real.memlock)
 
 
+@pytest.mark.guest
 def test_defrag_fallback_forms_fire_or_say_why(variant: str) -> None:
     """Where fentry or kprobes work (the VMs) the ip_defrag/ipv6_frag_rcv forms
     report both families; elsewhere the error names the signal and why."""

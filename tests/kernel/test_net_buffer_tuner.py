@@ -88,6 +88,7 @@ def nb_daemon(state_dir: Path, variant_args: tuple[str, ...]) -> Daemon:
     return Daemon(["-s", "-a", "net_buffer", "--state-dir", str(state_dir), *variant_args])
 
 
+@pytest.mark.guest
 def test_backlog_drops_grow_netdev_max_backlog(
     saved: Sysctls, gso_pair: NetnsPair, variant_args: tuple[str, ...], tmp_path: Path
 ) -> None:
@@ -192,6 +193,7 @@ def without_tracepoints() -> Support:
     return Support(kinds, real.kernel_btf, real.ringbuf, real.netns_cookie, real.cgroup2, real.memlock)
 
 
+@pytest.mark.guest
 def test_backlog_fallback_forms_count_or_say_why(saved: Sysctls, gso_pair: NetnsPair, variant: str) -> None:
     """fexit/kretprobe on enqueue_to_backlog where they work (the VMs) count
     exactly the kernel's drops; elsewhere the error names the signal and why."""
@@ -233,6 +235,7 @@ def softnet_data_resolvable() -> bool:
     return has_symbol and "VAR 'softnet_data'" in btf
 
 
+@pytest.mark.guest
 def test_squeeze_fallback_forms_fire_or_say_why(saved: Sysctls, gso_pair: NetnsPair, variant: str) -> None:
     """fentry/kprobe on napi_complete_done where they work and softnet_data
     resolves (Debian 6.1); elsewhere the error says which form failed and why.

@@ -96,6 +96,7 @@ def udp_daemon(state_dir: Path, variant_args: tuple[str, ...]) -> Daemon:
     return Daemon(["-s", "-a", "udp_buffer", "--state-dir", str(state_dir), *variant_args])
 
 
+@pytest.mark.guest
 def test_overflow_at_default_size_grows_rmem_default_and_max(
     small_rmem: Sysctls, variant_args: tuple[str, ...], tmp_path: Path
 ) -> None:
@@ -124,6 +125,7 @@ def test_overflow_at_default_size_grows_rmem_default_and_max(
     assert "Sample 'fail_queue': associated program was called" in d.output
 
 
+@pytest.mark.guest
 def test_socket_that_set_so_rcvbuf_leaves_rmem_default_alone(
     small_rmem: Sysctls, variant_args: tuple[str, ...], tmp_path: Path
 ) -> None:
