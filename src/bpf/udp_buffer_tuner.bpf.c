@@ -77,7 +77,8 @@ static __always_inline int observe(struct sock *sk, struct proto *prot, __u32 ki
 	if (kind == UDP_BUFFER_OBS_RCVBUF_FULL) {
 		if (!rcvbuf_worth_reporting(o->sk_rcvbuf, o->userlocks))
 			return 0;
-	} else if (o->mem[1] <= 0 || !BPFTUNE_NEARLY_FULL(o->mem_allocated, o->mem[1])) {
+	} else if (o->mem[0] <= 0 || o->mem_allocated <= o->mem[0]) {
+		/* Not above udp_mem[0]: refused by a memory cgroup, not by udp_mem. */
 		return 0;
 	}
 	return bpftune_send_observation(bpftune_netns_cookie(bpftune_sock_net(sk)), kind, kind, &event);

@@ -175,6 +175,21 @@ def test_pressure_at_the_cap_does_nothing() -> None:
     assert tuner.decide(mem_limit(200000, mem).event(3)) == []
 
 
+def test_refusal_just_above_udp_mem_min_is_pressure() -> None:
+    """UDP has no memory-pressure state: above udp_mem[0] the kernel refuses
+    every socket holding more than udp_rmem_min (5.10 drops at 21 pages with
+    udp_mem 20 45 50).  bpftune waited for udp_mem[1] and never grew it."""
+    tuner, _ = make_tuner(udp_mem=(20, 45, 50))
+    props = tuner.decide(mem_limit(21, (20, 45, 50)).event(3))
+    assert [(p.tunable, p.scenario, p.new) for p in props] == [(ub.UDP_MEM, ub.MEM_PRESSURE, (25, 56, 62))]
+
+
+def test_refusal_below_udp_mem_min_is_not_udp_mem() -> None:
+    """A memory cgroup's limit refuses too; a larger udp_mem cannot help."""
+    tuner, _ = make_tuner(udp_mem=(20000, 40000, 80000))
+    assert tuner.decide(mem_limit(19000, (20000, 40000, 80000)).event(3)) == []
+
+
 def test_memory_well_below_pressure_is_ignored() -> None:
     tuner, _ = make_tuner()
     assert tuner.decide(mem_limit(100, (20000, 40000, 80000)).event(3)) == []

@@ -8,7 +8,7 @@ The BPF side (udp_buffer_tuner.bpf.c) reports two observations:
   a buffer with SO_RCVBUF and the kernel capped it at rmem_max.  A socket
   that locked a size it chose below the cap is left alone: no global change
   can help it, and rmem_default is never changed on its account;
-* UDP memory accounting refused datagrams (-ENOBUFS, or
+* UDP memory accounting refused datagrams above udp_mem[0] (-ENOBUFS, or
   sock:sock_exceed_buf_limit): grow ``net.ipv4.udp_mem`` towards 1/16, 1/8
   and 1/4 of the buffer-usable memory, and when udp_mem[2] can grow no more
   under exhaustion, take rmem_max/rmem_default back towards their original
@@ -225,10 +225,13 @@ class UdpBufferTuner(Tuner):
         used = obs.mem_allocated
         if steps.nearly_full(used, mem[2]):
             scenario, what = MEM_EXHAUSTION, "approaching UDP memory exhaustion"
-        elif steps.nearly_full(used, mem[1]):
+        elif used > mem[0]:
+            # UDP has no memory-pressure state: above udp_mem[0] the kernel
+            # refuses any socket holding more than udp_rmem_min, so a refusal
+            # there is already pressure (bpftune waits for udp_mem[1]).
             scenario, what = MEM_PRESSURE, "approaching UDP memory pressure"
         else:
-            return []
+            return []  # refused for another reason (a memory cgroup's limit)
         free = self.free_pages if self.free_pages is not None else nr_free_buffer_pages()
         new = grow_udp_mem(mem, free, steps.grow)
         if new != mem:
