@@ -69,6 +69,7 @@ class Run:
     transfers: list[Transfer] = field(default_factory=list)
     daemon_lines: list[tuple[float, str]] = field(default_factory=list)
     limits: dict[str, str] = field(default_factory=dict)
+    counters: dict[str, int] = field(default_factory=dict)
 
     def late_mean(self) -> float:
         late = [t for t in self.transfers if t.start >= LATE_S]
@@ -93,11 +94,17 @@ class TimedDaemon(Daemon):
             self._cond.notify_all()
 
 
+OFFLOADS = True
+DAEMON_EXTRA: list[str] = []
+DUMP: str | None = None
+
+
 def shape(pair: NetnsPair) -> None:
-    """25 ms each way and 200 Mbit/s; no segmentation offloads, so netem's
-    rate applies per wire packet."""
+    """25 ms each way and 200 Mbit/s (with --no-offloads, GSO/TSO off so
+    netem's rate applies per wire packet; costs CPU the VM may not have)."""
     for ns, dev in ((pair.client, pair.client_dev), (pair.server, pair.server_dev)):
-        run(["ethtool", "-K", dev, "gso", "off", "tso", "off"], ns, check=False)
+        if not OFFLOADS:
+            run(["ethtool", "-K", dev, "gso", "off", "tso", "off"], ns, check=False)
         run(["tc", "qdisc", "add", "dev", dev, "root", "netem", "delay", ONE_WAY_DELAY, "rate", RATE], ns)
 
 
@@ -110,6 +117,29 @@ def path_with(rmem: str, wmem: str) -> Iterator[NetnsPair]:
         shape(pair)
         run(["ping", "-c", "1", "-W", "5", pair.server_addr], pair.client, check=False)
         yield pair
+
+
+COUNTERS = (
+    "TcpRetransSegs",
+    "TcpExtTCPLostRetransmit",
+    "TcpExtTCPRcvQDrop",
+    "TcpExtPruneCalled",
+    "TcpExtTCPOFODrop",
+    "TcpExtTCPHystartTrainDetect",
+    "TcpExtTCPHystartDelayDetect",
+)
+
+
+def counters(pair: NetnsPair) -> dict[str, int]:
+    """TCP counters of interest, summed over both namespaces."""
+    out: dict[str, int] = {}
+    for ns in (pair.client, pair.server):
+        text = run(["nstat", "-a", "-z", *COUNTERS], ns, check=False)
+        for line in text.splitlines():
+            parts = line.split()
+            if len(parts) >= 2 and parts[0] in COUNTERS:
+                out[parts[0]] = out.get(parts[0], 0) + int(parts[1])
+    return out
 
 
 def transfer(pair: NetnsPair, port: int, seconds: int) -> tuple[float, list[float]]:
@@ -175,18 +205,21 @@ def measure(name: str, total: int, each: int, legacy: bool, base_port: int) -> R
     if name == "hand-tuned":
         with path_with(HAND_RMEM, HAND_WMEM) as pair:
             result.transfers = workload(pair, total, each, base_port)
+            result.counters = counters(pair)
         return result
     with path_with(STARVED, STARVED) as pair:
         if name == "starved":
             result.transfers = workload(pair, total, each, base_port)
+            result.counters = counters(pair)
             return result
         with tempfile.TemporaryDirectory() as state:
-            args = ["-s", "-a", "tcp_buffer", "--state-dir", state, *(["-L"] if legacy else [])]
+            args = ["-s", "-a", "tcp_buffer", "--state-dir", state, *(["-L"] if legacy else []), *DAEMON_EXTRA]
             d = TimedDaemon(args)
             with d:
                 d.started(600)
                 begin = time.monotonic()
                 result.transfers = workload(pair, total, each, base_port)
+                result.counters = counters(pair)
                 result.limits = {
                     "server tcp_rmem": sysctl_get("net.ipv4.tcp_rmem", pair.server),
                     "server tcp_wmem": sysctl_get("net.ipv4.tcp_wmem", pair.server),
@@ -194,6 +227,10 @@ def measure(name: str, total: int, each: int, legacy: bool, base_port: int) -> R
                     "client tcp_wmem": sysctl_get("net.ipv4.tcp_wmem", pair.client),
                 }
                 d.stop()
+                if DUMP is not None:
+                    with open(DUMP, "w") as f:
+                        for t, line in zip(d.times, d.lines, strict=False):
+                            f.write(f"{t - begin:8.3f} {line}\n")
                 result.daemon_lines = [
                     (t - begin, line) for t, line in zip(d.times, d.lines, strict=False) if "Due to" in line
                 ]
@@ -210,6 +247,8 @@ def report(runs: list[Run], each: int) -> None:
             print(f"conn {i + 1:2d} opened at {t.start:5.1f} s: {per_second}   mean {t.mean:6.1f} Mbit/s")
         for key, value in r.limits.items():
             print(f"final {key}: {value}")
+        if r.counters:
+            print("counters: " + ", ".join(f"{k.removeprefix('Tcp')} {v}" for k, v in r.counters.items()))
         for when, line in r.daemon_lines:
             print(f"  {when:6.2f} s {line.removeprefix('bpftune: ')}")
     hand = by_name.get("hand-tuned")
@@ -236,7 +275,14 @@ def main() -> int:
     parser.add_argument(
         "--only", choices=("starved", "tuned", "hand-tuned"), action="append", help="run only these set-ups"
     )
+    parser.add_argument("--no-offloads", action="store_true", help="switch GSO/TSO off on the veth pair")
+    parser.add_argument("--dump", help="write the daemon's timed output (run with -d) to this file")
     args = parser.parse_args()
+    global OFFLOADS, DUMP
+    OFFLOADS = not args.no_offloads
+    if args.dump:
+        DUMP = args.dump
+        DAEMON_EXTRA.append("-d")
     if os.geteuid() != 0:
         print("needs root (namespaces, netem, BPF)", file=sys.stderr)
         return 2

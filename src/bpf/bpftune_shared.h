@@ -376,7 +376,7 @@ enum tcp_buffer_conn_flag {
  * window scale can advertise.  Send side: rtt_us is srtt, delivered/interval_us
  * the kernel's delivery-rate sample (segments per microseconds), window the
  * bytes in flight, window_cap the peer's advertised window, queued
- * sk_wmem_queued.
+ * sk_wmem_queued, cwnd the congestion window (segments).
  */
 struct tcp_buffer_conn {
 	__u32 flags;
@@ -390,7 +390,11 @@ struct tcp_buffer_conn {
 	__u32 delivered;
 	__u32 interval_us;
 	__u32 cwnd;
-	__u32 pad;
+	__u32 conn; /* the connection's hash (skc_hash): tells samples of one connection apart */
+	__u64 bytes; /* receive: bytes_received; send: bytes_acked */
+	__u64 ts_ns; /* bpf_ktime_get_ns() when sampled: rate = d(bytes) / d(ts_ns) */
+	__u32 unsent; /* send: bytes written but not yet sent (write_seq - snd_nxt) */
+	__u32 reserved;
 };
 
 struct tcp_buffer_event {

@@ -214,6 +214,9 @@ static __always_inline int on_rcv(struct sock *sk)
 	c->window_cap = cap;
 	c->delivered = space;
 	c->interval_us = rtt;
+	c->conn = BPF_CORE_READ(sk, __sk_common.skc_hash);
+	c->bytes = BPF_CORE_READ(tp, bytes_received);
+	c->ts_ns = bpf_ktime_get_ns();
 	new[0] = old[0];
 	new[1] = old[1];
 	new[2] = grow_capped(old[2]);
@@ -225,20 +228,25 @@ static __always_inline int on_rcv(struct sock *sk)
 }
 
 /*
- * The kernel's own view of a sender limited by its send buffer: its chrono
- * says so, or (tcp_should_expand_sndbuf) the writer waits for space while
- * the congestion window has room.
+ * A sender that may be limited by its send buffer: the kernel's chrono says
+ * so, or the writer waits for buffer space while the peer's window has room
+ * (a full peer window means the receiver limits it).  Whether data waits
+ * unsent (the congestion window limits it) is left to user space, which
+ * gets the unsent byte count.
  */
 static __always_inline bool sndbuf_limited(struct sock *sk, struct tcp_sock *tp)
 {
 	unsigned long sock_flags;
+	__u32 inflight, mss;
 
 	if (BPF_CORE_READ_BITFIELD_PROBED(tp, chrono_type) == TCP_CHRONO_SNDBUF)
 		return true;
 	sock_flags = BPF_CORE_READ(sk, sk_socket, flags);
 	if (!(sock_flags & (1UL << SOCK_NOSPACE_BIT)))
 		return false;
-	return BPF_CORE_READ(tp, packets_out) < BPF_CORE_READ(tp, snd_cwnd);
+	inflight = BPF_CORE_READ(tp, snd_nxt) - BPF_CORE_READ(tp, snd_una);
+	mss = BPF_CORE_READ(tp, mss_cache);
+	return inflight + 2 * mss <= BPF_CORE_READ(tp, snd_wnd);
 }
 
 /*
@@ -287,6 +295,10 @@ static __always_inline int on_snd(struct sock *sk, bool expanding)
 	c->delivered = BPF_CORE_READ(tp, rate_delivered);
 	c->interval_us = BPF_CORE_READ(tp, rate_interval_us);
 	c->cwnd = BPF_CORE_READ(tp, snd_cwnd);
+	c->conn = BPF_CORE_READ(sk, __sk_common.skc_hash);
+	c->bytes = BPF_CORE_READ(tp, bytes_acked);
+	c->ts_ns = bpf_ktime_get_ns();
+	c->unsent = BPF_CORE_READ(tp, write_seq) - BPF_CORE_READ(tp, snd_nxt);
 	new[0] = old[0];
 	new[1] = old[1];
 	new[2] = grow_capped(old[2]);
@@ -402,6 +414,11 @@ BPFTUNE_KPROBE(rcv_space, tcp_rcv_space_adjust, struct sock *sk)
 
 BPFTUNE_TP(snd_buf, tcp_probe, struct sock *sk, struct sk_buff *skb)
 {
+	/* tcp_probe fires for every segment received, data or ACK: sample
+	 * only among sockets with data queued to send, or a busy receiver
+	 * would crowd the senders out of the samples. */
+	if (!sk || BPF_CORE_READ(sk, sk_wmem_queued) <= 0)
+		return 0;
 	if (!bpftune_sample(&snd_buf_sample))
 		return 0;
 	return on_snd(sk, false);

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 
@@ -182,26 +183,74 @@ def test_conn_payload_round_trips_through_the_event() -> None:
 # --- the need of a connection ---------------------------------------------------------------
 
 
-def test_window_limited_receiver_without_a_queue_wants_twice_its_window() -> None:
+def test_window_limited_receiver_without_a_queue_is_probed_by_the_largest_step() -> None:
     conn = receiver(131072)
     assert conn.window_limited() and not conn.queueing()
-    # window 65536, x2 explore, buffer/window 2.
-    assert conn.need(Steps(4)) == 2 * 65536 * 2
+    # window 65536, x4 at learning rate 4, buffer/window 2.
+    assert conn.need(Steps(4)) == 4 * 65536 * 2
+    assert conn.need(Steps(2)) == int(1.75 * 65536 * 2)
 
 
-def test_queueing_receiver_wants_its_bdp_plus_a_quarter() -> None:
+def test_queueing_receiver_wants_twice_its_bdp() -> None:
     # 200 Mbit/s with 80 ms RTT over a 50 ms path: a queue is forming.
     conn = receiver(8 * MB, rtt_us=80_000, min_rtt_us=50_000, rate=25e6)
     assert conn.queueing()
     bdp = 25e6 * 0.050
-    assert conn.need(Steps(4)) == int(1.25 * bdp * 2)
+    assert conn.need(Steps(4)) == int(2 * bdp * 2)
 
 
 def test_app_limited_receiver_asks_only_for_its_bdp() -> None:
     # The reader takes 1 MB/s while its 512 KiB window would allow 10 MB/s.
     conn = receiver(MB, rate=1e6)
     assert not conn.window_limited()
-    assert conn.need(Steps(4)) == int(1.25 * 1e6 * 0.05 * 2)
+    assert conn.need(Steps(4)) == int(2 * 1e6 * 0.05 * 2)
+
+
+def test_a_receiver_reading_part_of_its_window_is_not_window_limited() -> None:
+    # 1.25 MB per RTT through a 2 MB window: something else sets the pace.
+    conn = receiver(4 * MB, rate=25e6)
+    assert not conn.window_limited()
+    assert receiver(4 * MB, rate=2 * MB / 0.05).window_limited()
+
+
+def test_window_limited_uses_goodput_when_measured() -> None:
+    """The kernel's bytes-per-RTT figure (rcvq_space.space) only grows; a
+    connection whose goodput fell below its window is not window-limited."""
+    conn = receiver(4 * MB)
+    assert conn.window_limited()
+    slowed = dataclasses.replace(conn, measured_rate=10e6)  # 0.5 MB per 50 ms RTT, window 2 MB
+    assert not slowed.window_limited()
+    assert slowed.need(Steps(4)) == int(2 * 10e6 * 0.05 * 2)
+
+
+def test_queue_detection_uses_the_smallest_rtt_the_connection_showed() -> None:
+    """A receiver's kernel minimum comes from the handshake (57 ms on a slow
+    host); its data samples show 51 ms.  64 ms is a queue on this path."""
+    tuner, _backend, _clock = make_tuner()
+    first = dataclasses.replace(receiver(MB, rtt_us=51_000, min_rtt_us=57_000), conn=77)
+    assert tuner.remember(NS, first).min_rtt_us == 51_000
+    later = dataclasses.replace(receiver(MB, rtt_us=64_000, min_rtt_us=57_000), conn=77)
+    assert not later.queueing()
+    assert tuner.remember(NS, later).queueing()
+    other = dataclasses.replace(later, conn=78)
+    assert tuner.remember(NS, other).min_rtt_us == 57_000, "per connection"
+
+
+def test_goodput_is_measured_between_samples_of_one_connection() -> None:
+    """The kernel's per-RTT estimate (here 90 Mbit/s) is replaced by the
+    bytes the connection moved between samples at least two RTTs apart."""
+    tuner, _backend, _clock = make_tuner()
+    base = dataclasses.replace(receiver(MB, rate=90e6 / 8), conn=9, bytes=10_000_000, ts_ns=1_000_000_000)
+    assert tuner.remember(NS, base).measured_rate == 0.0
+    too_soon = dataclasses.replace(base, bytes=10_500_000, ts_ns=1_050_000_000)
+    assert tuner.remember(NS, too_soon).measured_rate == 0.0
+    later = dataclasses.replace(base, bytes=12_500_000, ts_ns=1_200_000_000)
+    measured = tuner.remember(NS, later)
+    assert measured.measured_rate == pytest.approx(12.5e6)
+    assert measured.rate() == pytest.approx(12.5e6)
+    # A sample more than 5 s after the anchor starts over.
+    stale = dataclasses.replace(base, bytes=99_000_000, ts_ns=9_000_000_000)
+    assert tuner.remember(NS, stale).measured_rate == 0.0
 
 
 def test_scheduling_noise_on_a_tiny_rtt_is_not_a_queue() -> None:
@@ -213,7 +262,27 @@ def test_sender_need_counts_unsent_data_and_truesize() -> None:
     conn = sender(131072, inflight=100_000)
     per_window = 2 * 131072 / 100_000
     assert conn.buffer_per_window() == pytest.approx(per_window)
-    assert conn.need(Steps(4)) == int(2 * 100_000 * per_window)
+    assert conn.need(Steps(4)) == int(4 * 100_000 * per_window)
+
+
+def test_a_sender_with_data_waiting_is_not_sndbuf_limited() -> None:
+    """Half its buffer written but unsent: the congestion window, not the
+    buffer, holds it back; it asks only for twice its BDP."""
+    conn = dataclasses.replace(sender(2 * MB, inflight=MB), unsent=MB)
+    assert not conn.window_limited()
+    assert conn.buffer_per_window() == pytest.approx(2 * 2 * MB / (2 * MB))
+    assert conn.need(Steps(4)) == int(2 * conn.bdp() * 2)
+
+
+def test_a_sender_in_slow_start_asks_for_room_for_its_congestion_window() -> None:
+    """cwnd-limited on an empty path: buffer for the window and as much
+    unsent again; once a queue forms the inflated window counts for nothing."""
+    conn = dataclasses.replace(sender(2 * MB, inflight=MB), unsent=MB, cwnd=2000)
+    per_window = conn.buffer_per_window()
+    assert conn.need(Steps(4)) == int(2000 * 1448 * per_window) > conn.full_need()
+    queued = dataclasses.replace(conn, rtt_us=90_000)
+    assert queued.queueing()
+    assert queued.need(Steps(4)) == queued.full_need()
 
 
 # --- step bounds ------------------------------------------------------------------------------
@@ -226,9 +295,10 @@ def test_the_learning_rate_bounds_each_step(rate: int, factor: float) -> None:
     assert tb.grow_max(1 << 20, 1 << 30, steps) == int((1 << 20) * factor)
 
 
-def test_a_step_is_at_least_one_reference_step_and_at_most_the_need() -> None:
+def test_a_need_within_one_reference_step_changes_nothing() -> None:
     steps = Steps(4)
-    assert tb.grow_max(100_000, 100_001, steps) == 125_000
+    assert tb.grow_max(100_000, 124_999, steps) is None
+    assert tb.grow_max(100_000, 125_000, steps) == 125_000
     assert tb.grow_max(100_000, 300_000, steps) == 300_000
     assert tb.grow_max(100_000, 90_000, steps) is None
 
@@ -250,7 +320,7 @@ def test_starved_receiver_raises_tcp_rmem_and_enables_moderate_rcvbuf(caplog: py
     tuner, backend, _clock = make_tuner()
     with caplog.at_level(logging.INFO, logger="pybpftune"):
         tuner.handle_event(conn_event(tb.TCP_RMEM, receiver(131072), (4096, 65536, 131072)))
-    assert backend.read("net.ipv4.tcp_rmem", NS) == (4096, 65536, 262144)
+    assert backend.read("net.ipv4.tcp_rmem", NS) == (4096, 65536, 524288)
     assert backend.read("net.ipv4.tcp_moderate_rcvbuf", NS) == (1,)
     assert backend.read("net.ipv4.tcp_rmem") == (4096, 65536, 131072), "global namespace untouched"
     text = caplog.text
@@ -259,7 +329,7 @@ def test_starved_receiver_raises_tcp_rmem_and_enables_moderate_rcvbuf(caplog: py
         in text
     )
     assert "Due to need to increase max buffer size to maximize throughput" in text
-    assert "change net.ipv4.tcp_rmem(min default max) from (4096 65536 131072) -> (4096 65536 262144)" in text
+    assert "change net.ipv4.tcp_rmem(min default max) from (4096 65536 131072) -> (4096 65536 524288)" in text
     assert "change net.ipv4.tcp_moderate_rcvbuf from (0) -> (1)" in text
 
 
@@ -273,17 +343,17 @@ def test_starved_sender_raises_tcp_wmem() -> None:
 def test_changes_are_spaced_by_a_few_rtts_and_stale_events_ignored() -> None:
     tuner, backend, clock = make_tuner()
     tuner.handle_event(conn_event(tb.TCP_RMEM, receiver(131072), (4096, 65536, 131072)))
-    assert backend.read("net.ipv4.tcp_rmem", NS)[2] == 262144
+    assert backend.read("net.ipv4.tcp_rmem", NS)[2] == 524288
     # Pressing at the new limit, but within 3 RTTs of the change.
     clock.now += 0.1
-    tuner.handle_event(conn_event(tb.TCP_RMEM, receiver(262144), (4096, 65536, 262144)))
-    assert backend.read("net.ipv4.tcp_rmem", NS)[2] == 262144
+    tuner.handle_event(conn_event(tb.TCP_RMEM, receiver(524288), (4096, 65536, 524288)))
+    assert backend.read("net.ipv4.tcp_rmem", NS)[2] == 524288
     # Queued before the change (old max 131072): stale even after the cooldown.
     clock.now += 1
     tuner.handle_event(conn_event(tb.TCP_RMEM, receiver(131072), (4096, 65536, 131072)))
-    assert backend.read("net.ipv4.tcp_rmem", NS)[2] == 262144
-    tuner.handle_event(conn_event(tb.TCP_RMEM, receiver(262144), (4096, 65536, 262144)))
     assert backend.read("net.ipv4.tcp_rmem", NS)[2] == 524288
+    tuner.handle_event(conn_event(tb.TCP_RMEM, receiver(524288), (4096, 65536, 524288)))
+    assert backend.read("net.ipv4.tcp_rmem", NS)[2] == 4 * 524288
 
 
 def test_a_window_scale_capped_connection_cannot_run_the_limit_away() -> None:
@@ -299,7 +369,7 @@ def test_a_window_scale_capped_connection_cannot_run_the_limit_away() -> None:
         tuner.handle_event(conn_event(tb.TCP_RMEM, conn, (4096, 65536, limit)))
         clock.now += 1
     final = backend.read("net.ipv4.tcp_rmem", NS)[2]
-    assert final == 2 * cap * 2
+    assert final == 4 * cap * 2, "x4 the capped window, at 2 buffer bytes per window byte"
 
 
 def simulate_path(
@@ -384,7 +454,7 @@ def test_an_administrators_namespace_is_left_alone() -> None:
 
 def test_latency_correlated_growth_backs_off_toward_a_full_pipe() -> None:
     """Buffer growth came with rising RTT: step down, but not below what
-    fills the pipe (1.25 x BDP) nor below the value before we grew it."""
+    keeps the pipe full (2 x BDP) nor below the value before we grew it."""
     tuner, backend, clock = make_tuner()
     # Earlier growth took the namespace from 128 KiB to 8 MiB.
     assert tuner.apply(Proposal(tb.TCP_RMEM, tb.BUFFER_INCREASE, NS, (4096, 65536, 8 * MB), "earlier growth"))
@@ -396,22 +466,22 @@ def test_latency_correlated_growth_backs_off_toward_a_full_pipe() -> None:
         # 200 Mbit/s over a 50 ms path, 30 ms of queue.
         conn = receiver(limit[2], rtt_us=80_000, min_rtt_us=50_000, rate=25e6)
         tuner.handle_event(conn_event(tb.TCP_RMEM, conn, limit))  # type: ignore[arg-type]
-    full = int(1.25 * 25e6 * 0.05 * 2)
+    full = int(2 * 25e6 * 0.05 * 2)
     assert backend.read("net.ipv4.tcp_rmem", NS)[2] == full
     counts = tuner.ctx.store.record(tuner, tb.TCP_RMEM).counts
-    assert counts[(tb.BUFFER_DECREASE_LATENCY, False)] == 4
+    assert counts[(tb.BUFFER_DECREASE_LATENCY, False)] == 2
 
 
 def test_latency_back_off_never_goes_below_the_initial_value() -> None:
     tuner, backend, clock = make_tuner()
     tuner.handle_event(conn_event(tb.TCP_RMEM, receiver(131072), (4096, 65536, 131072)))
-    assert backend.read("net.ipv4.tcp_rmem", NS)[2] == 262144
+    assert backend.read("net.ipv4.tcp_rmem", NS)[2] == 524288
     rising = CorrSums.of([(131072 * (i + 1), 50_000 + 3000 * i) for i in range(12)])
     tuner.corr_reader = lambda tid, cookie: rising
     for _ in range(5):
         clock.now += 1
         limit = backend.read("net.ipv4.tcp_rmem", NS)
-        conn = receiver(limit[2], rtt_us=80_000, min_rtt_us=50_000, rate=1e6)
+        conn = receiver(limit[2], rtt_us=80_000, min_rtt_us=50_000, rate=1e5)
         tuner.handle_event(conn_event(tb.TCP_RMEM, conn, limit))  # type: ignore[arg-type]
     assert backend.read("net.ipv4.tcp_rmem", NS)[2] == 131072
 
@@ -421,7 +491,7 @@ def test_uncorrelated_latency_does_not_back_off() -> None:
     flat = CorrSums.of([(131072 * (i + 1), 50_000 + (i % 2) * 100) for i in range(20)])
     tuner.corr_reader = lambda tid, cookie: flat
     tuner.handle_event(conn_event(tb.TCP_RMEM, receiver(131072), (4096, 65536, 131072)))
-    assert backend.read("net.ipv4.tcp_rmem", NS)[2] == 262144
+    assert backend.read("net.ipv4.tcp_rmem", NS)[2] == 524288
 
 
 def test_correlation_keys_name_the_tuner() -> None:

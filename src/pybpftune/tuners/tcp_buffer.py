@@ -21,13 +21,16 @@ What it does (bpftune's tcp_buffer, docs/tuners/tcp_buffer.md):
 * backs a buffer maximum off when its growth correlates with latency.
 
 Beyond bpftune, buffer maxima grow toward what the pressing connection
-needs, not by fixed 25 % steps: its delivery rate times its minimum RTT (the
+needs, not by fixed 25 % steps: its goodput times its smallest RTT (the
 bandwidth-delay product), converted to buffer bytes with the connection's own
 buffer-per-window ratio.  While a connection is window-limited and its RTT
-shows no queue, the path has room: the window it needs is taken as twice
-the one it has (as slow start does).  Once a queue forms, the need is 1.25 x
-the BDP, so growth stops near what connections use.  The learning rate
-bounds every step (at most 1 + 12 reference steps: x4 at the default rate).
+shows no queue, the path has room: the window it needs is taken as the
+largest step the learning rate allows beyond the one it has (x4 at rate 4;
+each new connection probes further, as slow start does within one).  Once a queue forms, the need is twice
+the BDP (enough to stay full through a halving of the window), so growth
+stops near what connections use.  The learning rate bounds every step (at
+most 1 + 12 reference steps: x4 at the default rate); a need within one
+reference step of the current maximum changes nothing.
 
 The rules are plain functions on plain values (unit-tested with synthetic
 events); :class:`TcpBufferTuner` wires them to events, the tunable store and
@@ -36,8 +39,11 @@ time.
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import os
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -86,13 +92,16 @@ F_WSCALE = 0x8
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
 # A queue is forming (the path is full) once the RTT exceeds the minimum by
-# a quarter and by at least a millisecond (below that it is scheduling noise).
-QUEUE_FACTOR = 1.25
+# 15 % and by at least a millisecond (below that it is scheduling noise).
+QUEUE_FACTOR = 1.15
 QUEUE_MIN_US = 1000
-# Window wanted once the path is full: the BDP plus a quarter.
-HEADROOM = 1.25
-# Window wanted while the path still has room: twice the current one.
-EXPLORE = 2.0
+# Window wanted once the path is full: twice the BDP, so the pipe stays full
+# through a multiplicative decrease (Reno/CUBIC halve their window on loss;
+# BBR keeps up to twice the BDP in flight).
+HEADROOM = 2.0
+# Window wanted while the path still has room: a multiple of the current
+# one, as large as the learning rate allows a step to be (x4 at rate 4).
+EXPLORE = 4.0
 # One socket's buffer maximum may use at most this share of tcp_mem[2].
 MEM_CAP_SHARE = 8
 # Spacing of changes to one tunable in one namespace: a few RTTs, so the
@@ -103,6 +112,14 @@ COOLDOWN_MAX_S = 1.0
 MEM_COOLDOWN_S = 0.5
 SYN_COOLDOWN_S = 1.0
 SYN_BACKLOG_MIN = 128
+# Connections whose smallest RTT and goodput are remembered (the kernel's
+# own minimum is from the handshake on a receiver, often above what data
+# samples show; its per-RTT rate estimates are noisy).
+CONN_MEMORY = 4096
+# Goodput is measured over at least this long (and two RTTs); an older
+# anchor is dropped.
+RATE_MIN_NS = 100_000_000
+RATE_MAX_NS = 5_000_000_000
 SYNCOOKIES_FAILED_MIN = 1024
 
 SAMPLES = ("rcv_space", "snd_buf", "conn_state", "mem_limit", "syn_flood")
@@ -115,6 +132,8 @@ def max_step_factor(steps: Steps) -> float:
 
 
 def explore_factor(steps: Steps) -> float:
+    """How far a window-limited connection on a path with room is probed:
+    the largest step the learning rate allows (x4 at rate 4)."""
     return min(EXPLORE, max_step_factor(steps))
 
 
@@ -136,6 +155,12 @@ class Conn:
     delivered: int = 0
     interval_us: int = 0
     cwnd: int = 0
+    conn: int = 0
+    bytes: int = 0
+    ts_ns: int = 0
+    unsent: int = 0
+    # Goodput measured across this connection's samples (bytes/s; 0: none yet).
+    measured_rate: float = 0.0
 
     @classmethod
     def from_event(cls, event: Event) -> Conn:
@@ -152,6 +177,10 @@ class Conn:
             int(c.delivered),
             int(c.interval_us),
             int(c.cwnd),
+            int(c.conn),
+            int(c.bytes),
+            int(c.ts_ns),
+            int(c.unsent),
         )
 
     @property
@@ -163,7 +192,10 @@ class Conn:
         return self.min_rtt_us or self.rtt_us
 
     def rate(self) -> float:
-        """Bytes per second the connection moves now."""
+        """Bytes per second the connection moves now: its goodput between
+        samples when known, else the kernel's own per-RTT estimate."""
+        if self.measured_rate > 0:
+            return self.measured_rate
         if self.receive:
             return self.delivered * 1e6 / self.rtt_us if self.rtt_us else 0.0
         if self.delivered and self.interval_us:
@@ -189,10 +221,13 @@ class Conn:
     def window_limited(self) -> bool:
         """The limit, not the application, sets the pace."""
         if self.receive:
-            # The reader consumes at least half the usable window per RTT.
-            return self.delivered * 2 >= self.effective_window() > 0
-        # The kernel marked the sender sndbuf-limited (or is expanding it).
-        return self.window > 0
+            # The reader consumes at least 3/4 of the usable window per RTT
+            # (the kernel's per-RTT count only ever grows: prefer goodput).
+            per_rtt = self.measured_rate * self.rtt_us / 1e6 if self.measured_rate > 0 else self.delivered
+            return per_rtt * 4 >= 3 * self.effective_window() > 0
+        # Waiting for buffer space with (almost) everything written already
+        # in flight: nothing else holds the data back.
+        return self.window > 0 and self.unsent <= max(4 * self.mss, self.window // 4)
 
     def buffer_per_window(self) -> float:
         """Buffer bytes per window byte for this connection.
@@ -205,18 +240,28 @@ class Conn:
             if self.window <= 0 or self.buf <= 0:
                 return 2.0
             return min(4.0, max(1.0, self.buf / self.window))
-        overhead = self.queued / self.window if self.window > 0 and self.queued > 0 else 1.0
+        held = self.window + self.unsent
+        overhead = self.queued / held if held > 0 and self.queued > 0 else 1.0
         return 2.0 * min(4.0, max(1.0, overhead))
 
     def need(self, steps: Steps) -> int:
         """Buffer bytes this connection needs (see the module docstring)."""
-        if self.window_limited() and not self.queueing():
+        if self.queueing():
+            return self.full_need()
+        if self.window_limited():
             return int(explore_factor(steps) * self.effective_window() * self.buffer_per_window())
+        if not self.receive and self.cwnd:
+            # A sender its congestion window holds back on a path with room
+            # (slow start) will use that window soon: room for it and as
+            # much unsent again, as the kernel sizes send buffers (with the
+            # measured truesize overhead rather than 4 KiB a segment).  Not
+            # once a queue forms: a window inflated by a queue needs nothing.
+            return max(self.full_need(), int(self.cwnd * self.mss * self.buffer_per_window()))
         return self.full_need()
 
     def full_need(self) -> int:
-        """Buffer bytes for a window of the BDP plus a quarter: what keeps
-        the pipe full at the rate measured now."""
+        """Buffer bytes for a window of twice the BDP: what keeps the pipe
+        full at the rate measured now."""
         return int(HEADROOM * self.bdp() * self.buffer_per_window())
 
     def describe(self) -> str:
@@ -224,6 +269,8 @@ class Conn:
         text = f"a {side} at {self.rate() * 8 / 1e6:.1f} Mbit/s, RTT {_ms(self.rtt_us)}"
         if self.min_rtt_us:
             text += f" (min {_ms(self.min_rtt_us)})"
+        if not self.receive and self.cwnd:
+            text += f", cwnd {self.cwnd}, {self.window} in flight, {self.unsent} unsent"
         if self.flags & F_WSCALE:
             text += f", window capped at {self.window_cap} by its window scale"
         elif self.flags & F_LIMIT:
@@ -235,13 +282,25 @@ def _ms(us: int) -> str:
     return f"{us / 1000:.1f} ms" if us >= 1000 else f"{us} us"
 
 
+@dataclass
+class ConnTrack:
+    """What the tuner remembers of one connection between its samples."""
+
+    min_rtt_us: int
+    anchor_ts: int
+    anchor_bytes: int
+    rate: float = 0.0
+
+
 # --- rules (plain functions) ---------------------------------------------------------------
 
 
 def grow_max(old_max: int, need: int, steps: Steps, cap: int = INT_MAX) -> int | None:
-    """New maximum toward ``need``: at least one reference step, at most
-    ``max_step_factor``, never above ``cap``; None when no growth is due."""
-    if need <= old_max or old_max >= cap:
+    """New maximum toward ``need``, at most ``max_step_factor`` times the old
+    one and never above ``cap``; None when no growth is due.  A need less
+    than one reference step above the old maximum changes nothing (a dead
+    band that keeps measurement noise from moving the limit)."""
+    if need < steps.grow(old_max) or old_max >= cap:
         return None
     target = min(need, int(old_max * max_step_factor(steps)))
     target = max(target, steps.grow(old_max))
@@ -459,6 +518,7 @@ class TcpBufferTuner(Tuner):
         self.corr_reader: Callable[[int, int], CorrSums] = self._read_corr
         self._last_change: dict[tuple[int, int], float] = {}
         self._written_max: dict[tuple[int, int], int] = {}
+        self._conns: OrderedDict[tuple[int, int, int], ConnTrack] = OrderedDict()
         # Low-memory switches we set: cookie -> tunable id -> value before.
         self._low_mem: dict[int, dict[int, int]] = {}
 
@@ -576,7 +636,18 @@ class TcpBufferTuner(Tuner):
     def _decide_buffer(self, event: Event) -> list[Proposal]:
         update = event.update(0)
         tid, cookie = update.id, event.netns_cookie
-        conn = Conn.from_event(event)
+        conn = self.remember(cookie, Conn.from_event(event))
+        debug = self.log.isEnabledFor(logging.DEBUG)
+        if debug:
+            self.log.debug(
+                "tcp_buffer: %s max %d in netns %d: %s, window %d, needs %d",
+                self.tunable(tid).name,
+                update.old[2],
+                cookie,
+                conn.describe(),
+                conn.effective_window(),
+                conn.need(self.steps),
+            )
         written = self._written_max.get((cookie, tid))
         if written is not None and update.old[2] < written:
             return []  # seen before our last change: stale
@@ -584,6 +655,8 @@ class TcpBufferTuner(Tuner):
         if self._cooling(cookie, tid, cooldown):
             return []
         if self.near_pressure or self.near_exhaustion:
+            if debug:
+                self.log.debug("tcp_buffer: no buffer growth while TCP memory is short")
             return []
         current = self._read(tid, cookie)
         if current is None:
@@ -613,6 +686,27 @@ class TcpBufferTuner(Tuner):
             f"need to increase max buffer size to maximize throughput ({conn.describe()}; needs about {need} bytes)"
         )
         return [Proposal(tid, BUFFER_INCREASE, cookie, (current[0], current[1], target), reason)]
+
+    def remember(self, cookie: int, conn: Conn) -> Conn:
+        """The connection with the smallest RTT it has shown so far and its
+        goodput since an earlier sample (bytes over kernel time)."""
+        if not conn.conn:
+            return conn
+        key = (cookie, conn.flags & (F_RCV | F_SND), conn.conn)
+        track = self._conns.pop(key, None) or ConnTrack(0, conn.ts_ns, conn.bytes)
+        self._conns[key] = track
+        while len(self._conns) > CONN_MEMORY:
+            self._conns.popitem(last=False)
+        seen = [v for v in (conn.min_rtt_us, conn.rtt_us, track.min_rtt_us) if v > 0]
+        if seen:
+            track.min_rtt_us = min(seen)
+        elapsed = conn.ts_ns - track.anchor_ts
+        if elapsed > RATE_MAX_NS or elapsed < 0 or conn.bytes < track.anchor_bytes:
+            track.anchor_ts, track.anchor_bytes, track.rate = conn.ts_ns, conn.bytes, 0.0
+        elif elapsed >= max(RATE_MIN_NS, 2000 * conn.rtt_us):
+            track.rate = (conn.bytes - track.anchor_bytes) * 1e9 / elapsed
+            track.anchor_ts, track.anchor_bytes = conn.ts_ns, conn.bytes
+        return dataclasses.replace(conn, min_rtt_us=track.min_rtt_us or conn.min_rtt_us, measured_rate=track.rate)
 
     def _decide_memory(self, event: Event) -> list[Proposal]:
         cookie = event.netns_cookie
