@@ -147,7 +147,6 @@ def test_a_namespace_vanishing_under_the_tuner_is_logged_once(tmp_path: Path, va
     assert d.output.count(f"network namespace (cookie {cookie}) is gone") == 1, d.output
 
 
-@pytest.mark.guest
 def test_many_namespaces_cost_no_fds_and_no_process_scans(tmp_path: Path, variant_args: tuple[str, ...]) -> None:
     prefix = tag("pbtnm")
     names = [f"{prefix}n{i}" for i in range(MANY)]

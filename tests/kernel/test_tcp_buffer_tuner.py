@@ -220,7 +220,6 @@ def test_starved_sender_gets_tcp_wmem_raised(
         assert "Sample 'snd_buf': associated program was called" in d.output
 
 
-@pytest.mark.guest
 @pytest.mark.all_variants
 def test_startup_log_accounts_for_every_optional_signal(
     saved_globals: Sysctls, variant_args: tuple[str, ...], tmp_path: Path

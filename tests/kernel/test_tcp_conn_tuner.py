@@ -170,7 +170,6 @@ def test_lossy_connections_are_switched_to_bbr_and_counted(variant_args: tuple[s
     assert allowed() == (m.group(1) if m else before), "tcp_allowed_congestion_control was not restored"
 
 
-@pytest.mark.guest
 def test_without_loss_the_loss_rule_stays_quiet(variant_args: tuple[str, ...]) -> None:
     with netns_pair("pbtcn") as pair:
         client = cookie_of(pair.client)

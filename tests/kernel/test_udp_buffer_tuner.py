@@ -125,7 +125,6 @@ def test_overflow_at_default_size_grows_rmem_default_and_max(
     assert "Sample 'fail_queue': associated program was called" in d.output
 
 
-@pytest.mark.guest
 def test_socket_that_set_so_rcvbuf_leaves_rmem_default_alone(
     small_rmem: Sysctls, variant_args: tuple[str, ...], tmp_path: Path
 ) -> None:
