@@ -35,6 +35,17 @@ def kernel_test_obstacle() -> str | None:
     return None
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _memlock() -> None:
+    """Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK (64 KiB on a stock
+    Debian 5.10): lift it once, as the daemon does, for tests that load
+    objects directly."""
+    if os.geteuid() == 0:
+        from pybpftune.support import raise_memlock
+
+        raise_memlock()
+
+
 def _gate(item: pytest.Item) -> tuple[str, str] | None:
     for marker, env in GATES.items():
         if item.get_closest_marker(marker) is not None:
