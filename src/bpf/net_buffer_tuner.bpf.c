@@ -60,9 +60,12 @@ static __always_inline int backlog_drop(struct sk_buff *skb, __u32 cpu)
 	struct net_buffer_obs *o = (void *)event.raw_data;
 	__u64 now, start, drops;
 
-	drops = __sync_fetch_and_add(&backlog_drops, 1) + 1;
+	/* Result unused: a plain atomic add, which 5.10 accepts (fetching
+	 * atomics need 5.12). */
+	__sync_fetch_and_add(&backlog_drops, 1);
 	if (!bpftune_sample(&backlog_sample))
 		return 0;
+	drops = backlog_drops;
 	now = bpf_ktime_get_ns();
 	start = backlog_window_start;
 	if (!start) {

@@ -204,7 +204,8 @@ def test_defrag_fallback_forms_fire_or_say_why(variant: str) -> None:
             return
         with loaded, global_pair() as path, sysctls() as s:
             chosen = loaded.choices["frag"].chosen
-            assert chosen == ("fentry" if variant == "full" and real.works("fentry") else "kprobe")
+            expected = "fentry" if variant == "full" and real.works("fentry") else "kprobe"
+            assert chosen == expected, loaded.choices["frag"].describe()
             offloads_off(path)
             shrink_thresholds(s, None)
             deadline = time.monotonic() + 30 * SLOW

@@ -218,9 +218,8 @@ def test_backlog_fallback_forms_count_or_say_why(saved: Sysctls, gso_pair: Netns
             assert not real.works("kprobe")
             return
         with loaded:
-            assert loaded.choices["backlog"].chosen == (
-                "fentry" if variant == "full" and real.works("fexit") else "kprobe"
-            )
+            expected = "fentry" if variant == "full" and real.works("fexit") else "kprobe"
+            assert loaded.choices["backlog"].chosen == expected, loaded.choices["backlog"].describe()
             saved.set(BACKLOG, 32)
             before = softnet_drops()
             burst(gso_pair, 20)
