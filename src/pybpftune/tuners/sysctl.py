@@ -28,6 +28,9 @@ class SysctlTuner(Tuner):
     description = "notices administrator sysctl writes and disables the tuner that owns the sysctl there"
     bpf_name = "sysctl_tuner"
     cgroup_programs = ("sysctl_gate", "sysctl_write__cgroup_sysctl")
+    # Kernels before 6.0 do not let cgroup programs call the pid/task helpers
+    # this form needs; there the fentry/kprobe forms are used instead.
+    kernel_dependent_forms = {"sysctl_write__cgroup_sysctl": "pid and task helpers in cgroup programs (Linux 6.0+)"}
 
     def _writer_cookie(self, pid: int) -> int | None:
         """Namespace of the writing process, if it is still there."""
