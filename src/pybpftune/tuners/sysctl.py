@@ -8,6 +8,7 @@ manages turns that tuner off in the writer's namespace only (bpftune's
 from __future__ import annotations
 
 from pathlib import Path
+from types import MappingProxyType
 
 from .. import libbpf
 from ..events import Event
@@ -30,7 +31,9 @@ class SysctlTuner(Tuner):
     cgroup_programs = ("sysctl_gate", "sysctl_write__cgroup_sysctl")
     # Kernels before 6.0 do not let cgroup programs call the pid/task helpers
     # this form needs; there the fentry/kprobe forms are used instead.
-    kernel_dependent_forms = {"sysctl_write__cgroup_sysctl": "pid and task helpers in cgroup programs (Linux 6.0+)"}
+    kernel_dependent_forms = MappingProxyType(
+        {"sysctl_write__cgroup_sysctl": "pid and task helpers in cgroup programs (Linux 6.0+)"}
+    )
 
     def _writer_cookie(self, pid: int) -> int | None:
         """Namespace of the writing process, if it is still there."""
