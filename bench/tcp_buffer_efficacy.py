@@ -276,10 +276,14 @@ def main() -> int:
         "--only", choices=("starved", "tuned", "hand-tuned"), action="append", help="run only these set-ups"
     )
     parser.add_argument("--no-offloads", action="store_true", help="switch GSO/TSO off on the veth pair")
+    parser.add_argument("--hand-max", type=int, help="maximum of the hand-tuned tcp_rmem/tcp_wmem (default 16 MiB)")
     parser.add_argument("--dump", help="write the daemon's timed output (run with -d) to this file")
     args = parser.parse_args()
-    global OFFLOADS, DUMP
+    global OFFLOADS, DUMP, HAND_RMEM, HAND_WMEM
     OFFLOADS = not args.no_offloads
+    if args.hand_max:
+        HAND_RMEM = f"4096 131072 {args.hand_max}"
+        HAND_WMEM = f"4096 16384 {args.hand_max}"
     if args.dump:
         DUMP = args.dump
         DAEMON_EXTRA.append("-d")

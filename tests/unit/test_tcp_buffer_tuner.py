@@ -64,7 +64,7 @@ def make_tuner(
 def conn_event(
     tunable: int,
     conn: Conn,
-    old: tuple[int, int, int],
+    old: tuple[int, ...],
     cookie: int = NS,
     scenario: int = tb.BUFFER_INCREASE,
 ) -> Event:
@@ -402,7 +402,7 @@ def simulate_path(
             segs = int(rate * rtt / 1e6 / 1448)
             conn = Conn(tb.F_SND | tb.F_LIMIT, rtt, rtt_us, 1448, limit, limit, window, 1 << 30, segs, rtt, segs)
         tid = tb.TCP_RMEM if side == "rcv" else tb.TCP_WMEM
-        tuner.handle_event(conn_event(tid, conn, backend.read(name, NS)))  # type: ignore[arg-type]
+        tuner.handle_event(conn_event(tid, conn, backend.read(name, NS)))
         t += rtt / 1e6
         history.append((t, backend.read(name, NS)[2]))
         clock.now += rtt / 1e6
@@ -465,7 +465,7 @@ def test_latency_correlated_growth_backs_off_toward_a_full_pipe() -> None:
         limit = backend.read("net.ipv4.tcp_rmem", NS)
         # 200 Mbit/s over a 50 ms path, 30 ms of queue.
         conn = receiver(limit[2], rtt_us=80_000, min_rtt_us=50_000, rate=25e6)
-        tuner.handle_event(conn_event(tb.TCP_RMEM, conn, limit))  # type: ignore[arg-type]
+        tuner.handle_event(conn_event(tb.TCP_RMEM, conn, limit))
     full = int(2 * 25e6 * 0.05 * 2)
     assert backend.read("net.ipv4.tcp_rmem", NS)[2] == full
     counts = tuner.ctx.store.record(tuner, tb.TCP_RMEM).counts
@@ -473,16 +473,28 @@ def test_latency_correlated_growth_backs_off_toward_a_full_pipe() -> None:
 
 
 def test_latency_back_off_never_goes_below_the_initial_value() -> None:
+    """Nor below a connection's recent need (30 s); and only for connections
+    that sit in a queue."""
     tuner, backend, clock = make_tuner()
     tuner.handle_event(conn_event(tb.TCP_RMEM, receiver(131072), (4096, 65536, 131072)))
     assert backend.read("net.ipv4.tcp_rmem", NS)[2] == 524288
     rising = CorrSums.of([(131072 * (i + 1), 50_000 + 3000 * i) for i in range(12)])
     tuner.corr_reader = lambda tid, cookie: rising
+    # Within 30 s the first connection's need (262144) still protects the limit.
+    clock.now += 1
+    limit = backend.read("net.ipv4.tcp_rmem", NS)
+    conn = receiver(limit[2], rtt_us=80_000, min_rtt_us=50_000, rate=1e5)
+    tuner.handle_event(conn_event(tb.TCP_RMEM, conn, limit))
+    assert backend.read("net.ipv4.tcp_rmem", NS)[2] == 393216
+    clock.now += 1
+    tuner.handle_event(conn_event(tb.TCP_RMEM, receiver(393216, rtt_us=80_000, min_rtt_us=50_000, rate=1e5), limit))
+    assert backend.read("net.ipv4.tcp_rmem", NS)[2] == 393216, "stale: seen before the change"
+    clock.now += 30
     for _ in range(5):
         clock.now += 1
         limit = backend.read("net.ipv4.tcp_rmem", NS)
         conn = receiver(limit[2], rtt_us=80_000, min_rtt_us=50_000, rate=1e5)
-        tuner.handle_event(conn_event(tb.TCP_RMEM, conn, limit))  # type: ignore[arg-type]
+        tuner.handle_event(conn_event(tb.TCP_RMEM, conn, limit))
     assert backend.read("net.ipv4.tcp_rmem", NS)[2] == 131072
 
 

@@ -112,6 +112,9 @@ COOLDOWN_MAX_S = 1.0
 MEM_COOLDOWN_S = 0.5
 SYN_COOLDOWN_S = 1.0
 SYN_BACKLOG_MIN = 128
+# How long a connection's full-pipe need protects a limit from latency
+# back-offs.
+RECENT_NEED_S = 30.0
 # Connections whose smallest RTT and goodput are remembered (the kernel's
 # own minimum is from the handshake on a receiver, often above what data
 # samples show; its per-RTT rate estimates are noisy).
@@ -518,6 +521,7 @@ class TcpBufferTuner(Tuner):
         self.corr_reader: Callable[[int, int], CorrSums] = self._read_corr
         self._last_change: dict[tuple[int, int], float] = {}
         self._written_max: dict[tuple[int, int], int] = {}
+        self._needs: dict[tuple[int, int], tuple[int, float]] = {}
         self._conns: OrderedDict[tuple[int, int, int], ConnTrack] = OrderedDict()
         # Low-memory switches we set: cookie -> tunable id -> value before.
         self._low_mem: dict[int, dict[int, int]] = {}
@@ -649,7 +653,7 @@ class TcpBufferTuner(Tuner):
                 conn.need(self.steps),
             )
         written = self._written_max.get((cookie, tid))
-        if written is not None and update.old[2] < written:
+        if written is not None and update.old[2] != written:
             return []  # seen before our last change: stale
         cooldown = min(COOLDOWN_MAX_S, max(COOLDOWN_MIN_S, COOLDOWN_RTTS * conn.rtt_us / 1e6))
         if self._cooling(cookie, tid, cooldown):
@@ -662,11 +666,14 @@ class TcpBufferTuner(Tuner):
         if current is None:
             return []
         need = conn.need(self.steps)
-        if self.corr_reader(tid, cookie).significant():
-            # Latency rose with buffer size: one step down, toward what fills
-            # the pipe, never below the value before we first grew it.
+        recent = self._recent_need(cookie, tid, conn.full_need())
+        if conn.queueing() and self.corr_reader(tid, cookie).significant():
+            # Latency rose with buffer size and this connection sits in a
+            # queue: one step down, never below what keeps the pipe full for
+            # the connections seen lately, nor below the value before we
+            # first grew it.
             self._reset_corr(tid, cookie)
-            floor = max(self._initial(tid, cookie, current)[2], min(current[2], conn.full_need()))
+            floor = max(self._initial(tid, cookie, current)[2], min(current[2], recent))
             backoff = latency_backoff(current[2], floor, self.steps)
             if backoff is None:
                 return []
@@ -686,6 +693,17 @@ class TcpBufferTuner(Tuner):
             f"need to increase max buffer size to maximize throughput ({conn.describe()}; needs about {need} bytes)"
         )
         return [Proposal(tid, BUFFER_INCREASE, cookie, (current[0], current[1], target), reason)]
+
+    def _recent_need(self, cookie: int, tunable_id: int, full_need: int) -> int:
+        """The largest full-pipe need reported in this namespace within
+        RECENT_NEED_S (latency back-offs never go below it)."""
+        now = self.clock()
+        key = (cookie, tunable_id)
+        best, when = self._needs.get(key, (0, now))
+        if full_need >= best or now - when > RECENT_NEED_S:
+            best, when = full_need, now
+        self._needs[key] = (best, when)
+        return best
 
     def remember(self, cookie: int, conn: Conn) -> Conn:
         """The connection with the smallest RTT it has shown so far and its
