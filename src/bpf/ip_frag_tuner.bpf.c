@@ -47,10 +47,12 @@ static __always_inline int check_fqdir(struct net *net, struct fqdir *fq, __u32 
 	o->mem = mem;
 	o->high_thresh = high;
 	o->low_thresh = BPF_CORE_READ(fq, low_thresh);
-	return bpftune_send_observation(cookie, IP_FRAG_OBS_NEAR_THRESH,
+	/* fentry/fexit programs must return 0 (6.1 verifier) */
+	bpftune_send_observation(cookie, IP_FRAG_OBS_NEAR_THRESH,
 					family == AF_INET ? IP_FRAG_IPV4_HIGH_THRESH :
 							    IP_FRAG_IPV6_HIGH_THRESH,
 					&event);
+	return 0;
 }
 
 static __always_inline int check_net(struct net *net, __u32 family)

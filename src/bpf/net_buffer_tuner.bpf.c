@@ -87,8 +87,10 @@ static __always_inline int backlog_drop(struct sk_buff *skb, __u32 cpu)
 	o->drops = drops;
 	o->window_ns = now - start;
 	o->max_backlog = max_backlog;
-	return bpftune_send_observation(net_cookie_of(skb), NET_BUFFER_OBS_BACKLOG_DROPS,
+	/* fentry/fexit programs must return 0 (6.1 verifier) */
+	bpftune_send_observation(net_cookie_of(skb), NET_BUFFER_OBS_BACKLOG_DROPS,
 					NET_BUFFER_MAX_BACKLOG, &event);
+	return 0;
 }
 
 BPFTUNE_TP(backlog, kfree_skb, struct sk_buff *skb, void *location, enum skb_drop_reason reason)
@@ -139,7 +141,9 @@ static __always_inline int squeeze_check(void)
 	o->cpu = bpf_get_smp_processor_id();
 	o->time_squeeze = squeeze;
 	o->prev_time_squeeze = prev - 1;
-	return bpftune_send_observation(0, NET_BUFFER_OBS_TIME_SQUEEZE, NET_BUFFER_BUDGET, &event);
+	/* fentry/fexit programs must return 0 (6.1 verifier) */
+	bpftune_send_observation(0, NET_BUFFER_OBS_TIME_SQUEEZE, NET_BUFFER_BUDGET, &event);
+	return 0;
 }
 
 BPFTUNE_TP(squeeze, napi_poll, struct napi_struct *napi, int work, int budget)

@@ -81,7 +81,9 @@ static __always_inline int observe(struct sock *sk, struct proto *prot, __u32 ki
 		/* Not above udp_mem[0]: refused by a memory cgroup, not by udp_mem. */
 		return 0;
 	}
-	return bpftune_send_observation(bpftune_netns_cookie(bpftune_sock_net(sk)), kind, kind, &event);
+	/* fentry/fexit programs must return 0 (6.1 verifier) */
+	bpftune_send_observation(bpftune_netns_cookie(bpftune_sock_net(sk)), kind, kind, &event);
+	return 0;
 }
 
 BPFTUNE_TP(fail_queue, udp_fail_queue_rcv_skb, int rc, struct sock *sk)

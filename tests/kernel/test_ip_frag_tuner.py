@@ -173,10 +173,6 @@ def without_tracepoints() -> Support:
 
 
 @pytest.mark.guest
-@pytest.mark.xfail(
-    strict=False,
-    reason="known bug (issue 4): fentry/fexit forms are rejected by the 6.1 verifier; kprobe is used instead",
-)
 def test_defrag_fallback_forms_fire_or_say_why(variant: str) -> None:
     """Where fentry or kprobes work (the VMs) the ip_defrag/ipv6_frag_rcv forms
     report both families; elsewhere the error names the signal and why."""

@@ -86,19 +86,8 @@ def test_every_program_whose_kind_loads_passes_the_verifier(path: Path, program:
         assert obj.program_fd(program) >= 0
 
 
-KNOWN_FENTRY_BUG = pytest.mark.xfail(
-    strict=False,
-    reason="known bug (issue 4): the 6.1 verifier rejects the fentry/fexit forms of ip_frag and net_buffer "
-    "(reg type unsupported for arg#0); the loader falls back to their kprobe forms",
-)
-
-
 @pytest.mark.guest
-@pytest.mark.parametrize(
-    "path",
-    [pytest.param(p, marks=KNOWN_FENTRY_BUG) if p.name.startswith(("ip_frag", "net_buffer")) else p for p in OBJECTS],
-    ids=lambda p: p.name,
-)
+@pytest.mark.parametrize("path", OBJECTS, ids=lambda p: p.name)
 def test_every_object_passes_the_verifier_in_one_load(path: Path) -> None:
     """Every program whose kind loads here, in one load per object: in the
     slow guests each load re-parses the kernel BTF, so one load per object

@@ -194,10 +194,6 @@ def without_tracepoints() -> Support:
 
 
 @pytest.mark.guest
-@pytest.mark.xfail(
-    strict=False,
-    reason="known bug (issue 4): fentry/fexit forms are rejected by the 6.1 verifier; kprobe is used instead",
-)
 def test_backlog_fallback_forms_count_or_say_why(saved: Sysctls, gso_pair: NetnsPair, variant: str) -> None:
     """fexit/kretprobe on enqueue_to_backlog where they work (the VMs) count
     exactly the kernel's drops; elsewhere the error names the signal and why."""
@@ -238,10 +234,6 @@ def softnet_data_resolvable() -> bool:
     return has_symbol and "VAR 'softnet_data'" in btf
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="known bug (issue 4): fentry/fexit forms are rejected by the 6.1 verifier; kprobe is used instead",
-)
 def test_squeeze_fallback_forms_fire_or_say_why(saved: Sysctls, gso_pair: NetnsPair, variant: str) -> None:
     """fentry/kprobe on napi_complete_done where they work and softnet_data
     resolves (Debian 6.1); elsewhere the error says which form failed and why.
