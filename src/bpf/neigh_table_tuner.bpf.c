@@ -15,8 +15,11 @@
  * packet, and the kernel does far more work per entry (allocation, hashing,
  * forced GC) than the few reads here, so they filter rather than sample:
  * sampling would miss the end of a burst, which is exactly when a table fills.
- * What reaches the ring buffer is limited per (namespace, table, scenario) to
- * one event every 25 ms; user space reads the live table when it handles one.
+ * What reaches the ring buffer is limited per (namespace, table, scenario,
+ * fill level) to one event every 25 ms, the fill level being entries in
+ * 1/64ths of gc_thresh3: a rate limit alone would drop the end of a burst that
+ * follows a sent event within 25 ms, and with it the table's final state.
+ * User space reads the live table when it handles an event.
  */
 #include "pybpftune.bpf.h"
 
@@ -26,7 +29,7 @@ static __always_inline int neigh_report(struct neigh_table *tbl, struct net_devi
 {
 	struct bpftune_event event = {};
 	struct neigh_table_stats *stats = (struct neigh_table_stats *)event.raw_data;
-	__u32 entries, thresh3, scenario;
+	__u32 entries, thresh3, scenario, level;
 	__u64 cookie = BPFTUNE_NETNS_UNKNOWN;
 	struct net *net;
 
@@ -61,8 +64,12 @@ static __always_inline int neigh_report(struct neigh_table *tbl, struct net_devi
 			stats->netns_inum = BPF_CORE_READ(net, ns.inum);
 		cookie = bpftune_netns_cookie(net);
 	}
-	/* One event per (namespace, scenario, table) per 25 ms. */
-	return bpftune_send_observation(cookie, scenario, (scenario << 16) | stats->family, &event);
+	/* One event per (namespace, scenario, fill level, table) per 25 ms. */
+	level = entries / ((thresh3 >> 6) | 1);
+	if (level > 255)
+		level = 255;
+	return bpftune_send_observation(cookie, scenario, (scenario << 16) | (level << 8) | (stats->family & 0xff),
+					&event);
 }
 
 BPFTUNE_TP(neigh_add, neigh_create, struct neigh_table *tbl, struct net_device *dev, const void *pkey,

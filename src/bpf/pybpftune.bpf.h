@@ -41,10 +41,14 @@ struct {
 	__type(value, struct corr);
 } corr_map SEC(".maps");
 
-/* Per object: last time an event was sent for (netns, tunable), for dedupe. */
+/*
+ * Per object: last time an event was sent for (netns, tunable), for dedupe.
+ * LRU, because keys of namespaces that are gone are never deleted: a full
+ * plain hash would refuse new keys and with them the rate limit.
+ */
 struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, 65536);
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 4096); /* recent keys suffice; the map is preallocated */
 	__type(key, __u64);
 	__type(value, __u64);
 } last_event_map SEC(".maps");

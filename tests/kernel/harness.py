@@ -152,8 +152,29 @@ def iperf3_server(netns: str, port: int = 5201) -> Iterator[None]:
         proc.wait()
 
 
+# iperf3 client errors that mean "try again": the server is not listening yet
+# (it takes seconds to start in the VMs), or it is still closing the previous
+# test (one test at a time; slow under loss).
+IPERF3_RETRY = ("unable to connect", "the server is busy")
+
+
+def iperf3_retrying(cmd: Sequence[str], seconds: float, ready_within: float = 60) -> str:
+    """Run an iperf3 client command line; retried for up to ``ready_within``
+    seconds while the server cannot take it yet."""
+    deadline = time.monotonic() + ready_within
+    while True:
+        try:
+            return run(cmd, timeout=seconds + 60)
+        except AssertionError as exc:
+            if not any(s in str(exc) for s in IPERF3_RETRY) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+
+
 def iperf3(netns: str, server: str, seconds: float = 3, port: int = 5201, extra: Sequence[str] = ()) -> str:
-    return run(["iperf3", "-c", server, "-p", str(port), "-t", str(seconds), *extra], netns, timeout=seconds + 30)
+    """One iperf3 client run from ``netns``; its stdout."""
+    cmd = ["ip", "netns", "exec", netns, "iperf3", "-c", server, "-p", str(port), "-t", str(seconds), *extra]
+    return iperf3_retrying(cmd, seconds)
 
 
 class Daemon:

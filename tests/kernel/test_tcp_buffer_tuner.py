@@ -41,7 +41,7 @@ from pybpftune.netns import current_cookie, current_inode
 from pybpftune.ringbuf import RingBuffer
 from pybpftune.support import probe_support
 
-from .harness import Daemon, Sysctls, netns_pair, run, sysctl_get, sysctls
+from .harness import Daemon, Sysctls, iperf3_retrying, netns_pair, sysctl_get, sysctls
 
 pytestmark = pytest.mark.kernel
 
@@ -110,19 +110,10 @@ def traffic_until(d: Daemon, where: Site, pattern: str, timeout: float = 120, po
 
 
 def iperf3_when_ready(where: Site, port: int, seconds: float) -> str:
-    """iperf3 from the client side, retried while the server is not yet
-    listening (it takes seconds to start in the VMs)."""
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            return run(
-                where.cmd(where.client, ["iperf3", "-c", where.addr, "-p", str(port), "-t", str(seconds)]),
-                timeout=seconds + 60,
-            )
-        except AssertionError as exc:
-            if "unable to connect" not in str(exc) or time.monotonic() > deadline:
-                raise
-            time.sleep(0.5)
+    """iperf3 from the client side, retried while the server cannot take it yet."""
+    return iperf3_retrying(
+        where.cmd(where.client, ["iperf3", "-c", where.addr, "-p", str(port), "-t", str(seconds)]), seconds
+    )
 
 
 def changes(output: str, name: str) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
