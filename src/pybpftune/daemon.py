@@ -26,10 +26,10 @@ from .errors import NotSupported, PybpftuneError, UsageError
 from .events import Event
 from .loader import LoadedObject, load_object
 from .log import setup_logging
-from .netns import Namespaces, current_inode
+from .netns import Namespaces, NetnsGone, current_inode
 from .registry import select
 from .ringbuf import RingBuffer
-from .state import DEFAULT_STATE_DIR, StateDir
+from .state import DEFAULT_STATE_DIR, JournalEntry, StateDir
 from .store import ACTIVE, TunableStore
 from .support import Support, probe_support, support_report
 from .sysctl import ProcSysctl, SysctlBackend
@@ -39,6 +39,8 @@ log = logging.getLogger("pybpftune")
 
 POLL_MS = 100
 TICK_S = 1.0
+# Journaled originals named in the warning when they are not restored (no -R).
+JOURNAL_LISTED = 10
 
 
 @dataclass
@@ -185,21 +187,42 @@ class Daemon:
         )
         if self.config.rollback:
             for entry in leftovers:
-                if not entry.global_ns:
-                    continue
-                try:
-                    self.store.backend.write(entry.tunable, entry.original)
-                    log.info(
-                        "Rolling back sysctl values for '%s' to original values (%s) left by pid %d",
-                        entry.tunable,
-                        " ".join(map(str, entry.original)),
-                        entry.pid,
-                    )
-                except (PybpftuneError, OSError) as exc:
-                    log.warning("could not restore %s: %s", entry.tunable, exc)
+                self._restore_original(entry)
         else:
-            log.warning("their values stay as they are; start with -R to restore them")
+            listed = [f"{e.tunable} ({e.describe_original()}) in {self._journal_where(e)}" for e in leftovers]
+            if len(listed) > JOURNAL_LISTED:
+                listed[JOURNAL_LISTED:] = [f"and {len(listed) - JOURNAL_LISTED} more"]
+            log.warning("their values stay as they are; start with -R to restore them: %s", ", ".join(listed))
         self.state.forget_leftovers()
+
+    @staticmethod
+    def _journal_where(entry: JournalEntry) -> str:
+        return "global ns" if entry.global_ns else f"non-global ns (cookie {entry.netns_cookie})"
+
+    def _restore_original(self, entry: JournalEntry) -> None:
+        """Write back one original a dead daemon journaled, numeric or string,
+        in its namespace (entered by the sysctl backend, which asks Namespaces)."""
+        cookie = None if entry.global_ns else entry.netns_cookie
+        where = self._journal_where(entry)
+        backend = self.store.backend
+        try:
+            if entry.original_text is not None:
+                backend.write_text(entry.tunable, entry.original_text, cookie)
+            else:
+                backend.write(entry.tunable, entry.original, cookie)
+        except NetnsGone:
+            log.info("not restoring %s in %s: that namespace is gone", entry.tunable, where)
+            return
+        except (PybpftuneError, OSError) as exc:
+            log.warning("could not restore %s in %s: %s", entry.tunable, where, exc)
+            return
+        log.info(
+            "Rolling back sysctl values for '%s' to original values (%s) in %s, left by pid %d",
+            entry.tunable,
+            entry.describe_original(),
+            where,
+            entry.pid,
+        )
 
     # --- event path -----------------------------------------------------------------------
 

@@ -4,6 +4,12 @@ It holds one journal of original values per daemon process
 (``originals-<pid>.jsonl``): before the daemon first changes a tunable in a
 namespace, the original is appended and fsync'ed, so a daemon killed with
 SIGKILL leaves enough behind for the next start to restore.
+
+One JSON object a line.  A numeric sysctl's original is ``"original": [60]``;
+a string sysctl's (tcp_allowed_congestion_control, say) is
+``"original_text": "reno bbr"`` with no ``"original"`` key, so a daemon from
+before string originals were journaled skips such a line as corrupt instead of
+writing digits it parsed out of a string.
 """
 
 from __future__ import annotations
@@ -27,7 +33,44 @@ class JournalEntry:
     tunable: str
     netns_cookie: int
     global_ns: bool
-    original: tuple[int, ...]
+    original: tuple[int, ...] = ()
+    original_text: str | None = None  # a string sysctl's original (then ``original`` is empty)
+
+    def describe_original(self) -> str:
+        return self.original_text if self.original_text is not None else " ".join(map(str, self.original))
+
+    def to_json(self) -> str:
+        raw: dict[str, object] = {
+            "pid": self.pid,
+            "tuner": self.tuner,
+            "tunable": self.tunable,
+            "netns_cookie": self.netns_cookie,
+            "global_ns": self.global_ns,
+        }
+        if self.original_text is not None:
+            raw["original_text"] = self.original_text
+        else:
+            raw["original"] = list(self.original)
+        return json.dumps(raw)
+
+    @classmethod
+    def from_json(cls, line: str) -> JournalEntry:
+        """Parse one journal line; ValueError, KeyError or TypeError if it is corrupt."""
+        raw = json.loads(line)
+        if not isinstance(raw, dict):
+            raise TypeError("not a JSON object")
+        text = raw.get("original_text")
+        if text is not None and not isinstance(text, str):
+            raise TypeError("original_text is not a string")
+        return cls(
+            int(raw["pid"]),
+            str(raw["tuner"]),
+            str(raw["tunable"]),
+            int(raw["netns_cookie"]),
+            bool(raw["global_ns"]),
+            () if text is not None else tuple(int(v) for v in raw["original"]),
+            text,
+        )
 
 
 def _pid_alive(pid: int) -> bool:
@@ -68,28 +111,24 @@ class StateDir:
 
     def leftovers(self) -> list[JournalEntry]:
         """Journal entries of daemons that died without cleaning up."""
-        lines = []
+        entries = []
         for p in self._dead_journals():
-            try:
-                lines.extend(p.read_text().splitlines())
-            except OSError:
-                continue
+            entries.extend(self.read_journal(p))
+        return entries
+
+    @staticmethod
+    def read_journal(path: Path) -> list[JournalEntry]:
+        """The entries of one journal file; corrupt lines are skipped with a warning."""
+        try:
+            lines = path.read_text().splitlines()
+        except OSError:
+            return []
         entries = []
         for line in lines:
             try:
-                raw = json.loads(line)
-                entry = JournalEntry(
-                    int(raw["pid"]),
-                    str(raw["tuner"]),
-                    str(raw["tunable"]),
-                    int(raw["netns_cookie"]),
-                    bool(raw["global_ns"]),
-                    tuple(int(v) for v in raw["original"]),
-                )
+                entries.append(JournalEntry.from_json(line))
             except (ValueError, KeyError, TypeError):
-                log.warning("ignoring a corrupt line in %s", self.journal_path)
-                continue
-            entries.append(entry)
+                log.warning("ignoring a corrupt line in %s", path)
         return entries
 
     def forget_leftovers(self) -> None:
@@ -102,16 +141,7 @@ class StateDir:
         if self._journal_fd is None:
             self.ensure()
             self._journal_fd = os.open(self.journal_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        line = json.dumps(
-            {
-                "pid": entry.pid,
-                "tuner": entry.tuner,
-                "tunable": entry.tunable,
-                "netns_cookie": entry.netns_cookie,
-                "global_ns": entry.global_ns,
-                "original": list(entry.original),
-            }
-        )
+        line = entry.to_json()
         os.write(self._journal_fd, (line + "\n").encode())
         os.fsync(self._journal_fd)
 

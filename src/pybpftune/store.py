@@ -232,7 +232,14 @@ class TunableStore:
         new = " ".join(text.split())
         if new == " ".join(old.split()):
             return False
-        rec.original_texts.setdefault(cookie, old)
+        if cookie not in rec.original_texts:
+            rec.original_texts[cookie] = old
+            if self.state is not None and not self.advice:
+                self.state.record_original(
+                    JournalEntry(
+                        os.getpid(), tuner.name, t.name, cookie, self.namespaces.is_global(cookie), original_text=old
+                    )
+                )
         proposal = _TextProposal(tunable_id, scenario, cookie, reason)
         if self.advice:
             self._log_change(tuner, t, proposal, cookie, (old,), (new,), advice=True)  # type: ignore[arg-type]
