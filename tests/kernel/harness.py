@@ -25,6 +25,14 @@ BPFTUNE = Path(sys.executable).parent / "bpftune"
 _counter = itertools.count()
 
 
+# Under qemu/TCG (PYBPFTUNE_VM=1, set by tests/vm/vmtest.py) everything runs
+# 10-40x slower: waits scale with SLOW, and the daemon's start-up (Python
+# imports, probing, loading) takes up to a minute there.
+IN_VM = os.environ.get("PYBPFTUNE_VM") == "1"
+SLOW = 10 if IN_VM else 1
+START_TIMEOUT = 300.0 if IN_VM else 60.0
+
+
 def run(cmd: Sequence[str], netns: str | None = None, check: bool = True, timeout: float = 60) -> str:
     """Run a command (inside ``netns`` if given); its stdout."""
     full = ["ip", "netns", "exec", netns, *cmd] if netns else list(cmd)
@@ -223,7 +231,7 @@ class Daemon:
                     raise AssertionError(f"no line matching {pattern!r} within {timeout}s; output:\n{self.output}")
                 self._cond.wait(min(remaining, 0.2))
 
-    def started(self, timeout: float = 60) -> Daemon:
+    def started(self, timeout: float = START_TIMEOUT) -> Daemon:
         self.wait_for(r"bpftune started", timeout)
         return self
 

@@ -28,12 +28,11 @@ from pybpftune.ringbuf import RingBuffer
 from pybpftune.support import KindSupport, Support, probe_support
 from pybpftune.tuners import neigh_table as nt
 
-from .harness import Daemon, NetnsPair, Sysctls, netns_pair, run, sysctl_get, sysctls
+from .harness import SLOW, Daemon, NetnsPair, Sysctls, netns_pair, run, sysctl_get, sysctls
 
 pytestmark = pytest.mark.kernel
 
 # Under qemu/TCG (PYBPFTUNE_VM=1, set by tests/vm/vmtest.py) everything is ~30x slower.
-SLOW = 10 if os.environ.get("PYBPFTUNE_VM") else 1
 WAIT = 30 * SLOW
 
 V4 = "net.ipv4.neigh.default.gc_thresh"
@@ -97,7 +96,7 @@ def test_thresholds_grow_with_static_neighbours_and_roll_back(
         set_thresholds(s, V4, (32, 64, 128))
         set_thresholds(s, V6, (32, 64, 128))
         with neigh_daemon(tmp_path, variant_args, "-R") as d:
-            d.started(60 * SLOW)
+            d.started()
             neighbours(pair, "add", v4_hosts(3, 252))
             m = d.wait_for(
                 r"updated thresholds for arp_cache table, dev '[^']+' \(ifindex \d+\) in non-global ns, "
@@ -126,7 +125,7 @@ def test_full_slash24_stops_growth_until_the_device_gets_more_addresses(
     with sysctls() as s:
         set_thresholds(s, V4, (256, 512, 1000))
         with neigh_daemon(tmp_path, variant_args) as d:
-            d.started(60 * SLOW)
+            d.started()
             # ~780 entries nearly fill 1000: growth stops at the /24's bound 1024.
             neighbours(pair, "add", [f"192.168.168.{i}" for i in range(3, 255)])
             neighbours(pair, "add", [f"192.168.{b}.{i}" for b in (100, 101) for i in range(1, 255)])
@@ -167,7 +166,7 @@ def test_large_table_shrinks_back_when_emptied_with_ipv6_off(
     with sysctls() as s:
         set_thresholds(s, V4, (512, 2048, 4096))
         with neigh_daemon(tmp_path, variant_args) as d:
-            d.started(60 * SLOW)
+            d.started()
             hosts = v4_hosts(3, 254)
             neighbours(pair, "add", hosts)
             neighbours(pair, "del", hosts)

@@ -31,7 +31,7 @@ from pybpftune.ringbuf import RingBuffer
 from pybpftune.support import KindSupport, Support, probe_support
 from pybpftune.tuners import net_buffer as nb
 
-from .harness import Daemon, NetnsPair, Sysctls, netns_pair, run, sysctl_get, sysctls
+from .harness import SLOW, Daemon, NetnsPair, Sysctls, netns_pair, run, sysctl_get, sysctls
 
 pytestmark = pytest.mark.kernel
 
@@ -41,7 +41,6 @@ BUDGET = "net.core.netdev_budget"
 USECS = "net.core.netdev_budget_usecs"
 HIGH_ORDER = "net.core.high_order_alloc_disable"
 ALL = (BACKLOG, BITMAP, BUDGET, USECS, HIGH_ORDER)
-SLOW = 10 if os.environ.get("PYBPFTUNE_VM") else 1
 
 BURST = """
 import socket, sys
@@ -94,7 +93,7 @@ def test_backlog_drops_grow_netdev_max_backlog(
 ) -> None:
     saved.set(BACKLOG, 32)
     with nb_daemon(tmp_path, variant_args) as d:
-        d.started(60 * SLOW)
+        d.started()
         assert "backlog via" in d.output
         burst_until(
             d,
@@ -121,7 +120,7 @@ def test_time_squeeze_grows_netdev_budget(
     saved.set(BUDGET, 10)
     usecs = int(sysctl_get(USECS))  # its minimum is two jiffies on recent kernels: keep it
     with nb_daemon(tmp_path, variant_args) as d:
-        d.started(60 * SLOW)
+        d.started()
         if "squeeze via" not in d.output:
             # No BPF form here (softnet_data not resolvable): say why, poll procfs.
             d.wait_for(r"tuner net_buffer: signal squeeze: unavailable \(", timeout=30 * SLOW)
@@ -141,7 +140,7 @@ def test_time_squeeze_grows_netdev_budget(
 def test_high_order_allocations_are_re_enabled(saved: Sysctls, variant_args: tuple[str, ...], tmp_path: Path) -> None:
     saved.set(HIGH_ORDER, 1)
     with nb_daemon(tmp_path, variant_args) as d:
-        d.started(60 * SLOW)
+        d.started()
         release = tuple(int(p) for p in __import__("os").uname().release.split(".")[:2])
         if release >= (5, 14):
             d.wait_for(r"change net.core.high_order_alloc_disable from \(1\) -> \(0\)", timeout=30 * SLOW)

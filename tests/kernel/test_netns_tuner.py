@@ -22,13 +22,12 @@ import pytest
 
 from pybpftune.netns import Namespaces
 
-from .harness import Daemon, iperf3_server, netns_pair, run, sysctl_get, sysctls
+from .harness import IN_VM, Daemon, iperf3_server, netns_pair, run, sysctl_get, sysctls
 from .test_tcp_conn_tuner import iperf_run
 
 pytestmark = pytest.mark.kernel
 
 TUNERS = Path(__file__).resolve().parents[1] / "tuners"
-IN_VM = os.environ.get("PYBPFTUNE_VM") == "1"
 MANY = int(os.environ.get("PYBPFTUNE_MANY_NETNS", "150" if IN_VM else "1000"))
 FIN = "net.ipv4.tcp_fin_timeout"
 COOKIES = Namespaces().cookie_supported
@@ -76,7 +75,7 @@ def nsdemo(
     env = {"PYBPFTUNE_NSDEMO_FILE": str(listing), "PYBPFTUNE_NSDEMO_STEPS": str(steps)}
     args = ["-s", "-d", "-a", "nsdemo", "-l", str(TUNERS), "--state-dir", str(tmp_path / "state"), *extra]
     with Daemon([*args, *variant_args], env=env) as d:
-        d.started(timeout=180 if IN_VM else 60)
+        d.started()
         yield d, listing
 
 
@@ -154,7 +153,7 @@ def test_many_namespaces_cost_no_fds_and_no_process_scans(tmp_path: Path, varian
         namespaces(names),
         Daemon(["-s", "-a", "netns", "-a", "sysctl", "--state-dir", str(tmp_path / "state"), *variant_args]) as d,
     ):
-        d.started(timeout=180 if IN_VM else 60)
+        d.started()
         if not require_cookies_or_check_refusal(d):
             return
         d.wait_for(r"tuner netns started")
@@ -185,7 +184,7 @@ def test_sysctl_netns_tcp_rmem_changed_by_hand_is_left_alone(variant_args: tuple
         for pair in (manual, tuned):
             s.set("net.ipv4.tcp_rmem", low, pair.server)
         with Daemon(["-s", "-a", "sysctl", "-a", "tcp_buffer", *variant_args]) as d:
-            d.started(timeout=180 if IN_VM else 60)
+            d.started()
             if not COOKIES:
                 return
             run(["sysctl", "-q", "-w", f"net.ipv4.tcp_rmem={low}"], manual.server)

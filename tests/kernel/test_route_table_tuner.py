@@ -25,12 +25,11 @@ from pybpftune.ringbuf import RingBuffer
 from pybpftune.support import KindSupport, Support, probe_support
 from pybpftune.tuners import route_table as rt
 
-from .harness import Daemon, NetnsPair, netns_pair, run, sysctl_get, sysctls
+from .harness import SLOW, Daemon, NetnsPair, netns_pair, run, sysctl_get, sysctls
 
 pytestmark = pytest.mark.kernel
 
 # Under qemu/TCG (PYBPFTUNE_VM=1, set by tests/vm/vmtest.py) everything is ~30x slower.
-SLOW = 10 if os.environ.get("PYBPFTUNE_VM") else 1
 WAIT = 30 * SLOW
 
 MAX_SIZE = "net.ipv6.route.max_size"
@@ -84,7 +83,7 @@ def test_max_size_grows_when_the_table_nears_it(
     with sysctls() as s:
         s.set(MAX_SIZE, 4096, netns)
         with Daemon(["-s", "-a", "route_table", "--state-dir", str(tmp_path), *variant_args]) as d:
-            d.started(60 * SLOW)
+            d.started()
             add_routes(pair, 40, netns)
             # Room to spare: nothing happens.
             lookups(netns, 10)

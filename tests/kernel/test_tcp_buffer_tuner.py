@@ -47,7 +47,6 @@ pytestmark = pytest.mark.kernel
 
 GLOBAL_SAVED = ("net.ipv4.tcp_rmem", "net.ipv4.tcp_wmem", "net.ipv4.tcp_mem", "net.core.high_order_alloc_disable")
 OPTIONAL_SIGNALS = ("mem_pressure", "syn_flood")
-START_TIMEOUT = 300  # the VMs run ~30x slower than the host
 CHANGE = r"change net\.ipv4\.{name}\(min default max\) from \((\d+) (\d+) (\d+)\) -> \((\d+) (\d+) (\d+)\)"
 
 
@@ -159,7 +158,7 @@ def test_starved_receiver_gets_tcp_rmem_raised(
         s.set("net.ipv4.tcp_moderate_rcvbuf", 0, where.server)
         client_rmem = sysctl_get("net.ipv4.tcp_rmem", where.client)
         with tb_daemon(variant_args, tmp_path) as d:
-            d.started(START_TIMEOUT)
+            d.started()
             check_netns_policy(d)
             assert "rcv_space via" in d.output
             traffic_until(
@@ -191,7 +190,7 @@ def test_starved_sender_gets_tcp_wmem_raised(
     with sysctls() as s, site() as where:
         s.set("net.ipv4.tcp_wmem", "4096 16384 16384", where.client)
         with tb_daemon(variant_args, tmp_path) as d:
-            d.started(START_TIMEOUT)
+            d.started()
             check_netns_policy(d)
             # The send-side signal has a tracepoint form (tcp:tcp_probe) on
             # every kernel we support, so it is never reported unavailable.
@@ -219,7 +218,7 @@ def test_startup_log_accounts_for_every_optional_signal(
     reported unavailable with the reason of every form."""
     support = probe_support()
     with tb_daemon(variant_args, tmp_path) as d:
-        d.started(START_TIMEOUT)
+        d.started()
         started = d.wait_for(r"tuner tcp_buffer started \((.*)\)").group(1)
         for signal in OPTIONAL_SIGNALS:
             if f"{signal} via" in started:

@@ -10,7 +10,6 @@ sender so a drop loses one segment, not a 64 KiB super-packet.
 
 from __future__ import annotations
 
-import os
 import random
 import re
 import subprocess
@@ -26,13 +25,12 @@ from pybpftune.netns import Namespaces
 from pybpftune.objects import BpfObject
 from pybpftune.tuners import tcp_conn as tc
 
-from .harness import Daemon, NetnsPair, iperf3, iperf3_server, netns_pair, run
+from .harness import IN_VM, Daemon, NetnsPair, iperf3, iperf3_server, netns_pair, run
 
 pytestmark = pytest.mark.kernel
 
 ROOT = Path(__file__).resolve().parents[2]
 LOSS_XDP = ROOT / "tests" / "bpf" / "loss_xdp.bpf.o"
-IN_VM = os.environ.get("PYBPFTUNE_VM") == "1"
 RUNS = 4 if IN_VM else 8
 SECONDS = 2 if IN_VM else 1
 PORT = 5231
@@ -92,7 +90,7 @@ def cookie_of(name: str) -> int:
 @contextmanager
 def conn_daemon(variant_args: tuple[str, ...], *extra: str) -> Iterator[Daemon]:
     with Daemon(["-s", "-a", "tcp_conn", *extra, *variant_args]) as d:
-        d.started(timeout=180 if IN_VM else 60)
+        d.started()
         d.wait_for(r"tuner tcp_conn started")
         yield d
 

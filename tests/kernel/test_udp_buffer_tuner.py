@@ -9,7 +9,6 @@ restored around each test (no other tuner or test touches them).
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import time
@@ -21,14 +20,13 @@ import pytest
 
 from pybpftune.netns import current_cookie
 
-from .harness import Daemon, NetnsPair, Sysctls, netns_pair, sysctl_get, sysctls
+from .harness import SLOW, Daemon, NetnsPair, Sysctls, netns_pair, sysctl_get, sysctls
 
 pytestmark = pytest.mark.kernel
 
 RMEM_MAX = "net.core.rmem_max"
 RMEM_DEFAULT = "net.core.rmem_default"
 PORT = 5399
-SLOW = 10 if os.environ.get("PYBPFTUNE_VM") else 1
 
 RECEIVER = """
 import socket, sys, time
@@ -101,7 +99,7 @@ def test_overflow_at_default_size_grows_rmem_default_and_max(
     small_rmem: Sysctls, variant_args: tuple[str, ...], tmp_path: Path
 ) -> None:
     with netns_pair("pbtudp") as pair, udp_daemon(tmp_path, variant_args) as d:
-        d.started(60 * SLOW)
+        d.started()
         assert "fail_queue via" in d.output
         with silent_receiver(pair) as rcvbuf:
             assert rcvbuf == 16384
@@ -131,7 +129,7 @@ def test_socket_that_set_so_rcvbuf_leaves_rmem_default_alone(
     """SO_RCVBUF 32768 > rmem_max: capped, so rmem_max grows; the socket
     locked its size, so rmem_default must not change on its account."""
     with netns_pair("pbtudp") as pair, udp_daemon(tmp_path, variant_args) as d:
-        d.started(60 * SLOW)
+        d.started()
         with silent_receiver(pair, rcvbuf=32768) as rcvbuf:
             assert rcvbuf == 2 * 16384, "SO_RCVBUF is capped at rmem_max, then doubled"
             flood_until(
@@ -152,7 +150,7 @@ def test_socket_that_locked_a_small_buffer_changes_nothing(
     """SO_RCVBUF 4096 < rmem_max: the application chose its size; no global
     limit is holding it back, so neither rmem value moves."""
     with netns_pair("pbtudp") as pair, udp_daemon(tmp_path, variant_args) as d:
-        d.started(60 * SLOW)
+        d.started()
         with silent_receiver(pair, rcvbuf=4096) as rcvbuf:
             assert rcvbuf == 8192
             for _ in range(3):
@@ -171,7 +169,7 @@ def test_udp_memory_exhaustion_grows_udp_mem(variant_args: tuple[str, ...], tmp_
     with sysctls() as s, netns_pair("pbtudp") as pair, udp_daemon(tmp_path, variant_args) as d:
         s.save(RMEM_DEFAULT)
         s.set(RMEM_MAX, 1 << 20)
-        d.started(60 * SLOW)
+        d.started()
         with silent_receiver(pair, rcvbuf=1 << 20) as rcvbuf:
             assert rcvbuf == 2 << 20
             s.set(UDP_MEM, "20 45 50")
