@@ -20,7 +20,13 @@ int ringbuf_burst(struct xdp_md *ctx)
 	struct bpftune_event event = {};
 	struct pybpftune_test_payload *payload = (void *)event.raw_data;
 
-	payload->seq = __sync_fetch_and_add(&seq, 1);
+	/*
+	 * Not one fetch-and-add: an atomic that returns its old value (BPF_FETCH)
+	 * needs Linux 5.12, and 5.10 refuses the whole program.  One thread of
+	 * user space triggers the events, so read-then-add is exact enough.
+	 */
+	payload->seq = seq;
+	__sync_fetch_and_add(&seq, 1);
 	payload->magic = 0xb0257;
 	event.scenario_id = 1;
 	bpftune_send_event(&event);

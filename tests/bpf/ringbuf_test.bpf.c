@@ -22,7 +22,13 @@ static __always_inline int on_syscall(long id)
 		return 0;
 	if (id != 110 /* __NR_getppid on x86_64 */)
 		return 0;
-	payload->seq = __sync_fetch_and_add(&seq, 1);
+	/*
+	 * Not one fetch-and-add: an atomic that returns its old value (BPF_FETCH)
+	 * needs Linux 5.12, and 5.10 refuses the whole program.  One thread of
+	 * user space triggers the events, so read-then-add is exact enough.
+	 */
+	payload->seq = seq;
+	__sync_fetch_and_add(&seq, 1);
 	payload->magic = magic;
 	payload->value = value;
 	event.scenario_id = 7;
