@@ -8,7 +8,6 @@ test_restart_after_kill9_restores_and_leaves_no_programs.
 
 from __future__ import annotations
 
-import os
 import re
 import signal
 import time
@@ -19,14 +18,12 @@ import pytest
 from pybpftune import libbpf
 from pybpftune.tuners.tcp_conn import ALGS
 
-from .harness import Daemon, Sysctls, sysctls
+from .harness import SLOW, Daemon, Sysctls, sysctls
 
 pytestmark = pytest.mark.kernel
 
 ALLOWED = "net.ipv4.tcp_allowed_congestion_control"
 DEFAULT_CC = "net.ipv4.tcp_congestion_control"
-IN_VM = os.environ.get("PYBPFTUNE_VM") == "1"
-START_S = 180 if IN_VM else 60
 CHANGE = r"change net\.ipv4\.tcp_allowed_congestion_control from \(([^)]*)\) -> \(([^)]*)\)"
 
 
@@ -38,7 +35,7 @@ def conn_tuners() -> int:
     return [name for _id, name, _t in libbpf.loaded_programs()].count("conn_tuner")
 
 
-def wait_conn_tuners(count: int, timeout: float = 5) -> int:
+def wait_conn_tuners(count: int, timeout: float = 5 * SLOW) -> int:
     deadline = time.monotonic() + timeout
     while (n := conn_tuners()) != count and time.monotonic() < deadline:
         time.sleep(0.1)
@@ -71,7 +68,7 @@ def test_allowed_congestion_control_is_restored_after_kill9(tmp_path: Path, vari
         before = proc(ALLOWED)
         first = Daemon(args)
         try:
-            first.started(START_S)
+            first.started()
             m = first.wait_for(CHANGE)
             original, extended = m.group(1), m.group(2)
             assert proc(ALLOWED) == extended
@@ -87,7 +84,7 @@ def test_allowed_congestion_control_is_restored_after_kill9(tmp_path: Path, vari
         assert set(before.split()) <= set(original.split()) and extra <= set(ALGS), (before, original)
 
         with Daemon([*args, "-R"]) as second:
-            second.started(START_S)
+            second.started()
             second.wait_for(r"a previous daemon \(pid \d+\) did not exit cleanly; 1 original value\(s\) were journaled")
             second.wait_for(
                 rf"Rolling back sysctl values for '{re.escape(ALLOWED)}' to original values "
