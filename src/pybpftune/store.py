@@ -338,6 +338,9 @@ class TunableStore:
             rec = self._records.get((tuner.name, t.id))
             if rec is None or not t.is_sysctl:
                 continue
+            if t.kind == "string":
+                restored += self._rollback_texts(tuner, t, rec)
+                continue
             for cookie, original in list(rec.originals.items()):
                 if cookie not in rec.written or self.netns_state(tuner, cookie) == GONE:
                     continue
@@ -354,6 +357,28 @@ class TunableStore:
                     restored += 1
                 except (NetnsGone, SysctlMissing, OSError) as exc:
                     log.info("could not roll back %s in netns cookie %d: %s", t.name, cookie, exc)
+        return restored
+
+    def _rollback_texts(self, tuner: Tuner, t: Tunable, rec: TunableRecord) -> int:
+        restored = 0
+        for cookie, original in list(rec.original_texts.items()):
+            if cookie not in rec.written_texts or self.netns_state(tuner, cookie) == GONE:
+                continue
+            try:
+                current = self.backend.read_text(t.name, cookie)
+                if " ".join(current.split()) == " ".join(original.split()):
+                    continue  # already put back (tcp_conn restores its list on every exit)
+                log.info(
+                    "Rolling back sysctl values for '%s' from (%s) to original values (%s) in %s...",
+                    t.name,
+                    current,
+                    original,
+                    self.namespaces.describe(cookie),
+                )
+                self.backend.write_text(t.name, original, cookie)
+                restored += 1
+            except (NetnsGone, SysctlMissing, OSError) as exc:
+                log.info("could not roll back %s in netns cookie %d: %s", t.name, cookie, exc)
         return restored
 
     def changed(self, tuner: Tuner) -> bool:

@@ -196,3 +196,22 @@ def test_simulated_kill9_then_rollback_restores_the_allowed_list(tmp_path: Path)
     daemon._recover_journal()
     assert backend.texts[(glob, ALLOWED)] == "reno bbr"
     assert not list(tmp_path.glob("originals-*.jsonl"))
+
+
+def test_clean_rollback_restores_string_sysctls(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """-R on a clean exit puts a written string sysctl back (the default
+    congestion control here, which tcp_conn's own stop() does not touch),
+    and stays quiet about one already back (the allowed list)."""
+    state = StateDir(tmp_path)
+    tuner, backend, store = conn_tuner(state)
+    tuner.start()
+    glob = tuner.ctx.namespaces.global_cookie
+    store.apply_text(tuner, 3, 0, None, "cubic", "a test")
+    tuner.stop()
+    with caplog.at_level(logging.INFO, logger="pybpftune"):
+        assert store.rollback(tuner) == 1
+    assert backend.texts[(glob, DEFAULT_CC)] == "bbr"
+    assert backend.texts[(glob, ALLOWED)] == "reno bbr"
+    assert caplog.text.count("Rolling back sysctl values") == 1
+    assert f"Rolling back sysctl values for '{DEFAULT_CC}' from (cubic) to original values (bbr)" in caplog.text
+    state.clear_journal()
