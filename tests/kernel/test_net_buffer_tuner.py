@@ -233,6 +233,7 @@ def softnet_data_resolvable() -> bool:
     return has_symbol and "VAR 'softnet_data'" in btf
 
 
+@pytest.mark.guest
 def test_squeeze_fallback_forms_fire_or_say_why(saved: Sysctls, gso_pair: NetnsPair, variant: str) -> None:
     """fentry/kprobe on napi_complete_done where they work and softnet_data
     resolves (Debian 6.1); elsewhere the error says which form failed and why.
