@@ -29,10 +29,12 @@ import argparse
 import json
 import os
 import platform
+import re
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -57,6 +59,8 @@ LATE_S = 10.0
 class Transfer:
     start: float  # seconds after the first transfer's start
     per_second: list[float]  # receiver goodput, Mbit/s
+    daemon_cpu: float | None = None  # daemon CPU seconds during the transfer
+    ss: list[str] = field(default_factory=list)  # --ss: sender/receiver state once a second
 
     @property
     def mean(self) -> float:
@@ -97,6 +101,84 @@ class TimedDaemon(Daemon):
 OFFLOADS = True
 DAEMON_EXTRA: list[str] = []
 DUMP: str | None = None
+SS = False
+DAEMON_PID: int | None = None
+
+SS_FIELDS = (
+    "cwnd",
+    "rtt",
+    "delivery_rate",
+    "busy",
+    "rwnd_limited",
+    "sndbuf_limited",
+    "notsent",
+    "unacked",
+    "rcv_space",
+    "rcv_rtt",
+    "rcv_ssthresh",
+)
+
+
+def cpu_seconds(pid: int | None) -> float | None:
+    """utime + stime of a process, in seconds."""
+    if pid is None:
+        return None
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def ss_line(ns: str, port: int, side: str) -> str | None:
+    """One condensed `ss -tinm` line for the data connection on ``port``."""
+    flt = f"dport = :{port}" if side == "snd" else f"sport = :{port}"
+    text = run(["ss", "-tinmH", "state", "established", flt], ns, check=False)
+    best = None
+    for block in re.split(r"\n(?=\S)", text.strip()):
+        words = block.split()
+        if not words:
+            continue
+        info = {}
+        for w in words:
+            if w.startswith("skmem:("):
+                info["skmem"] = w[len("skmem:(") : -1]
+            elif ":" in w and w.split(":", 1)[0] in SS_FIELDS:
+                k, v = w.split(":", 1)
+                info[k] = v
+            elif w == "app_limited":
+                info["app_limited"] = "1"
+        if "cwnd" not in info and side == "snd":
+            continue
+        line = " ".join(f"{k}:{v}" for k, v in info.items())
+        # the data connection moves the most: keep the longest report
+        if best is None or len(line) > len(best):
+            best = line
+    return f"{side} {best}" if best else None
+
+
+class SsSampler:
+    """Once a second: the sender's and receiver's socket state (``--ss``)."""
+
+    def __init__(self, pair: NetnsPair, port: int) -> None:
+        self.pair, self.port = pair, port
+        self.lines: list[str] = []
+        self._stop = threading.Event()
+        self._t0 = time.monotonic()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(1.0):
+            for ns, side in ((self.pair.client, "snd"), (self.pair.server, "rcv")):
+                line = ss_line(ns, self.port, side)
+                if line:
+                    self.lines.append(f"{time.monotonic() - self._t0:5.1f} {line}")
+
+    def stop(self) -> list[str]:
+        self._stop.set()
+        self._thread.join(10)
+        return self.lines
 
 
 def shape(pair: NetnsPair) -> None:
@@ -142,9 +224,11 @@ def counters(pair: NetnsPair) -> dict[str, int]:
     return out
 
 
-def transfer(pair: NetnsPair, port: int, seconds: int) -> tuple[float, list[float]]:
-    """One iperf3 transfer client -> server; (client start time, receiver
-    goodput per second in Mbit/s)."""
+def transfer(pair: NetnsPair, port: int, seconds: int) -> Transfer:
+    """One iperf3 transfer client -> server; its client start time (absolute,
+    fixed up by the caller) and receiver goodput per second in Mbit/s."""
+    cpu0 = cpu_seconds(DAEMON_PID)
+    sampler = SsSampler(pair, port) if SS else None
     server = subprocess.Popen(
         ["ip", "netns", "exec", pair.server, "iperf3", "-s", "-1", "-J", "-i", "1", "-p", str(port)],
         stdout=subprocess.PIPE,
@@ -182,9 +266,12 @@ def transfer(pair: NetnsPair, port: int, seconds: int) -> tuple[float, list[floa
     finally:
         server.kill()
         server.wait()
+        ss = sampler.stop() if sampler else []
     report = json.loads(out)
     rates = [iv["sum"]["bits_per_second"] / 1e6 for iv in report["intervals"] if iv["sum"]["seconds"] > 0.5]
-    return started, rates
+    cpu1 = cpu_seconds(DAEMON_PID)
+    cpu = cpu1 - cpu0 if cpu0 is not None and cpu1 is not None else None
+    return Transfer(started, rates, cpu, ss)
 
 
 def workload(pair: NetnsPair, total: int, each: int, base_port: int) -> list[Transfer]:
@@ -192,9 +279,10 @@ def workload(pair: NetnsPair, total: int, each: int, base_port: int) -> list[Tra
     t0: float | None = None
     n = 0
     while True:
-        started, rates = transfer(pair, base_port + n, each)
-        t0 = started if t0 is None else t0
-        transfers.append(Transfer(started - t0, rates))
+        t = transfer(pair, base_port + n, each)
+        t0 = t.start if t0 is None else t0
+        t.start -= t0
+        transfers.append(t)
         n += 1
         if time.monotonic() - t0 >= total:
             return transfers
@@ -215,8 +303,10 @@ def measure(name: str, total: int, each: int, legacy: bool, base_port: int) -> R
         with tempfile.TemporaryDirectory() as state:
             args = ["-s", "-a", "tcp_buffer", "--state-dir", state, *(["-L"] if legacy else []), *DAEMON_EXTRA]
             d = TimedDaemon(args)
+            global DAEMON_PID
             with d:
                 d.started(600)
+                DAEMON_PID = d.proc.pid
                 begin = time.monotonic()
                 result.transfers = workload(pair, total, each, base_port)
                 result.counters = counters(pair)
@@ -227,12 +317,15 @@ def measure(name: str, total: int, each: int, legacy: bool, base_port: int) -> R
                     "client tcp_wmem": sysctl_get("net.ipv4.tcp_wmem", pair.client),
                 }
                 d.stop()
+                DAEMON_PID = None
                 if DUMP is not None:
                     with open(DUMP, "w") as f:
                         for t, line in zip(d.times, d.lines, strict=False):
                             f.write(f"{t - begin:8.3f} {line}\n")
                 result.daemon_lines = [
-                    (t - begin, line) for t, line in zip(d.times, d.lines, strict=False) if "Due to" in line
+                    (t - begin, line)
+                    for t, line in zip(d.times, d.lines, strict=False)
+                    if "Due to" in line or "Buffer events" in line or "Sample '" in line
                 ]
     return result
 
@@ -244,7 +337,10 @@ def report(runs: list[Run], each: int) -> None:
         print(f"\n## {r.name}")
         for i, t in enumerate(r.transfers):
             per_second = " ".join(f"{v:6.1f}" for v in t.per_second)
-            print(f"conn {i + 1:2d} opened at {t.start:5.1f} s: {per_second}   mean {t.mean:6.1f} Mbit/s")
+            cpu = f"   daemon CPU {t.daemon_cpu:.2f} s" if t.daemon_cpu is not None else ""
+            print(f"conn {i + 1:2d} opened at {t.start:5.1f} s: {per_second}   mean {t.mean:6.1f} Mbit/s{cpu}")
+            for line in t.ss:
+                print(f"    {line}")
         for key, value in r.limits.items():
             print(f"final {key}: {value}")
         if r.counters:
@@ -278,12 +374,20 @@ def main() -> int:
     parser.add_argument("--no-offloads", action="store_true", help="switch GSO/TSO off on the veth pair")
     parser.add_argument("--hand-max", type=int, help="maximum of the hand-tuned tcp_rmem/tcp_wmem (default 16 MiB)")
     parser.add_argument("--dump", help="write the daemon's timed output (run with -d) to this file")
+    parser.add_argument("--ss", action="store_true", help="print sender and receiver socket state once a second")
+    parser.add_argument("--hand-rmem", help="hand-tuned tcp_rmem (all three values)")
+    parser.add_argument("--hand-wmem", help="hand-tuned tcp_wmem (all three values)")
     args = parser.parse_args()
-    global OFFLOADS, DUMP, HAND_RMEM, HAND_WMEM
+    global OFFLOADS, DUMP, HAND_RMEM, HAND_WMEM, SS
+    SS = args.ss
     OFFLOADS = not args.no_offloads
     if args.hand_max:
         HAND_RMEM = f"4096 131072 {args.hand_max}"
         HAND_WMEM = f"4096 16384 {args.hand_max}"
+    if args.hand_rmem:
+        HAND_RMEM = args.hand_rmem
+    if args.hand_wmem:
+        HAND_WMEM = args.hand_wmem
     if args.dump:
         DUMP = args.dump
         DAEMON_EXTRA.append("-d")

@@ -402,4 +402,23 @@ struct tcp_buffer_event {
 	struct tcp_buffer_conn conn;
 };
 
+/*
+ * Hold-off of tcp_rmem/tcp_wmem events (map tcp_buffer_hold), written by user
+ * space when it has judged a namespace's limit sufficient: until until_ns
+ * (bpf_ktime_get_ns), while the limit is still `limit`, events from
+ * connections whose metric (receive: bytes read per RTT, rcvq_space.space;
+ * send: bytes in flight plus unsent) is at most `metric` are not sent.
+ */
+struct tcp_buffer_hold_key {
+	__u64 netns_cookie;
+	__u32 tunable;
+	__u32 pad;
+};
+
+struct tcp_buffer_hold {
+	__u64 until_ns;
+	__s64 limit;
+	__u64 metric;
+};
+
 #endif /* PYBPFTUNE_SHARED_H */

@@ -58,6 +58,32 @@ struct {
 	__type(value, struct tcp_buffer_syn_stats);
 } syn_stats SEC(".maps");
 
+/* Hold-offs user space sets once a limit suffices (struct tcp_buffer_hold). */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 4096);
+	__type(key, struct tcp_buffer_hold_key);
+	__type(value, struct tcp_buffer_hold);
+} tcp_buffer_hold SEC(".maps");
+
+/*
+ * User space judged this namespace's limit sufficient for connections
+ * showing up to hold->metric, and the limit has not changed since: no event
+ * (and no correlation sample, whose x would not move) until the hold ends.
+ */
+static __always_inline bool held(struct net *net, __u32 tunable, __s64 limit, __u64 metric)
+{
+	struct tcp_buffer_hold_key key = {};
+	struct tcp_buffer_hold *h;
+
+	key.netns_cookie = bpftune_netns_cookie(net);
+	key.tunable = tunable;
+	h = bpf_map_lookup_elem(&tcp_buffer_hold, &key);
+	if (!h)
+		return false;
+	return h->limit == limit && metric <= h->metric && bpf_ktime_get_ns() < h->until_ns;
+}
+
 /* One event buffer per CPU keeps the 248-byte event off the BPF stack. */
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
@@ -198,6 +224,8 @@ static __always_inline int on_rcv(struct sock *sk)
 		return 0;
 	if (check_memory(sk))
 		return 0;
+	if (held(net, TCP_BUFFER_TCP_RMEM, old[2], space))
+		return 0;
 	ev = scratch_event();
 	if (!ev)
 		return 0;
@@ -260,7 +288,7 @@ static __always_inline int on_snd(struct sock *sk, bool expanding)
 	struct bpftune_event *ev;
 	struct net *net;
 	__s64 old[3], new[3];
-	__u32 locks, sndbuf, rtt;
+	__u32 locks, sndbuf, rtt, inflight, unsent;
 	__u64 cookie;
 
 	if (!sk)
@@ -279,6 +307,10 @@ static __always_inline int on_snd(struct sock *sk, bool expanding)
 		return 0;
 	if (check_memory(sk))
 		return 0;
+	inflight = BPF_CORE_READ(tp, snd_nxt) - BPF_CORE_READ(tp, snd_una);
+	unsent = BPF_CORE_READ(tp, write_seq) - BPF_CORE_READ(tp, snd_nxt);
+	if (held(net, TCP_BUFFER_TCP_WMEM, old[2], (__u64)inflight + unsent))
+		return 0;
 	ev = scratch_event();
 	if (!ev)
 		return 0;
@@ -290,7 +322,7 @@ static __always_inline int on_snd(struct sock *sk, bool expanding)
 	c->mss = BPF_CORE_READ(tp, mss_cache);
 	c->buf = sndbuf;
 	c->queued = BPF_CORE_READ(sk, sk_wmem_queued);
-	c->window = BPF_CORE_READ(tp, snd_nxt) - BPF_CORE_READ(tp, snd_una);
+	c->window = inflight;
 	c->window_cap = BPF_CORE_READ(tp, snd_wnd);
 	c->delivered = BPF_CORE_READ(tp, rate_delivered);
 	c->interval_us = BPF_CORE_READ(tp, rate_interval_us);
@@ -298,7 +330,7 @@ static __always_inline int on_snd(struct sock *sk, bool expanding)
 	c->conn = BPF_CORE_READ(sk, __sk_common.skc_hash);
 	c->bytes = BPF_CORE_READ(tp, bytes_acked);
 	c->ts_ns = bpf_ktime_get_ns();
-	c->unsent = BPF_CORE_READ(tp, write_seq) - BPF_CORE_READ(tp, snd_nxt);
+	c->unsent = unsent;
 	new[0] = old[0];
 	new[1] = old[1];
 	new[2] = grow_capped(old[2]);

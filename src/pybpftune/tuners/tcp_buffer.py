@@ -43,11 +43,12 @@ import dataclasses
 import logging
 import os
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from .. import libbpf
 from ..corr import CorrSums, corr_key, read_corr
 from ..errors import PybpftuneError
 from ..events import Event
@@ -124,6 +125,18 @@ CONN_MEMORY = 4096
 RATE_MIN_NS = 100_000_000
 RATE_MAX_NS = 5_000_000_000
 SYNCOOKIES_FAILED_MIN = 1024
+# Hold-offs: once a limit suffices for a connection, the BPF side stops
+# sending that namespace's events for this tunable (while the limit stays
+# and connections show no more than that one did, plus one reference step)
+# for HOLD_MIN_S, doubling with every further "enough" verdict up to
+# HOLD_MAX_S.  Handling an event costs the daemon about a millisecond on a
+# real CPU (namespace switch, sysctl reads) and tens of milliseconds in an
+# emulated one: without this, a busy path kept it ~40 % busy to conclude
+# "enough" a dozen times a second, taking CPU from the traffic.
+HOLD_MIN_S = 0.25
+HOLD_MAX_S = 2.0
+HOLD_KEY_SIZE = 16  # sizeof(struct tcp_buffer_hold_key)
+HOLD_SIZE = 24  # sizeof(struct tcp_buffer_hold)
 
 SAMPLES = ("rcv_space", "snd_buf", "conn_state", "mem_limit", "syn_flood")
 
@@ -283,6 +296,28 @@ class Conn:
 
 def _ms(us: int) -> str:
     return f"{us / 1000:.1f} ms" if us >= 1000 else f"{us} us"
+
+
+@dataclass(frozen=True)
+class Hold:
+    """A hold-off of one namespace's tcp_rmem/tcp_wmem events (struct
+    tcp_buffer_hold): until ``until`` (clock seconds), while the limit is
+    ``limit``, events of connections whose metric is at most ``metric``."""
+
+    until: float
+    limit: int
+    metric: int
+
+
+def hold_metric(conn: Conn) -> int:
+    """What the BPF side compares with a hold's metric: a receiver's bytes
+    read per RTT (rcvq_space.space), a sender's bytes in flight and unsent."""
+    return conn.delivered if conn.receive else conn.window + conn.unsent
+
+
+def hold_seconds(verdicts: int) -> float:
+    """Hold-off after the ``verdicts``-th "enough" in a row (1-based)."""
+    return min(HOLD_MAX_S, HOLD_MIN_S * float(2 ** max(0, verdicts - 1)))
 
 
 @dataclass
@@ -522,9 +557,16 @@ class TcpBufferTuner(Tuner):
         self._last_change: dict[tuple[int, int], float] = {}
         self._written_max: dict[tuple[int, int], int] = {}
         self._needs: dict[tuple[int, int], tuple[int, float]] = {}
+        self._cooldown: dict[tuple[int, int], float] = {}
         self._conns: OrderedDict[tuple[int, int, int], ConnTrack] = OrderedDict()
         # Low-memory switches we set: cookie -> tunable id -> value before.
         self._low_mem: dict[int, dict[int, int]] = {}
+        # Buffer events by outcome, and the time spent handling events.
+        self.outcomes: Counter[str] = Counter()
+        self.handler_s = 0.0
+        # Hold-offs in force, and "enough" verdicts in a row, per (cookie, tunable).
+        self.holds: dict[tuple[int, int], Hold] = {}
+        self._enough: dict[tuple[int, int], int] = {}
 
     # --- hooks --------------------------------------------------------------------------
 
@@ -535,15 +577,23 @@ class TcpBufferTuner(Tuner):
         self.log.debug("tcp_buffer: %d free buffer pages (page size %d)", self.free_pages, self.page_size)
 
     def handle_event(self, event: Event) -> None:
+        t0 = time.perf_counter()
         self._maybe_leave_low_memory()
         for proposal in self.decide(event):
             self.apply(proposal)
+        self.handler_s += time.perf_counter() - t0
 
     def applied(self, proposal: Proposal) -> None:
         key = (proposal.netns_cookie, proposal.tunable)
         self._last_change[key] = self.clock()
         if proposal.tunable in (TCP_RMEM, TCP_WMEM):
             self._written_max[key] = proposal.new[2]
+            self._enough.pop(key, None)
+            if proposal.scenario == BUFFER_INCREASE:
+                # The connections grow into the new limit for a cooldown's
+                # while before they are judged again: nothing to send until then.
+                until = self.clock() + self._cooldown.get(key, COOLDOWN_MIN_S)
+                self._hold(key, Hold(until, proposal.new[2], 2**64 - 1))
         if proposal.tunable == TCP_RMEM and proposal.scenario == BUFFER_INCREASE:
             self._ensure_moderate_rcvbuf(proposal.netns_cookie)
 
@@ -552,6 +602,9 @@ class TcpBufferTuner(Tuner):
 
     def summary_lines(self) -> list[str]:
         lines: list[str] = []
+        if self.outcomes:
+            outcomes = ", ".join(f"{k} {v}" for k, v in sorted(self.outcomes.items()))
+            lines.append(f"Buffer events: {outcomes}; {self.handler_s:.2f} s handling events")
         if self.loaded is None:
             return lines
         for name in SAMPLES:
@@ -654,13 +707,17 @@ class TcpBufferTuner(Tuner):
             )
         written = self._written_max.get((cookie, tid))
         if written is not None and update.old[2] != written:
+            self.outcomes["stale"] += 1
             return []  # seen before our last change: stale
         cooldown = min(COOLDOWN_MAX_S, max(COOLDOWN_MIN_S, COOLDOWN_RTTS * conn.rtt_us / 1e6))
+        self._cooldown[(cookie, tid)] = cooldown
         if self._cooling(cookie, tid, cooldown):
+            self.outcomes["cooling"] += 1
             return []
         if self.near_pressure or self.near_exhaustion:
             if debug:
                 self.log.debug("tcp_buffer: no buffer growth while TCP memory is short")
+            self.outcomes["memory short"] += 1
             return []
         current = self._read(tid, cookie)
         if current is None:
@@ -676,7 +733,10 @@ class TcpBufferTuner(Tuner):
             floor = max(self._initial(tid, cookie, current)[2], min(current[2], recent))
             backoff = latency_backoff(current[2], floor, self.steps)
             if backoff is None:
+                self.outcomes["back-off floored"] += 1
+                self._sufficient(cookie, tid, current[2], conn)
                 return []
+            self.outcomes["back-off"] += 1
             return [
                 Proposal(
                     tid,
@@ -688,11 +748,41 @@ class TcpBufferTuner(Tuner):
             ]
         target = grow_max(current[2], need, self.steps, buffer_cap(self._read(TCP_MEM, cookie), self.page_size))
         if target is None:
+            self.outcomes["enough"] += 1
+            self._sufficient(cookie, tid, current[2], conn)
             return []
+        self.outcomes["growth"] += 1
         reason = (
             f"need to increase max buffer size to maximize throughput ({conn.describe()}; needs about {need} bytes)"
         )
         return [Proposal(tid, BUFFER_INCREASE, cookie, (current[0], current[1], target), reason)]
+
+    def _sufficient(self, cookie: int, tunable_id: int, limit: int, conn: Conn) -> None:
+        """The limit suffices for this connection: hold off events of
+        connections that show no more than it does (one reference step of
+        margin), longer with every verdict in a row."""
+        key = (cookie, tunable_id)
+        n = self._enough.get(key, 0) + 1
+        self._enough[key] = n
+        metric = self.steps.grow(hold_metric(conn))
+        self._hold(key, Hold(self.clock() + hold_seconds(n), limit, metric))
+
+    def _hold(self, key: tuple[int, int], hold: Hold) -> None:
+        self.holds[key] = hold
+        if self.loaded is None:
+            return
+        cookie, tunable_id = key
+        k = libbpf.struct_view("struct tcp_buffer_hold_key", bytearray(HOLD_KEY_SIZE))
+        k.netns_cookie, k.tunable = cookie, tunable_id
+        v = libbpf.struct_view("struct tcp_buffer_hold", bytearray(HOLD_SIZE))
+        v.until_ns = int(hold.until * 1e9)
+        v.limit = hold.limit
+        v.metric = min(hold.metric, 2**64 - 1)
+        try:
+            hold_map = self.loaded.obj.map("tcp_buffer_hold")
+            hold_map[libbpf.struct_bytes(k, HOLD_KEY_SIZE)] = libbpf.struct_bytes(v, HOLD_SIZE)
+        except (KeyError, PybpftuneError):
+            pass
 
     def _recent_need(self, cookie: int, tunable_id: int, full_need: int) -> int:
         """The largest full-pipe need reported in this namespace within
