@@ -16,7 +16,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -251,3 +251,24 @@ class Daemon:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def tuner_daemon(tuner: str, state_dir: Path, variant_args: Sequence[str], *extra: str) -> Daemon:
+    """`bpftune -s -a <tuner>` keeping its state in ``state_dir``, for the variant under test."""
+    return Daemon(["-s", "-a", tuner, "--state-dir", str(state_dir), *variant_args, *extra])
+
+
+def repeat_until_logged(
+    d: Daemon, action: Callable[[], None], pattern: str, timeout: float = 60, look: float = 0.5
+) -> re.Match[str]:
+    """Run ``action`` (make traffic) again and again, looking ``look`` seconds
+    each time for a line matching ``pattern``, for up to ``timeout`` (times
+    SLOW) seconds; the first matching line."""
+    deadline = time.monotonic() + timeout * SLOW
+    while True:
+        action()
+        try:
+            return d.wait_for(pattern, timeout=look)
+        except AssertionError:
+            if time.monotonic() > deadline:
+                raise
