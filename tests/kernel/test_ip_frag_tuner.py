@@ -15,9 +15,7 @@ raises the threshold of that side only.
 
 from __future__ import annotations
 
-import os
 import subprocess
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -25,16 +23,11 @@ from pathlib import Path
 
 import pytest
 
-from pybpftune.bpf import object_path
-from pybpftune.errors import NotSupported
-from pybpftune.events import Event
-from pybpftune.loader import load_object
-from pybpftune.netns import current_cookie, current_inode
-from pybpftune.ringbuf import RingBuffer
-from pybpftune.support import KindSupport, Support, probe_support
+from pybpftune.netns import current_cookie
 from pybpftune.tuners import ip_frag as fr
 
-from .harness import SLOW, Daemon, Sysctls, netns_pair, run, sysctl_get, sysctls
+from .forms import fallback_forms
+from .harness import SLOW, Daemon, Sysctls, netns_pair, repeat_until_logged, run, sysctl_get, sysctls, tuner_daemon
 
 pytestmark = pytest.mark.kernel
 
@@ -104,20 +97,8 @@ def ping(path: Path2, v6: bool, count: int = 4) -> None:
     run(cmd, path.client, check=False, timeout=30)
 
 
-def ping_until(d: Daemon, path: Path2, v6: bool, pattern: str, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout * SLOW
-    while True:
-        ping(path, v6)
-        try:
-            d.wait_for(pattern, timeout=0.5)
-            return
-        except AssertionError:
-            if time.monotonic() > deadline:
-                raise
-
-
-def frag_daemon(state_dir: Path, variant_args: tuple[str, ...]) -> Daemon:
-    return Daemon(["-s", "-a", "ip_frag", "--state-dir", str(state_dir), *variant_args])
+def ping_until(d: Daemon, path: Path2, v6: bool, pattern: str) -> None:
+    repeat_until_logged(d, lambda: ping(path, v6), pattern)
 
 
 def grown(name: str, ns: str | None) -> bool:
@@ -132,7 +113,7 @@ def test_fragment_memory_near_threshold_raises_it(where: str, variant_args: tupl
         offloads_off(path)
         shrink_thresholds(s, path.server)
         glob_before = (sysctl_get(V4[0]), sysctl_get(V6[0]))
-        with frag_daemon(tmp_path, variant_args) as d:
+        with tuner_daemon("ip_frag", tmp_path, variant_args) as d:
             d.started()
             assert "frag via" in d.output
             if where == "netns" and not cookies:
@@ -163,52 +144,26 @@ def test_fragment_memory_near_threshold_raises_it(where: str, variant_args: tupl
 # --- the fallback forms (fentry / kprobe on ip_defrag and ipv6_frag_rcv) ----------------------
 
 
-def without_tracepoints() -> Support:
-    real = probe_support()
-    kinds = dict(real.kinds)
-    for kind in ("tp_btf", "raw_tp"):
-        kinds[kind] = KindSupport(kind, False, False, "ruled out by the test")
-    return Support(kinds, real.kernel_btf, real.ringbuf, real.netns_cookie, real.cgroup2, real.memlock)
-
-
 @pytest.mark.guest
 def test_defrag_fallback_forms_fire_or_say_why(variant: str) -> None:
     """Where fentry or kprobes work (the VMs) the ip_defrag/ipv6_frag_rcv forms
     report both families; elsewhere the error names the signal and why."""
-    real = probe_support()
-    got: list[Event] = []
-    with RingBuffer() as ring:
-        ring.register(5, got.append)
-        try:
-            loaded = load_object(
-                object_path("ip_frag_tuner", legacy=variant == "legacy"),
-                "ip_frag_tuner",
-                without_tracepoints(),
-                ring=ring,
-                globals_={
-                    "tuner_id": 5,
-                    "bpftune_pid": os.getpid(),
-                    "bpftune_netns_cookie_supported": int(current_cookie() is not None),
-                    "bpftune_init_netns_inum": current_inode(),
-                },
-            )
-        except NotSupported as exc:
-            text = str(exc)
-            assert "signal frag" in text and "ruled out by the test" in text and "kprobe" in text
-            assert not real.works("kprobe")
+    with fallback_forms("ip_frag_tuner", variant, tuner_id=5, netns=True) as forms:
+        if forms.loaded is None:
+            forms.assert_says_why("frag")
             return
-        with loaded, global_pair() as path, sysctls() as s:
-            chosen = loaded.choices["frag"].chosen
-            expected = "fentry" if variant == "full" and real.works("fentry") else "kprobe"
-            assert chosen == expected, loaded.choices["frag"].describe()
+        got = forms.events
+        families: set[int] = set()
+
+        def seen_both() -> bool:
+            families.update(fr.FragObservation.from_event(e).family for e in got)
+            return families == {fr.AF_INET, fr.AF_INET6}
+
+        with global_pair() as path, sysctls() as s:
+            forms.assert_chose_fallback("frag", variant)
             offloads_off(path)
             shrink_thresholds(s, None)
-            deadline = time.monotonic() + 30 * SLOW
-            families: set[int] = set()
-            while families != {fr.AF_INET, fr.AF_INET6} and time.monotonic() < deadline:
-                ping(path, v6=fr.AF_INET in families, count=2)
-                ring.poll(100)
-                families = {fr.FragObservation.from_event(e).family for e in got}
-        assert families == {fr.AF_INET, fr.AF_INET6}, f"events: {got}"
+            forms.poll_until(seen_both, 30, between=lambda: ping(path, v6=fr.AF_INET in families, count=2))
+        assert seen_both(), f"events: {got}"
         obs = fr.FragObservation.from_event(got[0])
         assert obs.high_thresh == SMALL and obs.mem >= SMALL - SMALL // 4

@@ -11,7 +11,6 @@ different device of the initial namespace, which is what bpftune got wrong.
 from __future__ import annotations
 
 import fcntl
-import os
 import signal
 import subprocess
 import time
@@ -20,15 +19,10 @@ from pathlib import Path
 
 import pytest
 
-from pybpftune.bpf import object_path
-from pybpftune.errors import NotSupported
-from pybpftune.events import Event
-from pybpftune.loader import load_object
-from pybpftune.ringbuf import RingBuffer
-from pybpftune.support import KindSupport, Support, probe_support
 from pybpftune.tuners import neigh_table as nt
 
-from .harness import SLOW, Daemon, NetnsPair, Sysctls, netns_pair, run, sysctl_get, sysctls
+from .forms import fallback_forms
+from .harness import SLOW, Daemon, NetnsPair, Sysctls, netns_pair, run, sysctl_get, sysctls, tuner_daemon
 
 pytestmark = pytest.mark.kernel
 
@@ -85,7 +79,7 @@ def v4_hosts(first: int, last: int, net: str = "192.168.168") -> list[str]:
 
 
 def neigh_daemon(state_dir: Path, variant_args: tuple[str, ...], *extra: str) -> Daemon:
-    return Daemon(["-s", "-a", "neigh_table", "--state-dir", str(state_dir), *variant_args, *extra])
+    return tuner_daemon("neigh_table", state_dir, variant_args, *extra)
 
 
 @pytest.mark.guest
@@ -184,45 +178,21 @@ def test_large_table_shrinks_back_when_emptied_with_ipv6_off(
 # --- the removal signal's fallback forms (fentry / kprobe on neigh_remove_one) ----------------
 
 
-def without_tracepoints() -> Support:
-    real = probe_support()
-    kinds = dict(real.kinds)
-    for kind in ("tp_btf", "raw_tp"):
-        kinds[kind] = KindSupport(kind, False, False, "ruled out by the test")
-    return Support(kinds, real.kernel_btf, real.ringbuf, real.netns_cookie, real.cgroup2, real.memlock)
-
-
 @pytest.mark.guest
 def test_removal_fallback_forms_fire_or_say_why(pair: NetnsPair, variant: str) -> None:
     """neigh_remove via neigh_remove_one where fentry/kprobes work (the VMs);
     elsewhere the error names the signal and why each form failed."""
-    real = probe_support()
-    got: list[Event] = []
-    with RingBuffer() as ring:
-        ring.register(5, got.append)
-        try:
-            loaded = load_object(
-                object_path("neigh_table_tuner", legacy=variant == "legacy"),
-                "neigh_table_tuner",
-                without_tracepoints(),
-                ring=ring,
-                globals_={"tuner_id": 5, "bpftune_pid": os.getpid()},
-                optional_signals={"neigh_add"},
-            )
-        except NotSupported as exc:
-            text = str(exc)
-            assert "neigh_remove" in text and "ruled out by the test" in text and "kprobe" in text
-            assert not real.works("kprobe")
+    with fallback_forms("neigh_table_tuner", variant, tuner_id=5, optional_signals={"neigh_add"}) as forms:
+        if forms.loaded is None:
+            forms.assert_says_why("neigh_remove")
             return
-        with loaded, sysctls() as s:
-            chosen = loaded.choices["neigh_remove"].chosen
-            assert chosen == ("fentry" if variant == "full" and real.works("fentry") else "kprobe")
+        got = forms.events
+        with sysctls() as s:
+            forms.assert_chose_fallback("neigh_remove", variant)
             set_thresholds(s, V4, (512, 2048, 4096))
             neighbours(pair, "add", ["192.168.168.77"])
             neighbours(pair, "del", ["192.168.168.77"])
-            deadline = time.monotonic() + 10 * SLOW
-            while not got and time.monotonic() < deadline:
-                ring.poll(100)
+            forms.poll_until(lambda: bool(got), 10)
         assert got, "no event from neigh_remove_one"
         stats = got[0].payload("struct neigh_table_stats")
         assert got[0].scenario_id == nt.EMPTY

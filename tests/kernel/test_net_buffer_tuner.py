@@ -14,7 +14,6 @@ too), and keeps the small values for a few seconds only.
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import time
@@ -24,14 +23,24 @@ from pathlib import Path
 import pytest
 
 from pybpftune.bpf import object_path
-from pybpftune.errors import NotSupported
-from pybpftune.events import Event
-from pybpftune.loader import load_object
+from pybpftune.loader import LoadedObject, load_object
 from pybpftune.ringbuf import RingBuffer
-from pybpftune.support import KindSupport, Support, probe_support
+from pybpftune.support import probe_support
 from pybpftune.tuners import net_buffer as nb
 
-from .harness import SLOW, Daemon, NetnsPair, Sysctls, netns_pair, run, sysctl_get, sysctls
+from .forms import fallback_forms
+from .harness import (
+    SLOW,
+    Daemon,
+    NetnsPair,
+    Sysctls,
+    netns_pair,
+    repeat_until_logged,
+    run,
+    sysctl_get,
+    sysctls,
+    tuner_daemon,
+)
 
 pytestmark = pytest.mark.kernel
 
@@ -71,20 +80,12 @@ def burst(pair: NetnsPair, sends: int = 10) -> None:
     run([sys.executable, "-c", BURST, pair.server_addr, str(sends)], pair.client)
 
 
-def burst_until(d: Daemon, pair: NetnsPair, pattern: str, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout * SLOW
-    while True:
-        burst(pair)
-        try:
-            d.wait_for(pattern, timeout=0.5)
-            return
-        except AssertionError:
-            if time.monotonic() > deadline:
-                raise
+def burst_until(d: Daemon, pair: NetnsPair, pattern: str) -> None:
+    repeat_until_logged(d, lambda: burst(pair), pattern)
 
 
 def nb_daemon(state_dir: Path, variant_args: tuple[str, ...]) -> Daemon:
-    return Daemon(["-s", "-a", "net_buffer", "--state-dir", str(state_dir), *variant_args])
+    return tuner_daemon("net_buffer", state_dir, variant_args)
 
 
 @pytest.mark.guest
@@ -155,6 +156,19 @@ def softnet_drops() -> int:
     return sum(int(line.split()[1], 16) for line in lines)
 
 
+def assert_counts_backlog_drops_once(loaded: LoadedObject, saved: Sysctls, pair: NetnsPair) -> None:
+    """With netdev_max_backlog 32, a burst's drops as the BPF counter saw them
+    match the kernel's own count in /proc/net/softnet_stat."""
+    saved.set(BACKLOG, 32)
+    before = softnet_drops()
+    burst(pair, 20)
+    dropped = softnet_drops() - before
+    counted = loaded.obj.get_global("backlog_drops")
+    assert dropped > 0
+    # Other traffic on the host may drop too; both counters see it alike.
+    assert abs(counted - dropped) <= max(2, dropped // 20), (counted, dropped)
+
+
 def test_each_backlog_drop_is_counted_once(saved: Sysctls, gso_pair: NetnsPair, variant: str) -> None:
     """UPSTREAM BUG: bpftune counted every backlog drop twice (in the hook and
     again in its shared helper), halving the effective threshold.  The BPF
@@ -171,57 +185,24 @@ def test_each_backlog_drop_is_counted_once(saved: Sysctls, gso_pair: NetnsPair, 
         ) as loaded,
     ):
         assert loaded.choices["backlog"].chosen is not None, loaded.choices["backlog"].describe()
-        saved.set(BACKLOG, 32)
-        before = softnet_drops()
-        burst(gso_pair, 20)
-        dropped = softnet_drops() - before
-        counted = loaded.obj.get_global("backlog_drops")
-    assert dropped > 0
-    # Other traffic on the host may drop too; both counters see it alike.
-    assert abs(counted - dropped) <= max(2, dropped // 20), (counted, dropped)
+        assert_counts_backlog_drops_once(loaded, saved, gso_pair)
 
 
 # --- the fallback forms ---------------------------------------------------------------------
-
-
-def without_tracepoints() -> Support:
-    real = probe_support()
-    kinds = dict(real.kinds)
-    for kind in ("tp_btf", "raw_tp"):
-        kinds[kind] = KindSupport(kind, False, False, "ruled out by the test")
-    return Support(kinds, real.kernel_btf, real.ringbuf, real.netns_cookie, real.cgroup2, real.memlock)
 
 
 @pytest.mark.guest
 def test_backlog_fallback_forms_count_or_say_why(saved: Sysctls, gso_pair: NetnsPair, variant: str) -> None:
     """fexit/kretprobe on enqueue_to_backlog where they work (the VMs) count
     exactly the kernel's drops; elsewhere the error names the signal and why."""
-    real = probe_support()
-    with RingBuffer() as ring:
-        try:
-            loaded = load_object(
-                object_path("net_buffer_tuner", legacy=variant == "legacy"),
-                "net_buffer_tuner",
-                without_tracepoints(),
-                ring=ring,
-                optional_signals={"squeeze"},
-                globals_={"max_backlog": 1 << 40},
-            )
-        except NotSupported as exc:
-            text = str(exc)
-            assert "signal backlog" in text and "ruled out by the test" in text and "kprobe" in text
-            assert not real.works("kprobe")
+    with fallback_forms(
+        "net_buffer_tuner", variant, globals_={"max_backlog": 1 << 40}, optional_signals={"squeeze"}
+    ) as forms:
+        if forms.loaded is None:
+            forms.assert_says_why("backlog")
             return
-        with loaded:
-            expected = "fentry" if variant == "full" and real.works("fexit") else "kprobe"
-            assert loaded.choices["backlog"].chosen == expected, loaded.choices["backlog"].describe()
-            saved.set(BACKLOG, 32)
-            before = softnet_drops()
-            burst(gso_pair, 20)
-            dropped = softnet_drops() - before
-            counted = loaded.obj.get_global("backlog_drops")
-    assert dropped > 0
-    assert abs(counted - dropped) <= max(2, dropped // 20), (counted, dropped)
+        forms.assert_chose_fallback("backlog", variant, fentry_kind="fexit")
+        assert_counts_backlog_drops_once(forms.loaded, saved, gso_pair)
 
 
 def softnet_data_resolvable() -> bool:
@@ -239,36 +220,22 @@ def test_squeeze_fallback_forms_fire_or_say_why(saved: Sysctls, gso_pair: NetnsP
     resolves (Debian 6.1); elsewhere the error says which form failed and why.
     GRO on the receiving veth (and no TSO on the sending one) puts it in NAPI
     mode, so napi_complete_done runs."""
-    real = probe_support()
-    got: list[Event] = []
-    with RingBuffer() as ring:
-        ring.register(6, got.append)
-        try:
-            loaded = load_object(
-                object_path("net_buffer_tuner", legacy=variant == "legacy"),
-                "net_buffer_tuner",
-                without_tracepoints(),
-                ring=ring,
-                optional_signals={"backlog"},
-                globals_={"tuner_id": 6, "bpftune_pid": os.getpid()},
-            )
-        except NotSupported as exc:
-            text = str(exc)
-            assert "signal squeeze" in text and "ruled out by the test" in text
+    with fallback_forms("net_buffer_tuner", variant, tuner_id=6, optional_signals={"backlog"}) as forms:
+        if forms.loaded is None:
             # Only where the kernel cannot give softnet_data's type and address,
             # or has neither fentry nor kprobes.
-            assert not (softnet_data_resolvable() and (real.works("fentry") or real.works("kprobe"))), text
+            real = forms.real
+            forms.assert_says_why(
+                "squeeze", softnet_data_resolvable() and (real.works("fentry") or real.works("kprobe"))
+            )
             return
-        with loaded:
-            # veth hands packets to the peer's NAPI only with GRO on there and
-            # no TSO on the sender (else they go through the cpu backlog).
-            run(["ethtool", "-K", gso_pair.server_dev, "gro", "on"], gso_pair.server)
-            run(["ethtool", "-K", gso_pair.client_dev, "tso", "off"], gso_pair.client)
-            saved.set(BUDGET, 10)
-            deadline = time.monotonic() + 30 * SLOW
-            while not got and time.monotonic() < deadline:
-                burst(gso_pair)
-                ring.poll(200)
+        # veth hands packets to the peer's NAPI only with GRO on there and
+        # no TSO on the sender (else they go through the cpu backlog).
+        run(["ethtool", "-K", gso_pair.server_dev, "gro", "on"], gso_pair.server)
+        run(["ethtool", "-K", gso_pair.client_dev, "tso", "off"], gso_pair.client)
+        saved.set(BUDGET, 10)
+        got = forms.events
+        forms.poll_until(lambda: bool(got), 30, between=lambda: burst(gso_pair), ms=200)
     assert got, "no time squeeze event from napi_complete_done"
     obs = nb.NetBufferObservation.from_event(got[0])
     assert obs.kind == nb.OBS_TIME_SQUEEZE and obs.time_squeeze > obs.prev_time_squeeze

@@ -8,7 +8,6 @@ name that namespace to user space: there the test uses the initial namespace
 
 from __future__ import annotations
 
-import os
 import subprocess
 import time
 from collections.abc import Iterator
@@ -16,16 +15,11 @@ from pathlib import Path
 
 import pytest
 
-from pybpftune.bpf import object_path
-from pybpftune.errors import NotSupported
-from pybpftune.events import Event
-from pybpftune.loader import load_object
 from pybpftune.netns import Namespaces
-from pybpftune.ringbuf import RingBuffer
-from pybpftune.support import KindSupport, Support, probe_support
 from pybpftune.tuners import route_table as rt
 
-from .harness import SLOW, Daemon, NetnsPair, netns_pair, run, sysctl_get, sysctls
+from .forms import fallback_forms
+from .harness import SLOW, NetnsPair, netns_pair, run, sysctl_get, sysctls, tuner_daemon
 
 pytestmark = pytest.mark.kernel
 
@@ -82,7 +76,7 @@ def test_max_size_grows_when_the_table_nears_it(
     where = "non-global ns" if netns else "global ns"
     with sysctls() as s:
         s.set(MAX_SIZE, 4096, netns)
-        with Daemon(["-s", "-a", "route_table", "--state-dir", str(tmp_path), *variant_args]) as d:
+        with tuner_daemon("route_table", tmp_path, variant_args) as d:
             d.started()
             add_routes(pair, 40, netns)
             # Room to spare: nothing happens.
@@ -106,50 +100,21 @@ def test_max_size_grows_when_the_table_nears_it(
 # --- the gc forms (fentry / kprobe on fib6_run_gc) ------------------------------------------
 
 
-def without_tracepoints() -> Support:
-    real = probe_support()
-    kinds = dict(real.kinds)
-    for kind in ("tp_btf", "raw_tp"):
-        kinds[kind] = KindSupport(kind, False, False, "ruled out by the test")
-    return Support(kinds, real.kernel_btf, real.ringbuf, real.netns_cookie, real.cgroup2, real.memlock)
-
-
 @pytest.mark.guest
 def test_gc_forms_fire_or_say_why(pair: NetnsPair, netns: str | None, variant: str) -> None:
     """bpftune's hook, fib6_run_gc, where fentry/kprobes work (the VMs); on
     the host the error names the signal and why each form cannot work."""
-    real = probe_support()
-    got: list[Event] = []
-    with RingBuffer() as ring:
-        ring.register(6, got.append)
-        try:
-            loaded = load_object(
-                object_path("route_table_tuner", legacy=variant == "legacy"),
-                "route_table_tuner",
-                without_tracepoints(),
-                ring=ring,
-                globals_={
-                    "tuner_id": 6,
-                    "bpftune_pid": os.getpid(),
-                    "bpftune_netns_cookie_supported": int(COOKIES),
-                    "bpftune_init_netns_inum": os.stat("/proc/self/ns/net").st_ino,
-                },
-            )
-        except NotSupported as exc:
-            text = str(exc)
-            assert "dst_table" in text and "ruled out by the test" in text and "kprobe" in text
-            assert not real.works("kprobe")
+    with fallback_forms("route_table_tuner", variant, tuner_id=6, netns=True) as forms:
+        if forms.loaded is None:
+            forms.assert_says_why("dst_table")
             return
-        with loaded, sysctls() as s:
-            assert loaded.choices["dst_table"].chosen == (
-                "fentry" if variant == "full" and real.works("fentry") else "kprobe"
-            )
+        got = forms.events
+        with sysctls() as s:
+            forms.assert_chose_fallback("dst_table", variant)
             s.set(MAX_SIZE, 32, netns)
             add_routes(pair, 40, netns)
             run(["sysctl", "-q", "-w", "net.ipv6.route.flush=1"], netns)  # runs fib6_run_gc (write-only)
-            deadline = time.monotonic() + 10 * SLOW
-            while not got and time.monotonic() < deadline:
-                ring.poll(100)
+            forms.poll_until(lambda: bool(got), 10)
         assert got, "no event from fib6_run_gc"
         update = got[0].update(0)
         assert got[0].scenario_id == rt.FULL and update.id == rt.MAX_SIZE

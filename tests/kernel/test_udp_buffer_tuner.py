@@ -20,7 +20,17 @@ import pytest
 
 from pybpftune.netns import current_cookie
 
-from .harness import SLOW, Daemon, NetnsPair, Sysctls, netns_pair, sysctl_get, sysctls
+from .harness import (
+    SLOW,
+    Daemon,
+    NetnsPair,
+    Sysctls,
+    netns_pair,
+    repeat_until_logged,
+    sysctl_get,
+    sysctls,
+    tuner_daemon,
+)
 
 pytestmark = pytest.mark.kernel
 
@@ -78,20 +88,12 @@ def flood(pair: NetnsPair, count: int = 300) -> None:
     )
 
 
-def flood_until(d: Daemon, pair: NetnsPair, pattern: str, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout * SLOW
-    while True:
-        flood(pair)
-        try:
-            d.wait_for(pattern, timeout=1)
-            return
-        except AssertionError:
-            if time.monotonic() > deadline:
-                raise
+def flood_until(d: Daemon, pair: NetnsPair, pattern: str) -> None:
+    repeat_until_logged(d, lambda: flood(pair), pattern, look=1)
 
 
 def udp_daemon(state_dir: Path, variant_args: tuple[str, ...]) -> Daemon:
-    return Daemon(["-s", "-a", "udp_buffer", "--state-dir", str(state_dir), *variant_args])
+    return tuner_daemon("udp_buffer", state_dir, variant_args)
 
 
 @pytest.mark.guest
