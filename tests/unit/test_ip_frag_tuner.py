@@ -7,6 +7,7 @@ import logging
 import pytest
 
 from pybpftune import _libbpf
+from pybpftune.corr import CORR_MIN_SAMPLES
 from pybpftune.netns import Namespaces
 from pybpftune.procnet import Counters
 from pybpftune.store import TunableStore
@@ -111,7 +112,7 @@ def test_stale_observation_after_an_increase_is_ignored() -> None:
 def test_increases_that_go_with_more_failures_are_backed_off(caplog: pytest.LogCaptureFixture) -> None:
     tuner, backend, counting = make_tuner()
     with caplog.at_level(logging.INFO, logger="pybpftune"):
-        for i in range(fr.CORR_MIN_SAMPLES):
+        for i in range(CORR_MIN_SAMPLES):
             counting.add(100, 5 * (i + 1))  # the failure share rises with every increase
             current = backend.read(V4, NS)[0]
             tuner.handle_event(near(current).event(7, NS))
@@ -126,7 +127,7 @@ def test_increases_that_go_with_more_failures_are_backed_off(caplog: pytest.LogC
 
 def test_increases_without_more_failures_continue() -> None:
     tuner, backend, counting = make_tuner()
-    for _ in range(fr.CORR_MIN_SAMPLES + 2):
+    for _ in range(CORR_MIN_SAMPLES + 2):
         counting.add(100, 0)
         tuner.handle_event(near(backend.read(V4, NS)[0]).event(7, NS))
     rec = tuner.ctx.store.record(tuner, fr.IPV4_HIGH_THRESH)

@@ -7,6 +7,7 @@ import logging
 import pytest
 
 from pybpftune import _libbpf
+from pybpftune.corr import CORR_MIN_SAMPLES
 from pybpftune.netns import Namespaces
 from pybpftune.store import TunableStore
 from pybpftune.sysctl import MemorySysctl
@@ -162,7 +163,7 @@ def test_budget_increases_that_go_with_scheduler_wait_are_backed_off(caplog: pyt
     tuner, backend, clock = make_tuner(budget=300, usecs=2000)
     tuner.sched_wait = Waits([None] + [float(5 * i) for i in range(1, 12)])  # type: ignore[assignment]
     with caplog.at_level(logging.INFO, logger="pybpftune"):
-        for _ in range(nb.CORR_MIN_SAMPLES + 1):
+        for _ in range(CORR_MIN_SAMPLES + 1):
             tuner.handle_event(squeeze().event(4))
             clock.now += 2
     assert "Scenario 'need to decrease # of packets processed per NAPI poll'" in caplog.text
@@ -176,7 +177,7 @@ def test_budget_increases_that_go_with_scheduler_wait_are_backed_off(caplog: pyt
 def test_backing_off_never_goes_below_the_original_budget() -> None:
     tuner, backend, _ = make_tuner(budget=300, usecs=8000)
     tuner.sched_wait = Waits([10.0])  # type: ignore[assignment]
-    tuner._budget_samples.extend((30.0 * i, float(i)) for i in range(nb.CORR_MIN_SAMPLES))
+    tuner._budget_samples.extend((30.0 * i, float(i)) for i in range(CORR_MIN_SAMPLES))
     props = tuner.decide(squeeze().event(4))
     assert props == []  # shrink would go below 300 / 8000: nothing to do
     assert backend.writes == []

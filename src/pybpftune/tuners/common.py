@@ -1,10 +1,13 @@
-"""Small helpers shared by the udp_buffer, ip_frag and net_buffer tuners."""
+"""Small helpers shared by the udp_buffer, ip_frag, net_buffer and neigh_table tuners."""
 
 from __future__ import annotations
 
+import logging
 import math
-from collections.abc import Iterable
+from collections.abc import Hashable, Iterable, Sequence
 from typing import TYPE_CHECKING
+
+from ..corr import CORR_MIN_SAMPLES, CORR_THRESHOLD
 
 if TYPE_CHECKING:
     from ..tuner import Tuner
@@ -23,6 +26,27 @@ def pearson(samples: list[tuple[float, float]]) -> float:
     if sxx <= 0 or syy <= 0:
         return 0.0
     return max(-1.0, min(1.0, sxy / math.sqrt(sxx * syy)))
+
+
+def significant_correlation(samples: Sequence[tuple[float, float]]) -> float | None:
+    """Pearson's r of a window of (setting, cost) samples when there are
+    enough of them and it is above bpftune's threshold (as corr.CorrSums.significant); else None."""
+    r = pearson(list(samples))
+    return r if len(samples) >= CORR_MIN_SAMPLES and r > CORR_THRESHOLD else None
+
+
+class SayOnce:
+    """Log a line once per key (a tunable, a namespace, a device...), not at
+    every event that meets the same limit again."""
+
+    def __init__(self, logger: logging.Logger) -> None:
+        self._log = logger
+        self._said: set[Hashable] = set()
+
+    def info(self, key: Hashable, msg: str, *args: object) -> None:
+        if key not in self._said:
+            self._said.add(key)
+            self._log.info(msg, *args)
 
 
 def sample_lines(tuner: Tuner, signals: Iterable[str]) -> list[str]:

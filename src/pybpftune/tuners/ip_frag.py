@@ -23,7 +23,7 @@ from .. import libbpf
 from ..events import Event
 from ..procnet import Counters, counters_in, ratio
 from ..tuner import Proposal, Scenario, Tunable, Tuner, TunerContext
-from .common import pearson, sample_lines
+from .common import SayOnce, sample_lines, significant_correlation
 
 log = logging.getLogger("pybpftune")
 
@@ -33,8 +33,6 @@ INCREASE, DECREASE = 0, 1
 OBS_NEAR_THRESH = 1
 
 AF_INET, AF_INET6 = 2, 10
-CORR_MIN_SAMPLES = 10
-CORR_THRESHOLD = 0.75
 CORR_WINDOW = 32
 COUNTERS = {
     IPV4_HIGH_THRESH: ("Ip.ReasmReqds", "Ip.ReasmFails"),
@@ -115,7 +113,7 @@ class IpFragTuner(Tuner):
         self.mem_total = mem_total_bytes()
         self._last: dict[tuple[int, int], tuple[int, int]] = {}  # (cookie, tunable) -> (reqds, fails)
         self._samples: dict[tuple[int, int], deque[tuple[float, float]]] = {}
-        self._capped: set[tuple[int, int]] = set()
+        self._capped = SayOnce(log)
 
     @property
     def ceiling(self) -> int:
@@ -154,8 +152,8 @@ class IpFragTuner(Tuner):
         key = (cookie, tunable)
         fail_pct = self.failure_percent(cookie, tunable)
         samples = self._samples.setdefault(key, deque(maxlen=CORR_WINDOW))
-        r = pearson(list(samples))
-        if len(samples) >= CORR_MIN_SAMPLES and r > CORR_THRESHOLD:
+        r = significant_correlation(samples)
+        if r is not None:
             floor = max(self._floor(tunable, cookie), obs.low_thresh)
             target = max(floor, steps.shrink(current))
             samples.clear()  # judge the lower setting afresh
@@ -170,14 +168,13 @@ class IpFragTuner(Tuner):
         if new > self.ceiling:
             new = max(current, self.ceiling)
             if new == current:
-                if key not in self._capped:
-                    self._capped.add(key)
-                    log.info(
-                        "%s in netns %d is at %d, 1/32 of memory; not increasing it further",
-                        self.tunable(tunable).name,
-                        cookie,
-                        current,
-                    )
+                self._capped.info(
+                    key,
+                    "%s in netns %d is at %d, 1/32 of memory; not increasing it further",
+                    self.tunable(tunable).name,
+                    cookie,
+                    current,
+                )
                 return []
         if fail_pct is not None:
             samples.append((float(new), fail_pct))

@@ -41,6 +41,7 @@ from ..netns import RUN_NETNS, Namespaces, NetnsGone, entered
 from ..store import ACTIVE
 from ..sysctl import SysctlMissing
 from ..tuner import INT_MAX, Proposal, Scenario, Steps, Tunable, Tuner
+from .common import SayOnce
 
 if TYPE_CHECKING:
     from ..tuner import TunerContext
@@ -342,7 +343,7 @@ class NeighTableTuner(Tuner):
         self.backend: NeighBackend = backend if backend is not None else RtnlNeigh(ctx.namespaces)
         self.originals: dict[str, Table] = {}  # table name -> as first seen, for -R
         self.written: dict[str, Thresholds] = {}  # table name -> what we last set
-        self._said: set[tuple[str, str, int, int]] = set()  # "can no longer update" lines given
+        self._said = SayOnce(log)  # "can no longer update" lines given
 
     # --- lifecycle ----------------------------------------------------------------------
 
@@ -449,19 +450,17 @@ class NeighTableTuner(Tuner):
         new = grow_thresholds(table.thresholds, table.entries, bound, self.steps, refused)
         if new is None:
             if table.thresholds[2] >= bound:
-                key = (table.name, device.name, bound, table.thresholds[2])
-                if key not in self._said:
-                    self._said.add(key)
-                    log.info(
-                        "can no longer update thresholds for %s table, %s in %s: gc_thresh3 %d has reached the "
-                        "computed max %d for its addresses (%d entries)",
-                        table.name,
-                        device.describe(),
-                        where,
-                        table.thresholds[2],
-                        bound,
-                        table.entries,
-                    )
+                self._said.info(
+                    (table.name, device.name, bound, table.thresholds[2]),
+                    "can no longer update thresholds for %s table, %s in %s: gc_thresh3 %d has reached the "
+                    "computed max %d for its addresses (%d entries)",
+                    table.name,
+                    device.describe(),
+                    where,
+                    table.thresholds[2],
+                    bound,
+                    table.entries,
+                )
             return []
         why = "an entry was refused" if refused else f"{table.entries} entries of gc_thresh3 {table.thresholds[2]}"
         reason = f"neighbour table {table.name} nearly full ({why}),"

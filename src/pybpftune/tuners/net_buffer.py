@@ -33,7 +33,7 @@ from types import MappingProxyType
 from .. import libbpf
 from ..events import Event
 from ..tuner import INT_MAX, Proposal, Scenario, Tunable, Tuner, TunerContext
-from .common import pearson, sample_lines
+from .common import SayOnce, sample_lines, significant_correlation
 
 log = logging.getLogger("pybpftune")
 
@@ -44,8 +44,6 @@ OBS_BACKLOG_DROPS, OBS_TIME_SQUEEZE = 1, 2
 
 BUDGET_USECS_MAX = 50_000
 BUDGET_HOLD_S = 1.0
-CORR_MIN_SAMPLES = 10
-CORR_THRESHOLD = 0.75
 CORR_WINDOW = 32
 WINDOW_S = 60.0
 
@@ -248,7 +246,7 @@ class NetBufferTuner(Tuner):
         self.poll_squeeze = False
         self._last_budget_change = -1e9
         self._budget_samples: deque[tuple[float, float]] = deque(maxlen=CORR_WINDOW)
-        self._usecs_capped = False
+        self._usecs_capped = SayOnce(log)
         self._softnet_last: list[tuple[int, int, int]] | None = None
         self._poll_drops: deque[tuple[float, int]] = deque()
 
@@ -358,8 +356,8 @@ class NetBufferTuner(Tuner):
         wait = self.sched_wait.sample()
         if wait is not None:
             self._budget_samples.append((float(budget), wait))
-        r = pearson(list(self._budget_samples))
-        if len(self._budget_samples) >= CORR_MIN_SAMPLES and r > CORR_THRESHOLD:
+        r = significant_correlation(self._budget_samples)
+        if r is not None:
             self._budget_samples.clear()
             out = []
             for tunable, current in ((BUDGET, budget), (BUDGET_USECS, usecs)):
@@ -370,13 +368,12 @@ class NetBufferTuner(Tuner):
                     out.append(Proposal(tunable, DECREASE_BUDGET, cookie, (target,), reason))
             return out
         if new_usecs > BUDGET_USECS_MAX:
-            if not self._usecs_capped:
-                self._usecs_capped = True
-                log.info(
-                    "tuner %s: netdev_budget_usecs would exceed %d us; not increasing the budget further",
-                    self.name,
-                    BUDGET_USECS_MAX,
-                )
+            self._usecs_capped.info(
+                BUDGET_USECS,
+                "tuner %s: netdev_budget_usecs would exceed %d us; not increasing the budget further",
+                self.name,
+                BUDGET_USECS_MAX,
+            )
             return []
         squeezes = obs.time_squeeze - obs.prev_time_squeeze
         reason = f"{squeezes} time squeeze(s) on cpu {obs.cpu} (softirq ran out of budget with work left)"

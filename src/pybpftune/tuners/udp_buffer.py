@@ -28,7 +28,7 @@ from .. import libbpf
 from ..events import Event
 from ..procnet import Counters, counters_in
 from ..tuner import Proposal, Scenario, Tunable, Tuner, TunerContext
-from .common import sample_lines
+from .common import SayOnce, sample_lines
 
 log = logging.getLogger("pybpftune")
 
@@ -138,7 +138,7 @@ class UdpBufferTuner(Tuner):
         # Seams for unit tests: buffer-usable pages and a namespace's counters.
         self.free_pages: int | None = None
         self.counters: Callable[[int], Counters | None] = lambda cookie: counters_in(ctx.namespaces, cookie)
-        self._refused: set[int] = set()
+        self._refused = SayOnce(log)
         self._last_refresh = 0.0
 
     # --- setup -------------------------------------------------------------------------
@@ -178,14 +178,13 @@ class UdpBufferTuner(Tuner):
     def _within_bound(self, tunable: int, value: int) -> bool:
         if value < RMEM_BOUND:
             return True
-        if tunable not in self._refused:
-            self._refused.add(tunable)
-            log.info(
-                "%s would reach %d bytes, at or above the %d limit; not increasing it further",
-                self.tunable(tunable).name,
-                value,
-                RMEM_BOUND,
-            )
+        self._refused.info(
+            tunable,
+            "%s would reach %d bytes, at or above the %d limit; not increasing it further",
+            self.tunable(tunable).name,
+            value,
+            RMEM_BOUND,
+        )
         return False
 
     def on_rcvbuf_full(self, obs: UdpObservation, cookie: int) -> list[Proposal]:
