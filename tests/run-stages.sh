@@ -39,9 +39,8 @@ case "${PYBPFTUNE_VM_TESTS:-}" in
   *) if ! why=$(vm_possible); then echo "=== VM stages skipped: $why"; vm_stages=0; fi ;;
 esac
 if [ $vm_stages = 1 ]; then
-  # 5.10 is not in the default set yet: its guest stage still has failures
-  # (see the closing note of issue 3); run it with VM_KERNELS="6.1 5.10".
-  for k in ${VM_KERNELS:-6.1}; do
+  # One boot per kernel: Debian bookworm 6.1 and bullseye 5.10.
+  for k in ${VM_KERNELS:-6.1 5.10}; do
     # In the guests the legacy variant runs only where a test asks for it
     # (all_variants): the loader and tcp_buffer tests, admin back-off.
     stage "vm-$k" env PYBPFTUNE_VARIANTS=full python3 tests/vm/vmtest.py --kernel "$k" --timeout 1800 -- \
