@@ -404,15 +404,16 @@ struct tcp_buffer_event {
 
 /*
  * Hold-off of tcp_rmem/tcp_wmem events (map tcp_buffer_hold), written by user
- * space when it has judged a namespace's limit sufficient: until until_ns
- * (bpf_ktime_get_ns), while the limit is still `limit`, events from
- * connections whose metric (receive: bytes read per RTT, rcvq_space.space;
- * send: bytes in flight plus unsent) is at most `metric` are not sent.
+ * space when it has judged a limit sufficient for a connection (conn: its
+ * skc_hash), or for a whole namespace (conn 0, after a growth): until
+ * until_ns (bpf_ktime_get_ns), while the limit is still `limit`, events whose
+ * metric (receive: bytes read per RTT, rcvq_space.space; send: bytes in
+ * flight plus unsent) is at most `metric` are not sent.
  */
 struct tcp_buffer_hold_key {
 	__u64 netns_cookie;
 	__u32 tunable;
-	__u32 pad;
+	__u32 conn;
 };
 
 struct tcp_buffer_hold {

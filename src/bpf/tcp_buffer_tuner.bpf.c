@@ -60,28 +60,38 @@ struct {
 
 /* Hold-offs user space sets once a limit suffices (struct tcp_buffer_hold). */
 struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
 	__uint(max_entries, 4096);
 	__type(key, struct tcp_buffer_hold_key);
 	__type(value, struct tcp_buffer_hold);
 } tcp_buffer_hold SEC(".maps");
 
+static __always_inline bool hold_applies(struct tcp_buffer_hold_key *key, __s64 limit, __u64 metric, __u64 now)
+{
+	struct tcp_buffer_hold *h = bpf_map_lookup_elem(&tcp_buffer_hold, key);
+
+	return h && h->limit == limit && metric <= h->metric && now < h->until_ns;
+}
+
 /*
- * User space judged this namespace's limit sufficient for connections
- * showing up to hold->metric, and the limit has not changed since: no event
- * (and no correlation sample, whose x would not move) until the hold ends.
+ * User space judged the limit sufficient for this connection (while it
+ * shows no more than hold->metric), or holds the whole namespace while its
+ * connections grow into a new limit, and the limit has not changed since:
+ * no event (and no correlation sample, whose x would not move).
  */
-static __always_inline bool held(struct net *net, __u32 tunable, __s64 limit, __u64 metric)
+static __always_inline bool held(struct net *net, __u32 tunable, __s64 limit, __u64 metric, __u32 conn)
 {
 	struct tcp_buffer_hold_key key = {};
-	struct tcp_buffer_hold *h;
+	__u64 now = bpf_ktime_get_ns();
 
 	key.netns_cookie = bpftune_netns_cookie(net);
 	key.tunable = tunable;
-	h = bpf_map_lookup_elem(&tcp_buffer_hold, &key);
-	if (!h)
+	if (hold_applies(&key, limit, metric, now))
+		return true;
+	if (!conn)
 		return false;
-	return h->limit == limit && metric <= h->metric && bpf_ktime_get_ns() < h->until_ns;
+	key.conn = conn;
+	return hold_applies(&key, limit, metric, now);
 }
 
 /* One event buffer per CPU keeps the 248-byte event off the BPF stack. */
@@ -224,7 +234,7 @@ static __always_inline int on_rcv(struct sock *sk)
 		return 0;
 	if (check_memory(sk))
 		return 0;
-	if (held(net, TCP_BUFFER_TCP_RMEM, old[2], space))
+	if (held(net, TCP_BUFFER_TCP_RMEM, old[2], space, BPF_CORE_READ(sk, __sk_common.skc_hash)))
 		return 0;
 	ev = scratch_event();
 	if (!ev)
@@ -309,7 +319,7 @@ static __always_inline int on_snd(struct sock *sk, bool expanding)
 		return 0;
 	inflight = BPF_CORE_READ(tp, snd_nxt) - BPF_CORE_READ(tp, snd_una);
 	unsent = BPF_CORE_READ(tp, write_seq) - BPF_CORE_READ(tp, snd_nxt);
-	if (held(net, TCP_BUFFER_TCP_WMEM, old[2], (__u64)inflight + unsent))
+	if (held(net, TCP_BUFFER_TCP_WMEM, old[2], (__u64)inflight + unsent, BPF_CORE_READ(sk, __sk_common.skc_hash)))
 		return 0;
 	ev = scratch_event();
 	if (!ev)

@@ -77,7 +77,7 @@ def conn_event(
         view.update.new[i] = old[i] if i < 2 else old[2] + (old[2] >> 2)
     for name in ("flags", "rtt_us", "min_rtt_us", "mss", "buf", "queued", "window", "window_cap"):
         setattr(view.conn, name, getattr(conn, name))
-    for name in ("delivered", "interval_us", "cwnd"):
+    for name in ("delivered", "interval_us", "cwnd", "conn", "unsent"):
         setattr(view.conn, name, getattr(conn, name))
     return Event.build(TUNER_ID, scenario, cookie, raw=libbpf.struct_bytes(view, size))
 
@@ -425,18 +425,18 @@ def test_growth_reaches_the_need_fast_and_stops_near_it(side: str) -> None:
     assert len({v for t, v in history if t > 10}) == 1
 
 
-def test_a_sufficient_limit_holds_off_events_longer_each_time() -> None:
+def test_a_sufficient_limit_holds_off_the_connections_events_longer_each_time() -> None:
     """Once the limit covers a connection's need, the BPF side is told to
-    stop sending that namespace's events for this tunable (while the limit
-    stays and connections show no more than one step beyond this one), for
-    0.25 s, then 0.5, 1, 2 s at most: handling "enough" a dozen times a
-    second cost the daemon ~40 % of an emulated CPU."""
+    stop sending that connection's events for this tunable (while the limit
+    stays and it shows no more than one step beyond now), for 0.25 s, then
+    0.5, 1, 2 s at most: handling "enough" a dozen times a second cost the
+    daemon ~40 % of an emulated CPU.  Another connection is not held."""
     tuner, backend, clock = make_tuner(values={"net.ipv4.tcp_rmem": (4096, 65536, 8 * MB)})
-    conn = receiver(8 * MB, rate=25e6, rtt_us=80_000)  # a full path: needs far less than 8 MB
+    conn = dataclasses.replace(receiver(8 * MB, rate=25e6, rtt_us=80_000), conn=77)  # needs far less than 8 MB
     held = []
     for _ in range(6):
         tuner.handle_event(conn_event(tb.TCP_RMEM, conn, (4096, 65536, 8 * MB)))
-        hold = tuner.holds[(NS, tb.TCP_RMEM)]
+        hold = tuner.holds[(NS, tb.TCP_RMEM, 77)]
         assert hold.limit == 8 * MB
         assert hold.metric == tuner.steps.grow(conn.delivered)
         held.append(round(hold.until - clock.now, 3))
@@ -444,34 +444,45 @@ def test_a_sufficient_limit_holds_off_events_longer_each_time() -> None:
     assert held == [0.25, 0.5, 1.0, 2.0, 2.0, 2.0]
     assert backend.read("net.ipv4.tcp_rmem", NS)[2] == 8 * MB
     assert tuner.outcomes["enough"] == 6
+    assert list(tuner.holds) == [(NS, tb.TCP_RMEM, 77)], "only that connection is held"
+    other = dataclasses.replace(conn, conn=78)
+    tuner.handle_event(conn_event(tb.TCP_RMEM, other, (4096, 65536, 8 * MB)))
+    assert tuner.holds[(NS, tb.TCP_RMEM, 78)].until == pytest.approx(clock.now + 0.25)
+    # A connection the BPF side cannot tell apart (no hash) is never held.
+    tuner.handle_event(conn_event(tb.TCP_RMEM, dataclasses.replace(conn, conn=0), (4096, 65536, 8 * MB)))
+    assert (NS, tb.TCP_RMEM, 0) not in tuner.holds
 
 
-def test_growth_holds_events_through_its_cooldown_and_restarts_the_hold_off() -> None:
+def test_growth_holds_the_namespace_through_its_cooldown_and_restarts_the_hold_offs() -> None:
     tuner, backend, clock = make_tuner()
-    tuner.handle_event(conn_event(tb.TCP_RMEM, receiver(131072), (4096, 65536, 131072)))
+    c = dataclasses.replace(receiver(131072), conn=5)
+    tuner.handle_event(conn_event(tb.TCP_RMEM, c, (4096, 65536, 131072)))
     assert backend.read("net.ipv4.tcp_rmem", NS)[2] == 524288
-    hold = tuner.holds[(NS, tb.TCP_RMEM)]
+    hold = tuner.holds[(NS, tb.TCP_RMEM, 0)]
     # Every connection waits for the new limit for 3 RTTs (150 ms here).
     assert (hold.limit, hold.metric) == (524288, 2**64 - 1)
     assert hold.until == pytest.approx(clock.now + 0.15)
-    # Sufficient later, after a growth: the hold-off starts short again.
+    # Sufficient at a larger limit three times in a row: 1 s hold-off.
     big = 8 * MB
     backend.write("net.ipv4.tcp_rmem", (4096, 65536, big), NS)
     tuner._written_max[(NS, tb.TCP_RMEM)] = big
+    settled = dataclasses.replace(receiver(big, rate=25e6, rtt_us=80_000), conn=5)
     for _ in range(3):
         clock.now += 5
-        tuner.handle_event(conn_event(tb.TCP_RMEM, receiver(big, rate=25e6, rtt_us=80_000), (4096, 65536, big)))
-    assert tuner.holds[(NS, tb.TCP_RMEM)].until == pytest.approx(clock.now + 1.0)
-    clock.now += 5
-    tuner.handle_event(conn_event(tb.TCP_RMEM, receiver(big // 16), (4096, 65536, big // 16)))
-    assert tuner.outcomes["stale"] == 1
-    tuner._written_max[(NS, tb.TCP_RMEM)] = big // 16
+        tuner.handle_event(conn_event(tb.TCP_RMEM, settled, (4096, 65536, big)))
+    assert tuner.holds[(NS, tb.TCP_RMEM, 5)].until == pytest.approx(clock.now + 1.0)
+    # A growth (here after an administrator-free shrink to 512 KiB) restarts it.
     backend.write("net.ipv4.tcp_rmem", (4096, 65536, big // 16), NS)
-    tuner.handle_event(conn_event(tb.TCP_RMEM, receiver(big // 16), (4096, 65536, big // 16)))
+    tuner._written_max[(NS, tb.TCP_RMEM)] = big // 16
+    clock.now += 5
+    tuner.handle_event(
+        conn_event(tb.TCP_RMEM, dataclasses.replace(receiver(big // 16), conn=5), (4096, 65536, big // 16))
+    )
     assert backend.read("net.ipv4.tcp_rmem", NS)[2] == big // 4
     clock.now += 5
-    tuner.handle_event(conn_event(tb.TCP_RMEM, receiver(big // 4, rate=5e6, rtt_us=80_000), (4096, 65536, big // 4)))
-    assert tuner.holds[(NS, tb.TCP_RMEM)].until == pytest.approx(clock.now + 0.25)
+    slow = dataclasses.replace(receiver(big // 4, rate=5e6, rtt_us=80_000), conn=5)
+    tuner.handle_event(conn_event(tb.TCP_RMEM, slow, (4096, 65536, big // 4)))
+    assert tuner.holds[(NS, tb.TCP_RMEM, 5)].until == pytest.approx(clock.now + 0.25)
 
 
 def test_hold_layout_matches_the_shared_header() -> None:

@@ -126,12 +126,13 @@ RATE_MIN_NS = 100_000_000
 RATE_MAX_NS = 5_000_000_000
 SYNCOOKIES_FAILED_MIN = 1024
 # Hold-offs: once a limit suffices for a connection, the BPF side stops
-# sending that namespace's events for this tunable (while the limit stays
-# and connections show no more than that one did, plus one reference step)
-# for HOLD_MIN_S, doubling with every further "enough" verdict up to
-# HOLD_MAX_S.  Handling an event costs the daemon about a millisecond on a
-# real CPU (namespace switch, sysctl reads) and tens of milliseconds in an
-# emulated one: without this, a busy path kept it ~40 % busy to conclude
+# sending that connection's events for this tunable (while the limit stays
+# and the connection shows no more than it did, plus one reference step)
+# for HOLD_MIN_S, doubling with every further "enough" verdict on it up to
+# HOLD_MAX_S.  Other connections are judged on their own evidence.
+# Handling an event costs the daemon about a millisecond on a real CPU
+# (namespace switch, sysctl reads) and tens of milliseconds in an emulated
+# one: without this, a busy path kept it ~40 % busy to conclude
 # "enough" a dozen times a second, taking CPU from the traffic.
 HOLD_MIN_S = 0.25
 HOLD_MAX_S = 2.0
@@ -300,9 +301,10 @@ def _ms(us: int) -> str:
 
 @dataclass(frozen=True)
 class Hold:
-    """A hold-off of one namespace's tcp_rmem/tcp_wmem events (struct
-    tcp_buffer_hold): until ``until`` (clock seconds), while the limit is
-    ``limit``, events of connections whose metric is at most ``metric``."""
+    """A hold-off of one connection's (or, keyed by connection 0, a whole
+    namespace's) tcp_rmem/tcp_wmem events (struct tcp_buffer_hold): until
+    ``until`` (clock seconds), while the limit is ``limit``, events whose
+    metric is at most ``metric``."""
 
     until: float
     limit: int
@@ -558,15 +560,17 @@ class TcpBufferTuner(Tuner):
         self._written_max: dict[tuple[int, int], int] = {}
         self._needs: dict[tuple[int, int], tuple[int, float]] = {}
         self._cooldown: dict[tuple[int, int], float] = {}
+        self._tcp_mem_cache: tuple[float, Values | None] | None = None
         self._conns: OrderedDict[tuple[int, int, int], ConnTrack] = OrderedDict()
         # Low-memory switches we set: cookie -> tunable id -> value before.
         self._low_mem: dict[int, dict[int, int]] = {}
         # Buffer events by outcome, and the time spent handling events.
         self.outcomes: Counter[str] = Counter()
         self.handler_s = 0.0
-        # Hold-offs in force, and "enough" verdicts in a row, per (cookie, tunable).
-        self.holds: dict[tuple[int, int], Hold] = {}
-        self._enough: dict[tuple[int, int], int] = {}
+        # Hold-offs in force and "enough" verdicts in a row, per (cookie,
+        # tunable, connection); connection 0: the whole namespace.
+        self.holds: OrderedDict[tuple[int, int, int], Hold] = OrderedDict()
+        self._enough: OrderedDict[tuple[int, int, int], int] = OrderedDict()
 
     # --- hooks --------------------------------------------------------------------------
 
@@ -586,14 +590,19 @@ class TcpBufferTuner(Tuner):
     def applied(self, proposal: Proposal) -> None:
         key = (proposal.netns_cookie, proposal.tunable)
         self._last_change[key] = self.clock()
+        if proposal.tunable == TCP_MEM:
+            self._tcp_mem_cache = None
         if proposal.tunable in (TCP_RMEM, TCP_WMEM):
             self._written_max[key] = proposal.new[2]
-            self._enough.pop(key, None)
+            # A new limit: every connection is judged afresh (the BPF side
+            # ignores holds for another limit anyway).
+            for k in [k for k in self._enough if k[:2] == key]:
+                del self._enough[k]
             if proposal.scenario == BUFFER_INCREASE:
                 # The connections grow into the new limit for a cooldown's
                 # while before they are judged again: nothing to send until then.
                 until = self.clock() + self._cooldown.get(key, COOLDOWN_MIN_S)
-                self._hold(key, Hold(until, proposal.new[2], 2**64 - 1))
+                self._hold((*key, 0), Hold(until, proposal.new[2], 2**64 - 1))
         if proposal.tunable == TCP_RMEM and proposal.scenario == BUFFER_INCREASE:
             self._ensure_moderate_rcvbuf(proposal.netns_cookie)
 
@@ -666,6 +675,13 @@ class TcpBufferTuner(Tuner):
         except (SysctlMissing, PybpftuneError, OSError):
             return None
 
+    def _tcp_mem(self) -> Values | None:
+        """tcp_mem (global), read at most once a second for the buffer cap."""
+        now = self.clock()
+        if self._tcp_mem_cache is None or now - self._tcp_mem_cache[0] >= 1.0:
+            self._tcp_mem_cache = (now, self._read(TCP_MEM, self.ctx.namespaces.global_cookie))
+        return self._tcp_mem_cache[1]
+
     def _cooling(self, cookie: int, tunable_id: int, seconds: float) -> bool:
         last = self._last_change.get((cookie, tunable_id))
         return last is not None and self.clock() - last < seconds
@@ -719,7 +735,11 @@ class TcpBufferTuner(Tuner):
                 self.log.debug("tcp_buffer: no buffer growth while TCP memory is short")
             self.outcomes["memory short"] += 1
             return []
-        current = self._read(tid, cookie)
+        # The event carries the values the kernel had a moment ago; once they
+        # are what we last wrote, no sysctl read is needed (a namespace
+        # switch and a /proc read per event cost the daemon CPU the
+        # traffic wants; an emulated guest pays tens of milliseconds).
+        current = tuple(int(v) for v in update.old[:3]) if written is not None else self._read(tid, cookie)
         if current is None:
             return []
         need = conn.need(self.steps)
@@ -746,7 +766,7 @@ class TcpBufferTuner(Tuner):
                     f"need to decrease max buffer size as latency rose with buffer size increases ({conn.describe()})",
                 )
             ]
-        target = grow_max(current[2], need, self.steps, buffer_cap(self._read(TCP_MEM, cookie), self.page_size))
+        target = grow_max(current[2], need, self.steps, buffer_cap(self._tcp_mem(), self.page_size))
         if target is None:
             self.outcomes["enough"] += 1
             self._sufficient(cookie, tid, current[2], conn)
@@ -758,22 +778,30 @@ class TcpBufferTuner(Tuner):
         return [Proposal(tid, BUFFER_INCREASE, cookie, (current[0], current[1], target), reason)]
 
     def _sufficient(self, cookie: int, tunable_id: int, limit: int, conn: Conn) -> None:
-        """The limit suffices for this connection: hold off events of
-        connections that show no more than it does (one reference step of
-        margin), longer with every verdict in a row."""
-        key = (cookie, tunable_id)
-        n = self._enough.get(key, 0) + 1
+        """The limit suffices for this connection: hold off its events while
+        it shows no more than now (one reference step of margin), longer with
+        every verdict on it in a row.  Connections the BPF side cannot tell
+        apart (no hash) are not held."""
+        if not conn.conn:
+            return
+        key = (cookie, tunable_id, conn.conn)
+        n = self._enough.pop(key, 0) + 1
         self._enough[key] = n
+        while len(self._enough) > CONN_MEMORY:
+            self._enough.popitem(last=False)
         metric = self.steps.grow(hold_metric(conn))
         self._hold(key, Hold(self.clock() + hold_seconds(n), limit, metric))
 
-    def _hold(self, key: tuple[int, int], hold: Hold) -> None:
+    def _hold(self, key: tuple[int, int, int], hold: Hold) -> None:
+        self.holds.pop(key, None)
         self.holds[key] = hold
+        while len(self.holds) > CONN_MEMORY:
+            self.holds.popitem(last=False)
         if self.loaded is None:
             return
-        cookie, tunable_id = key
+        cookie, tunable_id, conn_id = key
         k = libbpf.struct_view("struct tcp_buffer_hold_key", bytearray(HOLD_KEY_SIZE))
-        k.netns_cookie, k.tunable = cookie, tunable_id
+        k.netns_cookie, k.tunable, k.conn = cookie, tunable_id, conn_id
         v = libbpf.struct_view("struct tcp_buffer_hold", bytearray(HOLD_SIZE))
         v.until_ns = int(hold.until * 1e9)
         v.limit = hold.limit
