@@ -145,6 +145,7 @@ def test_fragment_memory_near_threshold_raises_it(where: str, variant_args: tupl
 
 
 @pytest.mark.guest
+@pytest.mark.all_variants  # kprobe forms in the legacy variant, fentry in the full one
 def test_defrag_fallback_forms_fire_or_say_why(variant: str) -> None:
     """Where fentry or kprobes work (the VMs) the ip_defrag/ipv6_frag_rcv forms
     report both families; elsewhere the error names the signal and why."""

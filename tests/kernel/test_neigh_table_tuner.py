@@ -179,6 +179,7 @@ def test_large_table_shrinks_back_when_emptied_with_ipv6_off(
 
 
 @pytest.mark.guest
+@pytest.mark.all_variants  # kprobe forms in the legacy variant, fentry in the full one
 def test_removal_fallback_forms_fire_or_say_why(pair: NetnsPair, variant: str) -> None:
     """neigh_remove via neigh_remove_one where fentry/kprobes work (the VMs);
     elsewhere the error names the signal and why each form failed."""

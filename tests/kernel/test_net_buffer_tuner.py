@@ -192,6 +192,7 @@ def test_each_backlog_drop_is_counted_once(saved: Sysctls, gso_pair: NetnsPair, 
 
 
 @pytest.mark.guest
+@pytest.mark.all_variants  # kprobe forms in the legacy variant, fentry in the full one
 def test_backlog_fallback_forms_count_or_say_why(saved: Sysctls, gso_pair: NetnsPair, variant: str) -> None:
     """fexit/kretprobe on enqueue_to_backlog where they work (the VMs) count
     exactly the kernel's drops; elsewhere the error names the signal and why."""
@@ -215,6 +216,7 @@ def softnet_data_resolvable() -> bool:
 
 
 @pytest.mark.guest
+@pytest.mark.all_variants  # kprobe forms in the legacy variant, fentry in the full one
 def test_squeeze_fallback_forms_fire_or_say_why(saved: Sysctls, gso_pair: NetnsPair, variant: str) -> None:
     """fentry/kprobe on napi_complete_done where they work and softnet_data
     resolves (Debian 6.1); elsewhere the error says which form failed and why.

@@ -101,6 +101,7 @@ def test_max_size_grows_when_the_table_nears_it(
 
 
 @pytest.mark.guest
+@pytest.mark.all_variants  # kprobe forms in the legacy variant, fentry in the full one
 def test_gc_forms_fire_or_say_why(pair: NetnsPair, netns: str | None, variant: str) -> None:
     """bpftune's hook, fib6_run_gc, where fentry/kprobes work (the VMs); on
     the host the error names the signal and why each form cannot work."""
