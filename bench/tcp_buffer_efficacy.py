@@ -47,6 +47,8 @@ sys.path.insert(0, str(ROOT))
 from tests.kernel.harness import Daemon, NetnsPair, netns_pair, run, sysctl_get, sysctls  # noqa: E402
 
 STARVED = "4096 65536 131072"
+STARVED_RMEM = STARVED
+STARVED_WMEM = STARVED
 HAND_RMEM = "4096 131072 16777216"
 HAND_WMEM = "4096 16384 16777216"
 ONE_WAY_DELAY = "25ms"
@@ -295,7 +297,7 @@ def measure(name: str, total: int, each: int, legacy: bool, base_port: int) -> R
             result.transfers = workload(pair, total, each, base_port)
             result.counters = counters(pair)
         return result
-    with path_with(STARVED, STARVED) as pair:
+    with path_with(STARVED_RMEM, STARVED_WMEM) as pair:
         if name == "starved":
             result.transfers = workload(pair, total, each, base_port)
             result.counters = counters(pair)
@@ -377,8 +379,12 @@ def main() -> int:
     parser.add_argument("--ss", action="store_true", help="print sender and receiver socket state once a second")
     parser.add_argument("--hand-rmem", help="hand-tuned tcp_rmem (all three values)")
     parser.add_argument("--hand-wmem", help="hand-tuned tcp_wmem (all three values)")
+    parser.add_argument("--starved-rmem", help="starved and tuned set-ups' initial tcp_rmem (all three values)")
+    parser.add_argument("--starved-wmem", help="starved and tuned set-ups' initial tcp_wmem (all three values)")
     args = parser.parse_args()
-    global OFFLOADS, DUMP, HAND_RMEM, HAND_WMEM, SS
+    global OFFLOADS, DUMP, HAND_RMEM, HAND_WMEM, SS, STARVED_RMEM, STARVED_WMEM
+    STARVED_RMEM = args.starved_rmem or STARVED
+    STARVED_WMEM = args.starved_wmem or STARVED
     SS = args.ss
     OFFLOADS = not args.no_offloads
     if args.hand_max:
