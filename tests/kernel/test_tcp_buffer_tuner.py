@@ -41,7 +41,7 @@ from pybpftune.netns import current_cookie, current_inode
 from pybpftune.ringbuf import RingBuffer
 from pybpftune.support import probe_support
 
-from .harness import Daemon, Sysctls, iperf3_retrying, netns_pair, sysctl_get, sysctls
+from .harness import Daemon, Sysctls, iperf3_retrying, netns_pair, repeat_until_logged, sysctl_get, sysctls
 
 pytestmark = pytest.mark.kernel
 
@@ -236,6 +236,67 @@ def test_startup_log_accounts_for_every_optional_signal(
                 assert f"{signal} via" in started
 
 
+@pytest.mark.guest
+@pytest.mark.all_variants
+def test_syn_flood_with_connections_grows_tcp_max_syn_backlog(
+    saved_globals: Sysctls, variant_args: tuple[str, ...], tmp_path: Path
+) -> None:
+    """tcp_syncookies=2 (cookies always) sends every SYN down the kernel's
+    flood path, which is the syn_flood signal's condition (fentry / kprobe on
+    tcp_conn_request); the connections complete, so the floods correlate
+    with established connections and tcp_max_syn_backlog grows where the
+    listener lives.  Where neither form attaches (the development host) the
+    daemon must say so instead."""
+    n, port = 40, 5412
+    with sysctls() as s, site() as where:
+        s.set("net.ipv4.tcp_syncookies", 2, where.server)
+        backlog = int(sysctl_get("net.ipv4.tcp_max_syn_backlog", where.server))
+        s.save("net.ipv4.tcp_max_syn_backlog", where.server)
+        with tb_daemon(variant_args, tmp_path) as d:
+            d.started()
+            if "syn_flood via" not in d.wait_for(r"tuner tcp_buffer started \((.*)\)").group(1):
+                line = d.wait_for(r"tuner tcp_buffer: signal syn_flood: unavailable \((.*)\)").group(1)
+                support = probe_support()
+                assert not support.works("kprobe") and not (support.works("fentry") and not variant_args), line
+                return
+
+            def connections() -> None:
+                server = subprocess.Popen(
+                    where.cmd(where.server, [sys.executable, "-c", ACCEPT, where.addr, str(n), str(port)]),
+                    stdout=subprocess.PIPE,
+                    text=True,
+                )
+                try:
+                    assert server.stdout is not None and server.stdout.readline().strip() == "ready"
+                    connect = where.cmd(where.client, [sys.executable, "-c", CONNECT, where.addr, str(n), str(port)])
+                    subprocess.run(connect, check=True, timeout=120)
+                    server.wait(60)
+                finally:
+                    server.kill()
+                    server.wait()
+
+            m = repeat_until_logged(
+                d,
+                connections,
+                r"Due to SYN flood with connections established change net\.ipv4\.tcp_max_syn_backlog "
+                r"from \((\d+)\) -> \((\d+)\)",
+                timeout=60,
+                look=1,
+            )
+            old, new = int(m.group(1)), int(m.group(2))
+            assert old == backlog and new > backlog
+            assert (
+                f"'increase maximum syn backlog' occurred for tunable 'net.ipv4.tcp_max_syn_backlog' in {where.where}"
+                in d.output
+            )
+            assert int(sysctl_get("net.ipv4.tcp_max_syn_backlog", where.server)) >= new
+            if where.client != where.server:
+                assert int(sysctl_get("net.ipv4.tcp_max_syn_backlog", where.client)) == backlog
+            assert d.stop() == 0
+        # -R: back to the original.
+        assert int(sysctl_get("net.ipv4.tcp_max_syn_backlog", where.server)) == backlog
+
+
 def bpf_globals() -> dict[str, int]:
     return {
         "tuner_id": 1,
@@ -266,6 +327,7 @@ for _ in range(int(sys.argv[2])):
 ACCEPT = """
 import socket, sys
 s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a run again on the same port
 s.bind((sys.argv[1], int(sys.argv[3])))
 s.listen(64)
 print("ready", flush=True)
