@@ -260,24 +260,9 @@ def test_syn_flood_with_connections_grows_tcp_max_syn_backlog(
                 assert not support.works("kprobe") and not (support.works("fentry") and not variant_args), line
                 return
 
-            def connections() -> None:
-                server = subprocess.Popen(
-                    where.cmd(where.server, [sys.executable, "-c", ACCEPT, where.addr, str(n), str(port)]),
-                    stdout=subprocess.PIPE,
-                    text=True,
-                )
-                try:
-                    assert server.stdout is not None and server.stdout.readline().strip() == "ready"
-                    connect = where.cmd(where.client, [sys.executable, "-c", CONNECT, where.addr, str(n), str(port)])
-                    subprocess.run(connect, check=True, timeout=120)
-                    server.wait(60)
-                finally:
-                    server.kill()
-                    server.wait()
-
             m = repeat_until_logged(
                 d,
-                connections,
+                lambda: connect_and_accept(where, n, port),
                 r"Due to SYN flood with connections established change net\.ipv4\.tcp_max_syn_backlog "
                 r"from \((\d+)\) -> \((\d+)\)",
                 timeout=60,
@@ -337,6 +322,23 @@ for _ in range(int(sys.argv[2])):
 """
 
 
+def connect_and_accept(where: Site, n: int, port: int) -> None:
+    """``n`` TCP connections from the client side, each accepted and closed."""
+    server = subprocess.Popen(
+        where.cmd(where.server, [sys.executable, "-c", ACCEPT, where.addr, str(n), str(port)]),
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert server.stdout is not None and server.stdout.readline().strip() == "ready"
+        connect = where.cmd(where.client, [sys.executable, "-c", CONNECT, where.addr, str(n), str(port)])
+        subprocess.run(connect, check=True, timeout=120)
+        server.wait(60)
+    finally:
+        server.kill()
+        server.wait()
+
+
 def loaded(variant: str, ring: RingBuffer) -> LoadedObject:
     path = object_path("tcp_buffer_tuner", legacy=variant == "legacy")
     return load_object(
@@ -351,19 +353,7 @@ def test_established_connections_are_counted_per_namespace(variant: str) -> None
     n, port = 7, 5411
     with site() as where, RingBuffer() as ring, loaded(variant, ring) as lo:
         assert lo.choices["conn_state"].chosen is not None
-        server = subprocess.Popen(
-            where.cmd(where.server, [sys.executable, "-c", ACCEPT, where.addr, str(n), str(port)]),
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        try:
-            assert server.stdout is not None and server.stdout.readline().strip() == "ready"
-            connect = where.cmd(where.client, [sys.executable, "-c", CONNECT, where.addr, str(n), str(port)])
-            subprocess.run(connect, check=True, timeout=120)
-            server.wait(60)
-        finally:
-            server.kill()
-            server.wait()
+        connect_and_accept(where, n, port)
         stats = lo.obj.map("syn_stats")
         # Both ends count where they live; over loopback both are global.
         expected = n if where.server != where.client else 2 * n
