@@ -338,48 +338,42 @@ class TunableStore:
             rec = self._records.get((tuner.name, t.id))
             if rec is None or not t.is_sysctl:
                 continue
-            if t.kind == "string":
-                restored += self._rollback_texts(tuner, t, rec)
-                continue
-            for cookie, original in list(rec.originals.items()):
-                if cookie not in rec.written or self.netns_state(tuner, cookie) == GONE:
+            text = t.kind == "string"
+            originals: dict[int, Values | str] = dict(rec.original_texts if text else rec.originals)
+            written = rec.written_texts if text else rec.written
+            for cookie, original in originals.items():
+                if cookie not in written or self.netns_state(tuner, cookie) == GONE:
                     continue
                 try:
-                    current = self.backend.read(t.name, cookie)
-                    log.info(
-                        "Rolling back sysctl values for '%s' from (%s) to original values (%s) in %s...",
-                        t.name,
-                        format_values(current),
-                        format_values(original),
-                        self.namespaces.describe(cookie),
-                    )
-                    self.backend.write(t.name, original, cookie)
-                    restored += 1
+                    restored += self._restore(t.name, original, cookie)
                 except (NetnsGone, SysctlMissing, OSError) as exc:
                     log.info("could not roll back %s in netns cookie %d: %s", t.name, cookie, exc)
         return restored
 
-    def _rollback_texts(self, tuner: Tuner, t: Tunable, rec: TunableRecord) -> int:
-        restored = 0
-        for cookie, original in list(rec.original_texts.items()):
-            if cookie not in rec.written_texts or self.netns_state(tuner, cookie) == GONE:
-                continue
-            try:
-                current = self.backend.read_text(t.name, cookie)
-                if " ".join(current.split()) == " ".join(original.split()):
-                    continue  # already put back (tcp_conn restores its list on every exit)
-                log.info(
-                    "Rolling back sysctl values for '%s' from (%s) to original values (%s) in %s...",
-                    t.name,
-                    current,
-                    original,
-                    self.namespaces.describe(cookie),
-                )
-                self.backend.write_text(t.name, original, cookie)
-                restored += 1
-            except (NetnsGone, SysctlMissing, OSError) as exc:
-                log.info("could not roll back %s in netns cookie %d: %s", t.name, cookie, exc)
-        return restored
+    def _restore(self, name: str, original: Values | str, cookie: int) -> bool:
+        """Write ``original`` back unless it is already there (tcp_conn, for
+        one, puts its list back on every exit); True if it wrote."""
+        if isinstance(original, str):
+            current_text = self.backend.read_text(name, cookie)
+            if current_text.split() == original.split():
+                return False
+            shown = (current_text, original)
+        else:
+            current = self.backend.read(name, cookie)
+            if tuple(current) == tuple(original):
+                return False
+            shown = (format_values(current), format_values(original))
+        log.info(
+            "Rolling back sysctl values for '%s' from (%s) to original values (%s) in %s...",
+            name,
+            *shown,
+            self.namespaces.describe(cookie),
+        )
+        if isinstance(original, str):
+            self.backend.write_text(name, original, cookie)
+        else:
+            self.backend.write(name, original, cookie)
+        return True
 
     def changed(self, tuner: Tuner) -> bool:
         return any(rec.written or rec.written_texts for (name, _), rec in self._records.items() if name == tuner.name)
