@@ -23,6 +23,7 @@ from . import __version__
 from .bpf import object_path
 from .cgroup import CgroupRoot
 from .errors import NotSupported, PybpftuneError, UsageError
+from .eventloop import EventLoop
 from .events import Event
 from .loader import LoadedObject, load_object
 from .log import setup_logging
@@ -37,7 +38,6 @@ from .tuner import Steps, Tuner, TunerContext
 
 log = logging.getLogger("pybpftune")
 
-POLL_MS = 100
 TICK_S = 1.0
 # Journaled originals named in the warning when they are not restored (no -R).
 JOURNAL_LISTED = 10
@@ -75,9 +75,10 @@ class Daemon:
         self.variant = "legacy" if config.legacy else "full"
         self.cgroup = CgroupRoot(self.state, config.cgroup)
         self.ring = RingBuffer(on_error=self._handler_failed)
+        self.loop = EventLoop(on_error=self._loop_failed)
         self.tuners: list[Tuner] = []
         self.disabled: dict[str, str] = {}
-        self._stop = False
+        self._ring_watched = False
         self._closed = False
 
     # --- start -----------------------------------------------------------------------
@@ -113,11 +114,27 @@ class Daemon:
         )
         for cls in classes:
             self._start_tuner(cls, ctx)
+            # Events flow as soon as the first object shares the ring buffer:
+            # drain between loads so an early administrator write is seen.
+            self._watch_ring()
         if not self.tuners:
             raise PybpftuneError(
                 "no tuner could be started: " + "; ".join(f"{k}: {v}" for k, v in self.disabled.items())
             )
+        if any(type(t).tick is not Tuner.tick for t in self.tuners):
+            self.loop.call_every(TICK_S, self._tick, "tuner ticks")
         self.namespaces.scan()
+
+    def _watch_ring(self) -> None:
+        if not self.ring.active:
+            return
+        if not self._ring_watched:
+            self._ring_watched = True
+            self.loop.add_reader(self.ring.fileno(), self._drain_ring, "ring buffer")
+        self._drain_ring()
+
+    def _drain_ring(self) -> None:
+        self.ring.consume()
 
     def _start_tuner(self, cls: type[Tuner], ctx: TunerContext) -> None:
         tuner_id = len(self.tuners) + len(self.disabled)
@@ -270,30 +287,24 @@ class Daemon:
     # --- main loop ---------------------------------------------------------------------------
 
     def request_stop(self, signum: int = 0, frame: FrameType | None = None) -> None:
-        self._stop = True
+        self.loop.stop()
 
     def run(self) -> None:
-        """Poll until SIGINT/SIGTERM (or request_stop)."""
-        previous = {s: signal.signal(s, self.request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
-        try:
-            log.info("bpftune started")
-            next_tick = time.monotonic() + TICK_S
-            while not self._stop:
-                if self.ring.active:
-                    self.ring.poll(POLL_MS)
-                else:  # only BPF-free tuners: nothing to poll, just tick
-                    time.sleep(POLL_MS / 1000)
-                now = time.monotonic()
-                if now >= next_tick:
-                    next_tick = now + TICK_S
-                    for tuner in list(self.tuners):
-                        try:
-                            tuner.tick(now)
-                        except Exception as exc:
-                            self._handler_failed(tuner.id, exc)
-        finally:
-            for s, handler in previous.items():
-                signal.signal(s, handler)
+        """Serve events and timers until SIGINT/SIGTERM (or request_stop)."""
+        self.loop.stop_on((signal.SIGINT, signal.SIGTERM))
+        log.info("bpftune started")
+        self.loop.run()
+
+    def _tick(self) -> None:
+        now = time.monotonic()
+        for tuner in list(self.tuners):
+            try:
+                tuner.tick(now)
+            except Exception as exc:
+                self._handler_failed(tuner.id, exc)
+
+    def _loop_failed(self, what: str, exc: BaseException) -> None:
+        log.error("%s failed: %r", what, exc)
 
     # --- stop ----------------------------------------------------------------------------------
 
@@ -314,6 +325,7 @@ class Daemon:
                 self._stop_tuner(tuner, summarize=True)
             except Exception as exc:  # keep tearing the rest down
                 log.error("stopping tuner %s failed: %r", tuner.name, exc)
+        self.loop.close()
         self.ring.close()
         self.cgroup.close()
         self.state.clear_journal()

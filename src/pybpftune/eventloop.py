@@ -1,0 +1,194 @@
+"""The daemon's one event loop: file descriptors to read and timers that are due.
+
+Everything the daemon waits for goes through one ``epoll`` (``selectors``):
+the ring buffer's epoll fd, and whatever else registers a reader (a query
+socket, an inotify fd, ...).  The loop sleeps until an fd is readable or the
+earliest timer is due, so an idle daemon makes no fixed-rate wake-ups.
+Signals wake it at once through a self-pipe (``signal.set_wakeup_fd``):
+without it, PEP 475 would resume the wait after a handler ran and a stop
+request could sit unnoticed until the next timer.
+
+Callbacks run on the loop's thread, one at a time; one that raises is
+reported to ``on_error`` (the daemon disables the tuner behind it) and the
+loop goes on.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import logging
+import os
+import selectors
+import signal
+import time
+from collections.abc import Callable, Iterable
+from types import FrameType, TracebackType
+
+log = logging.getLogger("pybpftune.loop")
+
+Callback = Callable[[], None]
+ErrorHandler = Callable[[str, BaseException], None]
+
+
+class Timer:
+    """A scheduled call, once or every ``interval`` seconds; ``cancel()`` stops it."""
+
+    __slots__ = ("callback", "cancelled", "interval", "name", "when")
+
+    def __init__(self, when: float, callback: Callback, name: str, interval: float | None = None) -> None:
+        self.when = when
+        self.callback = callback
+        self.name = name
+        self.interval = interval
+        self.cancelled = False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+class EventLoop:
+    """One thread, one epoll; ``run()`` until ``stop()``."""
+
+    def __init__(self, on_error: ErrorHandler | None = None, clock: Callable[[], float] = time.monotonic) -> None:
+        self.clock = clock
+        self._on_error = on_error
+        self._selector = selectors.DefaultSelector()
+        self._timers: list[tuple[float, int, Timer]] = []
+        self._seq = itertools.count()
+        self._stopping = False
+        self._closed = False
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._selector.register(self._wake_r, selectors.EVENT_READ, ("wakeup", self._drain_wakeup))
+        self._previous_handlers: dict[int, object] = {}
+        self._previous_wakeup: int | None = None
+        self.wakeups = 0  # how often the loop woke up: the idle-cost figure benches read
+
+    # --- registration -------------------------------------------------------------
+
+    def add_reader(self, fd: int, callback: Callback, name: str = "") -> None:
+        """Call ``callback()`` whenever ``fd`` is readable (level-triggered)."""
+        self._selector.register(fd, selectors.EVENT_READ, (name or f"fd {fd}", callback))
+
+    def remove_reader(self, fd: int) -> None:
+        try:
+            self._selector.unregister(fd)
+        except (KeyError, ValueError):
+            pass
+
+    def call_at(self, when: float, callback: Callback, name: str = "", interval: float | None = None) -> Timer:
+        timer = Timer(when, callback, name or getattr(callback, "__qualname__", "timer"), interval)
+        self._schedule(timer)
+        return timer
+
+    def call_later(self, delay: float, callback: Callback, name: str = "") -> Timer:
+        return self.call_at(self.clock() + delay, callback, name)
+
+    def call_every(self, interval: float, callback: Callback, name: str = "") -> Timer:
+        """Call ``callback`` every ``interval`` seconds (measured from each run's end)."""
+        return self.call_at(self.clock() + interval, callback, name, interval)
+
+    def _schedule(self, timer: Timer) -> None:
+        heapq.heappush(self._timers, (timer.when, next(self._seq), timer))
+
+    # --- signals ------------------------------------------------------------------
+
+    def stop_on(self, signals: Iterable[int], callback: Callable[[int], None] | None = None) -> None:
+        """Install handlers that stop the loop (after ``callback(signum)``) for ``signals``.
+        Restored by ``close()``."""
+
+        def handler(signum: int, frame: FrameType | None) -> None:
+            if callback is not None:
+                callback(signum)
+            self.stop()
+
+        for s in signals:
+            self._previous_handlers[s] = signal.signal(s, handler)
+        if self._previous_wakeup is None:
+            self._previous_wakeup = signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
+
+    def _drain_wakeup(self) -> None:
+        try:
+            while os.read(self._wake_r, 512):
+                pass
+        except BlockingIOError:
+            pass
+
+    # --- running ------------------------------------------------------------------
+
+    def stop(self) -> None:
+        """Make ``run()`` return after the current callback (safe from signal handlers)."""
+        self._stopping = True
+        try:
+            os.write(self._wake_w, b"\0")
+        except (BlockingIOError, OSError):
+            pass
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping
+
+    def _next_timeout(self, max_wait: float | None) -> float | None:
+        while self._timers and self._timers[0][2].cancelled:
+            heapq.heappop(self._timers)
+        if not self._timers:
+            return max_wait
+        wait = max(0.0, self._timers[0][0] - self.clock())
+        return wait if max_wait is None else min(wait, max_wait)
+
+    def run_once(self, max_wait: float | None = None) -> None:
+        """Wait for one batch of ready fds or due timers (at most ``max_wait``
+        seconds; None: until something happens), and run their callbacks."""
+        timeout = self._next_timeout(max_wait)
+        ready = self._selector.select(timeout)
+        self.wakeups += 1
+        for key, _mask in ready:
+            name, callback = key.data
+            self._call(name, callback)
+        now = self.clock()
+        while self._timers and self._timers[0][0] <= now:
+            _when, _seq, timer = heapq.heappop(self._timers)
+            if timer.cancelled:
+                continue
+            self._call(timer.name, timer.callback)
+            if timer.interval is not None and not timer.cancelled:
+                timer.when = self.clock() + timer.interval
+                self._schedule(timer)
+
+    def run(self) -> None:
+        """Run until ``stop()``."""
+        while not self._stopping:
+            self.run_once()
+
+    def _call(self, name: str, callback: Callback) -> None:
+        try:
+            callback()
+        except Exception as exc:
+            if self._on_error is None:
+                raise
+            self._on_error(name, exc)
+
+    # --- lifecycle ----------------------------------------------------------------
+
+    def close(self) -> None:
+        """Restore signal handlers and close the selector and pipe.  Safe to repeat."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._previous_wakeup is not None:
+            signal.set_wakeup_fd(self._previous_wakeup)
+            self._previous_wakeup = None
+        for s, previous in self._previous_handlers.items():
+            signal.signal(s, previous)  # type: ignore[arg-type]
+        self._previous_handlers.clear()
+        self._selector.close()
+        os.close(self._wake_r)
+        os.close(self._wake_w)
+
+    def __enter__(self) -> EventLoop:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
