@@ -23,6 +23,7 @@ Examples:
   bpftune -S                 say what this kernel supports, then exit
   bpftune -sR                restore every changed sysctl on exit
   bpftune -q summary         ask a running daemon for its summary
+  bpftune --metrics 9557     also serve Prometheus metrics on 127.0.0.1:9557
 
 Tuners are named without the "_tuner" suffix (tcp_buffer, sysctl, ...);
 "tcp_buffer_tuner.so" is accepted too, as bpftune spells it.
@@ -49,7 +50,14 @@ def fail(message: str, code: int = 1) -> NoReturn:
     "else one mounted privately under /run/pybpftune and removed on exit.",
 )
 @click.option("-d", "--debug", is_flag=True, help="Debug logging, including libbpf's messages.")
-@click.option("-D", "--daemon", "daemonize", is_flag=True, help="Detach and run in the background.")
+@click.option(
+    "-D",
+    "--daemon",
+    "daemonize",
+    is_flag=True,
+    help="Detach and run in the background (exit 0 once it runs, 1 if start-up failed); logs go to "
+    "journald/syslog and the pid to STATE_DIR/pybpftune.pid.",
+)
 @click.option(
     "-l",
     "--libdir",
@@ -80,6 +88,13 @@ def fail(message: str, code: int = 1) -> NoReturn:
 )
 @click.option("-V", "--version", "version", is_flag=True, help="Print the version, then exit.")
 @click.option(
+    "--metrics",
+    metavar="[ADDR:]PORT",
+    default=None,
+    help="Serve Prometheus/OpenMetrics text on http://ADDR:PORT/metrics (ADDR defaults to 127.0.0.1). "
+    "Off unless given.",
+)
+@click.option(
     "--state-dir",
     type=click.Path(path_type=Path, file_okay=False),
     default=Path("/run/pybpftune"),
@@ -101,6 +116,7 @@ def main(
     to_stderr: bool,
     support: bool,
     version: bool,
+    metrics: str | None,
     state_dir: Path,
 ) -> None:
     """BPF-driven auto-tuning of Linux networking.
@@ -136,6 +152,7 @@ def main(
             rollback=rollback,
             to_stderr=to_stderr,
             state_dir=state_dir,
+            metrics=metrics,
         )
         sys.exit(run_daemon(config))
     except UsageError as exc:

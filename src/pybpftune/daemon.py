@@ -2,9 +2,13 @@
 
 Each tuner is isolated: one that fails to load, or whose handler raises, is
 logged once with the reason and disabled while the others keep working.
-SIGINT/SIGTERM end the loop; the summary is printed, sysctls are restored
-when rollback was asked for, and every program, link, map and mount is
-released in reverse order.
+SIGINT/SIGTERM end the loop; the summary is printed (one block), sysctls are
+restored when rollback was asked for, and every program, link, map and mount
+is released in reverse order.
+
+As a service (:func:`run_daemon`): capabilities are reduced once start-up is
+done, the metrics endpoint (``--metrics``) starts, and systemd hears READY=1
+(and watchdog pings from the event loop) through :mod:`pybpftune.service`.
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import sys
+import threading
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -26,10 +30,11 @@ from .errors import NotSupported, PybpftuneError, UsageError
 from .eventloop import EventLoop
 from .events import Event
 from .loader import LoadedObject, load_object
-from .log import setup_logging
+from .log import setup_logging, sink_name
 from .netns import Namespaces, NetnsGone, current_inode
 from .registry import select
 from .ringbuf import RingBuffer
+from .service import Detached, Notifier, detach, parse_metrics_address
 from .state import DEFAULT_STATE_DIR, JournalEntry, StateDir
 from .store import ACTIVE, TunableStore
 from .support import Support, probe_support, support_report
@@ -58,6 +63,10 @@ class DaemonConfig:
     advice: bool = False
     state_dir: Path = DEFAULT_STATE_DIR
     caps: dict[str, int] = field(default_factory=dict)
+    # --metrics ADDR:PORT (None: no endpoint).
+    metrics: str | None = None
+    # Keep only caps.RUNTIME_CAPS once started.
+    drop_capabilities: bool = True
 
 
 class Daemon:
@@ -78,6 +87,9 @@ class Daemon:
         self.loop = EventLoop(on_error=self._loop_failed)
         self.tuners: list[Tuner] = []
         self.disabled: dict[str, str] = {}
+        # Held while a tuner's BPF object is closed and while another thread
+        # (a metrics scrape) reads BPF globals, so no read meets a freed object.
+        self.objects_lock = threading.Lock()
         self._ring_watched = False
         self._closed = False
 
@@ -282,7 +294,8 @@ class Daemon:
             if self.config.rollback:
                 self.store.rollback(tuner)
             if tuner.loaded is not None:
-                tuner.loaded.close()
+                with self.objects_lock:
+                    tuner.loaded.close()
 
     # --- main loop ---------------------------------------------------------------------------
 
@@ -308,27 +321,42 @@ class Daemon:
 
     # --- stop ----------------------------------------------------------------------------------
 
+    def _summary_lines(self, tuner: Tuner) -> list[str]:
+        return self.store.summary(tuner) + tuner.summary_lines()
+
     def _summarize(self, tuner: Tuner) -> None:
-        lines = self.store.summary(tuner) + tuner.summary_lines()
-        for line in lines:
+        for line in self._summary_lines(tuner):
             log.info("%s", line)
 
     def close(self) -> None:
-        """Summary, rollback (-R), then release everything in reverse order."""
+        """Summary, rollback (-R), then release everything in reverse order.
+
+        The summary of every tuner is gathered first and logged as one block;
+        only then are the tuners stopped (their rollback and teardown lines
+        follow the block instead of cutting through it)."""
         if self._closed:
             return
         self._closed = True
-        if self.tuners:
-            log.info("# Summary of changes made across all tuners:")
-        for tuner in reversed(list(self.tuners)):
+        tuners = list(reversed(self.tuners))
+        block = []
+        for tuner in tuners:
             try:
-                self._stop_tuner(tuner, summarize=True)
+                block += self._summary_lines(tuner)
+            except Exception as exc:
+                log.error("summarizing tuner %s failed: %r", tuner.name, exc)
+        if tuners:
+            for line in ["# Summary of changes made across all tuners:", *block]:
+                log.info("%s", line, extra={"bpftune": {"summary": True}})
+        for tuner in tuners:
+            try:
+                self._stop_tuner(tuner, summarize=False)
             except Exception as exc:  # keep tearing the rest down
                 log.error("stopping tuner %s failed: %r", tuner.name, exc)
         self.loop.close()
         self.ring.close()
         self.cgroup.close()
         self.state.clear_journal()
+        self.state.remove_pid()
         log.info("bpftune stopped")
 
     def __enter__(self) -> Daemon:
@@ -341,26 +369,68 @@ class Daemon:
 
 
 def run_daemon(config: DaemonConfig) -> int:
-    """Entry point used by the CLI: returns the process exit code."""
-    setup_logging(config.to_stderr, config.debug)
+    """Entry point used by the CLI: returns the process exit code.
+
+    Order: detach (-D) before logging is set up, so syslog names the daemon's
+    own pid; start; reduce capabilities; serve metrics; tell systemd READY=1
+    and ping its watchdog from the event loop; STOPPING=1 before the summary."""
     if config.port is not None:
         raise UsageError("the query server (-p) is not yet supported by this version")
-    if config.daemonize:
-        _daemonize()
-    with Daemon(config) as daemon:
-        daemon.start()
-        daemon.run()
+    metrics_at = None
+    if config.metrics is not None:
+        from .metrics import DEFAULT_PORT
+
+        metrics_at = parse_metrics_address(config.metrics, DEFAULT_PORT)
+    detached = detach(keep_stderr=config.to_stderr) if config.daemonize else None
+    setup_logging(config.to_stderr, config.debug)
+    try:
+        return _serve(config, metrics_at, detached)
+    except PybpftuneError as exc:
+        if detached is not None and detached.pending:
+            log.error("%s", exc)
+            detached.failed(str(exc))
+        raise
+
+
+def _serve(config: DaemonConfig, metrics_at: tuple[str, int] | None, detached: Detached | None) -> int:
+    notifier = Notifier()
+    metrics = None
+    try:
+        with Daemon(config) as daemon:
+            if detached is not None:
+                daemon.state.write_pid()
+            daemon.start()
+            if config.drop_capabilities:
+                _drop_capabilities()
+            if metrics_at is not None:
+                from .metrics import MetricsServer
+
+                metrics = MetricsServer(daemon, *metrics_at, notifier=notifier)
+                metrics.start()
+            names = ", ".join(t.name for t in daemon.tuners)
+            notifier.ready(f"tuning with {len(daemon.tuners)} tuners: {names}")
+            if notifier.watchdog is not None:
+                daemon.loop.call_every(notifier.watchdog, notifier.ping, "systemd watchdog")
+            if detached is not None:
+                detached.ready()
+            log.debug("logging to %s; systemd notify %s", sink_name(), "on" if notifier.enabled else "off")
+            try:
+                daemon.run()
+            finally:
+                notifier.stopping()
+                if metrics is not None:
+                    metrics.close()
+    finally:
+        notifier.close()
     return 0
 
 
-def _daemonize() -> None:
-    if os.fork() > 0:
-        os._exit(0)
-    os.setsid()
-    if os.fork() > 0:
-        os._exit(0)
-    devnull = os.open(os.devnull, os.O_RDWR)
-    for fd in (0, 1, 2):
-        os.dup2(devnull, fd)
-    os.close(devnull)
-    sys.stdout.flush()
+def _drop_capabilities() -> None:
+    from . import caps
+
+    try:
+        kept = caps.drop_to(caps.RUNTIME_CAPS)
+    except caps.CapsError as exc:
+        log.warning("keeping every capability: %s", exc)
+        return
+    log.info("capabilities after start-up: %s", ", ".join(caps.names(kept)) or "none")

@@ -251,6 +251,11 @@ class BpfObject:
         signed = value < 0
         buf[offset : offset + size] = value.to_bytes(size, "little", signed=signed)
 
+    def global_bytes(self, name: str) -> bytes:
+        """A copy of a global's bytes (a struct: read it with libbpf.struct_view)."""
+        m, map_name, offset, size = self._global_location(name)
+        return bytes(self._global_buffer(m, map_name)[offset : offset + size])
+
     def get_global(self, name: str, signed: bool = False) -> int:
         m, map_name, offset, size = self._global_location(name)
         buf = self._global_buffer(m, map_name)

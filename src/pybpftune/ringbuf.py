@@ -47,6 +47,7 @@ class RingBuffer:
         self._on_error = on_error
         self._errors: list[tuple[int, BaseException]] = []
         self.received = 0
+        self.received_by_tuner: dict[int, int] = {}
         self.dropped_malformed = 0
         self.dropped_unknown = 0
         self._closed = False
@@ -103,6 +104,7 @@ class RingBuffer:
             log.debug("dropping event for unknown tuner id %d (scenario %d)", event.tuner_id, event.scenario_id)
             return stop
         self.received += 1
+        self.received_by_tuner[event.tuner_id] = self.received_by_tuner.get(event.tuner_id, 0) + 1
         try:
             handler(event)
         except Exception as exc:  # isolated per tuner, reported after the poll

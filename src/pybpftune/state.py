@@ -1,6 +1,9 @@
 """The state directory (/run/pybpftune): the only code that writes there.
 
-It holds one journal of original values per daemon process
+It holds the pid file of a daemon started with -D (``pybpftune.pid``, locked
+with flock for the daemon's life, so a second daemon on the same directory is
+refused and a stale file from a killed one is simply taken over), and one
+journal of original values per daemon process
 (``originals-<pid>.jsonl``): before the daemon first changes a tunable in a
 namespace, the original is appended and fsync'ed, so a daemon killed with
 SIGKILL leaves enough behind for the next start to restore.
@@ -14,16 +17,20 @@ writing digits it parsed out of a string.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from .errors import PybpftuneError
+
 log = logging.getLogger("pybpftune.state")
 
 DEFAULT_STATE_DIR = Path("/run/pybpftune")
 JOURNAL_GLOB = "originals-*.jsonl"
+PID_FILE = "pybpftune.pid"
 
 
 @dataclass(frozen=True)
@@ -87,6 +94,7 @@ class StateDir:
     def __init__(self, path: Path = DEFAULT_STATE_DIR) -> None:
         self.path = path
         self._journal_fd: int | None = None
+        self._pid_fd: int | None = None
 
     def ensure(self) -> Path:
         self.path.mkdir(mode=0o755, parents=True, exist_ok=True)
@@ -152,6 +160,41 @@ class StateDir:
             self.journal_path.unlink()
         except FileNotFoundError:
             pass
+
+    # --- the pid file (-D) ------------------------------------------------------
+
+    @property
+    def pid_path(self) -> Path:
+        return self.path / PID_FILE
+
+    def write_pid(self) -> Path:
+        """Create and lock the pid file with our pid; PybpftuneError if another
+        live daemon holds it."""
+        self.ensure()
+        fd = os.open(self.pid_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            other = os.read(fd, 32).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise PybpftuneError(
+                f"another pybpftune daemon (pid {other}) is running with state directory {self.path}"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        os.fsync(fd)
+        self._pid_fd = fd
+        return self.pid_path
+
+    def remove_pid(self) -> None:
+        if self._pid_fd is None:
+            return
+        try:
+            self.pid_path.unlink()
+        except FileNotFoundError:
+            pass
+        os.close(self._pid_fd)
+        self._pid_fd = None
 
     def close(self) -> None:
         if self._journal_fd is not None:

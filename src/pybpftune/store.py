@@ -139,7 +139,13 @@ class TunableStore:
         if self._netns_state.get((tuner.name, netns_cookie)) == MANUAL:
             return
         self._netns_state[(tuner.name, netns_cookie)] = MANUAL
-        log.info("%s; disabling '%s' for namespace cookie %d", why, tuner.name, netns_cookie)
+        log.info(
+            "%s; disabling '%s' for namespace cookie %d",
+            why,
+            tuner.name,
+            netns_cookie,
+            extra={"bpftune": {"tuner": tuner.name, "netns_cookie": netns_cookie, "state": MANUAL, "reason": why}},
+        )
         log.info(
             "setting state of netns (cookie %d) to manual for tuner '%s' (%s)",
             netns_cookie,
@@ -276,8 +282,10 @@ class TunableStore:
             "tunable": t.name,
             "scenario": scenario.name,
             "netns_cookie": cookie,
+            "global_ns": self.namespaces.is_global(cookie),
             "old": old,
             "new": new,
+            "reason": p.reason,
             "advice": advice,
         }
         log.info(
@@ -374,6 +382,34 @@ class TunableStore:
         else:
             self.backend.write(name, original, cookie)
         return True
+
+    # --- read-only views (metrics; safe to call from another thread) -------------------
+    # Each view copies the containers it walks (a C-level copy under the GIL), so
+    # a concurrent change on the event loop's thread cannot break the walk.
+
+    def change_counts(self) -> list[tuple[str, str, int, bool, int]]:
+        """(tuner, tunable, scenario id, global ns?, changes) for every scenario counted."""
+        out = []
+        for (tuner_name, _tid), rec in list(self._records.items()):
+            for (scenario, is_global), n in list(rec.counts.items()):
+                out.append((tuner_name, rec.tunable.name, scenario, is_global, n))
+        return out
+
+    def namespace_values(self) -> list[tuple[str, Tunable, int, Values]]:
+        """(tuner, tunable, netns cookie, values) this daemon last wrote, per namespace."""
+        out = []
+        for (tuner_name, _tid), rec in list(self._records.items()):
+            for cookie, values in list(rec.written.items()):
+                out.append((tuner_name, rec.tunable, cookie, values))
+        return out
+
+    def tunables(self) -> list[tuple[str, Tunable]]:
+        """(tuner, tunable) for every registered tunable."""
+        return [(tuner_name, rec.tunable) for (tuner_name, _tid), rec in list(self._records.items())]
+
+    def netns_states(self) -> dict[tuple[str, int], str]:
+        """(tuner, netns cookie) -> state, for namespaces not plainly active."""
+        return dict(self._netns_state)
 
     def changed(self, tuner: Tuner) -> bool:
         return any(rec.written or rec.written_texts for (name, _), rec in self._records.items() if name == tuner.name)

@@ -7,6 +7,7 @@ import math
 from collections.abc import Hashable, Iterable, Sequence
 from typing import TYPE_CHECKING
 
+from .. import libbpf
 from ..corr import CORR_MIN_SAMPLES, CORR_THRESHOLD
 
 if TYPE_CHECKING:
@@ -49,22 +50,26 @@ class SayOnce:
             self._log.info(msg, *args)
 
 
-def sample_lines(tuner: Tuner, signals: Iterable[str]) -> list[str]:
-    """bpftune's "Sample" summary lines for the ``<signal>_sample`` globals
-    (struct bpftune_sample {count, ts, rate}) of a tuner's loaded object."""
-    lines: list[str] = []
-    if tuner.loaded is None:
-        return lines
+def samples(tuner: Tuner, signals: Iterable[str] | None = None) -> list[tuple[str, int, int]]:
+    """(signal, calls, current rate) of the ``<signal>_sample`` globals
+    (struct bpftune_sample) of a tuner's loaded object; every signal of the
+    object when ``signals`` is None."""
+    out: list[tuple[str, int, int]] = []
+    if tuner.loaded is None or tuner.loaded.obj.closed:
+        return out
     obj = tuner.loaded.obj
-    for signal in signals:
+    for signal in tuner.loaded.choices if signals is None else signals:
         name = f"{signal}_sample"
-        if not obj.has_global(name):
-            continue
-        raw = obj.get_global(name)
-        count, rate = raw & (2**64 - 1), raw >> 128
-        if count:
-            lines.append(
-                f"Sample '{signal}': associated program was called {count} times, "
-                f"collected data every {max(rate, 1)} of these."
-            )
-    return lines
+        if obj.has_global(name):
+            view = libbpf.struct_view("struct bpftune_sample", obj.global_bytes(name))
+            out.append((signal, int(view.count), int(view.rate)))
+    return out
+
+
+def sample_lines(tuner: Tuner, signals: Iterable[str]) -> list[str]:
+    """bpftune's "Sample" summary lines for the ``<signal>_sample`` globals."""
+    return [
+        f"Sample '{signal}': associated program was called {count} times, collected data every {max(rate, 1)} of these."
+        for signal, count, rate in samples(tuner, signals)
+        if count
+    ]
