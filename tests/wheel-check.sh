@@ -1,18 +1,45 @@
 #!/usr/bin/env bash
-# Build the wheel from a clean copy of the committed tree, install it into a
-# fresh venv, and run what a user would: `bpftune -S` and `import pybpftune`.
+# Build the wheel from a clean copy of the committed tree, make it a
+# manylinux wheel (auditwheel repair: libbpf and libelf go inside it; zlib is
+# part of every manylinux baseline), install it into a fresh venv, and run
+# what a user would: `import pybpftune`, `bpftune -S`, and as root a short
+# daemon run, both on a "machine without the system library": a private
+# mount namespace where libbpf.so.1 and libelf.so.1 are empty files.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+repo=$PWD
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 git archive HEAD | tar -x -C "$work/"
 (cd "$work" && python3 -m pip wheel -q --no-deps -w dist . )
+auditwheel=$repo/.venv/bin/auditwheel
+"$auditwheel" repair -q -w "$work/wheelhouse" "$work"/dist/pybpftune-*.whl 2>&1 | grep -v "unknown architecture" || true
+wheel=$(ls "$work"/wheelhouse/pybpftune-*manylinux*.whl)
+unzip -l "$wheel" | grep -q "pybpftune.libs/libbpf-" || { echo "libbpf is not inside $wheel"; exit 1; }
+unzip -l "$wheel" | grep -q "pybpftune.libs/libelf-" || { echo "libelf is not inside $wheel"; exit 1; }
 python3 -m venv "$work/venv"
-"$work/venv/bin/pip" install -q "$work"/dist/pybpftune-*.whl
+"$work/venv/bin/pip" install -q "$wheel"
 cd "$work"
 "$work/venv/bin/python" -c "import pybpftune, pybpftune.bpf as b; assert 'probe' in b.available(); print('import ok:', b.available())"
 if [ "$(id -u)" = 0 ]; then
-  out=$("$work/venv/bin/bpftune" -S 2>&1)
-  echo "$out" | head -2
+  # Hide the system libraries behind empty files in a private mount namespace.
+  libs=$(ldconfig -p | awk '/^[[:space:]]*(libbpf|libelf)\.so\.1 / {print $NF}' | sort -u)
+  unshare --mount --propagation private bash -euo pipefail -c '
+    work=$1; shift
+    : > "$work/empty"
+    for lib in "$@"; do mount --bind "$work/empty" "$(readlink -f "$lib")"; done
+    if "$work/venv/bin/python" -c "import ctypes; ctypes.CDLL(\"libbpf.so.1\")" 2>/dev/null; then
+      echo "the system libbpf is still loadable"; exit 1
+    fi
+    echo "system libbpf/libelf hidden: $*"
+    "$work/venv/bin/bpftune" -S 2>&1 | head -2
+    "$work/venv/bin/bpftune" -s -R -a sysctl --state-dir "$work/state" > "$work/daemon.log" 2>&1 &
+    pid=$!
+    for _ in $(seq 120); do grep -q "bpftune started" "$work/daemon.log" && break; sleep 0.5; done
+    kill -TERM $pid; wait $pid || { cat "$work/daemon.log"; exit 1; }
+    grep -q "tuner sysctl started" "$work/daemon.log" && grep -q "bpftune stopped" "$work/daemon.log" \
+      || { cat "$work/daemon.log"; exit 1; }
+    echo "daemon ran from the wheel alone: $(grep -c . "$work/daemon.log") log lines"
+  ' - "$work" $libs
 fi
-echo "wheel ok: $(ls "$work"/dist)"
+echo "wheel ok: $(basename "$wheel")"
