@@ -7,7 +7,10 @@ root.  PYBPFTUNE_KERNEL_TESTS decides what happens when they cannot run:
 * ``1``: they must run: any skip of a kernel test is reported as a failure;
 * ``0``: skip them.
 
-VM tests (marker ``vm``) have the same three states in PYBPFTUNE_VM_TESTS.
+VM tests (marker ``vm``) have the same three states in PYBPFTUNE_VM_TESTS,
+and tests of the systemd service (marker ``systemd``: they need systemd as
+PID 1, which the vm-systemd stage boots in the 6.1 guest) in
+PYBPFTUNE_SYSTEMD_TESTS.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 TEST_BPF = ROOT / "tests" / "bpf"
 
-GATES = {"kernel": "PYBPFTUNE_KERNEL_TESTS", "vm": "PYBPFTUNE_VM_TESTS"}
+GATES = {"kernel": "PYBPFTUNE_KERNEL_TESTS", "vm": "PYBPFTUNE_VM_TESTS", "systemd": "PYBPFTUNE_SYSTEMD_TESTS"}
 
 
 def kernel_test_obstacle() -> str | None:
@@ -33,6 +36,17 @@ def kernel_test_obstacle() -> str | None:
     if not (TEST_BPF / "ringbuf_test.bpf.o").exists():
         return "BPF test objects are not built (run `make`)"
     return None
+
+
+def systemd_test_obstacle() -> str | None:
+    """Why the systemd service tests cannot run here, or None."""
+    try:
+        pid1 = Path("/proc/1/comm").read_text().strip()
+    except OSError:
+        pid1 = "?"
+    if pid1 != "systemd" or not Path("/run/systemd/system").is_dir():
+        return f"systemd is not PID 1 here ({pid1}); the vm-systemd stage boots it in the 6.1 guest"
+    return kernel_test_obstacle()
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -60,8 +74,8 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
     marker, env = gate
     if os.environ.get(env) == "0":
         pytest.skip(f"{env}=0")
-    if marker == "kernel":
-        obstacle = kernel_test_obstacle()
+    if marker in ("kernel", "systemd"):
+        obstacle = kernel_test_obstacle() if marker == "kernel" else systemd_test_obstacle()
         if obstacle:
             pytest.skip(obstacle)
 

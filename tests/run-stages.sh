@@ -46,6 +46,10 @@ if [ $vm_stages = 1 ]; then
     stage "vm-$k" env PYBPFTUNE_VARIANTS=full python3 tests/vm/vmtest.py --kernel "$k" --timeout 1800 -- \
       "$PY" -m pytest "${pytest_args[@]}" --junitxml="$OUT/vm-$k.xml" -m "kernel and guest" tests/kernel
   done
+  # The service under a real systemd: the 6.1 guest boots systemd as PID 1.
+  stage vm-systemd env PYBPFTUNE_SYSTEMD_TESTS=1 python3 tests/vm/vmtest.py --kernel 6.1 --init systemd \
+    --timeout 1200 -- "$PY" -m pytest "${pytest_args[@]}" --junitxml="$OUT/vm-systemd.xml" -m systemd \
+    tests/kernel/test_systemd_service.py
   stage vm-runner "$PY" -m pytest "${pytest_args[@]}" --junitxml="$OUT/vm-runner.xml" -m vm tests/vm
 fi
 

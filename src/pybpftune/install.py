@@ -48,11 +48,49 @@ def find_bpftune() -> Path:
     raise click.ClickException("cannot find the bpftune command of this installation; pass --bpftune PATH")
 
 
+HOME_DIRS = ("/home", "/root", "/run/user")
+
+
+def _interpreter(script: Path) -> Path | None:
+    """The interpreter a console script's #! line names."""
+    try:
+        with script.open("rb") as f:
+            first = f.readline(4096)
+    except OSError:
+        return None
+    if not first.startswith(b"#!"):
+        return None
+    words = first[2:].decode(errors="replace").split()
+    return Path(words[0]) if words else None
+
+
+def protect_home(bpftune: Path) -> str:
+    """ProtectHome= for this installation: "yes" hides /home, /root and
+    /run/user from the service, which would stop it from running at all if
+    its interpreter or package lives there; "read-only" then."""
+    import pybpftune
+
+    used = [bpftune, Path(pybpftune.__file__)]
+    interpreter = _interpreter(bpftune)
+    if interpreter is not None:
+        used.append(interpreter)
+    for path in used:
+        real = str(path.resolve())
+        if any(real == d or real.startswith(d + "/") for d in HOME_DIRS):
+            return "read-only"
+    return "yes"
+
+
 def render_unit(bpftune: Path, env_file: Path) -> str:
     for path in (bpftune, env_file):
         if not path.is_absolute() or any(c.isspace() or c in "%$\\\"'" for c in str(path)):
             raise click.ClickException(f"{path}: the unit needs an absolute path without spaces or quotes")
-    return _data(UNIT_NAME).replace("@BPFTUNE@", str(bpftune)).replace("@ENV_FILE@", str(env_file))
+    return (
+        _data(UNIT_NAME)
+        .replace("@BPFTUNE@", str(bpftune))
+        .replace("@ENV_FILE@", str(env_file))
+        .replace("@PROTECT_HOME@", protect_home(bpftune))
+    )
 
 
 def _systemd_running() -> bool:

@@ -183,6 +183,6 @@ def parse_metrics_address(text: str, default_port: int) -> tuple[str, int]:
         host = text
     if not port_s:
         return host, default_port
-    if not port_s.isdigit() or not 0 < int(port_s) < 65536:
-        raise PybpftuneError(f"bad metrics port {port_s!r} in {text!r}: expected 1-65535")
+    if not port_s.isdigit() or not 0 <= int(port_s) < 65536:
+        raise PybpftuneError(f"bad metrics port {port_s!r} in {text!r}: expected 0-65535 (0: any free port)")
     return host, int(port_s)

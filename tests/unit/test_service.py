@@ -277,7 +277,8 @@ def test_metrics_address() -> None:
     assert parse_metrics_address("[::1]:9557", 1) == ("::1", 9557)
     assert parse_metrics_address("[::1]", 7) == ("::1", 7)
     assert parse_metrics_address("localhost", 7) == ("localhost", 7)
-    for bad in ("x:y", "1.2.3.4:0", "1.2.3.4:70000", "[::1", "[::1]x"):
+    assert parse_metrics_address("127.0.0.1:0", 1) == ("127.0.0.1", 0)  # any free port (logged)
+    for bad in ("x:y", "1.2.3.4:-1", "1.2.3.4:70000", "[::1", "[::1]x"):
         with pytest.raises(PybpftuneError):
             parse_metrics_address(bad, 1)
 
@@ -347,7 +348,7 @@ def test_installer_writes_a_unit_systemd_accepts(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     unit = (units / "pybpftune.service").read_text()
     assert f"ExecStart={fake} $PYBPFTUNE_OPTS" in unit and f"EnvironmentFile=-{env}" in unit
-    for line in ("Type=notify", "WatchdogSec=", "Restart=on-failure", "NoNewPrivileges=yes", "ProtectHome=yes",
+    for line in ("Type=notify", "WatchdogSec=", "Restart=on-failure", "NoNewPrivileges=yes", "ProtectHome=yes\n",
                  "ProtectSystem=strict", "PrivateTmp=yes", "RuntimeDirectory=pybpftune"):  # fmt: skip
         assert line in unit
     bounding = re.search(r"^CapabilityBoundingSet=(.*)$", unit, re.M)
@@ -363,3 +364,6 @@ def test_installer_writes_a_unit_systemd_accepts(tmp_path: Path) -> None:
         assert proc.returncode == 0, proc.stderr
     with pytest.raises(Exception, match="absolute path"):
         render_unit(Path("relative/bpftune"), env)
+    # An interpreter under /root (pyenv) must stay reachable: home only read-only.
+    fake.write_text("#!/root/.pyenv/versions/3.11.7/bin/python3.11\n")
+    assert "ProtectHome=read-only\n" in render_unit(fake, env)

@@ -487,11 +487,14 @@ mount -t tmpfs -o mode=755 run $R/run
 mkdir -p $R/run/vmtest
 mount --bind /job $R/run/vmtest
 mount -t bpf -o mode=700 bpf $R/sys/fs/bpf
-if [ "$VMTEST_CG2" != /sys/fs/cgroup ]; then
-  mount -t tmpfs -o mode=755 cgroup $R/sys/fs/cgroup
-  mkdir -p "$R$VMTEST_CG2"
+# With systemd as PID 1 (--init systemd), systemd mounts the cgroup tree itself.
+if [ "$VMTEST_INIT" != systemd ]; then
+  if [ "$VMTEST_CG2" != /sys/fs/cgroup ]; then
+    mount -t tmpfs -o mode=755 cgroup $R/sys/fs/cgroup
+    mkdir -p "$R$VMTEST_CG2"
+  fi
+  mount -t cgroup2 -o nsdelegate cgroup2 "$R$VMTEST_CG2" || mount -t cgroup2 cgroup2 "$R$VMTEST_CG2"
 fi
-mount -t cgroup2 -o nsdelegate cgroup2 "$R$VMTEST_CG2" || mount -t cgroup2 cgroup2 "$R$VMTEST_CG2"
 mount -t tracefs tracefs $R/sys/kernel/tracing
 mount -t debugfs debugfs $R/sys/kernel/debug
 mkdir -p "$R$VMTEST_CWD"
@@ -642,8 +645,8 @@ def guest_environment(environ: dict[str, str], kernel: Kernel) -> str:
     return "".join(lines)
 
 
-def stage2_script(cwd: str, argv: Sequence[str]) -> str:
-    """Stage 2 runs as PID 1 in the final root: run the command, report its code, power off."""
+def job_script(cwd: str, argv: Sequence[str]) -> str:
+    """Run the command, report its code, power off."""
     return (
         "#!/bin/sh\n"
         ". /run/vmtest/env\n"
@@ -656,6 +659,48 @@ def stage2_script(cwd: str, argv: Sequence[str]) -> str:
         "echo o > /proc/sysrq-trigger\n"
         "sleep 60\n"
     )
+
+
+# --init systemd: the job runs as a oneshot service once basic.target is up
+# (journald, sockets, sysinit), as a service an operator starts would see it.
+SYSTEMD_UNITS = {
+    "vmtest.target": (
+        "[Unit]\nDescription=vmtest: the job under systemd\nRequires=vmtest.service\n"
+        "After=vmtest.service\nAllowIsolate=yes\n"
+    ),
+    "vmtest.service": (
+        "[Unit]\nDescription=vmtest job\n[Service]\nType=oneshot\nExecStart=/bin/sh /run/vmtest/job\n"
+        "TimeoutStartSec=infinity\n"
+    ),
+}
+# Units a qemu guest without real disks or consoles has no use for (and that
+# cost seconds of emulated CPU).
+SYSTEMD_MASKED = (
+    "systemd-udev-trigger.service",
+    "systemd-udev-settle.service",
+    "systemd-timesyncd.service",
+    "systemd-pstore.service",
+    "e2scrub_reap.service",
+    "systemd-random-seed.service",
+    "systemd-firstboot.service",
+    "systemd-machine-id-commit.service",
+    "apt-daily.timer",
+    "apt-daily-upgrade.timer",
+    "man-db.timer",
+)
+
+
+def stage2_script(cwd: str, argv: Sequence[str], init: str = "sh") -> str:
+    """Stage 2 runs as PID 1 in the final root: the job itself, or (``init``
+    "systemd") write the job's units and become systemd."""
+    if init != "systemd":
+        return job_script(cwd, argv)
+    lines = ["#!/bin/sh\n", "mkdir -p /etc/systemd/system\n"]
+    for name, text in SYSTEMD_UNITS.items():
+        lines.append(f"printf '%s' {shlex.quote(text)} > /etc/systemd/system/{name}\n")
+    lines += [f"ln -sf /dev/null /etc/systemd/system/{name}\n" for name in SYSTEMD_MASKED]
+    lines.append("exec /lib/systemd/systemd --unit=vmtest.target --log-target=kmsg --show-status=false\n")
+    return "".join(lines)
 
 
 def _qarg(value: str) -> str:
@@ -750,8 +795,12 @@ def run(
     stderr: BinaryIO | None = None,
     cwd: str | None = None,
     environ: dict[str, str] | None = None,
+    init: str = "sh",
 ) -> int:
     """Boot kernel_spec, run argv in cwd as root, stream its output, return its exit code.
+
+    ``init`` "systemd" boots the host's systemd as PID 1 and runs argv as a
+    service of it (after basic.target); "sh" (default) runs argv as PID 1.
 
     timeout counts from the moment the command starts; boot_timeout bounds the boot before it.
 
@@ -782,9 +831,13 @@ def run(
             f"VMTEST_KREL={shlex.quote(kernel.release)}\n"
             f"VMTEST_MODDIR={shlex.quote(str(kernel.moddir))}\n"
             f"VMTEST_CG2={shlex.quote(_cgroup2_mountpoint())}\n"
+            f"VMTEST_INIT={shlex.quote(init)}\n"
         )
         (share / "env").write_text(guest_environment(dict(environ if environ is not None else os.environ), kernel))
-        (share / "stage2").write_text(stage2_script(cwd, argv))
+        if init == "systemd" and not Path("/lib/systemd/systemd").exists():
+            raise VMError(EXIT_VM, "--init systemd: /lib/systemd/systemd is not installed (apt-get install systemd)")
+        (share / "stage2").write_text(stage2_script(cwd, argv, init))
+        (share / "job").write_text(job_script(cwd, argv))
         for name in ("out", "err", "console.log"):
             (job / name).touch()
         cmd = qemu_command(kernel, image, initrd, job, cwd, mem, cpus)
@@ -890,6 +943,9 @@ def main(args: Sequence[str] | None = None) -> int:
     parser.add_argument("--mem", default=os.environ.get("PYBPFTUNE_VM_MEM", "2G"), help="guest memory (default 2G)")
     parser.add_argument("--cpus", type=int, default=int(os.environ.get("PYBPFTUNE_VM_CPUS", "2")), help="vCPUs (2)")
     parser.add_argument("--verbose", "-v", action="store_true", help="print the guest console and timings")
+    parser.add_argument("--init", choices=("sh", "systemd"), default="sh",
+                        help="PID 1 of the guest: sh runs CMD itself; systemd boots systemd and runs CMD as a "
+                        "service after basic.target (default sh)")  # fmt: skip
     parser.add_argument("--prepare", action="store_true",
                         help="only download and cache the kernel; print 'PACKAGE VERSION RELEASE'")  # fmt: skip
     parser.add_argument("command", nargs=argparse.REMAINDER, help="-- CMD ARGS...")
@@ -908,7 +964,7 @@ def main(args: Sequence[str] | None = None) -> int:
             return 0
         if not command:
             parser.error("no command given")
-        return run(command, ns.kernel, ns.timeout, ns.boot_timeout, ns.mem, ns.cpus, ns.verbose)
+        return run(command, ns.kernel, ns.timeout, ns.boot_timeout, ns.mem, ns.cpus, ns.verbose, init=ns.init)
     except VMError as exc:
         if exc.detail:
             err.write(exc.detail.encode(errors="replace") + b"\n")
