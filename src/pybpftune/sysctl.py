@@ -8,13 +8,17 @@ events in unit tests and for replaying scenarios.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Protocol
 
 from .errors import PybpftuneError
 from .netns import Namespaces
 
-PROC_SYS = Path("/proc/sys")
+# A container whose runtime mounts /proc/sys read-only can be given the host's
+# (a hostPath mount, e.g. at /host/proc/sys): entries under net/ still follow
+# the network namespace of the reading thread, as /proc/sys does.
+PROC_SYS = Path(os.environ.get("PYBPFTUNE_PROC_SYS", "/proc/sys"))
 
 Values = tuple[int, ...]
 
