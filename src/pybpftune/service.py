@@ -26,7 +26,7 @@ from collections import Counter
 from collections.abc import Mapping
 from typing import Any
 
-from .errors import PybpftuneError
+from .errors import UsageError
 
 log = logging.getLogger("pybpftune.service")
 
@@ -170,7 +170,7 @@ def parse_metrics_address(text: str, default_port: int) -> tuple[str, int]:
     if text.startswith("["):
         inner, sep, rest = text[1:].partition("]")
         if not sep or (rest and not rest.startswith(":")):
-            raise PybpftuneError(f"bad metrics address {text!r}: expected [ADDR]:PORT")
+            raise UsageError(f"bad metrics address {text!r}: expected [ADDR]:PORT")
         host, port_s = inner, rest[1:]
     elif text.isdigit():
         port_s = text
@@ -184,5 +184,5 @@ def parse_metrics_address(text: str, default_port: int) -> tuple[str, int]:
     if not port_s:
         return host, default_port
     if not port_s.isdigit() or not 0 <= int(port_s) < 65536:
-        raise PybpftuneError(f"bad metrics port {port_s!r} in {text!r}: expected 0-65535 (0: any free port)")
+        raise UsageError(f"bad metrics port {port_s!r} in {text!r}: expected 0-65535 (0: any free port)")
     return host, int(port_s)

@@ -367,3 +367,14 @@ def test_installer_writes_a_unit_systemd_accepts(tmp_path: Path) -> None:
     # An interpreter under /root (pyenv) must stay reachable: home only read-only.
     fake.write_text("#!/root/.pyenv/versions/3.11.7/bin/python3.11\n")
     assert "ProtectHome=read-only\n" in render_unit(fake, env)
+
+
+def test_bad_metrics_address_is_one_line_exit_2() -> None:
+    from pybpftune.cli import main
+
+    result = CliRunner().invoke(main, ["--metrics", "localhost:http"])
+    assert result.exit_code == 2
+    assert (
+        result.output.strip()
+        == "bpftune: bad metrics port 'http' in 'localhost:http': expected 0-65535 (0: any free port)"
+    )
