@@ -51,7 +51,7 @@ class Notifier:
     def __init__(self, environ: Mapping[str, str] | None = None) -> None:
         env = os.environ if environ is None else environ
         self.address = env.get("NOTIFY_SOCKET") or None
-        self.watchdog = watchdog_interval(env)
+        self.watchdog = watchdog_interval(env) if self.address else None
         self._wd: Any = None
         self._sock: socket.socket | None = None
         if self.address:
