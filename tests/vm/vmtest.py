@@ -699,7 +699,7 @@ def stage2_script(cwd: str, argv: Sequence[str], init: str = "sh") -> str:
     for name, text in SYSTEMD_UNITS.items():
         lines.append(f"printf '%s' {shlex.quote(text)} > /etc/systemd/system/{name}\n")
     lines += [f"ln -sf /dev/null /etc/systemd/system/{name}\n" for name in SYSTEMD_MASKED]
-    lines.append("exec /lib/systemd/systemd --unit=vmtest.target --log-target=kmsg --show-status=false\n")
+    lines.append("exec /lib/systemd/systemd --unit=vmtest.target --show-status=false\n")
     return "".join(lines)
 
 
