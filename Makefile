@@ -109,7 +109,7 @@ wheel:
 # A manylinux wheel in wheelhouse/: libbpf and libelf copied inside, so it
 # installs where no libbpf 1.x is packaged (see docs/deploy.md).
 manylinux: wheel $(VENV)/.stamp
-	$(VENV)/bin/auditwheel repair -w wheelhouse $$(ls -t dist/pybpftune-*.whl | head -1) 2>&1 | grep -v "unknown architecture"
+	PATH=$(abspath $(VENV))/bin:$$PATH auditwheel repair -w wheelhouse $$(ls -t dist/pybpftune-*linux_*.whl | head -1)
 
 # Install for real: $(PREFIX) venv with the wheel, the unit in /etc/systemd/system.
 install: manylinux
