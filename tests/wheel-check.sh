@@ -5,6 +5,8 @@
 # what a user would: `import pybpftune`, `bpftune -S`, and as root a short
 # daemon run, both on a "machine without the system library": a private
 # mount namespace where libbpf.so.1 and libelf.so.1 are empty files.
+# Then the sample outside tuner is built against that install's headers, pip-
+# installed next to it and run (tests/sample-tuner-check.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 repo=$PWD
@@ -43,4 +45,6 @@ if [ "$(id -u)" = 0 ]; then
     echo "daemon ran from the wheel alone: $(grep -c . "$work/daemon.log") log lines"
   ' - "$work" $libs
 fi
+# An outside tuner built and installed against this wheel (issue 14).
+tests/sample-tuner-check.sh "$work/venv"
 echo "wheel ok: $(basename "$wheel")"

@@ -2,6 +2,10 @@
 
 Each tuner is isolated: one that fails to load, or whose handler raises, is
 logged once with the reason and disabled while the others keep working.
+Plugin directories (-l DIR) are watched: a plugin file added there is loaded
+without a restart, a removed one is stopped.  Tuner ids are never reused while
+the daemon runs, so a late event of a removed tuner is dropped, never handed
+to another one.
 SIGINT/SIGTERM end the loop; the summary is printed (one block), sysctls are
 restored when rollback was asked for, and every program, link, map and mount
 is released in reverse order.
@@ -27,12 +31,25 @@ from . import __version__
 from .bpf import object_path
 from .cgroup import CgroupRoot
 from .errors import NotSupported, PybpftuneError, UsageError
-from .eventloop import EventLoop
+from .eventloop import EventLoop, Timer
 from .events import Event
+from .inotify import ADDED, GONE, OVERFLOW, REMOVED, DirEvent, DirWatcher
+from .libbpf import MAX_TUNERS
 from .loader import LoadedObject, load_object
 from .log import setup_logging, sink_name
 from .netns import Namespaces, NetnsGone, current_inode
-from .registry import select
+from .registry import (
+    Plugin,
+    PluginError,
+    PluginRefused,
+    Trust,
+    file_stamp,
+    is_plugin_file,
+    load_plugin,
+    plugin_directories,
+    select,
+    unload_plugin,
+)
 from .ringbuf import RingBuffer
 from .service import Detached, Notifier, detach, parse_metrics_address
 from .state import DEFAULT_STATE_DIR, JournalEntry, StateDir
@@ -90,7 +107,16 @@ class Daemon:
         # Held while a tuner's BPF object is closed and while another thread
         # (a metrics scrape) reads BPF globals, so no read meets a freed object.
         self.objects_lock = threading.Lock()
+        # Who may have written a plugin file (tests narrow it to their own directories).
+        self.trust = Trust()
+        self.watcher: DirWatcher | None = None
+        # Plugin files loaded from watched directories, with the tuner each
+        # started (None once it was disabled).
+        self.plugins: dict[Path, tuple[Plugin, Tuner | None]] = {}
+        self._ctx: TunerContext | None = None
+        self._next_id = 0
         self._ring_watched = False
+        self._ticks: Timer | None = None
         self._closed = False
 
     # --- start -----------------------------------------------------------------------
@@ -110,11 +136,34 @@ class Daemon:
             self.variant = support.default_variant
         log.info("pybpftune %s starting (%s variant, learning rate %d)", __version__, self.variant, self.steps.rate)
         self._recover_journal()
-        classes = select(self.config.allow, self.config.libdirs)
-        needs_cgroup = any(cls.cgroup_programs for cls in classes)
+        # Watch before the directories are read, so no plugin added meanwhile is missed.
+        directories = [d for d in plugin_directories(self.config.libdirs) if d.is_dir()]
+        if directories:
+            for d in directories:
+                self.trust.check_directory(d)
+            self.watcher = DirWatcher(directories)
+            self.loop.add_reader(self.watcher.fileno(), self.service_plugins, "plugin directories")
+        plugins = select(self.config.allow, self.config.libdirs, self.trust)
+        needs_cgroup = any(p.cls.cgroup_programs for p in plugins)
         if needs_cgroup:
             self.cgroup.open()
-        ctx = TunerContext(
+        self._ctx = self._context(support)
+        for plugin in plugins:
+            tuner = self._start_tuner(plugin)
+            if plugin.path is not None:
+                self.plugins[plugin.path] = (plugin, tuner)
+            # Events flow as soon as the first object shares the ring buffer:
+            # drain between loads so an early administrator write is seen.
+            self._watch_ring()
+        if not self.tuners:
+            raise PybpftuneError(
+                "no tuner could be started: " + "; ".join(f"{k}: {v}" for k, v in self.disabled.items())
+            )
+        self._schedule_ticks()
+        self.namespaces.scan()
+
+    def _context(self, support: Support | None) -> TunerContext:
+        return TunerContext(
             self.store,
             self.namespaces,
             self.steps,
@@ -124,18 +173,11 @@ class Daemon:
             lambda: self.tuners,
             rollback=self.config.rollback,
         )
-        for cls in classes:
-            self._start_tuner(cls, ctx)
-            # Events flow as soon as the first object shares the ring buffer:
-            # drain between loads so an early administrator write is seen.
-            self._watch_ring()
-        if not self.tuners:
-            raise PybpftuneError(
-                "no tuner could be started: " + "; ".join(f"{k}: {v}" for k, v in self.disabled.items())
-            )
-        if any(type(t).tick is not Tuner.tick for t in self.tuners):
-            self.loop.call_every(TICK_S, self._tick, "tuner ticks")
-        self.namespaces.scan()
+
+    def _schedule_ticks(self) -> None:
+        """One timer for tick(), once a running tuner has time-based rules."""
+        if self._ticks is None and any(type(t).tick is not Tuner.tick for t in self.tuners):
+            self._ticks = self.loop.call_every(TICK_S, self._tick, "tuner ticks")
 
     def _watch_ring(self) -> None:
         if not self.ring.active:
@@ -148,23 +190,40 @@ class Daemon:
     def _drain_ring(self) -> None:
         self.ring.consume()
 
-    def _start_tuner(self, cls: type[Tuner], ctx: TunerContext) -> None:
-        tuner_id = len(self.tuners) + len(self.disabled)
+    def _new_tuner_id(self) -> int:
+        """The next unused id: ids are never reused while the daemon runs, so
+        an event still queued for a removed tuner finds no handler."""
+        if self._next_id >= MAX_TUNERS:
+            raise PybpftuneError(f"all {MAX_TUNERS} tuner ids were used since the daemon started; restart it")
+        self._next_id += 1
+        return self._next_id - 1
+
+    def _start_tuner(self, plugin: Plugin) -> Tuner | None:
+        """Construct, load and start one tuner; None (and one line) if it cannot run."""
+        cls = plugin.cls
+        ctx = self._ctx
+        assert ctx is not None
+        tuner: Tuner | None = None
         try:
-            tuner = cls(ctx, tuner_id)
+            tuner = cls(ctx, self._new_tuner_id())
             if cls.requires_cookies and not self.namespaces.cookie_supported:
                 raise NotSupported(cls.name, "needs network-namespace cookies (Linux 5.14+)")
             self.store.register(tuner)
             if cls.bpf_name is not None:
                 tuner.loaded = self._load(tuner, ctx.support)  # type: ignore[arg-type]
             tuner.start()
-        except PybpftuneError as exc:
-            self.disabled[cls.name] = str(exc)
-            log.warning("tuner %s disabled: %s", cls.name, exc)
-            if "tuner" in locals() and tuner.loaded is not None:
-                tuner.loaded.close()
-            return
-        self.ring.register(tuner_id, self._dispatcher(tuner))
+        except Exception as exc:  # a tuner's own code (a plugin's) may raise anything
+            why = str(exc) if isinstance(exc, PybpftuneError) else f"start failed: {exc!r}"
+            self.disabled[cls.name] = why
+            log.warning("tuner %s disabled: %s", cls.name, why)
+            if tuner is not None:
+                if self.config.rollback and not isinstance(exc, PybpftuneError):
+                    self.store.rollback(tuner)  # it may have written before it raised
+                if tuner.loaded is not None:
+                    tuner.loaded.close()
+            return None
+        self.disabled.pop(cls.name, None)
+        self.ring.register(tuner.id, self._dispatcher(tuner))
         self.tuners.append(tuner)
         extra = ""
         if tuner.loaded is not None:
@@ -174,10 +233,11 @@ class Daemon:
             for choice in unavailable:
                 log.info("tuner %s: signal %s", tuner.name, choice.describe())
         log.info("tuner %s started%s", tuner.name, extra)
+        return tuner
 
     def _load(self, tuner: Tuner, support: Support) -> LoadedObject:
         assert tuner.bpf_name is not None
-        path = object_path(tuner.bpf_name, legacy=self.variant == "legacy")
+        path = object_path(tuner.bpf_name, legacy=self.variant == "legacy", directory=tuner.bpf_dir)
         globals_ = {
             "tuner_id": tuner.id,
             "bpftune_pid": os.getpid(),
@@ -252,6 +312,85 @@ class Daemon:
             where,
             entry.pid,
         )
+
+    # --- plugins added and removed while running -------------------------------------------
+
+    def service_plugins(self) -> None:
+        """Act on whatever happened in the watched directories (non-blocking)."""
+        if self.watcher is None:
+            return
+        for event in self.watcher.read_events():
+            self.plugin_event(event)
+
+    def plugin_event(self, event: DirEvent) -> None:
+        if event.kind == GONE:
+            log.warning("plugin directory %s is gone; no longer watching it", event.path)
+        elif event.kind == OVERFLOW:
+            log.warning("plugin directory %s changed faster than it could be watched; rescanning it", event.path)
+            self._rescan(event.path)
+        elif is_plugin_file(event.path):
+            if event.kind == ADDED:
+                self._plugin_added(event.path)
+            elif event.kind == REMOVED and event.path in self.plugins:
+                self._plugin_removed(event.path)
+
+    def _rescan(self, directory: Path) -> None:
+        for path in [p for p in self.plugins if p.parent == directory and not p.exists()]:
+            self._plugin_removed(path)
+        for path in sorted(directory.glob("*_tuner.py")):
+            if is_plugin_file(path):
+                self._plugin_added(path)
+
+    def _plugin_added(self, path: Path) -> None:
+        """Load a plugin file that appeared (or changed) in a watched directory."""
+        loaded = self.plugins.get(path)
+        if loaded is not None:
+            if loaded[0].stamp is not None and loaded[0].stamp == file_stamp(path):
+                return  # the same file (closed without a change, or seen at start)
+            self._plugin_removed(path)
+        try:
+            plugin = load_plugin(path, self.trust)
+        except PluginRefused as exc:
+            log.warning("%s", exc)
+            return
+        except PluginError as exc:
+            log.warning("added lib %s, init failed: %s", path, exc)
+            return
+        running = [t for t in self.tuners if t.name == plugin.cls.name]
+        if running:
+            log.warning("added lib %s, init failed: a tuner named '%s' is already running", path, plugin.cls.name)
+            unload_plugin(plugin)
+            return
+        if self._ctx is None:
+            self._ctx = self._context(self.support)
+        if plugin.cls.cgroup_programs and self.cgroup.fd is None:
+            try:
+                self.cgroup.open()
+            except PybpftuneError as exc:
+                log.warning("added lib %s, init failed: %s", path, exc)
+                unload_plugin(plugin)
+                return
+        tuner = self._start_tuner(plugin)
+        log.info("added lib %s, init %s", path, "succeeded" if tuner is not None else "failed")
+        if tuner is None:
+            unload_plugin(plugin)
+            return
+        self.plugins[path] = (plugin, tuner)
+        self._watch_ring()  # the first object to share the ring buffer may be this one
+        self._schedule_ticks()
+
+    def _plugin_removed(self, path: Path) -> None:
+        """Stop the tuner a removed plugin file started; its programs are detached."""
+        plugin, tuner = self.plugins.pop(path)
+        if tuner is not None and tuner in self.tuners:
+            log.info("removed '%s', fini tuner %s", path, tuner.name)
+            try:
+                self._stop_tuner(tuner, summarize=True)
+            except Exception as exc:  # the plugin's stop() is its own code
+                log.error("stopping tuner %s failed: %r", tuner.name, exc)
+        else:
+            log.info("removed '%s' (tuner %s was not running)", path, plugin.cls.name)
+        unload_plugin(plugin)
 
     # --- event path -----------------------------------------------------------------------
 
@@ -353,6 +492,8 @@ class Daemon:
             except Exception as exc:  # keep tearing the rest down
                 log.error("stopping tuner %s failed: %r", tuner.name, exc)
         self.loop.close()
+        if self.watcher is not None:
+            self.watcher.close()
         self.ring.close()
         self.cgroup.close()
         self.state.clear_journal()

@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
 
 from .errors import TunerError
@@ -135,8 +136,12 @@ class Tuner:
 
     name: ClassVar[str] = ""
     description: ClassVar[str] = ""
-    # Object name under pybpftune/bpf (without .bpf.o); None: no BPF object.
+    # Object name (without .bpf.o); None: no BPF object.
     bpf_name: ClassVar[str | None] = None
+    # Where <bpf_name>.bpf.o and <bpf_name>.bpf.legacy.o are: None for
+    # pybpftune's own objects; an outside tuner names its own directory
+    # (usually Path(__file__).parent).
+    bpf_dir: ClassVar[Path | None] = None
     tunables: ClassVar[tuple[Tunable, ...]] = ()
     scenarios: ClassVar[tuple[Scenario, ...]] = ()
     # Signals the tuner can live without (the rest must have a working form).

@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from pybpftune.bpf import object_path
 from pybpftune.errors import NotSupported
@@ -85,11 +86,13 @@ def fallback_forms(
     netns: bool = False,
     globals_: Mapping[str, int] | None = None,
     optional_signals: Iterable[str] = (),
+    directory: Path | None = None,
 ) -> Iterator[FallbackForms]:
     """Load ``<tuner>``'s object of ``variant`` without its tracepoint forms.
 
     ``tuner_id``: collect its events (and tell the programs this process is
-    bpftune); ``netns``: set the namespace globals as the daemon does.
+    bpftune); ``netns``: set the namespace globals as the daemon does;
+    ``directory``: where the objects are, for an outside tuner's.
     Everything loaded is closed on exit."""
     real = probe_support()
     values = dict(globals_ or {})
@@ -107,7 +110,7 @@ def fallback_forms(
         loaded: LoadedObject | None = None
         try:
             loaded = load_object(
-                object_path(tuner, legacy=variant == "legacy"),
+                object_path(tuner, legacy=variant == "legacy", directory=directory),
                 tuner,
                 without_tracepoints(real),
                 ring=ring,

@@ -8,9 +8,15 @@ from pathlib import Path
 from ..errors import BpfObjectError
 
 
-def object_path(name: str, legacy: bool = False) -> Path:
-    """Path of a packaged object: ``<name>.bpf.o`` or ``<name>.bpf.legacy.o``."""
+def object_path(name: str, legacy: bool = False, directory: Path | None = None) -> Path:
+    """Path of ``<name>.bpf.o`` or ``<name>.bpf.legacy.o``: a packaged
+    object, or one in ``directory`` (an outside tuner's own objects)."""
     filename = f"{name}.bpf.legacy.o" if legacy else f"{name}.bpf.o"
+    if directory is not None:
+        path = directory / filename
+        if not path.is_file():
+            raise BpfObjectError(f"BPF object {path} is missing (build the tuner's objects first)")
+        return path
     path = Path(str(resources.files(__name__).joinpath(filename)))
     if not path.is_file():
         raise BpfObjectError(f"BPF object {filename} is missing from the installation (run `make` in a checkout)")

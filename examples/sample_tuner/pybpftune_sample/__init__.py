@@ -1,0 +1,1 @@
+"""pybpftune-sample: an outside tuner with its own BPF object (see sample_tuner.py)."""

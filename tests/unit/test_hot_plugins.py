@@ -1,0 +1,170 @@
+"""The daemon's side of plugin directories, with BPF-free plugins (no root).
+
+Files are really added to and removed from a watched directory; the daemon
+reads the real inotify events.  The kernel-level counterpart with a BPF
+plugin is tests/kernel/test_sample_tuner.py.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from pybpftune.daemon import Daemon, DaemonConfig
+from pybpftune.events import Event
+from pybpftune.inotify import DirWatcher
+from pybpftune.registry import PLUGIN_MODULE_PREFIX, Trust
+from pybpftune.sysctl import MemorySysctl
+from pybpftune.tuner import Tuner
+from tests.unit.test_plugins import Lines, lines, plugin_source
+
+__all__ = ["lines"]  # the fixture, shared with test_plugins
+
+COUNTER = """\
+    def start(self):
+        self.seen = []
+
+    def decide(self, event):
+        if event.scenario_id == 7:
+            raise ValueError("rule bug")
+        self.seen.append(event.scenario_id)
+        return []
+"""
+
+
+@pytest.fixture
+def daemon(tmp_path: Path) -> Iterator[tuple[Daemon, Path]]:
+    plugins = tmp_path / "plugins"
+    plugins.mkdir(mode=0o755)
+    plugins.chmod(0o755)
+    d = Daemon(DaemonConfig(state_dir=tmp_path / "state", libdirs=[str(plugins)]), backend=MemorySysctl())
+    d.trust = Trust(uid=os.geteuid(), top=tmp_path)
+    d.watcher = DirWatcher([plugins])
+    try:
+        yield d, plugins
+    finally:
+        d.close()
+
+
+def add(plugins: Path, name: str, text: str, mode: int = 0o644) -> Path:
+    """Write a plugin the way `install` does: whole, then closed."""
+    path = plugins / f"{name}_tuner.py"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, mode)
+    os.write(fd, text.encode())
+    os.close(fd)
+    return path
+
+
+def running(d: Daemon, name: str) -> Tuner:
+    [tuner] = [t for t in d.tuners if t.name == name]
+    return tuner
+
+
+def deliver(d: Daemon, tuner_id: int, scenario: int) -> None:
+    """One record through the ring buffer's dispatch, as a poll would deliver it."""
+    d.ring._on_record(Event.build(tuner_id, scenario).data)
+    d.ring._raise_errors()
+
+
+def test_added_removed_and_ids_never_reused(daemon: tuple[Daemon, Path], lines: Lines) -> None:
+    d, plugins = daemon
+    path = add(plugins, "counter", plugin_source("counter", body=COUNTER))
+    d.service_plugins()
+    first = running(d, "counter")
+    assert f"added lib {path}, init succeeded" in lines.text
+    deliver(d, first.id, 1)
+    assert first.seen == [1]  # type: ignore[attr-defined]
+
+    path.unlink()
+    d.service_plugins()
+    assert f"removed '{path}', fini tuner counter" in lines.text
+    assert d.tuners == [] and path not in d.plugins
+    assert not any(m.startswith(PLUGIN_MODULE_PREFIX + "counter") for m in sys.modules)
+
+    add(plugins, "counter", plugin_source("counter", body=COUNTER))
+    d.service_plugins()
+    second = running(d, "counter")
+    assert second.id != first.id
+    # A late event of the removed tuner is dropped, not handed to its successor.
+    dropped = d.ring.dropped_unknown
+    deliver(d, first.id, 2)
+    assert second.seen == [] and d.ring.dropped_unknown == dropped + 1  # type: ignore[attr-defined]
+    deliver(d, second.id, 3)
+    assert second.seen == [3]  # type: ignore[attr-defined]
+
+
+def test_a_changed_file_is_reloaded_and_an_unchanged_one_is_not(daemon: tuple[Daemon, Path], lines: Lines) -> None:
+    d, plugins = daemon
+    path = add(plugins, "counter", plugin_source("counter", body=COUNTER))
+    d.service_plugins()
+    first = running(d, "counter")
+    os.close(os.open(path, os.O_WRONLY))  # opened for writing and closed, unchanged
+    d.service_plugins()
+    assert running(d, "counter") is first
+    add(plugins, "counter", plugin_source("counter", description="v2", body=COUNTER))
+    d.service_plugins()
+    second = running(d, "counter")
+    assert second is not first and second.description == "v2" and second.id > first.id
+    assert lines.text.count(f"removed '{path}', fini tuner counter") == 1
+
+
+def test_untrusted_and_broken_plugins_are_one_line_and_the_daemon_goes_on(
+    daemon: tuple[Daemon, Path], lines: Lines
+) -> None:
+    d, plugins = daemon
+    add(plugins, "ok", plugin_source("ok"))
+    bad = add(plugins, "writable", plugin_source("writable"), mode=0o664)
+    broken = add(plugins, "broken", "def x(:\n")
+    raising = add(plugins, "raising", "raise RuntimeError('boom')\n")
+    starter = add(plugins, "starter", plugin_source("starter", body="    def start(self):\n        raise KeyError(1)"))
+    dup = plugins / "dup_tuner.py"
+    d.service_plugins()
+    add(plugins, "dup", plugin_source("ok"))
+    d.service_plugins()
+    assert [t.name for t in d.tuners] == ["ok"]
+    text = lines.text
+    assert any(m.startswith(f"refusing untrusted plugin '{bad}': ") for m in text)
+    failed = f"added lib {broken}, init failed: cannot load plugin"
+    assert any(m.startswith(failed) and "SyntaxError" in m for m in text)
+    assert any(m.startswith(f"added lib {raising}, init failed") and "RuntimeError: boom (line 1)" in m for m in text)
+    assert "tuner starter disabled: start failed: KeyError(1)" in text
+    assert f"added lib {starter}, init failed" in text
+    assert f"added lib {dup}, init failed: a tuner named 'ok' is already running" in text
+    assert all(r.exc_info is None for r in lines.records), "no tracebacks"
+    assert set(d.plugins) == {plugins / "ok_tuner.py"}
+
+
+def test_a_plugin_whose_rules_raise_is_disabled_with_one_line(daemon: tuple[Daemon, Path], lines: Lines) -> None:
+    d, plugins = daemon
+    path = add(plugins, "counter", plugin_source("counter", body=COUNTER))
+    add(plugins, "other", plugin_source("other", body=COUNTER))
+    d.service_plugins()
+    counter = running(d, "counter")
+    deliver(d, counter.id, 7)
+    assert [t.name for t in d.tuners] == ["other"]
+    [line] = [m for m in lines.text if "tuner counter disabled" in m]
+    assert line == "tuner counter disabled: its event handler failed: ValueError('rule bug')"
+    assert all(r.exc_info is None for r in lines.records)
+    # Its file going away later is noted, nothing is stopped twice.
+    path.unlink()
+    d.service_plugins()
+    assert f"removed '{path}' (tuner counter was not running)" in lines.text
+
+
+def test_tuner_ids_run_out_rather_than_repeat(daemon: tuple[Daemon, Path], lines: Lines) -> None:
+    d, plugins = daemon
+    d._next_id = 63
+    path = add(plugins, "last", plugin_source("last"))
+    d.service_plugins()
+    assert running(d, "last").id == 63
+    path.unlink()
+    d.service_plugins()
+    add(plugins, "last", plugin_source("last"))
+    d.service_plugins()
+    assert d.tuners == []
+    assert any("all 64 tuner ids were used since the daemon started; restart it" in m for m in lines.text)
