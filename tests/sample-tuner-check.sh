@@ -35,7 +35,7 @@ fi
 "$venv/bin/bpftune" -s -a sample --state-dir "$work/state" >"$work/log" 2>&1 &
 pid=$!
 for _ in $(seq 600); do
-  grep -q "bpftune started" "$work/log" && break
+  grep -qs "bpftune started" "$work/log" && break
   kill -0 "$pid" 2>/dev/null || fail "the daemon exited before it started"
   sleep 0.1
 done

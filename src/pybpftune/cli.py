@@ -64,7 +64,8 @@ def fail(message: str, code: int = 1) -> NoReturn:
     "libdirs",
     multiple=True,
     metavar="DIR|MODULE",
-    help="Extra tuners: a root-owned directory of tuner modules, or an importable module name.",
+    help="Extra tuners: a root-owned directory of <name>_tuner.py plugin files (watched: files added "
+    "or removed later are loaded or stopped), or an importable module name.",
 )
 @click.option("-L", "--legacy", is_flag=True, help="Load the legacy variant (raw tracepoints and kprobes only).")
 @click.option("-p", "--port", type=click.IntRange(1, 65535), default=None, help="Query server port (loopback only).")

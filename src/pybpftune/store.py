@@ -110,6 +110,13 @@ class TunableStore:
                     raise TunerError(
                         f"tuner {tuner.name}: {t.name} has {len(rec.initial)} values, expected {t.num_values}"
                     )
+            old = self._records.get((tuner.name, t.id))
+            if old is not None and old.tunable.name == t.name:
+                # The same tuner started again (a plugin file replaced or added
+                # back): what it changed before keeps its true original.
+                rec.initial, rec.initial_text = old.initial, old.initial_text
+                rec.originals, rec.written = old.originals, old.written
+                rec.original_texts, rec.written_texts = old.original_texts, old.written_texts
             self._records[(tuner.name, t.id)] = rec
 
     def record(self, tuner: Tuner, tunable_id: int) -> TunableRecord:

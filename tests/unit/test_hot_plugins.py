@@ -168,3 +168,47 @@ def test_tuner_ids_run_out_rather_than_repeat(daemon: tuple[Daemon, Path], lines
     d.service_plugins()
     assert d.tuners == []
     assert any("all 64 tuner ids were used since the daemon started; restart it" in m for m in lines.text)
+
+
+STEPPER = """\
+    tunables = (Tunable(0, "net.ipv4.tcp_fin_timeout", 1, lower=1, upper=600),)
+
+    def decide(self, event):
+        now = self.current(0)[0]
+        return [Proposal(0, 0, self.ctx.namespaces.global_cookie, (now + 1,), "step")]
+"""
+
+
+def test_a_plugin_added_back_keeps_the_true_original(tmp_path: Path, lines: Lines) -> None:
+    """Without -R a removed tuner's change stays; when the tuner comes back, the
+    value it wrote must not become its 'original' (nor be journaled as one)."""
+    plugins = tmp_path / "plugins"
+    plugins.mkdir(mode=0o755)
+    plugins.chmod(0o755)
+    backend = MemorySysctl()
+    d = Daemon(DaemonConfig(state_dir=tmp_path / "state", libdirs=[str(plugins)]), backend=backend)
+    backend.global_cookie = d.namespaces.global_cookie
+    backend.values[(backend.global_cookie, "net.ipv4.tcp_fin_timeout")] = (60,)
+    d.trust = Trust(uid=os.geteuid(), top=tmp_path)
+    d.watcher = DirWatcher([plugins])
+    source = plugin_source("stepper", body=STEPPER).replace(
+        "from pybpftune.tuner import Scenario, Tuner", "from pybpftune.tuner import Proposal, Scenario, Tunable, Tuner"
+    )
+    try:
+        path = add(plugins, "stepper", source)
+        d.service_plugins()
+        deliver(d, running(d, "stepper").id, 0)
+        path.unlink()
+        d.service_plugins()
+        assert backend.read("net.ipv4.tcp_fin_timeout") == (61,)
+        add(plugins, "stepper", source)
+        d.service_plugins()
+        again = running(d, "stepper")
+        deliver(d, again.id, 0)
+        assert backend.read("net.ipv4.tcp_fin_timeout") == (62,)
+        assert d.store.record(again, 0).originals == {d.namespaces.global_cookie: (60,)}
+        journal = d.state.journal_path.read_text().splitlines()
+        assert len(journal) == 1 and '"original": [60]' in journal[0]
+    finally:
+        d.close()
+    assert any("# sysctl 'net.ipv4.tcp_fin_timeout' changed from (60) -> (62)" in m for m in lines.text)
