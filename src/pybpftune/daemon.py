@@ -39,6 +39,7 @@ from .loader import LoadedObject, load_object
 from .log import setup_logging, sink_name
 from .netns import Namespaces, NetnsGone, current_inode
 from .registry import (
+    PLUGIN_SUFFIX,
     Plugin,
     PluginError,
     PluginRefused,
@@ -46,6 +47,7 @@ from .registry import (
     file_stamp,
     is_plugin_file,
     load_plugin,
+    normalize,
     plugin_directories,
     select,
     unload_plugin,
@@ -111,8 +113,8 @@ class Daemon:
         self.trust = Trust()
         self.watcher: DirWatcher | None = None
         # Plugin files loaded from watched directories, with the tuner each
-        # started (None once it was disabled).
-        self.plugins: dict[Path, tuple[Plugin, Tuner | None]] = {}
+        # started (which may have been disabled since).
+        self.plugins: dict[Path, tuple[Plugin, Tuner]] = {}
         self._ctx: TunerContext | None = None
         self._next_id = 0
         self._ring_watched = False
@@ -150,7 +152,11 @@ class Daemon:
         self._ctx = self._context(support)
         for plugin in plugins:
             tuner = self._start_tuner(plugin)
-            if plugin.path is not None:
+            if plugin.path is None:
+                continue
+            if tuner is None:
+                unload_plugin(plugin)
+            else:
                 self.plugins[plugin.path] = (plugin, tuner)
             # Events flow as soon as the first object shares the ring buffer:
             # drain between loads so an early administrator write is seen.
@@ -337,7 +343,7 @@ class Daemon:
     def _rescan(self, directory: Path) -> None:
         for path in [p for p in self.plugins if p.parent == directory and not p.exists()]:
             self._plugin_removed(path)
-        for path in sorted(directory.glob("*_tuner.py")):
+        for path in sorted(directory.glob(f"*{PLUGIN_SUFFIX}")):
             if is_plugin_file(path):
                 self._plugin_added(path)
 
@@ -355,6 +361,11 @@ class Daemon:
             return
         except PluginError as exc:
             log.warning("added lib %s, init failed: %s", path, exc)
+            return
+        allowed = {normalize(a) for a in self.config.allow}
+        if allowed and plugin.cls.name not in allowed:
+            log.info("plugin '%s' ignored: tuner '%s' is not one of the -a tuners", path, plugin.cls.name)
+            unload_plugin(plugin)
             return
         running = [t for t in self.tuners if t.name == plugin.cls.name]
         if running:
@@ -382,7 +393,7 @@ class Daemon:
     def _plugin_removed(self, path: Path) -> None:
         """Stop the tuner a removed plugin file started; its programs are detached."""
         plugin, tuner = self.plugins.pop(path)
-        if tuner is not None and tuner in self.tuners:
+        if tuner in self.tuners:
             log.info("removed '%s', fini tuner %s", path, tuner.name)
             try:
                 self._stop_tuner(tuner, summarize=True)
@@ -494,6 +505,9 @@ class Daemon:
         self.loop.close()
         if self.watcher is not None:
             self.watcher.close()
+        for plugin, _tuner in self.plugins.values():
+            unload_plugin(plugin)
+        self.plugins.clear()
         self.ring.close()
         self.cgroup.close()
         self.state.clear_journal()

@@ -382,4 +382,7 @@ def select(allow: Iterable[str], libdirs: Iterable[str] = (), trust: Trust | Non
         raise UsageError(f"unknown tuner '{unknown[0]}'; known tuners: {', '.join(plugins)}")
     if not wanted:
         return list(plugins.values())
+    for name, p in plugins.items():
+        if name not in wanted:
+            unload_plugin(p)
     return [p for name, p in plugins.items() if name in wanted]

@@ -16,7 +16,7 @@ import pytest
 
 from pybpftune.daemon import Daemon, DaemonConfig
 from pybpftune.events import Event
-from pybpftune.inotify import DirWatcher
+from pybpftune.inotify import OVERFLOW, DirEvent, DirWatcher
 from pybpftune.registry import PLUGIN_MODULE_PREFIX, Trust
 from pybpftune.sysctl import MemorySysctl
 from pybpftune.tuner import Tuner
@@ -212,3 +212,36 @@ def test_a_plugin_added_back_keeps_the_true_original(tmp_path: Path, lines: Line
     finally:
         d.close()
     assert any("# sysctl 'net.ipv4.tcp_fin_timeout' changed from (60) -> (62)" in m for m in lines.text)
+
+
+def test_the_allow_list_applies_to_added_plugins(tmp_path: Path, lines: Lines) -> None:
+    plugins = tmp_path / "plugins"
+    plugins.mkdir(mode=0o755)
+    plugins.chmod(0o755)
+    config = DaemonConfig(state_dir=tmp_path / "state", libdirs=[str(plugins)], allow=["wanted_tuner.py"])
+    with Daemon(config, backend=MemorySysctl()) as d:
+        d.trust = Trust(uid=os.geteuid(), top=tmp_path)
+        d.watcher = DirWatcher([plugins])
+        other = add(plugins, "other", plugin_source("other"))
+        add(plugins, "wanted", plugin_source("wanted"))
+        d.service_plugins()
+        assert [t.name for t in d.tuners] == ["wanted"]
+        assert f"plugin '{other}' ignored: tuner 'other' is not one of the -a tuners" in lines.text
+        assert not any(m.startswith(PLUGIN_MODULE_PREFIX + "other") for m in sys.modules)
+
+
+def test_lost_events_rescan_the_directory(daemon: tuple[Daemon, Path], lines: Lines) -> None:
+    """When the kernel's event queue overflowed, the directory itself says
+    what was added and removed meanwhile."""
+    d, plugins = daemon
+    gone = add(plugins, "gone", plugin_source("gone"))
+    kept = add(plugins, "kept", plugin_source("kept"))
+    d.service_plugins()
+    assert d.watcher is not None
+    gone.unlink()
+    new = add(plugins, "new", plugin_source("new"))
+    d.watcher.read_events()  # lost
+    d.plugin_event(DirEvent(OVERFLOW, plugins))
+    assert sorted(t.name for t in d.tuners) == ["kept", "new"]
+    assert set(d.plugins) == {kept, new}
+    assert f"removed '{gone}', fini tuner gone" in lines.text
