@@ -224,8 +224,11 @@ def read_trusted(path: Path, trust: Trust) -> tuple[bytes, tuple[int, ...]]:
         st = os.fstat(fd)
         trust.check_file(path, st, fd)
         chunks = []
-        while chunk := os.read(fd, 1 << 20):
-            chunks.append(chunk)
+        try:
+            while chunk := os.read(fd, 1 << 20):
+                chunks.append(chunk)
+        except OSError as exc:
+            raise PluginError(f"cannot read plugin '{path}': {exc.strerror}") from None
         return b"".join(chunks), _stamp_of(st)
     finally:
         os.close(fd)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import random
 import select
+import struct
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -98,3 +100,23 @@ def test_errors_and_close(tmp_path: Path) -> None:
     w.close()
     with pytest.raises(PybpftuneError, match="closed"):
         w.read_events()
+
+
+def test_records_are_parsed_defensively(watched: tuple[Path, DirWatcher]) -> None:
+    """Truncated or nonsense records (unknown watches, odd lengths, names with
+    slashes or without a terminator) never raise and never name a path
+    outside the watched directory."""
+    d, w = watched
+    rng = random.Random(14)
+    wd = next(iter(w._dirs))
+    for _ in range(2000):
+        chunks = []
+        for _ in range(rng.randrange(1, 4)):
+            name = bytes(rng.randrange(256) for _ in range(rng.randrange(0, 24)))
+            length = rng.choice([len(name), rng.randrange(0, 64)])
+            mask = rng.choice([0x8, 0x80, 0x100, 0x200, 0x40, 0x4000, rng.getrandbits(32)]) & ~(0x8000 | 0x800)
+            chunks.append(struct.pack("iIII", rng.choice([wd, wd + 1, -1]), mask, 0, length) + name)
+        data = b"".join(chunks)[: rng.randrange(0, 200)]
+        for event in w._parse(data):
+            assert event.path == d or event.path.parent == d
+    assert w.directories == [d]
