@@ -152,15 +152,15 @@ class Daemon:
         self._ctx = self._context(support)
         for plugin in plugins:
             tuner = self._start_tuner(plugin)
-            if plugin.path is None:
-                continue
-            if tuner is None:
-                unload_plugin(plugin)
-            else:
-                self.plugins[plugin.path] = (plugin, tuner)
             # Events flow as soon as the first object shares the ring buffer:
             # drain between loads so an early administrator write is seen.
             self._watch_ring()
+            if plugin.path is None:
+                pass
+            elif tuner is None:
+                unload_plugin(plugin)
+            else:
+                self.plugins[plugin.path] = (plugin, tuner)
         if not self.tuners:
             raise PybpftuneError(
                 "no tuner could be started: " + "; ".join(f"{k}: {v}" for k, v in self.disabled.items())
