@@ -8,12 +8,16 @@ them.
 
 from __future__ import annotations
 
+import atexit
+import functools
 import itertools
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -31,6 +35,28 @@ _counter = itertools.count()
 IN_VM = os.environ.get("PYBPFTUNE_VM") == "1"
 SLOW = 10 if IN_VM else 1
 START_TIMEOUT = 300.0 if IN_VM else 60.0
+
+
+@contextmanager
+def trusted_dir() -> Iterator[Path]:
+    """A plugin directory the daemon trusts: root's, under /run (root-owned,
+    not group/other-writable), never under /tmp, which it refuses."""
+    path = Path(tempfile.mkdtemp(prefix="pybpftune-test-plugins.", dir="/run"))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@functools.cache
+def demo_tuners_dir() -> Path:
+    """A trusted copy of tests/tuners for `-l`: the daemon refuses plugins below
+    any directory others could write, and a checkout may live under /tmp."""
+    path = Path(tempfile.mkdtemp(prefix="pybpftune-test-tuners.", dir="/run"))
+    atexit.register(shutil.rmtree, path, True)
+    for f in (Path(__file__).resolve().parents[1] / "tuners").glob("*_tuner.py"):
+        shutil.copyfile(f, path / f.name)
+    return path
 
 
 def run(cmd: Sequence[str], netns: str | None = None, check: bool = True, timeout: float = 60) -> str:

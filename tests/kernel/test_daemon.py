@@ -18,11 +18,10 @@ import pytest
 
 from pybpftune import libbpf
 
-from .harness import BPFTUNE, Daemon, Sysctls, sysctl_get, sysctls
+from .harness import BPFTUNE, Daemon, Sysctls, demo_tuners_dir, sysctl_get, sysctls
 
 pytestmark = pytest.mark.kernel
 
-TUNERS = Path(__file__).resolve().parents[1] / "tuners"
 FIN = "net.ipv4.tcp_fin_timeout"
 
 
@@ -40,7 +39,19 @@ def state_dir(tmp_path: Path) -> Path:
 
 def demo_daemon(state_dir: Path, *extra: str, variant_args: tuple[str, ...] = ()) -> Daemon:
     return Daemon(
-        ["-s", "-a", "sysctl", "-a", "demo", "-l", str(TUNERS), "--state-dir", str(state_dir), *variant_args, *extra]
+        [
+            "-s",
+            "-a",
+            "sysctl",
+            "-a",
+            "demo",
+            "-l",
+            str(demo_tuners_dir()),
+            "--state-dir",
+            str(state_dir),
+            *variant_args,
+            *extra,
+        ]
     )
 
 
@@ -145,7 +156,7 @@ def test_unknown_tuner_is_one_line_and_nothing_attached(state_dir: Path) -> None
 
 
 def test_bpf_free_tuners_alone_still_run(fin: Sysctls, state_dir: Path) -> None:
-    with Daemon(["-s", "-a", "demo", "-l", str(TUNERS), "--state-dir", str(state_dir), "-R"]) as d:
+    with Daemon(["-s", "-a", "demo", "-l", str(demo_tuners_dir()), "--state-dir", str(state_dir), "-R"]) as d:
         d.started()
         d.wait_for(r"from \(60\) -> \(61\)")
         assert d.stop() == 0

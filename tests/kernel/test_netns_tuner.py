@@ -22,12 +22,11 @@ import pytest
 
 from pybpftune.netns import Namespaces
 
-from .harness import IN_VM, Daemon, iperf3_server, netns_pair, run, sysctl_get, sysctls
+from .harness import IN_VM, Daemon, demo_tuners_dir, iperf3_server, netns_pair, run, sysctl_get, sysctls
 from .test_tcp_conn_tuner import iperf_run
 
 pytestmark = pytest.mark.kernel
 
-TUNERS = Path(__file__).resolve().parents[1] / "tuners"
 MANY = int(os.environ.get("PYBPFTUNE_MANY_NETNS", "150" if IN_VM else "1000"))
 FIN = "net.ipv4.tcp_fin_timeout"
 COOKIES = Namespaces().cookie_supported
@@ -73,7 +72,7 @@ def nsdemo(
     listing = tmp_path / "nsdemo.list"
     listing.write_text("")
     env = {"PYBPFTUNE_NSDEMO_FILE": str(listing), "PYBPFTUNE_NSDEMO_STEPS": str(steps)}
-    args = ["-s", "-d", "-a", "nsdemo", "-l", str(TUNERS), "--state-dir", str(tmp_path / "state"), *extra]
+    args = ["-s", "-d", "-a", "nsdemo", "-l", str(demo_tuners_dir()), "--state-dir", str(tmp_path / "state"), *extra]
     with Daemon([*args, *variant_args], env=env) as d:
         d.started()
         yield d, listing

@@ -15,10 +15,7 @@ import os
 import re
 import shutil
 import subprocess
-import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -27,7 +24,7 @@ from pybpftune import libbpf
 from pybpftune.objects import BpfObject, read_object_file
 
 from .forms import fallback_forms
-from .harness import IN_VM, SLOW, Daemon, repeat_until_logged
+from .harness import IN_VM, SLOW, Daemon, repeat_until_logged, trusted_dir
 
 pytestmark = pytest.mark.kernel
 
@@ -41,17 +38,6 @@ def _built() -> None:
     missing = [f for f in OBJECTS if not (SAMPLE / f).is_file()]
     if missing:
         pytest.skip(f"the sample tuner is not built ({', '.join(missing)}; run `make`)")
-
-
-@contextmanager
-def trusted_dir() -> Iterator[Path]:
-    """A plugin directory the daemon trusts: root's, under /run (root-owned,
-    mode 0755), never under /tmp, which it refuses."""
-    path = Path(tempfile.mkdtemp(prefix="pybpftune-test-plugins.", dir="/run"))
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
 
 
 def install_module(plugins: Path, mode: int = 0o644) -> Path:

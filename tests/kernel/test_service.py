@@ -25,12 +25,20 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from pybpftune import caps
 
-from .harness import BPFTUNE, SLOW, START_TIMEOUT, Daemon, netns_pair, repeat_until_logged, sysctl_get, sysctls
+from .harness import (
+    BPFTUNE,
+    SLOW,
+    START_TIMEOUT,
+    Daemon,
+    demo_tuners_dir,
+    netns_pair,
+    repeat_until_logged,
+    sysctl_get,
+    sysctls,
+)
 from .test_udp_buffer_tuner import RMEM_DEFAULT, RMEM_MAX, flood, silent_receiver
 
 pytestmark = pytest.mark.kernel
-
-TUNERS = Path(__file__).resolve().parents[1] / "tuners"
 
 
 @pytest.fixture
@@ -150,7 +158,7 @@ def test_ready_watchdog_caps_metrics_and_summary(notify: tuple[str, socket.socke
 def test_detach_reports_start_and_keeps_a_pid_file(tmp_path: Path) -> None:
     state = tmp_path / "state"
     env = {**os.environ, "PYBPFTUNE_DEMO_STEPS": "0"}
-    cmd = [str(BPFTUNE), "-D", "-a", "demo", "-l", str(TUNERS), "--state-dir", str(state)]
+    cmd = [str(BPFTUNE), "-D", "-a", "demo", "-l", str(demo_tuners_dir()), "--state-dir", str(state)]
     t0 = time.monotonic()
     first = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=START_TIMEOUT)
     assert first.returncode == 0, first.stderr
