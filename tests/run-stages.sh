@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # `make test`: every stage CI runs, each timed, all run even if one fails.
-#   lint -> unit + host kernel tests -> kernel tests in Debian 6.1 and 5.10
-#   VMs (full and legacy variants) -> tests of the VM runner itself.
+#   lint -> unit + host kernel tests -> kernel tests in Debian 6.1, 6.12 and
+#   5.10 VMs (full and legacy variants) -> tests of the VM runner itself.
 # Gates: PYBPFTUNE_KERNEL_TESTS and PYBPFTUNE_VM_TESTS (unset: run if
 # possible, else skip with the reason; 1: must run; 0: skip).
 set -u
@@ -39,8 +39,8 @@ case "${PYBPFTUNE_VM_TESTS:-}" in
   *) if ! why=$(vm_possible); then echo "=== VM stages skipped: $why"; vm_stages=0; fi ;;
 esac
 if [ $vm_stages = 1 ]; then
-  # One boot per kernel: Debian bookworm 6.1 and bullseye 5.10.
-  for k in ${VM_KERNELS:-6.1 5.10}; do
+  # One boot per kernel: Debian bookworm 6.1, trixie 6.12 and bullseye 5.10.
+  for k in ${VM_KERNELS:-6.1 6.12 5.10}; do
     # In the guests the legacy variant runs only where a test asks for it
     # (all_variants): the loader and tcp_buffer tests, admin back-off.
     stage "vm-$k" env PYBPFTUNE_VARIANTS=full python3 tests/vm/vmtest.py --kernel "$k" --timeout 1800 -- \

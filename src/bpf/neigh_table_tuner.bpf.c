@@ -93,7 +93,9 @@ BPFTUNE_TP(neigh_remove, neigh_cleanup_and_release, struct neighbour *n, int rc)
 #ifndef BPFTUNE_LEGACY
 BPFTUNE_FENTRY(neigh_remove, neigh_remove_one, struct neighbour *n)
 {
-	return neigh_released(n);
+	/* fentry programs must return 0 (Linux 6.12's verifier enforces it). */
+	neigh_released(n);
+	return 0;
 }
 #endif
 

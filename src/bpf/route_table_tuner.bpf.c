@@ -54,7 +54,9 @@ BPFTUNE_TP(dst_table, fib6_table_lookup, const struct net *net, const struct fib
 #ifndef BPFTUNE_LEGACY
 BPFTUNE_FENTRY(dst_table, fib6_run_gc, unsigned long expires, struct net *net, bool force)
 {
-	return dst_table_check(net);
+	/* fentry programs must return 0 (Linux 6.12's verifier enforces it). */
+	dst_table_check(net);
+	return 0;
 }
 #endif
 

@@ -1,5 +1,5 @@
 """python -m pybpftune: same as the `bpftune` command."""
 
-from .cli import main
+from .launch import entry
 
-main()
+entry()

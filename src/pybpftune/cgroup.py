@@ -9,7 +9,6 @@ process; bpf_link ones do not) and detaches them.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import logging
 import os
 from pathlib import Path
@@ -22,7 +21,7 @@ from .support import find_cgroup2
 
 log = logging.getLogger("pybpftune.cgroup")
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+_libc = ctypes.CDLL(None, use_errno=True)  # libc is in the process already (see netns.py)
 MNT_DETACH = 2
 
 

@@ -9,12 +9,12 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import NoReturn
 
 import click
 
 from . import __version__
 from .errors import PybpftuneError, UsageError
+from .launch import fail, start_daemon
 
 EPILOG = """\b
 Examples:
@@ -28,11 +28,6 @@ Examples:
 Tuners are named without the "_tuner" suffix (tcp_buffer, sysctl, ...);
 "tcp_buffer_tuner.so" is accepted too, as bpftune spells it.
 """
-
-
-def fail(message: str, code: int = 1) -> NoReturn:
-    click.echo(f"bpftune: {message}", err=True)
-    sys.exit(code)
 
 
 @click.command(
@@ -139,23 +134,23 @@ def main(
             sys.exit(_support(debug))
         if query is not None:
             fail("queries are not yet supported by this version", 1)
-        from .daemon import DaemonConfig, run_daemon
-
-        config = DaemonConfig(
-            allow=allow,
-            cgroup=cgroup,
-            debug=debug,
-            daemonize=daemonize,
-            libdirs=libdirs,
-            legacy=legacy,
-            port=port,
-            learning_rate=learning_rate,
-            rollback=rollback,
-            to_stderr=to_stderr,
-            state_dir=state_dir,
-            metrics=metrics,
+        # The same path as a plain command line through launch.entry (no click).
+        start_daemon(
+            {
+                "allow": allow,
+                "cgroup": cgroup,
+                "debug": debug,
+                "daemonize": daemonize,
+                "libdirs": libdirs,
+                "legacy": legacy,
+                "port": port,
+                "learning_rate": learning_rate,
+                "rollback": rollback,
+                "to_stderr": to_stderr,
+                "state_dir": state_dir,
+                "metrics": metrics,
+            }
         )
-        sys.exit(run_daemon(config))
     except UsageError as exc:
         fail(str(exc), 2)
     except PybpftuneError as exc:

@@ -1,4 +1,17 @@
-"""The daemon: load the tuners, poll the shared ring buffer, stop cleanly.
+"""The daemon: load the tuners, serve the shared ring buffer, stop cleanly.
+
+Start-up is arranged so that events flow early and the slow parts overlap:
+
+* the support probe (or its per-boot cache) runs on the load thread while the
+  tuner modules are imported (launch.entry starts it before this module's
+  own imports);
+* every tuner object is then loaded and attached on that thread, in order
+  (the sysctl tuner first), while the event loop already serves the ring
+  buffer: an administrator's write is seen from the first attached tuner on.
+  libbpf's work runs in C, where cffi releases the GIL.  Loads run one at a
+  time: each parses the kernel's BTF, and peak memory has room for one copy;
+* "bpftune started" is logged once the last tuner is up, the load thread
+  ends, and the ``on_started`` hooks run (capabilities, metrics, READY=1).
 
 Each tuner is isolated: one that fails to load, or whose handler raises, is
 logged once with the reason and disabled while the others keep working.
@@ -17,12 +30,14 @@ done, the metrics endpoint (``--metrics``) starts, and systemd hears READY=1
 
 from __future__ import annotations
 
+import collections
 import logging
+import math
 import os
 import signal
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType, TracebackType
@@ -54,15 +69,31 @@ from .registry import (
 )
 from .ringbuf import RingBuffer
 from .service import Detached, Notifier, detach, parse_metrics_address
+from .startup import EarlyProbe, Future, LoadThread, tune_malloc
 from .state import DEFAULT_STATE_DIR, JournalEntry, StateDir
 from .store import ACTIVE, TunableStore
-from .support import Support, probe_support, support_report
+from .support import (
+    KindSupport,
+    Support,
+    assemble,
+    cache_key,
+    kinds_from_text,
+    kinds_to_text,
+    probe_support,
+    support_report,
+)
 from .sysctl import ProcSysctl, SysctlBackend
 from .tuner import Steps, Tuner, TunerContext
 
 log = logging.getLogger("pybpftune")
 
 TICK_S = 1.0
+# The earliest a tuner's next tick may be: a tuner asking for "now" again
+# must not spin the loop.
+TICK_MIN_S = 0.01
+# Facts about this boot (the support probe) are cached here, whatever
+# --state-dir says: they belong to the machine, not to one daemon's journal.
+CACHE_DIR = DEFAULT_STATE_DIR
 # Journaled originals named in the warning when they are not restored (no -R).
 JOURNAL_LISTED = 10
 
@@ -86,13 +117,19 @@ class DaemonConfig:
     metrics: str | None = None
     # Keep only caps.RUNTIME_CAPS once started.
     drop_capabilities: bool = True
+    cache_dir: Path | None = CACHE_DIR  # None: no per-boot cache
 
 
 class Daemon:
     """Owns every kernel resource of a running pybpftune, in start order."""
 
-    def __init__(self, config: DaemonConfig, backend: SysctlBackend | None = None) -> None:
+    def __init__(
+        self, config: DaemonConfig, backend: SysctlBackend | None = None, early: EarlyProbe | None = None
+    ) -> None:
+        """``early``: the support probe launch.entry started before this
+        module's imports (it brings the load thread it runs on)."""
         self.config = config
+        self._early = early
         self.state = StateDir(config.state_dir)
         self.namespaces = Namespaces()
         self.store = TunableStore(
@@ -118,15 +155,63 @@ class Daemon:
         self._ctx: TunerContext | None = None
         self._next_id = 0
         self._ring_watched = False
-        self._ticks: Timer | None = None
         self._closed = False
+        self.cache = StateDir(config.cache_dir) if config.cache_dir is not None else None
+        self._loader = early.loader if early is not None else LoadThread()
+        self._loading: list[Tuner] = []  # prepared, object being loaded
+        self._loading_plugins: dict[int, Plugin] = {}  # tuner id -> plugin of a tuner being loaded
+        self._loaded: collections.deque[tuple[Tuner, LoadedObject | None, BaseException | None]]
+        self._loaded = collections.deque()  # load results handed over by the load thread
+        self._tick_timers: dict[int, Timer] = {}
+        self._fatal: PybpftuneError | None = None
+        self.t_start = time.monotonic()
+        self.startup_s: float | None = None  # from start() to the last tuner up
+        self.started = False
+        # Run on the loop's thread once the last tuner is up (run_daemon's
+        # service steps: capabilities, metrics, READY=1).
+        self.on_started: list[Callable[[], None]] = []
 
     # --- start -----------------------------------------------------------------------
 
     def start(self) -> None:
+        """Probe, prepare every tuner and hand their objects to the load
+        thread; ``run()`` serves events while they load."""
         if os.geteuid() != 0:
             raise PybpftuneError("the daemon needs root (CAP_SYS_ADMIN, CAP_BPF, CAP_NET_ADMIN)")
-        support = self.support = probe_support()
+        self.t_start = time.monotonic()
+        tune_malloc()
+        if self._early is not None:
+            key, kinds, probed = self._early.key, self._early.kinds, self._early.probed
+        else:
+            key = cache_key() if self.cache is not None else ""
+            kinds = self._cached_kinds(key)
+            probed = Future()
+            if kinds is None:
+                self._loader.submit(probe_support, probed.set)
+        # Watch before the directories are read, so no plugin added meanwhile is missed.
+        directories = [d for d in plugin_directories(self.config.libdirs) if d.is_dir()]
+        if directories:
+            for d in directories:
+                self.trust.check_directory(d)
+            self.watcher = DirWatcher(directories)
+            self.loop.add_reader(self.watcher.fileno(), self.service_plugins, "plugin directories")
+        plugins = select(self.config.allow, self.config.libdirs, self.trust)  # imports overlap the probe
+        t_select = time.monotonic()
+        support: Support
+        if kinds is None:
+            result = probed.result()
+            assert isinstance(result, Support)
+            support = result
+            if key and support.usable and self.cache is not None:
+                self.cache.write_cache("support", kinds_to_text(key, support.kinds))
+        else:
+            support = assemble(kinds)
+        self.support = support
+        log.debug(
+            "start-up: %s; waited %.0f ms for it after importing the tuners",
+            "support probed" if kinds is None else "support from this boot's cache",
+            1000 * (time.monotonic() - t_select),
+        )
         headline, detail = support_report(support)
         if not support.usable:
             raise NotSupported("bpftune", "; ".join(support.missing()) or headline[0])
@@ -138,35 +223,21 @@ class Daemon:
             self.variant = support.default_variant
         log.info("pybpftune %s starting (%s variant, learning rate %d)", __version__, self.variant, self.steps.rate)
         self._recover_journal()
-        # Watch before the directories are read, so no plugin added meanwhile is missed.
-        directories = [d for d in plugin_directories(self.config.libdirs) if d.is_dir()]
-        if directories:
-            for d in directories:
-                self.trust.check_directory(d)
-            self.watcher = DirWatcher(directories)
-            self.loop.add_reader(self.watcher.fileno(), self.service_plugins, "plugin directories")
-        plugins = select(self.config.allow, self.config.libdirs, self.trust)
         needs_cgroup = any(p.cls.cgroup_programs for p in plugins)
         if needs_cgroup:
             self.cgroup.open()
         self._ctx = self._context(support)
         for plugin in plugins:
-            tuner = self._start_tuner(plugin)
-            # Events flow as soon as the first object shares the ring buffer:
-            # drain between loads so an early administrator write is seen.
-            self._watch_ring()
-            if plugin.path is None:
-                pass
-            elif tuner is None:
-                unload_plugin(plugin)
-            else:
-                self.plugins[plugin.path] = (plugin, tuner)
-        if not self.tuners:
-            raise PybpftuneError(
-                "no tuner could be started: " + "; ".join(f"{k}: {v}" for k, v in self.disabled.items())
-            )
-        self._schedule_ticks()
-        self.namespaces.scan()
+            self._prepare_tuner(plugin)
+        if not self._loading:
+            self._all_started()
+
+    def _cached_kinds(self, key: str) -> dict[str, KindSupport] | None:
+        """This boot's probed program kinds, if an earlier daemon cached them."""
+        if not key or self.cache is None:
+            return None
+        text = self.cache.read_cache("support")
+        return kinds_from_text(text, key) if text is not None else None
 
     def _context(self, support: Support | None) -> TunerContext:
         return TunerContext(
@@ -176,14 +247,11 @@ class Daemon:
             support,
             self.variant,
             self.config.debug,
-            lambda: self.tuners,
+            lambda: [*self.tuners, *self._loading],
             rollback=self.config.rollback,
+            loop=self.loop,
+            request_tick=self._request_tick,
         )
-
-    def _schedule_ticks(self) -> None:
-        """One timer for tick(), once a running tuner has time-based rules."""
-        if self._ticks is None and any(type(t).tick is not Tuner.tick for t in self.tuners):
-            self._ticks = self.loop.call_every(TICK_S, self._tick, "tuner ticks")
 
     def _watch_ring(self) -> None:
         if not self.ring.active:
@@ -196,6 +264,127 @@ class Daemon:
     def _drain_ring(self) -> None:
         self.ring.consume()
 
+    def _prepare_tuner(self, plugin: Plugin) -> None:
+        """On the loop's thread: construct the tuner and read what its object
+        needs (globals); then either start it (no BPF) or queue its load."""
+        cls = plugin.cls
+        ctx = self._ctx
+        assert ctx is not None and ctx.support is not None
+        support = ctx.support
+        tuner: Tuner | None = None
+        try:
+            tuner = cls(ctx, self._new_tuner_id())
+            if cls.requires_cookies and not self.namespaces.cookie_supported:
+                raise NotSupported(cls.name, "needs network-namespace cookies (Linux 5.14+)")
+            self.store.register(tuner)
+            globals_ = self._globals(tuner) if cls.bpf_name is not None else {}
+        except Exception as exc:  # a tuner's own code (a plugin's) may raise anything
+            self._start_failed(plugin, tuner, exc)
+            return
+        if cls.bpf_name is None:
+            self._finish_start(plugin, tuner, None)
+            return
+        self._loading.append(tuner)
+        self._loading_plugins[tuner.id] = plugin
+        loading = tuner
+
+        def load() -> LoadedObject:
+            t0 = time.monotonic()
+            loaded = self._load(loading, support, globals_)
+            log.debug("tuner %s: object loaded and attached in %.0f ms", loading.name, 1000 * (time.monotonic() - t0))
+            return loaded
+
+        def done(result: object, exc: BaseException | None) -> None:  # on the load thread
+            self._loaded.append((loading, result if isinstance(result, LoadedObject) else None, exc))
+            self.loop.call_soon_threadsafe(self._take_loaded, "tuner loaded")
+
+        self._loader.submit(load, done)
+
+    def _take_loaded(self) -> None:
+        """On the loop's thread: start the tuners whose objects are loaded."""
+        while self._loaded:
+            tuner, loaded, exc = self._loaded.popleft()
+            if tuner in self._loading:
+                self._loading.remove(tuner)
+            plugin = self._loading_plugins.pop(tuner.id)
+            if self._closed or self.loop.stopping:
+                if loaded is not None:
+                    loaded.close()
+                if plugin.path is not None:
+                    unload_plugin(plugin)
+                continue
+            if exc is not None:
+                self._start_failed(plugin, tuner, exc)
+            else:
+                self._finish_start(plugin, tuner, loaded)
+            if not self._loading:
+                self._all_started()
+
+    def _start_failed(self, plugin: Plugin, tuner: Tuner | None, exc: BaseException) -> None:
+        cls = plugin.cls
+        why = str(exc) if isinstance(exc, PybpftuneError) else f"start failed: {exc!r}"
+        self.disabled[cls.name] = why
+        log.warning("tuner %s disabled: %s", cls.name, why)
+        if tuner is not None:
+            if self.config.rollback and not isinstance(exc, PybpftuneError):
+                self.store.rollback(tuner)  # it may have written before it raised
+            if tuner.loaded is not None:
+                tuner.loaded.close()
+        if plugin.path is not None:
+            unload_plugin(plugin)
+
+    def _finish_start(self, plugin: Plugin, tuner: Tuner, loaded: LoadedObject | None) -> None:
+        """On the loop's thread: start a tuner whose object (if any) is up."""
+        tuner.loaded = loaded
+        try:
+            tuner.start()
+        except Exception as exc:  # a tuner's own code (a plugin's) may raise anything
+            self._start_failed(plugin, tuner, exc)
+            return
+        self._started(tuner)
+        if plugin.path is not None:
+            self.plugins[plugin.path] = (plugin, tuner)
+
+    def _started(self, tuner: Tuner) -> None:
+        """Bookkeeping of a tuner that started: events, ticks, the log line."""
+        # An administrator may have taken over while the object loaded (the
+        # sysctl tuner was already watching): tell the BPF side now.
+        for cookie in self.store.manual_namespaces(tuner):
+            tuner.netns_disabled(cookie)
+        self.disabled.pop(tuner.name, None)
+        self.ring.register(tuner.id, self._dispatcher(tuner))
+        self.tuners.append(tuner)
+        # Events flow as soon as the first object shares the ring buffer.
+        self._watch_ring()
+        extra = ""
+        if tuner.loaded is not None:
+            unavailable = tuner.loaded.unavailable()
+            forms = ", ".join(f"{c.signal} via {c.chosen}" for c in tuner.loaded.choices.values() if c.chosen)
+            extra = f" ({forms})" if forms else ""
+            for choice in unavailable:
+                log.info("tuner %s: signal %s", tuner.name, choice.describe())
+        log.info("tuner %s started%s", tuner.name, extra)
+        if type(tuner).tick is not Tuner.tick:
+            self._request_tick(tuner, time.monotonic() + TICK_S)
+
+    def _all_started(self) -> None:
+        # The load thread has no more work: let it end before anything drops
+        # capabilities (they are per thread; no thread may keep the full set).
+        self._loader.close()
+        if not self.tuners:
+            self._fatal = PybpftuneError(
+                "no tuner could be started: " + "; ".join(f"{k}: {v}" for k, v in self.disabled.items())
+            )
+            self.loop.stop()
+            return
+        self.namespaces.scan()
+        self.startup_s = time.monotonic() - self.t_start
+        self.started = True
+        log.info("bpftune started")
+        log.debug("start-up took %.2f s", self.startup_s)
+        for hook in self.on_started:
+            hook()
+
     def _new_tuner_id(self) -> int:
         """The next unused id: ids are never reused while the daemon runs, so
         an event still queued for a removed tuner finds no handler."""
@@ -205,7 +394,8 @@ class Daemon:
         return self._next_id - 1
 
     def _start_tuner(self, plugin: Plugin) -> Tuner | None:
-        """Construct, load and start one tuner; None (and one line) if it cannot run."""
+        """Construct, load and start one tuner on the loop's thread (a plugin
+        added while running); None (and one line) if it cannot run."""
         cls = plugin.cls
         ctx = self._ctx
         assert ctx is not None
@@ -216,7 +406,7 @@ class Daemon:
                 raise NotSupported(cls.name, "needs network-namespace cookies (Linux 5.14+)")
             self.store.register(tuner)
             if cls.bpf_name is not None:
-                tuner.loaded = self._load(tuner, ctx.support)  # type: ignore[arg-type]
+                tuner.loaded = self._load(tuner, ctx.support, self._globals(tuner))  # type: ignore[arg-type]
             tuner.start()
         except Exception as exc:  # a tuner's own code (a plugin's) may raise anything
             why = str(exc) if isinstance(exc, PybpftuneError) else f"start failed: {exc!r}"
@@ -228,23 +418,11 @@ class Daemon:
                 if tuner.loaded is not None:
                     tuner.loaded.close()
             return None
-        self.disabled.pop(cls.name, None)
-        self.ring.register(tuner.id, self._dispatcher(tuner))
-        self.tuners.append(tuner)
-        extra = ""
-        if tuner.loaded is not None:
-            unavailable = tuner.loaded.unavailable()
-            forms = ", ".join(f"{c.signal} via {c.chosen}" for c in tuner.loaded.choices.values() if c.chosen)
-            extra = f" ({forms})" if forms else ""
-            for choice in unavailable:
-                log.info("tuner %s: signal %s", tuner.name, choice.describe())
-        log.info("tuner %s started%s", tuner.name, extra)
+        self._started(tuner)
         return tuner
 
-    def _load(self, tuner: Tuner, support: Support) -> LoadedObject:
-        assert tuner.bpf_name is not None
-        path = object_path(tuner.bpf_name, legacy=self.variant == "legacy", directory=tuner.bpf_dir)
-        globals_ = {
+    def _globals(self, tuner: Tuner) -> dict[str, int]:
+        return {
             "tuner_id": tuner.id,
             "bpftune_pid": os.getpid(),
             "bpftune_learning_rate": self.steps.rate,
@@ -253,6 +431,11 @@ class Daemon:
             "bpftune_init_netns_inum": current_inode(),
             **tuner.bpf_globals(),
         }
+
+    def _load(self, tuner: Tuner, support: Support, globals_: dict[str, int]) -> LoadedObject:
+        """Open, load and attach one tuner's object (on the load thread at start)."""
+        assert tuner.bpf_name is not None
+        path = object_path(tuner.bpf_name, legacy=self.variant == "legacy", directory=tuner.bpf_dir)
         cgroup_fd = self.cgroup.fd
         if tuner.cgroup_programs and cgroup_fd is not None:
             from .libbpf import ATTACH_CGROUP_SOCK_OPS, ATTACH_CGROUP_SYSCTL
@@ -388,7 +571,6 @@ class Daemon:
             return
         self.plugins[path] = (plugin, tuner)
         self._watch_ring()  # the first object to share the ring buffer may be this one
-        self._schedule_ticks()
 
     def _plugin_removed(self, path: Path) -> None:
         """Stop the tuner a removed plugin file started; its programs are detached."""
@@ -434,6 +616,9 @@ class Daemon:
 
     def _stop_tuner(self, tuner: Tuner, summarize: bool) -> None:
         self.ring.unregister(tuner.id)
+        timer = self._tick_timers.pop(tuner.id, None)
+        if timer is not None:
+            timer.cancel()
         if tuner in self.tuners:
             self.tuners.remove(tuner)
         if summarize:
@@ -453,18 +638,37 @@ class Daemon:
         self.loop.stop()
 
     def run(self) -> None:
-        """Serve events and timers until SIGINT/SIGTERM (or request_stop)."""
+        """Serve events and timers until SIGINT/SIGTERM (or request_stop);
+        the tuners still loading come up meanwhile."""
         self.loop.stop_on((signal.SIGINT, signal.SIGTERM))
-        log.info("bpftune started")
         self.loop.run()
+        if self._fatal is not None:
+            raise self._fatal
 
-    def _tick(self) -> None:
+    def _request_tick(self, tuner: Tuner, when: float) -> None:
+        """Have ``tuner.tick`` run at ``when`` unless a tick is due sooner."""
+        timer = self._tick_timers.get(tuner.id)
+        if timer is not None and not timer.cancelled:
+            if timer.when <= when:
+                return
+            timer.cancel()
+        if math.isinf(when):
+            return
+        self._tick_timers[tuner.id] = self.loop.call_at(
+            max(when, time.monotonic() + TICK_MIN_S), lambda: self._tick(tuner), f"tuner {tuner.name} tick"
+        )
+
+    def _tick(self, tuner: Tuner) -> None:
+        self._tick_timers.pop(tuner.id, None)
+        if tuner not in self.tuners:
+            return
         now = time.monotonic()
-        for tuner in list(self.tuners):
-            try:
-                tuner.tick(now)
-            except Exception as exc:
-                self._handler_failed(tuner.id, exc)
+        try:
+            due = tuner.tick(now)
+        except Exception as exc:
+            self._handler_failed(tuner.id, exc)
+            return
+        self._request_tick(tuner, now + TICK_S if due is None else due)
 
     def _loop_failed(self, what: str, exc: BaseException) -> None:
         log.error("%s failed: %r", what, exc)
@@ -487,6 +691,14 @@ class Daemon:
         if self._closed:
             return
         self._closed = True
+        self._loader.close()  # waits for a load in progress
+        while self._loaded:
+            tuner, loaded, _exc = self._loaded.popleft()
+            if loaded is not None:
+                loaded.close()
+            plugin = self._loading_plugins.pop(tuner.id, None)
+            if plugin is not None and plugin.path is not None:
+                unload_plugin(plugin)
         tuners = list(reversed(self.tuners))
         block = []
         for tuner in tuners:
@@ -502,6 +714,13 @@ class Daemon:
                 self._stop_tuner(tuner, summarize=False)
             except Exception as exc:  # keep tearing the rest down
                 log.error("stopping tuner %s failed: %r", tuner.name, exc)
+        if self.ring.active:
+            # The event path's volume, for whoever weighs its cost (bench/overhead.py).
+            log.info(
+                "# Summary: %d events handled from the ring buffer, %d dropped (malformed or for no tuner)",
+                self.ring.received,
+                self.ring.dropped_malformed + self.ring.dropped_unknown,
+            )
         self.loop.close()
         if self.watcher is not None:
             self.watcher.close()
@@ -523,7 +742,7 @@ class Daemon:
         self.close()
 
 
-def run_daemon(config: DaemonConfig) -> int:
+def run_daemon(config: DaemonConfig, early: EarlyProbe | None = None) -> int:
     """Entry point used by the CLI: returns the process exit code.
 
     Order: detach (-D) before logging is set up, so syslog names the daemon's
@@ -536,10 +755,12 @@ def run_daemon(config: DaemonConfig) -> int:
         from .metrics import DEFAULT_PORT
 
         metrics_at = parse_metrics_address(config.metrics, DEFAULT_PORT)
+    if config.daemonize:
+        assert early is None, "a thread must not be running across fork()"
     detached = detach(keep_stderr=config.to_stderr) if config.daemonize else None
     setup_logging(config.to_stderr, config.debug)
     try:
-        return _serve(config, metrics_at, detached)
+        return _serve(config, metrics_at, detached, early)
     except PybpftuneError as exc:
         if detached is not None and detached.pending:
             log.error("%s", exc)
@@ -547,28 +768,36 @@ def run_daemon(config: DaemonConfig) -> int:
         raise
 
 
-def _serve(config: DaemonConfig, metrics_at: tuple[str, int] | None, detached: Detached | None) -> int:
+def _serve(
+    config: DaemonConfig, metrics_at: tuple[str, int] | None, detached: Detached | None, early: EarlyProbe | None
+) -> int:
     notifier = Notifier()
     metrics = None
     try:
-        with Daemon(config) as daemon:
+        with Daemon(config, early=early) as daemon:
             if detached is not None:
                 daemon.state.write_pid()
-            daemon.start()
-            if config.drop_capabilities:
-                _drop_capabilities()
-            if metrics_at is not None:
-                from .metrics import MetricsServer
 
-                metrics = MetricsServer(daemon, *metrics_at, notifier=notifier)
-                metrics.start()
-            names = ", ".join(t.name for t in daemon.tuners)
-            notifier.ready(f"tuning with {len(daemon.tuners)} tuners: {names}")
-            if notifier.watchdog is not None:
-                daemon.loop.call_every(notifier.watchdog, notifier.ping, "systemd watchdog")
-            if detached is not None:
-                detached.ready()
-            log.debug("logging to %s; systemd notify %s", sink_name(), "on" if notifier.enabled else "off")
+            def started() -> None:
+                """Once the last tuner is up (the load thread has ended)."""
+                nonlocal metrics
+                if config.drop_capabilities:
+                    _drop_capabilities()
+                if metrics_at is not None:
+                    from .metrics import MetricsServer
+
+                    metrics = MetricsServer(daemon, *metrics_at, notifier=notifier)
+                    metrics.start()
+                names = ", ".join(t.name for t in daemon.tuners)
+                notifier.ready(f"tuning with {len(daemon.tuners)} tuners: {names}")
+                if notifier.watchdog is not None:
+                    daemon.loop.call_every(notifier.watchdog, notifier.ping, "systemd watchdog")
+                if detached is not None:
+                    detached.ready()
+                log.debug("logging to %s; systemd notify %s", sink_name(), "on" if notifier.enabled else "off")
+
+            daemon.on_started.append(started)
+            daemon.start()
             try:
                 daemon.run()
             finally:

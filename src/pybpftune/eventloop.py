@@ -10,11 +10,14 @@ request could sit unnoticed until the next timer.
 
 Callbacks run on the loop's thread, one at a time; one that raises is
 reported to ``on_error`` (the daemon disables the tuner behind it) and the
-loop goes on.
+loop goes on.  Another thread hands work to the loop with
+``call_soon_threadsafe`` (the daemon's object-loading thread reports each
+loaded tuner that way).
 """
 
 from __future__ import annotations
 
+import collections
 import heapq
 import itertools
 import logging
@@ -62,6 +65,8 @@ class EventLoop:
         self._selector.register(self._wake_r, selectors.EVENT_READ, ("wakeup", self._drain_wakeup))
         self._previous_handlers: dict[int, object] = {}
         self._previous_wakeup: int | None = None
+        # Calls handed over by other threads (deque appends and pops are atomic).
+        self._soon: collections.deque[tuple[str, Callback]] = collections.deque()
         self.wakeups = 0  # how often the loop woke up: the idle-cost figure benches read
 
     # --- registration -------------------------------------------------------------
@@ -87,6 +92,12 @@ class EventLoop:
     def call_every(self, interval: float, callback: Callback, name: str = "") -> Timer:
         """Call ``callback`` every ``interval`` seconds (measured from each run's end)."""
         return self.call_at(self.clock() + interval, callback, name, interval)
+
+    def call_soon_threadsafe(self, callback: Callback, name: str = "") -> None:
+        """From any thread: run ``callback`` on the loop's thread as soon as it
+        next wakes (it is woken now)."""
+        self._soon.append((name or getattr(callback, "__qualname__", "call"), callback))
+        self._wake()
 
     def _schedule(self, timer: Timer) -> None:
         heapq.heappush(self._timers, (timer.when, next(self._seq), timer))
@@ -119,16 +130,23 @@ class EventLoop:
     def stop(self) -> None:
         """Make ``run()`` return after the current callback (safe from signal handlers)."""
         self._stopping = True
+        self._wake()
+
+    def _wake(self) -> None:
+        if self._closed:
+            return  # the pipe's fd number may belong to something else by now
         try:
             os.write(self._wake_w, b"\0")
         except (BlockingIOError, OSError):
-            pass
+            pass  # a full pipe wakes the loop anyway
 
     @property
     def stopping(self) -> bool:
         return self._stopping
 
     def _next_timeout(self, max_wait: float | None) -> float | None:
+        if self._soon:
+            return 0.0
         while self._timers and self._timers[0][2].cancelled:
             heapq.heappop(self._timers)
         if not self._timers:
@@ -144,6 +162,9 @@ class EventLoop:
         self.wakeups += 1
         for key, _mask in ready:
             name, callback = key.data
+            self._call(name, callback)
+        while self._soon:
+            name, callback = self._soon.popleft()
             self._call(name, callback)
         now = self.clock()
         while self._timers and self._timers[0][0] <= now:

@@ -26,7 +26,6 @@ drops events from others, so everything here degrades to "global only".
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
 import logging
 import os
@@ -55,7 +54,9 @@ PENDING_MOUNT_S = 5.0
 # Cookies of gone namespaces remembered (8 bytes each, oldest forgotten first).
 GONE_MAX = 65536
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+# libc is already in the process: CDLL(None) finds setns/inotify there, where
+# ctypes.util.find_library would run ldconfig in a subprocess (slow in a VM).
+_libc = ctypes.CDLL(None, use_errno=True)
 _lock = threading.RLock()
 
 IN_NONBLOCK = os.O_NONBLOCK
@@ -365,6 +366,17 @@ class Namespaces:
         if RUN_NETNS.is_dir():
             self._add_watch(str(RUN_NETNS), IN_CREATE | IN_MOVED_TO | IN_DELETE | IN_MOVED_FROM)
         return True
+
+    @property
+    def watch_fd(self) -> int | None:
+        """The inotify fd (readable when /run/netns changed), once watch() succeeded."""
+        return self._watch_fd
+
+    @property
+    def pending(self) -> bool:
+        """New /run/netns entries whose bind mount has not shown yet: call
+        poll_watch() again shortly (no inotify event announces the mount)."""
+        return bool(self._pending)
 
     def _add_watch(self, path: str, mask: int) -> None:
         assert self._watch_fd is not None

@@ -162,6 +162,9 @@ class BpfObject:
             self._obj, self._keepalive = libbpf.object_open(data, name)
         except BpfError as exc:
             raise BpfObjectError(f"{name}: libbpf cannot parse it ({exc}); truncated or corrupt BPF object") from exc
+        # libbpf copies what it needs while opening and forgets the buffer
+        # (bpf_object__elf_finish): nothing must keep the ELF bytes alive after.
+        self._keepalive = None
         self._progs = {libbpf.program_name(p): p for p in libbpf.object_programs(self._obj)}
         self._maps = {libbpf.map_name(m): m for m in libbpf.object_maps(self._obj)}
         self.programs = {
@@ -271,6 +274,15 @@ class BpfObject:
         if err < 0:
             raise BpfLoadError(self.name, err, lines[-40:], failed_program(lines))
         self.loaded = True
+        # Map the writable globals now: Python's mmap dups the map's fd, and an
+        # object should hold every fd it will ever hold from load on (a later,
+        # lazy one would look like a load still going on from outside).
+        for map_name, m in self._maps.items():
+            if libbpf.map_is_internal(m) and map_name.endswith((".bss", ".data")):
+                try:
+                    self._global_buffer(m, map_name)
+                except (OSError, ValueError):
+                    pass  # not mmapable on this kernel: set_global reports it when used
 
     def map(self, name: str) -> MapView:
         if not self.loaded:

@@ -21,6 +21,7 @@ import fcntl
 import json
 import logging
 import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +32,8 @@ log = logging.getLogger("pybpftune.state")
 DEFAULT_STATE_DIR = Path("/run/pybpftune")
 JOURNAL_GLOB = "originals-*.jsonl"
 PID_FILE = "pybpftune.pid"
+# A cache file larger than this is not ours.
+CACHE_MAX = 65536
 
 
 @dataclass(frozen=True)
@@ -195,6 +198,46 @@ class StateDir:
             pass
         os.close(self._pid_fd)
         self._pid_fd = None
+
+    # --- caches: facts about this boot that are costly to learn (the support probe) ---
+
+    def read_cache(self, name: str) -> str | None:
+        """A cache file's text, or None.  Only a root-owned regular file that
+        only root can write is read; callers still validate what they get."""
+        path = self.path / f"{name}.cache"
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+        except OSError:
+            return None
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode) or st.st_uid != 0 or st.st_mode & 0o022 or st.st_size > CACHE_MAX:
+                return None
+            return os.read(fd, CACHE_MAX).decode("utf-8", errors="strict")
+        except (OSError, UnicodeDecodeError):
+            return None
+        finally:
+            os.close(fd)
+
+    def write_cache(self, name: str, text: str) -> None:
+        """Replace a cache file atomically; failures are only logged (a cache
+        is an optimisation)."""
+        path = self.path / f"{name}.cache"
+        tmp = self.path / f".{name}.cache.{os.getpid()}"
+        try:
+            self.ensure()
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
+            try:
+                os.write(fd, text.encode())
+            finally:
+                os.close(fd)
+            os.replace(tmp, path)
+        except OSError as exc:
+            log.debug("cannot write cache %s: %s", path, exc)
+            try:
+                tmp.unlink()
+            except OSError:
+                pass
 
     def close(self) -> None:
         if self._journal_fd is not None:

@@ -141,6 +141,10 @@ class TunableStore:
             return GONE
         return self._netns_state.get((tuner.name, netns_cookie), ACTIVE)
 
+    def manual_namespaces(self, tuner: Tuner) -> list[int]:
+        """Namespaces where an administrator took over from this tuner."""
+        return [c for (name, c), state in self._netns_state.items() if name == tuner.name and state == MANUAL]
+
     def disable(self, tuner: Tuner, netns_cookie: int, why: str) -> None:
         """Stop tuning in one namespace (an administrator took over there)."""
         if self._netns_state.get((tuner.name, netns_cookie)) == MANUAL:

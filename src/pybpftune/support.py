@@ -192,12 +192,23 @@ def _probe_kinds(data: bytes, kinds: dict[str, str], cgroup2: str | None) -> dic
     return out
 
 
-@functools.cache
-def probe_support() -> Support:
-    """Probe once per process; later calls return the cached answer."""
-    memlock = raise_memlock()
+def assemble(kinds: dict[str, KindSupport]) -> Support:
+    """A Support from probed (or cached) program kinds plus the cheap facts,
+    which are always looked up afresh (they can change without a reboot)."""
+    return Support(
+        kinds={k: kinds[k] for k in PROBE_PROGRAMS},
+        kernel_btf=KERNEL_BTF.exists(),
+        ringbuf=libbpf.probe_map_type(libbpf.MAP_TYPE_RINGBUF),
+        netns_cookie=netns_cookie_of_current() is not None,
+        cgroup2=find_cgroup2(),
+        memlock=raise_memlock(),
+    )
+
+
+def probe_kinds() -> dict[str, KindSupport]:
+    """Load and attach one probe program per kind (the costly part)."""
+    raise_memlock()
     kernel_btf = KERNEL_BTF.exists()
-    ringbuf = libbpf.probe_map_type(libbpf.MAP_TYPE_RINGBUF)
     cgroup2 = find_cgroup2()
     kinds: dict[str, KindSupport] = {}
     try:
@@ -210,15 +221,67 @@ def probe_support() -> Support:
             kinds[kind] = KindSupport(kind, False, False, "needs kernel BTF")
     todo = {k: p for k, p in PROBE_PROGRAMS.items() if k not in kinds}
     kinds.update(_probe_kinds(data, todo, cgroup2))
-    kinds = {k: kinds[k] for k in PROBE_PROGRAMS}
-    return Support(
-        kinds=kinds,
-        kernel_btf=kernel_btf,
-        ringbuf=ringbuf,
-        netns_cookie=netns_cookie_of_current() is not None,
-        cgroup2=cgroup2,
-        memlock=memlock,
-    )
+    return {k: kinds[k] for k in PROBE_PROGRAMS}
+
+
+@functools.cache
+def probe_support() -> Support:
+    """Probe once per process; later calls return the cached answer."""
+    return assemble(probe_kinds())
+
+
+# --- the per-boot cache of probed kinds --------------------------------------------
+#
+# What a kernel lets BPF do does not change while it runs, and probing costs a
+# kernel BTF parse and nine verifications (about a second in an emulated
+# guest), so the daemon keeps the probed kinds for the rest of the boot.  The
+# key names everything the answer depends on; a file that does not match it
+# exactly, or does not parse as expected, is ignored and the kernel probed again.
+
+CACHE_FORMAT = 1
+
+
+def cache_key() -> str:
+    """This boot, kernel, libbpf, pybpftune and probe object."""
+    from . import __version__
+
+    try:
+        boot_id = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        st = object_path("probe").stat()
+    except OSError:
+        return ""  # no boot id: no cache
+    probe = f"{st.st_size}:{st.st_mtime_ns}"
+    return f"{CACHE_FORMAT} {boot_id} {os.uname().release} {libbpf.version()} {__version__} {probe}"
+
+
+def kinds_to_text(key: str, kinds: dict[str, KindSupport]) -> str:
+    import json
+
+    return json.dumps({"key": key, "kinds": {k.kind: [k.loads, k.attaches, k.reason] for k in kinds.values()}})
+
+
+def kinds_from_text(text: str, key: str) -> dict[str, KindSupport] | None:
+    """Validated kinds from a cache file, or None (wrong key, damaged, incomplete)."""
+    import json
+
+    try:
+        raw = json.loads(text)
+    except ValueError:
+        return None
+    if not key or not isinstance(raw, dict) or raw.get("key") != key or not isinstance(raw.get("kinds"), dict):
+        return None
+    kinds: dict[str, KindSupport] = {}
+    for kind in PROBE_PROGRAMS:
+        entry = raw["kinds"].get(kind)
+        if not (isinstance(entry, list) and len(entry) == 3):
+            return None
+        loads, attaches, reason = entry
+        if not (isinstance(loads, bool) and isinstance(attaches, bool) and isinstance(reason, str)):
+            return None
+        if len(reason) > 500 or not reason.isprintable() or (loads and attaches and reason):
+            return None
+        kinds[kind] = KindSupport(kind, loads, attaches, reason)
+    return kinds
 
 
 def support_report(support: Support) -> tuple[list[str], list[str]]:

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, ClassVar
 from .errors import TunerError
 
 if TYPE_CHECKING:
+    from .eventloop import EventLoop
     from .events import Event
     from .loader import LoadedObject
     from .netns import Namespaces
@@ -129,6 +130,10 @@ class TunerContext:
     peers: Callable[[], Sequence[Tuner]] = lambda: ()
     # -R: tuners that change things outside the store (netlink) restore them in stop().
     rollback: bool = False
+    # The daemon's event loop (None in unit tests): a tuner may watch an fd there.
+    loop: EventLoop | None = None
+    # Ask for a tick at this monotonic time (earlier than the one planned); see Tuner.tick.
+    request_tick: Callable[[Tuner, float], None] = lambda tuner, when: None
 
 
 class Tuner:
@@ -207,8 +212,18 @@ class Tuner:
     def applied(self, proposal: Proposal) -> None:
         """A proposal took effect (e.g. mirror the new value into BPF)."""
 
-    def tick(self, now: float) -> None:
-        """Called about once a second for time-based rules."""
+    def tick(self, now: float) -> float | None:
+        """Time-based rules.  Return when the next tick is due (a
+        ``time.monotonic()`` value; ``math.inf``: none until asked for with
+        :meth:`tick_at`), or None for one second from now.  The daemon wakes
+        only for ticks that are due, so an idle tuner should not ask for a
+        tick it does not need.  Only tuners that override this get ticks."""
+        return None
+
+    def tick_at(self, when: float) -> None:
+        """Have :meth:`tick` called no later than ``when`` (monotonic seconds),
+        e.g. after an event started something that must be checked on later."""
+        self.ctx.request_tick(self, when)
 
     def netns_disabled(self, netns_cookie: int) -> None:
         """The store turned this tuner off in a namespace (an administrator

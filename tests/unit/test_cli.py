@@ -66,6 +66,7 @@ def test_daemon_refuses_unsupported_kernel_in_one_line(
     import pybpftune.daemon as daemon_mod
 
     monkeypatch.setattr(daemon_mod, "probe_support", lambda: support)
+    monkeypatch.setattr(daemon_mod.Daemon, "_cached_kinds", lambda self, key: None)  # a real boot's cache
     monkeypatch.setattr("os.geteuid", lambda: 0)
     result = CliRunner().invoke(main, ["-s", "--state-dir", str(tmp_path)])
     assert result.exit_code == 1

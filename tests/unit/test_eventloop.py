@@ -91,3 +91,19 @@ def test_without_an_error_handler_the_exception_propagates() -> None:
         loop.call_later(0, boom)
         with pytest.raises(RuntimeError):
             loop.run_once(0)
+
+
+def test_another_thread_hands_work_to_a_blocked_loop() -> None:
+    ran: list[str] = []
+    with EventLoop() as loop:
+
+        def from_thread() -> None:
+            loop.call_soon_threadsafe(lambda: ran.append(threading.current_thread().name), "handed over")
+            loop.call_soon_threadsafe(loop.stop)
+
+        threading.Timer(0.1, from_thread).start()
+        t0 = time.monotonic()
+        loop.run()  # nothing else would wake it
+        assert time.monotonic() - t0 < 5
+    assert ran == [threading.main_thread().name]
+    loop.call_soon_threadsafe(lambda: None)  # after close: dropped, no write to a stale fd

@@ -89,18 +89,28 @@ def update_event(tunable: int, scenario: int, old: tuple[int, int, int], cookie:
 
 
 def receiver(
-    limit: int, *, rtt_us: int = 50_000, min_rtt_us: int = 50_000, wscale_cap: int = 1 << 30, rate: float | None = None
+    limit: int,
+    *,
+    rtt_us: int = 50_000,
+    min_rtt_us: int = 50_000,
+    wscale_cap: int = 1 << 30,
+    rate: float | None = None,
+    first: bool = False,
 ) -> Conn:
     """A receiver whose buffer sits at ``limit`` (window = half the buffer,
     as with tcp_adv_win_scale 1) reading its whole usable window per RTT,
-    or ``rate`` bytes/s when given."""
+    or ``rate`` bytes/s when given; its goodput measured across samples,
+    unless ``first`` (its first samples: no goodput measured yet)."""
     window = limit // 2
     usable = min(window, wscale_cap)
     delivered = usable if rate is None else int(rate * rtt_us / 1e6)
     flags = tb.F_RCV | tb.F_LIMIT
     if window > wscale_cap:
         flags |= tb.F_WSCALE
-    return Conn(flags, rtt_us, min_rtt_us, 1448, limit, 0, window, wscale_cap, delivered, rtt_us)
+    measured = 0.0 if first else delivered * 1e6 / rtt_us
+    return Conn(
+        flags, rtt_us, min_rtt_us, 1448, limit, 0, window, wscale_cap, delivered, rtt_us, measured_rate=measured
+    )
 
 
 def sender(limit: int, *, rtt_us: int = 50_000, min_rtt_us: int = 50_000, inflight: int | None = None) -> Conn:
@@ -174,7 +184,7 @@ def test_syncookies_is_a_readable_sysctl() -> None:
 
 
 def test_conn_payload_round_trips_through_the_event() -> None:
-    conn = receiver(131072, wscale_cap=262140)
+    conn = receiver(131072, wscale_cap=262140, first=True)  # the event carries no measured goodput
     event = conn_event(tb.TCP_RMEM, conn, (4096, 65536, 131072))
     assert Conn.from_event(event) == conn
     assert event.update(0).old == (4096, 65536, 131072)
@@ -189,6 +199,24 @@ def test_window_limited_receiver_without_a_queue_is_probed_by_the_largest_step()
     # window 65536, x4 at learning rate 4, buffer/window 2.
     assert conn.need(Steps(4)) == 4 * 65536 * 2
     assert conn.need(Steps(2)) == int(1.75 * 65536 * 2)
+
+
+def test_a_receiver_pressing_its_first_limit_gets_room_up_to_its_window_scale_cap() -> None:
+    """The first connection of the efficacy scenario: 131072 limit, window
+    scale 2 (cap 262140), in slow start: its rate (4.3 Mbit/s averaged over
+    the ramp) says nothing yet, so it gets room for its cap, in one step."""
+    slow_start = receiver(131072, wscale_cap=262140, rate=4.3e6 / 8, first=True)
+    assert not slow_start.window_limited() and not slow_start.queueing()
+    assert slow_start.need(Steps(4)) == 262140 * 2
+    assert tb.grow_max(131072, slow_start.need(Steps(4)), Steps(4)) == 262140 * 2  # within one step (x4)
+    # Once goodput is measured, the need is need-based again (here: app-limited).
+    later = receiver(131072, wscale_cap=262140, rate=4.3e6 / 8)
+    assert later.need(Steps(4)) == later.full_need() < 262140
+    # Not with a queue, not at the cap already, not for senders.
+    queued = receiver(131072, wscale_cap=262140, rtt_us=80_000, rate=1e6, first=True)
+    assert queued.queueing() and queued.need(Steps(4)) == queued.full_need() < 262140
+    assert receiver(1048576, wscale_cap=262140, first=True).first_press_need() == 0
+    assert sender(131072).first_press_need() == 0
 
 
 def test_queueing_receiver_wants_twice_its_bdp() -> None:

@@ -4,6 +4,7 @@
 #include <errno.h>
 #include <stdarg.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <linux/types.h>
 #include <bpf/libbpf.h>
@@ -20,8 +21,25 @@ static void pybpftune_libbpf_log(int level, const char *line);
 static int pybpftune_print(enum libbpf_print_level level, const char *fmt, va_list ap)
 {
 	char line[4096];
+	va_list again;
+	int n;
 
-	vsnprintf(line, sizeof(line), fmt, ap);
+	va_copy(again, ap);
+	n = vsnprintf(line, sizeof(line), fmt, ap);
+	if (n >= (int)sizeof(line)) {
+		/* A verifier log arrives as one message of up to megabytes; its
+		 * last lines say why a program was refused, so keep all of it. */
+		char *big = malloc((size_t)n + 1);
+
+		if (big) {
+			vsnprintf(big, (size_t)n + 1, fmt, again);
+			va_end(again);
+			pybpftune_libbpf_log((int)level, big);
+			free(big);
+			return 0;
+		}
+	}
+	va_end(again);
 	pybpftune_libbpf_log((int)level, line);
 	return 0;
 }

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
-from importlib import resources
 from pathlib import Path
 
 from ..errors import BpfObjectError
+
+# The objects are plain files next to this module (wheels and editable installs
+# alike); importlib.resources would cost the daemon's start-up a megabyte of imports.
+HERE = Path(__file__).resolve().parent
 
 
 def object_path(name: str, legacy: bool = False, directory: Path | None = None) -> Path:
@@ -17,7 +20,7 @@ def object_path(name: str, legacy: bool = False, directory: Path | None = None) 
         if not path.is_file():
             raise BpfObjectError(f"BPF object {path} is missing (build the tuner's objects first)")
         return path
-    path = Path(str(resources.files(__name__).joinpath(filename)))
+    path = HERE / filename
     if not path.is_file():
         raise BpfObjectError(f"BPF object {filename} is missing from the installation (run `make` in a checkout)")
     return path
@@ -25,8 +28,4 @@ def object_path(name: str, legacy: bool = False, directory: Path | None = None) 
 
 def available() -> list[str]:
     """Names of the packaged objects (full variant)."""
-    return sorted(
-        p.name.removesuffix(".bpf.o")
-        for p in Path(str(resources.files(__name__))).iterdir()
-        if p.name.endswith(".bpf.o")
-    )
+    return sorted(p.name.removesuffix(".bpf.o") for p in HERE.iterdir() if p.name.endswith(".bpf.o"))

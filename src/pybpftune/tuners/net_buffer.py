@@ -22,6 +22,7 @@ See docs/tuners/net_buffer.md.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 from collections import deque
@@ -390,9 +391,13 @@ class NetBufferTuner(Tuner):
 
     # --- /proc/net/softnet_stat fallback ----------------------------------------------------------
 
-    def tick(self, now: float) -> None:
+    def tick(self, now: float) -> float | None:
         if not (self.poll_backlog or self.poll_squeeze):
-            return
+            return math.inf  # the BPF signals cover both: nothing to poll
+        self._poll_softnet()
+        return None  # once a second while polling
+
+    def _poll_softnet(self) -> None:
         text = self.read_softnet()
         if text is None:
             return

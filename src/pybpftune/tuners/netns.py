@@ -8,13 +8,18 @@ mount (``/run/netns/*``) or a process is learned; afterwards:
   freed (``__put_net``) with its cookie and inode, so the registry maps it
   without entering it, and forgets a dead one at once;
 * everywhere, an inotify watch on /run/netns notices new bind mounts (`ip netns
-  add`, container runtimes) within a tick, and unknown cookies met later are
-  resolved on demand (hint, mounts, then at most one /proc scan per 10 s).
+  add`, container runtimes): its fd is one of the daemon loop's readers, so
+  nothing polls while nothing changes; a new entry whose bind mount has not
+  shown yet is looked at again every PENDING_RETRY_S until it does.  Unknown
+  cookies met later are resolved on demand (hint, mounts, then at most one
+  /proc scan per 10 s).
 
 Needs netns cookies (Linux 5.14+), as bpftune's netns tuner does.
 """
 
 from __future__ import annotations
+
+import time
 
 from ..events import Event
 from ..tuner import Scenario, Tunable, Tuner, TunerContext
@@ -22,6 +27,12 @@ from ..tuner import Scenario, Tunable, Tuner, TunerContext
 SCENARIO_CREATE, SCENARIO_DESTROY = 0, 1
 TUNABLE_NAMESPACE = 0
 FORGET_EVERY_S = 30.0
+# ... and as often when BPF reports each namespace freed (a safety net only).
+FORGET_SIGNALLED_S = 300.0
+# A /run/netns entry waiting for its bind mount is retried this often.
+PENDING_RETRY_S = 0.25
+# Without the loop (unit tests) the watch is polled from tick() this often.
+POLL_S = 1.0
 
 
 class NetnsTuner(Tuner):
@@ -44,6 +55,8 @@ class NetnsTuner(Tuner):
         self.created_watch = 0
         self.destroyed = 0
         self.watching = False
+        self._reading = False  # the watch fd is a reader of the daemon's loop
+        self._destroy_signal = False  # BPF reports namespaces freed
         self._next_forget = 0.0
 
     def start(self) -> None:
@@ -52,10 +65,17 @@ class NetnsTuner(Tuner):
         self.at_start = {ref.cookie for ref in ns.known()}
         self.seen = set(self.at_start)
         self.watching = ns.watch()
+        loop, fd = self.ctx.loop, ns.watch_fd
+        if self.watching and loop is not None and fd is not None:
+            loop.add_reader(fd, self._on_watch, "netns: /run/netns watch")
+            self._reading = True
         signal = None
         if self.loaded is not None:
             choice = self.loaded.choices.get("netns_create")
             signal = choice.chosen if choice is not None else None
+        if self.loaded is not None:
+            destroy = self.loaded.choices.get("netns_destroy")
+            self._destroy_signal = destroy is not None and destroy.chosen is not None
         how = f"from the kernel ({signal} on copy_net_ns)" if signal else "without a kernel signal"
         self.log.info(
             "netns: %d namespaces besides the global one at start; learning new ones %s%s",
@@ -87,17 +107,39 @@ class NetnsTuner(Tuner):
                 self.log.debug("netns destroyed (cookie %d)", cookie)
             self.seen.discard(cookie)
 
-    def tick(self, now: float) -> None:
+    def _on_watch(self) -> None:
+        self._poll_watch(time.monotonic())
+
+    def _poll_watch(self, now: float) -> None:
         ns = self.ctx.namespaces
         for cookie in ns.poll_watch():
             self._created(cookie, "/run/netns")
+        if ns.pending:
+            self.tick_at(now + PENDING_RETRY_S)
+
+    def tick(self, now: float) -> float | None:
+        ns = self.ctx.namespaces
+        if not self._reading or ns.pending:
+            self._poll_watch(now)
         if now >= self._next_forget:
-            self._next_forget = now + FORGET_EVERY_S
+            # With the BPF destroy signal the registry forgets at once; the
+            # sweep then only has to catch what was never announced.
+            self._next_forget = now + (FORGET_EVERY_S if not self._destroy_signal else FORGET_SIGNALLED_S)
             for cookie in ns.forget_gone():
                 self.seen.discard(cookie)
+        due = self._next_forget
+        if not self._reading:
+            due = min(due, now + POLL_S)
+        elif ns.pending:
+            due = min(due, now + PENDING_RETRY_S)
+        return due
 
     def stop(self) -> None:
-        self.ctx.namespaces.close()
+        ns = self.ctx.namespaces
+        if self._reading and self.ctx.loop is not None and ns.watch_fd is not None:
+            self.ctx.loop.remove_reader(ns.watch_fd)
+            self._reading = False
+        ns.close()
 
     def summary_lines(self) -> list[str]:
         ns = self.ctx.namespaces

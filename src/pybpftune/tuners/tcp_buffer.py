@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import os
 import time
 from collections import Counter, OrderedDict
@@ -111,6 +112,8 @@ COOLDOWN_RTTS = 3
 COOLDOWN_MIN_S = 0.1
 COOLDOWN_MAX_S = 1.0
 MEM_COOLDOWN_S = 0.5
+# While in the low-memory state, how often to check whether it can be left.
+LOW_MEMORY_CHECK_S = 1.0
 SYN_COOLDOWN_S = 1.0
 SYN_BACKLOG_MIN = 128
 # How long a connection's full-pipe need protects a limit from latency
@@ -265,6 +268,9 @@ class Conn:
         """Buffer bytes this connection needs (see the module docstring)."""
         if self.queueing():
             return self.full_need()
+        return max(self._need_with_room(steps), self.first_press_need())
+
+    def _need_with_room(self, steps: Steps) -> int:
         if self.window_limited():
             return int(explore_factor(steps) * self.effective_window() * self.buffer_per_window())
         if not self.receive and self.cwnd:
@@ -275,6 +281,22 @@ class Conn:
             # once a queue forms: a window inflated by a queue needs nothing.
             return max(self.full_need(), int(self.cwnd * self.mss * self.buffer_per_window()))
         return self.full_need()
+
+    def first_press_need(self) -> int:
+        """A receiver whose buffer reached the limit before any goodput
+        could be measured (its first samples: slow start), on a path with no
+        queue: room for the most its window can be, the cap its window scale
+        set at the handshake.  Its rate says nothing yet, and only while it
+        is still ramping up can the kernel's receive autotuning follow a
+        raised limit (on 6.1 a buffer clamped at the old limit stays there);
+        the cap bounds what it asks.  Later evidence is need-based as before.
+        (A sender's send buffer follows a raised limit whenever its
+        congestion window grows, so senders need no such rule.)"""
+        if not self.receive or not self.flags & F_LIMIT or self.measured_rate > 0:
+            return 0
+        if self.window_cap <= self.effective_window():
+            return 0
+        return int(self.window_cap * self.buffer_per_window())
 
     def full_need(self) -> int:
         """Buffer bytes for a window of twice the BDP: what keeps the pipe
@@ -585,6 +607,8 @@ class TcpBufferTuner(Tuner):
         self._maybe_leave_low_memory()
         for proposal in self.decide(event):
             self.apply(proposal)
+        if self._low_mem:
+            self.tick_at(time.monotonic() + LOW_MEMORY_CHECK_S)  # ticks are off outside that state
         self.handler_s += time.perf_counter() - t0
 
     def applied(self, proposal: Proposal) -> None:
@@ -606,8 +630,10 @@ class TcpBufferTuner(Tuner):
         if proposal.tunable == TCP_RMEM and proposal.scenario == BUFFER_INCREASE:
             self._ensure_moderate_rcvbuf(proposal.netns_cookie)
 
-    def tick(self, now: float) -> None:
+    def tick(self, now: float) -> float | None:
         self._maybe_leave_low_memory()
+        # Only the low-memory state needs watching over time.
+        return now + LOW_MEMORY_CHECK_S if self._low_mem else math.inf
 
     def summary_lines(self) -> list[str]:
         lines: list[str] = []

@@ -21,8 +21,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
-import shutil
-import subprocess
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -37,6 +36,8 @@ log = logging.getLogger("pybpftune.tuner.tcp_conn")
 # Index = enum tcp_conn_alg.
 ALGS = ("cubic", "bbr", "htcp", "dctcp")
 MODULES = {"cubic": "tcp_cubic", "bbr": "tcp_bbr", "htcp": "tcp_htcp", "dctcp": "tcp_dctcp"}
+# Where modprobe lives (looked up directly: shutil.which would import shutil, bz2 and lzma).
+MODPROBE = ("/usr/sbin/modprobe", "/sbin/modprobe", "/usr/bin/modprobe", "/bin/modprobe")
 REASONS = ("loss", "greedy", "explore")  # index = enum tcp_conn_reason
 
 TUNABLE_CONG, TUNABLE_ALLOWED, TUNABLE_AVAILABLE, TUNABLE_DEFAULT, TUNABLE_THIN_LTO = range(5)
@@ -196,14 +197,16 @@ class TcpConnTuner(Tuner):
             return
         self._prepared = True
         available = self._read_text(TUNABLE_AVAILABLE).split()
-        modprobe = shutil.which("modprobe")
-        for alg in ALGS:
-            if alg in available or modprobe is None:
-                continue
-            try:
-                subprocess.run([modprobe, "-q", MODULES[alg]], capture_output=True, timeout=10, check=False)
-            except (OSError, subprocess.TimeoutExpired):
-                pass
+        missing = [alg for alg in ALGS if alg not in available]
+        modprobe = next((p for p in MODPROBE if os.access(p, os.X_OK)), None)
+        if missing and modprobe is not None:
+            import subprocess  # only here: most start-ups need no module loaded
+
+            for alg in missing:
+                try:
+                    subprocess.run([modprobe, "-q", MODULES[alg]], capture_output=True, timeout=10, check=False)
+                except (OSError, subprocess.TimeoutExpired):
+                    pass
         self.available = [a for a in ALGS if a in self._read_text(TUNABLE_AVAILABLE).split()]
 
     def bpf_globals(self) -> Mapping[str, int]:

@@ -139,7 +139,6 @@ class UdpBufferTuner(Tuner):
         self.free_pages: int | None = None
         self.counters: Callable[[int], Counters | None] = lambda cookie: counters_in(ctx.namespaces, cookie)
         self._refused = SayOnce(log)
-        self._last_refresh = 0.0
 
     # --- setup -------------------------------------------------------------------------
 
@@ -150,12 +149,13 @@ class UdpBufferTuner(Tuner):
         if self.free_pages is None:
             self.free_pages = nr_free_buffer_pages()
 
-    def tick(self, now: float) -> None:
+    def handle_event(self, event: Event) -> None:
         # Follow changes made behind our back (the sysctl tuner disables us
-        # then, but the BPF pre-filter should still see true values).
-        if now - self._last_refresh >= 5:
-            self._last_refresh = now
-            self._mirror()
+        # then, but the BPF pre-filter should still see true values): a raised
+        # limit makes the stale pre-filter send events, and each event
+        # refreshes it, so no periodic re-read is needed.
+        self._mirror()
+        super().handle_event(event)
 
     def _mirror(self) -> None:
         self.set_bpf_global("rmem_max", self.current(RMEM_MAX)[0])

@@ -1,0 +1,170 @@
+"""The `bpftune` entry point: a daemon command line starts without click.
+
+Starting the daemon is the common case, and click's imports would stay in the
+daemon's memory for its whole life (about 1.5 MB, a sixth of the budget the
+peak-RSS goal leaves Python) and cost a tenth of a second of start-up in an
+emulated guest.  :func:`entry` parses the daemon's own options here;
+anything else (help, -V, -S, -P, -q, -p, an unknown option, a bad value,
+``--``, a positional argument) goes to the click command in cli.py, which
+owns every message and every check.  ``SHORT`` and ``LONG`` must name exactly
+the click command's daemon options: a unit test compares them.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import NoReturn
+
+# option -> (DaemonConfig field, kind); kind: "flag", "value" or "multi" (repeatable)
+SHORT: dict[str, tuple[str, str]] = {
+    "a": ("allow", "multi"),
+    "c": ("cgroup", "value"),
+    "d": ("debug", "flag"),
+    "D": ("daemonize", "flag"),
+    "l": ("libdirs", "multi"),
+    "L": ("legacy", "flag"),
+    "r": ("learning_rate", "value"),
+    "R": ("rollback", "flag"),
+    "s": ("to_stderr", "flag"),
+}
+LONG: dict[str, tuple[str, str]] = {
+    "allow": ("allow", "multi"),
+    "cgroup": ("cgroup", "value"),
+    "debug": ("debug", "flag"),
+    "daemon": ("daemonize", "flag"),
+    "libdir": ("libdirs", "multi"),
+    "legacy": ("legacy", "flag"),
+    "learning-rate": ("learning_rate", "value"),
+    "rollback": ("rollback", "flag"),
+    "stderr": ("to_stderr", "flag"),
+    "state-dir": ("state_dir", "value"),
+    "metrics": ("metrics", "value"),
+}
+
+
+def fail(message: str, code: int = 1) -> NoReturn:
+    """One line on stderr and a non-zero exit: how every operator mistake ends."""
+    print(f"bpftune: {message}", file=sys.stderr, flush=True)
+    sys.exit(code)
+
+
+def parse_daemon_args(argv: Sequence[str]) -> dict[str, object] | None:
+    """DaemonConfig keyword arguments for a plain daemon command line, or
+    None when click must handle it (anything unusual, including every error)."""
+    found: dict[str, list[str]] = {}
+    args = list(argv)
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        i += 1
+        if arg.startswith("--") and len(arg) > 2:
+            name, eq, inline = arg[2:].partition("=")
+            spec = LONG.get(name)
+            if spec is None:
+                return None
+            if spec[1] == "flag":
+                if eq:
+                    return None
+                found.setdefault(spec[0], []).append("")
+                continue
+            if not eq:
+                if i >= len(args):
+                    return None
+                inline = args[i]
+                i += 1
+            found.setdefault(spec[0], []).append(inline)
+        elif arg.startswith("-") and len(arg) > 1 and not arg.startswith("--"):
+            chars = arg[1:]
+            for pos, ch in enumerate(chars):
+                spec = SHORT.get(ch)
+                if spec is None:
+                    return None
+                if spec[1] == "flag":
+                    found.setdefault(spec[0], []).append("")
+                    continue
+                value = chars[pos + 1 :]
+                if not value:
+                    if i >= len(args):
+                        return None
+                    value = args[i]
+                    i += 1
+                found.setdefault(spec[0], []).append(value)
+                break
+        else:
+            return None  # "--", "-" or a positional argument: click says what is wrong
+    return _config_kwargs(found)
+
+
+def _config_kwargs(found: dict[str, list[str]]) -> dict[str, object] | None:
+    kinds = dict([*SHORT.values(), *LONG.values()])
+    out: dict[str, object] = {}
+    for dest, values in found.items():
+        kind = kinds[dest]
+        if kind == "flag":
+            out[dest] = True
+        elif kind == "multi":
+            out[dest] = tuple(values)
+        elif len(values) > 1:
+            return None  # click takes the last one; let it, rather than guess here
+        else:
+            out[dest] = values[0]
+    rate = out.get("learning_rate")
+    if rate is not None:
+        if rate not in ("0", "1", "2", "3", "4"):
+            return None  # click reports the range
+        out["learning_rate"] = int(str(rate))
+    for dest in ("cgroup", "state_dir"):
+        value = out.get(dest)
+        if value is None:
+            continue
+        text = str(value)
+        # click.Path refuses an existing file for --state-dir and unreadable paths; let it.
+        if not text:
+            return None
+        if os.path.exists(text) and (not os.access(text, os.R_OK) or (dest == "state_dir" and not os.path.isdir(text))):
+            return None
+        out[dest] = Path(text)
+    return out
+
+
+def start_daemon(kwargs: dict[str, object], early_probe: bool = False) -> NoReturn:
+    """Run the daemon with these DaemonConfig fields; exits with its code.
+    Mistakes and refusals end in one line (2 for usage, 1 otherwise).
+    ``early_probe``: start the support probe before importing the daemon
+    (not across -D's fork, and only as root: the daemon refuses otherwise)."""
+    from .errors import PybpftuneError, UsageError
+
+    try:
+        early = None
+        if early_probe and os.geteuid() == 0 and not kwargs.get("daemonize"):
+            from .startup import begin_probe
+            from .state import DEFAULT_STATE_DIR
+
+            early = begin_probe(DEFAULT_STATE_DIR)
+        from .daemon import DaemonConfig, run_daemon
+
+        try:
+            sys.exit(run_daemon(DaemonConfig(**kwargs), early))  # type: ignore[arg-type]
+        finally:
+            if early is not None:
+                early.loader.close()  # a refused start: let a probe under way finish first
+    except UsageError as exc:
+        fail(str(exc), 2)
+    except PybpftuneError as exc:
+        fail(str(exc))
+    except PermissionError as exc:
+        fail(f"permission denied ({exc.filename or exc}); pybpftune needs root (CAP_SYS_ADMIN, CAP_BPF, CAP_NET_ADMIN)")
+
+
+def entry(argv: Sequence[str] | None = None) -> None:
+    """Console-script entry (`bpftune`, `pybpftune`, `python -m pybpftune`)."""
+    args = sys.argv[1:] if argv is None else list(argv)
+    kwargs = parse_daemon_args(args)
+    if kwargs is not None:
+        start_daemon(kwargs, early_probe=True)
+    from .cli import main
+
+    main(args=args, prog_name="bpftune")
