@@ -706,6 +706,13 @@ class Daemon:
                 block += self._summary_lines(tuner)
             except Exception as exc:
                 log.error("summarizing tuner %s failed: %r", tuner.name, exc)
+        if tuners and self.ring.active:
+            # The event path's volume, for whoever weighs its cost (bench/overhead.py).
+            dropped = self.ring.dropped_malformed + self.ring.dropped_unknown
+            block.append(
+                f"# Summary: {self.ring.received} events handled from the ring buffer, "
+                f"{dropped} dropped (malformed or for no tuner)"
+            )
         if tuners:
             for line in ["# Summary of changes made across all tuners:", *block]:
                 log.info("%s", line, extra={"bpftune": {"summary": True}})
@@ -714,13 +721,6 @@ class Daemon:
                 self._stop_tuner(tuner, summarize=False)
             except Exception as exc:  # keep tearing the rest down
                 log.error("stopping tuner %s failed: %r", tuner.name, exc)
-        if self.ring.active:
-            # The event path's volume, for whoever weighs its cost (bench/overhead.py).
-            log.info(
-                "# Summary: %d events handled from the ring buffer, %d dropped (malformed or for no tuner)",
-                self.ring.received,
-                self.ring.dropped_malformed + self.ring.dropped_unknown,
-            )
         self.loop.close()
         if self.watcher is not None:
             self.watcher.close()
