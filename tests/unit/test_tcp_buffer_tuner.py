@@ -207,14 +207,16 @@ def test_a_receiver_pressing_its_first_limit_gets_room_up_to_its_window_scale_ca
     the ramp) says nothing yet, so it gets room for its cap, in one step."""
     slow_start = receiver(131072, wscale_cap=262140, rate=4.3e6 / 8, first=True)
     assert not slow_start.window_limited() and not slow_start.queueing()
-    assert slow_start.need(Steps(4)) == 262140 * 2
-    assert tb.grow_max(131072, slow_start.need(Steps(4)), Steps(4)) == 262140 * 2  # within one step (x4)
+    assert slow_start.need(Steps(4), first_limit=True) == 262140 * 2
+    assert tb.grow_max(131072, slow_start.need(Steps(4), first_limit=True), Steps(4)) == 262140 * 2  # one step
+    # Once the tuner has grown the limit, a new connection's scale follows it: need-based again.
+    assert slow_start.need(Steps(4)) == slow_start.full_need() < 262140
     # Once goodput is measured, the need is need-based again (here: app-limited).
     later = receiver(131072, wscale_cap=262140, rate=4.3e6 / 8)
     assert later.need(Steps(4)) == later.full_need() < 262140
     # Not with a queue, not at the cap already, not for senders.
     queued = receiver(131072, wscale_cap=262140, rtt_us=80_000, rate=1e6, first=True)
-    assert queued.queueing() and queued.need(Steps(4)) == queued.full_need() < 262140
+    assert queued.queueing() and queued.need(Steps(4), first_limit=True) == queued.full_need() < 262140
     assert receiver(1048576, wscale_cap=262140, first=True).first_press_need() == 0
     assert sender(131072).first_press_need() == 0
 
@@ -382,6 +384,20 @@ def test_changes_are_spaced_by_a_few_rtts_and_stale_events_ignored() -> None:
     assert backend.read("net.ipv4.tcp_rmem", NS)[2] == 524288
     tuner.handle_event(conn_event(tb.TCP_RMEM, receiver(524288), (4096, 65536, 524288)))
     assert backend.read("net.ipv4.tcp_rmem", NS)[2] == 4 * 524288
+
+
+def test_only_the_first_growth_in_a_namespace_sizes_for_the_window_scale_cap() -> None:
+    """The efficacy scenario's first connection gets room for its cap at its
+    first press; a later connection in slow start (whose scale follows the
+    grown limit: cap 4 MiB here) is sized by need, not by its cap."""
+    tuner, backend, clock = make_tuner()
+    first = receiver(131072, wscale_cap=262140, rate=4.3e6 / 8, first=True)
+    tuner.handle_event(conn_event(tb.TCP_RMEM, first, (4096, 65536, 131072)))
+    assert backend.read("net.ipv4.tcp_rmem", NS)[2] == 2 * 262140
+    clock.now += 2
+    later = receiver(2 * 262140, wscale_cap=4 * MB, rate=4.3e6 / 8, first=True)
+    tuner.handle_event(conn_event(tb.TCP_RMEM, later, (4096, 65536, 2 * 262140)))
+    assert backend.read("net.ipv4.tcp_rmem", NS)[2] == 2 * 262140, "need-based: a slow reader needs no more"
 
 
 def test_a_window_scale_capped_connection_cannot_run_the_limit_away() -> None:

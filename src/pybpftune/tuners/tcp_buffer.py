@@ -264,11 +264,14 @@ class Conn:
         overhead = self.queued / held if held > 0 and self.queued > 0 else 1.0
         return 2.0 * min(4.0, max(1.0, overhead))
 
-    def need(self, steps: Steps) -> int:
-        """Buffer bytes this connection needs (see the module docstring)."""
+    def need(self, steps: Steps, first_limit: bool = False) -> int:
+        """Buffer bytes this connection needs (see the module docstring).
+        ``first_limit``: the limit is still the one the tuner found (it has
+        not grown it in this namespace yet); see first_press_need."""
         if self.queueing():
             return self.full_need()
-        return max(self._need_with_room(steps), self.first_press_need())
+        first = self.first_press_need() if first_limit else 0
+        return max(self._need_with_room(steps), first)
 
     def _need_with_room(self, steps: Steps) -> int:
         if self.window_limited():
@@ -283,13 +286,16 @@ class Conn:
         return self.full_need()
 
     def first_press_need(self) -> int:
-        """A receiver whose buffer reached the limit before any goodput
-        could be measured (its first samples: slow start), on a path with no
-        queue: room for the most its window can be, the cap its window scale
-        set at the handshake.  Its rate says nothing yet, and only while it
-        is still ramping up can the kernel's receive autotuning follow a
-        raised limit (on 6.1 a buffer clamped at the old limit stays there);
-        the cap bounds what it asks.  Later evidence is need-based as before.
+        """A receiver whose buffer reached the limit the tuner found, before
+        any goodput could be measured (its first samples: slow start), on a
+        path with no queue: room for the most its window can be, the cap its
+        window scale set at the handshake.  Its rate says nothing yet, and
+        only while it is still ramping up can the kernel's receive autotuning
+        follow a raised limit (on 6.1 a buffer clamped at the old limit stays
+        there); the cap bounds what it asks.  Only for the first growth in a
+        namespace: once the tuner has grown the limit, each new connection's
+        window scale follows the grown limit, its cap says nothing about
+        need, and every later growth is need-based (the memory discipline).
         (A sender's send buffer follows a raised limit whenever its
         congestion window grows, so senders need no such rule.)"""
         if not self.receive or not self.flags & F_LIMIT or self.measured_rate > 0:
@@ -736,6 +742,7 @@ class TcpBufferTuner(Tuner):
         update = event.update(0)
         tid, cookie = update.id, event.netns_cookie
         conn = self.remember(cookie, Conn.from_event(event))
+        written = self._written_max.get((cookie, tid))
         debug = self.log.isEnabledFor(logging.DEBUG)
         if debug:
             self.log.debug(
@@ -745,9 +752,8 @@ class TcpBufferTuner(Tuner):
                 cookie,
                 conn.describe(),
                 conn.effective_window(),
-                conn.need(self.steps),
+                conn.need(self.steps, first_limit=written is None),
             )
-        written = self._written_max.get((cookie, tid))
         if written is not None and update.old[2] != written:
             self.outcomes["stale"] += 1
             return []  # seen before our last change: stale
@@ -768,7 +774,7 @@ class TcpBufferTuner(Tuner):
         current = tuple(int(v) for v in update.old[:3]) if written is not None else self._read(tid, cookie)
         if current is None:
             return []
-        need = conn.need(self.steps)
+        need = conn.need(self.steps, first_limit=written is None)
         recent = self._recent_need(cookie, tid, conn.full_need())
         if conn.queueing() and self.corr_reader(tid, cookie).significant():
             # Latency rose with buffer size and this connection sits in a
