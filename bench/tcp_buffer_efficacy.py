@@ -442,7 +442,7 @@ def write_json(runs: list[Run], path: Path, args: argparse.Namespace) -> None:
     path.write_text(json.dumps(doc, indent=1) + "\n")
 
 
-def draw(runs: list[Run], path: Path) -> None:
+def draw(runs: list[Run], path: Path, kernel: str | None = None) -> None:
     """Receiver goodput per second over the run, one line per set-up
     (connection boundaries show as the dips of each new slow start)."""
     import matplotlib
@@ -461,7 +461,7 @@ def draw(runs: list[Run], path: Path) -> None:
                 f"{r.late_mean():.1f} Mbit/s)" if r.transfers else r.name)  # fmt: skip
     ax.set_xlabel("seconds since the first transfer")
     ax.set_ylabel("receiver goodput, Mbit/s")
-    ax.set_title(f"tcp_buffer efficacy: {ONE_WAY_DELAY} each way, {RATE} ({platform.release()})")
+    ax.set_title(f"tcp_buffer efficacy: {ONE_WAY_DELAY} each way, {RATE} ({kernel or platform.release()})")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
