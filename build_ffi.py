@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parent
 CDEF_DIR = ROOT / "src" / "pybpftune" / "_cdef"
 SHARED_HEADER = ROOT / "src" / "bpf" / "bpftune_shared.h"
 # Bump when the cdef or the shims change incompatibly; checked at import.
-EXT_ABI = 1
+EXT_ABI = 2
 MIN_LIBBPF = (1, 0)  # major, minor
 
 INT_TYPEDEFS = """

@@ -85,7 +85,7 @@ BPFTUNE_TP(frag, netif_receive_skb, struct sk_buff *skb)
 
 #ifndef BPFTUNE_LEGACY
 SEC("fentry/ip_defrag")
-int BPF_PROG(frag__fentry4, struct net *net, struct sk_buff *skb, u32 user)
+int BPF_PROG(bpftune_frag__fentry4, struct net *net, struct sk_buff *skb, u32 user)
 {
 	if (!bpftune_sample(&defrag_sample))
 		return 0;
@@ -93,7 +93,7 @@ int BPF_PROG(frag__fentry4, struct net *net, struct sk_buff *skb, u32 user)
 }
 
 SEC("fentry/ipv6_frag_rcv")
-int BPF_PROG(frag__fentry6, struct sk_buff *skb)
+int BPF_PROG(bpftune_frag__fentry6, struct sk_buff *skb)
 {
 	if (!bpftune_sample(&defrag_sample))
 		return 0;
@@ -102,7 +102,7 @@ int BPF_PROG(frag__fentry6, struct sk_buff *skb)
 #endif
 
 SEC("kprobe/ip_defrag")
-int BPF_KPROBE(frag__kprobe4, struct net *net, struct sk_buff *skb, u32 user)
+int BPF_KPROBE(bpftune_frag__kprobe4, struct net *net, struct sk_buff *skb, u32 user)
 {
 	if (!bpftune_sample(&defrag_sample))
 		return 0;
@@ -110,7 +110,7 @@ int BPF_KPROBE(frag__kprobe4, struct net *net, struct sk_buff *skb, u32 user)
 }
 
 SEC("kprobe/ipv6_frag_rcv")
-int BPF_KPROBE(frag__kprobe6, struct sk_buff *skb)
+int BPF_KPROBE(bpftune_frag__kprobe6, struct sk_buff *skb)
 {
 	if (!bpftune_sample(&defrag_sample))
 		return 0;

@@ -43,7 +43,7 @@ struct {
 	__uint(max_entries, 1);
 	__type(key, __u32);
 	__type(value, __u64);
-} last_squeeze SEC(".maps");
+} bpftune_squeeze SEC(".maps");
 
 static __always_inline __u64 net_cookie_of(struct sk_buff *skb)
 {
@@ -104,7 +104,7 @@ BPFTUNE_TP(backlog, kfree_skb, struct sk_buff *skb, void *location, enum skb_dro
 
 #ifndef BPFTUNE_LEGACY
 SEC("fexit/enqueue_to_backlog")
-int BPF_PROG(backlog__fexit, struct sk_buff *skb, int cpu, unsigned int *qtail, int ret)
+int BPF_PROG(bpftune_backlog__fexit, struct sk_buff *skb, int cpu, unsigned int *qtail, int ret)
 {
 	if (ret != NET_RX_DROP)
 		return 0;
@@ -113,7 +113,7 @@ int BPF_PROG(backlog__fexit, struct sk_buff *skb, int cpu, unsigned int *qtail, 
 #endif
 
 SEC("kretprobe/enqueue_to_backlog")
-int BPF_KRETPROBE(backlog__kretprobe, int ret)
+int BPF_KRETPROBE(bpftune_backlog__kretprobe, int ret)
 {
 	if (ret != NET_RX_DROP)
 		return 0;
@@ -131,7 +131,7 @@ static __always_inline int squeeze_check(void)
 	/* Refused at load when kernel BTF has no softnet_data variable. */
 	sd = bpf_this_cpu_ptr(&softnet_data);
 	squeeze = BPF_CORE_READ(sd, time_squeeze);
-	last = bpf_map_lookup_elem(&last_squeeze, &zero);
+	last = bpf_map_lookup_elem(&bpftune_squeeze, &zero);
 	if (!last)
 		return 0;
 	prev = *last;
@@ -155,7 +155,7 @@ BPFTUNE_TP(squeeze, napi_poll, struct napi_struct *napi, int work, int budget)
 
 #ifndef BPFTUNE_LEGACY
 SEC("fentry/napi_complete_done")
-int BPF_PROG(squeeze__fentry, struct napi_struct *n, int work_done)
+int BPF_PROG(bpftune_squeeze__fentry, struct napi_struct *n, int work_done)
 {
 	if (work_done <= 0 || !bpftune_sample(&squeeze_sample))
 		return 0;
@@ -164,7 +164,7 @@ int BPF_PROG(squeeze__fentry, struct napi_struct *n, int work_done)
 #endif
 
 SEC("kprobe/napi_complete_done")
-int BPF_KPROBE(squeeze__kprobe, struct napi_struct *n, int work_done)
+int BPF_KPROBE(bpftune_squeeze__kprobe, struct napi_struct *n, int work_done)
 {
 	if (work_done <= 0 || !bpftune_sample(&squeeze_sample))
 		return 0;

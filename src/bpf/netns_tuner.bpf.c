@@ -44,7 +44,7 @@ static __always_inline void netns_created(struct net *old_net, struct net *net)
 
 #ifndef BPFTUNE_LEGACY
 SEC("fexit/copy_net_ns")
-int BPF_PROG(netns_create__fexit, unsigned long flags, struct user_namespace *user_ns, struct net *old_net,
+int BPF_PROG(bpftune_netns_create__fexit, unsigned long flags, struct user_namespace *user_ns, struct net *old_net,
 	     struct net *net)
 {
 	netns_created(old_net, net);
@@ -52,7 +52,7 @@ int BPF_PROG(netns_create__fexit, unsigned long flags, struct user_namespace *us
 }
 
 SEC("fentry/__put_net")
-int BPF_PROG(netns_destroy__fentry, struct net *net)
+int BPF_PROG(bpftune_netns_destroy__fentry, struct net *net)
 {
 	netns_send(net, NETNS_SCENARIO_DESTROY);
 	return 0;
@@ -65,32 +65,32 @@ struct {
 	__uint(max_entries, 1024);
 	__type(key, __u64);
 	__type(value, __u64);
-} netns_old_map SEC(".maps");
+} bpftune_netns SEC(".maps");
 
 SEC("kprobe/copy_net_ns")
-int BPF_KPROBE(netns_create__kprobe, unsigned long flags, struct user_namespace *user_ns, struct net *old_net)
+int BPF_KPROBE(bpftune_netns_create__kprobe, unsigned long flags, struct user_namespace *user_ns, struct net *old_net)
 {
 	__u64 id = bpf_get_current_pid_tgid(), old = (__u64)old_net;
 
-	bpf_map_update_elem(&netns_old_map, &id, &old, BPF_ANY);
+	bpf_map_update_elem(&bpftune_netns, &id, &old, BPF_ANY);
 	return 0;
 }
 
 SEC("kretprobe/copy_net_ns")
-int BPF_KRETPROBE(netns_create__kretprobe, struct net *net)
+int BPF_KRETPROBE(bpftune_netns_create__kretprobe, struct net *net)
 {
 	__u64 id = bpf_get_current_pid_tgid(), *old;
 
-	old = bpf_map_lookup_elem(&netns_old_map, &id);
+	old = bpf_map_lookup_elem(&bpftune_netns, &id);
 	if (!old)
 		return 0;
 	netns_created((struct net *)*old, net);
-	bpf_map_delete_elem(&netns_old_map, &id);
+	bpf_map_delete_elem(&bpftune_netns, &id);
 	return 0;
 }
 
 SEC("kprobe/__put_net")
-int BPF_KPROBE(netns_destroy__kprobe, struct net *net)
+int BPF_KPROBE(bpftune_netns_destroy__kprobe, struct net *net)
 {
 	netns_send(net, NETNS_SCENARIO_DESTROY);
 	return 0;

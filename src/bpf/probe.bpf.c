@@ -13,61 +13,61 @@
 __u64 probe_hits;
 
 SEC("fentry/tcp_v4_connect")
-int BPF_PROG(probe_fentry)
+int BPF_PROG(bpftune_probe_fentry)
 {
 	probe_hits++;
 	return 0;
 }
 
 SEC("fexit/tcp_v4_connect")
-int BPF_PROG(probe_fexit)
+int BPF_PROG(bpftune_probe_fexit)
 {
 	probe_hits++;
 	return 0;
 }
 
 SEC("tp_btf/sched_process_exit")
-int BPF_PROG(probe_tp_btf)
+int BPF_PROG(bpftune_probe_tp_btf)
 {
 	probe_hits++;
 	return 0;
 }
 
 SEC("raw_tp/sched_process_exit")
-int BPF_PROG(probe_raw_tp)
+int BPF_PROG(bpftune_probe_raw_tp)
 {
 	probe_hits++;
 	return 0;
 }
 
 SEC("kprobe/tcp_v4_connect")
-int BPF_KPROBE(probe_kprobe)
+int BPF_KPROBE(bpftune_probe_kprobe)
 {
 	probe_hits++;
 	return 0;
 }
 
 SEC("kretprobe/tcp_v4_connect")
-int BPF_KRETPROBE(probe_kretprobe)
+int BPF_KRETPROBE(bpftune_probe_kretprobe)
 {
 	probe_hits++;
 	return 0;
 }
 
 SEC("iter/tcp")
-int probe_iter(struct bpf_iter__tcp *ctx)
+int bpftune_probe_iter(struct bpf_iter__tcp *ctx)
 {
 	return 0;
 }
 
 SEC("cgroup/sysctl")
-int probe_cgroup_sysctl(struct bpf_sysctl *ctx)
+int bpftune_probe_cgroup_sysctl(struct bpf_sysctl *ctx)
 {
 	return 1;
 }
 
 SEC("sockops")
-int probe_sockops(struct bpf_sock_ops *ctx)
+int bpftune_probe_sockops(struct bpf_sock_ops *ctx)
 {
 	return 1;
 }

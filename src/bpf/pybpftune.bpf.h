@@ -4,11 +4,16 @@
  * share, the globals the loader sets before load, event output, adaptive
  * sampling and the learning-rate arithmetic.
  *
+ * Names: every program and map is named "bpftune_..." so that operators can
+ * tell ours apart in `bpftool prog` / `bpftool map` (the kernel keeps the
+ * first 15 characters; bpftool prints a program's full name from its BTF).
+ *
  * Multi-form signals: one kernel signal may be written in several forms, each
- * a program named "<signal>__<form>" (e.g. rcv_space__tp_btf, rcv_space__fentry,
- * rcv_space__kprobe).  The loader keeps the best form that loads and attaches on
- * the running kernel and switches the others off.  Programs without "__" in
- * their name are single-form and required.
+ * a program named "bpftune_<signal>__<form>" (e.g. bpftune_rcv_space__tp_btf,
+ * bpftune_rcv_space__fentry, bpftune_rcv_space__kprobe).  The loader keeps the
+ * best form that loads and attaches on the running kernel and switches the
+ * others off.  Programs without "__" in their name are single-form and
+ * required.
  *
  * Variants: the full variant (default) may use tp_btf, fentry/fexit and
  * iterators; the legacy variant (-DBPFTUNE_LEGACY) uses only raw tracepoints,
@@ -32,14 +37,14 @@
 struct {
 	__uint(type, BPF_MAP_TYPE_RINGBUF);
 	__uint(max_entries, BPFTUNE_RINGBUF_SIZE);
-} ring_buffer_map SEC(".maps");
+} bpftune_ringbuf SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, 1024);
 	__type(key, struct corr_key);
 	__type(value, struct corr);
-} corr_map SEC(".maps");
+} bpftune_corr SEC(".maps");
 
 /*
  * Per object: last time an event was sent for (netns, tunable), for dedupe.
@@ -51,7 +56,7 @@ struct {
 	__uint(max_entries, 4096); /* recent keys suffice; the map is preallocated */
 	__type(key, __u64);
 	__type(value, __u64);
-} last_event_map SEC(".maps");
+} bpftune_last_ev SEC(".maps");
 
 /* Globals set by the loader before load; writable afterwards via mmap. */
 __u32 tuner_id;
@@ -78,7 +83,7 @@ __u64 bpftune_events_sent;
 #define BPFTUNE_FUNC_SEC(fn) SEC("fentry/" #fn)
 #endif
 
-#define ___bpftune_cat(a, b) a##__##b
+#define ___bpftune_cat(a, b) bpftune_##a##__##b
 #define __bpftune_cat(a, b) ___bpftune_cat(a, b)
 
 /*
@@ -93,11 +98,11 @@ __u64 bpftune_events_sent;
 
 /* The fentry form of a signal (full variant only). */
 #define BPFTUNE_FENTRY(signal, fn, args...)                                    \
-	SEC("fentry/" #fn) int BPF_PROG(signal##__fentry, ##args)
+	SEC("fentry/" #fn) int BPF_PROG(bpftune_##signal##__fentry, ##args)
 
 /* The kprobe form of a signal (both variants). */
 #define BPFTUNE_KPROBE(signal, fn, args...)                                    \
-	SEC("kprobe/" #fn) int BPF_KPROBE(signal##__kprobe, ##args)
+	SEC("kprobe/" #fn) int BPF_KPROBE(bpftune_##signal##__kprobe, ##args)
 
 #define bpftune_log(fmt, ...)                                                  \
 	do {                                                                   \
@@ -172,7 +177,7 @@ static __always_inline int bpftune_send_event(struct bpftune_event *event)
 {
 	event->tuner_id = tuner_id;
 	event->pid = bpf_get_current_pid_tgid() >> 32;
-	if (bpf_ringbuf_output(&ring_buffer_map, event, sizeof(*event), 0)) {
+	if (bpf_ringbuf_output(&bpftune_ringbuf, event, sizeof(*event), 0)) {
 		__sync_fetch_and_add(&bpftune_ringbuf_drops, 1);
 		return -1;
 	}
@@ -200,10 +205,10 @@ static __always_inline int bpftune_send_sysctl_event(struct net *net,
 	if (cookie == BPFTUNE_NETNS_UNKNOWN)
 		return 0;
 	key = (cookie & 0xffffffffULL) | ((__u64)tunable << 32);
-	last = bpf_map_lookup_elem(&last_event_map, &key);
+	last = bpf_map_lookup_elem(&bpftune_last_ev, &key);
 	if (last && now - *last < BPFTUNE_EVENT_INTERVAL_NS)
 		return 0;
-	bpf_map_update_elem(&last_event_map, &key, &now, BPF_ANY);
+	bpf_map_update_elem(&bpftune_last_ev, &key, &now, BPF_ANY);
 
 	event->scenario_id = scenario;
 	event->netns_cookie = cookie;
@@ -231,10 +236,10 @@ static __always_inline int bpftune_send_observation(__u64 cookie, __u32 scenario
 	__u64 k, *last;
 
 	k = (cookie & 0xffffffffULL) | ((__u64)key << 32) | (1ULL << 63);
-	last = bpf_map_lookup_elem(&last_event_map, &k);
+	last = bpf_map_lookup_elem(&bpftune_last_ev, &k);
 	if (last && now - *last < BPFTUNE_EVENT_INTERVAL_NS)
 		return 0;
-	bpf_map_update_elem(&last_event_map, &k, &now, BPF_ANY);
+	bpf_map_update_elem(&bpftune_last_ev, &k, &now, BPF_ANY);
 	event->scenario_id = scenario;
 	event->netns_cookie = cookie;
 	return bpftune_send_event(event);
@@ -247,10 +252,10 @@ static __always_inline void bpftune_corr_update(__u32 id, __u64 cookie, __u64 x,
 	struct corr_key key = { .tuner_id = tuner_id, .id = id, .netns_cookie = cookie };
 	struct corr zero = {}, *c;
 
-	c = bpf_map_lookup_elem(&corr_map, &key);
+	c = bpf_map_lookup_elem(&bpftune_corr, &key);
 	if (!c) {
-		bpf_map_update_elem(&corr_map, &key, &zero, BPF_NOEXIST);
-		c = bpf_map_lookup_elem(&corr_map, &key);
+		bpf_map_update_elem(&bpftune_corr, &key, &zero, BPF_NOEXIST);
+		c = bpf_map_lookup_elem(&bpftune_corr, &key);
 		if (!c)
 			return;
 	}

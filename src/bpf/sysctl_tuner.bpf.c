@@ -3,7 +3,7 @@
  * sysctl tuner: notice when anyone but the daemon writes a sysctl, so the
  * tuner owning it can back off in that namespace.
  *
- * sysctl_gate, a cgroup/sysctl program on the root cgroup that allows
+ * bpftune_sysctl_gate, a cgroup/sysctl program on the root cgroup that allows
  * everything, makes the kernel run its sysctl filter on every access.  The
  * write itself is then seen in one of these forms, best first:
  *   fentry / kprobe on __cgroup_bpf_run_filter_sysctl: the writer's pid, the
@@ -17,7 +17,7 @@
 #define SYSCTL_WRITE_SCENARIO 0
 
 SEC("cgroup/sysctl")
-int sysctl_gate(struct bpf_sysctl *ctx)
+int bpftune_sysctl_gate(struct bpf_sysctl *ctx)
 {
 	return 1;
 }
@@ -61,20 +61,20 @@ static __always_inline int on_filter(struct ctl_table_header *head, struct ctl_t
 
 #ifndef BPFTUNE_LEGACY
 SEC("fentry/__cgroup_bpf_run_filter_sysctl")
-int BPF_PROG(sysctl_write__fentry, struct ctl_table_header *head, struct ctl_table *table, int write)
+int BPF_PROG(bpftune_sysctl_write__fentry, struct ctl_table_header *head, struct ctl_table *table, int write)
 {
 	return on_filter(head, table, write);
 }
 #endif
 
 SEC("kprobe/__cgroup_bpf_run_filter_sysctl")
-int BPF_KPROBE(sysctl_write__kprobe, struct ctl_table_header *head, struct ctl_table *table, int write)
+int BPF_KPROBE(bpftune_sysctl_write__kprobe, struct ctl_table_header *head, struct ctl_table *table, int write)
 {
 	return on_filter(head, table, write);
 }
 
 SEC("cgroup/sysctl")
-int sysctl_write__cgroup_sysctl(struct bpf_sysctl *ctx)
+int bpftune_sysctl_write__cgroup_sysctl(struct bpf_sysctl *ctx)
 {
 	struct bpftune_event event = {};
 	struct sysctl_write_event *w = (void *)event.raw_data;

@@ -56,7 +56,7 @@ struct {
 	__uint(max_entries, 4096);
 	__type(key, __u64);
 	__type(value, struct tcp_buffer_syn_stats);
-} syn_stats SEC(".maps");
+} bpftune_synstat SEC(".maps");
 
 /* Hold-offs user space sets once a limit suffices (struct tcp_buffer_hold). */
 struct {
@@ -64,11 +64,11 @@ struct {
 	__uint(max_entries, 4096);
 	__type(key, struct tcp_buffer_hold_key);
 	__type(value, struct tcp_buffer_hold);
-} tcp_buffer_hold SEC(".maps");
+} bpftune_hold SEC(".maps");
 
 static __always_inline bool hold_applies(struct tcp_buffer_hold_key *key, __s64 limit, __u64 metric, __u64 now)
 {
-	struct tcp_buffer_hold *h = bpf_map_lookup_elem(&tcp_buffer_hold, key);
+	struct tcp_buffer_hold *h = bpf_map_lookup_elem(&bpftune_hold, key);
 
 	return h && h->limit == limit && metric <= h->metric && now < h->until_ns;
 }
@@ -100,12 +100,12 @@ struct {
 	__uint(max_entries, 1);
 	__type(key, __u32);
 	__type(value, struct bpftune_event);
-} tcp_buffer_scratch SEC(".maps");
+} bpftune_scratch SEC(".maps");
 
 static __always_inline struct bpftune_event *scratch_event(void)
 {
 	__u32 zero = 0;
-	struct bpftune_event *ev = bpf_map_lookup_elem(&tcp_buffer_scratch, &zero);
+	struct bpftune_event *ev = bpf_map_lookup_elem(&bpftune_scratch, &zero);
 
 	if (ev)
 		__builtin_memset(ev, 0, sizeof(*ev));
@@ -355,10 +355,10 @@ static __always_inline struct tcp_buffer_syn_stats *syn_stats_of(__u64 cookie)
 {
 	struct tcp_buffer_syn_stats zero = {}, *s;
 
-	s = bpf_map_lookup_elem(&syn_stats, &cookie);
+	s = bpf_map_lookup_elem(&bpftune_synstat, &cookie);
 	if (!s) {
-		bpf_map_update_elem(&syn_stats, &cookie, &zero, BPF_NOEXIST);
-		s = bpf_map_lookup_elem(&syn_stats, &cookie);
+		bpf_map_update_elem(&bpftune_synstat, &cookie, &zero, BPF_NOEXIST);
+		s = bpf_map_lookup_elem(&bpftune_synstat, &cookie);
 	}
 	return s;
 }

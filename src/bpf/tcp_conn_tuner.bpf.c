@@ -2,7 +2,7 @@
 /*
  * tcp_conn tuner: pick the congestion control of each TCP connection.
  *
- * One sockops program (conn_tuner) on the root cgroup v2 sees every TCP
+ * One sockops program (bpftune_conn_tuner) on the root cgroup v2 sees every TCP
  * connection of the machine, in every network namespace:
  *
  *  - at establishment it counts the remote host (namespace + address) and,
@@ -16,7 +16,7 @@
  *    rate against the host's best, folded into a moving average.
  *
  * Choices are made with bpf_setsockopt(TCP_CONGESTION) and counted in
- * conn_counts; user space reads the counts and host table at exit, and gets
+ * bpftune_counts; user space reads the counts and host table at exit, and gets
  * one event per (namespace, reason, algorithm) per second for its log.
  */
 #include "pybpftune.bpf.h"
@@ -67,21 +67,21 @@ struct {
 	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__type(key, int);
 	__type(value, struct conn_sk);
-} conn_sk_map SEC(".maps");
+} bpftune_conn_sk SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
 	__uint(max_entries, 4096);
 	__type(key, struct tcp_conn_host_key);
 	__type(value, struct tcp_conn_host);
-} conn_host_map SEC(".maps");
+} bpftune_hosts SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
 	__uint(max_entries, 1);
 	__type(key, __u32);
 	__type(value, struct tcp_conn_counts);
-} conn_counts SEC(".maps");
+} bpftune_counts SEC(".maps");
 
 /* Namespaces where an administrator took over (cookie -> 1), set by user space. */
 struct {
@@ -89,7 +89,7 @@ struct {
 	__uint(max_entries, 4096);
 	__type(key, __u64);
 	__type(value, __u8);
-} conn_netns_off SEC(".maps");
+} bpftune_ns_off SEC(".maps");
 
 /* Scratch space for an event (too big for the BPF stack next to the rest). */
 struct {
@@ -97,7 +97,7 @@ struct {
 	__uint(max_entries, 1);
 	__type(key, __u32);
 	__type(value, struct bpftune_event);
-} conn_scratch SEC(".maps");
+} bpftune_scratch SEC(".maps");
 
 /* A host's first entry. */
 const struct tcp_conn_host conn_new_host = {};
@@ -106,7 +106,7 @@ static __always_inline struct tcp_conn_counts *counts(void)
 {
 	__u32 zero = 0;
 
-	return bpf_map_lookup_elem(&conn_counts, &zero);
+	return bpf_map_lookup_elem(&bpftune_counts, &zero);
 }
 
 /*
@@ -184,12 +184,12 @@ static __always_inline void conn_event(struct bpf_sock_ops *ops, struct conn_sk 
 
 	/* At most one event a second per (namespace, reason, algorithm). */
 	key = (c->netns_cookie & 0xffffffffffffULL) | ((__u64)reason << 56) | ((__u64)new_alg << 48);
-	last = bpf_map_lookup_elem(&last_event_map, &key);
+	last = bpf_map_lookup_elem(&bpftune_last_ev, &key);
 	if (last && now - *last < TCP_CONN_EVENT_INTERVAL_NS)
 		return;
-	bpf_map_update_elem(&last_event_map, &key, &now, BPF_ANY);
+	bpf_map_update_elem(&bpftune_last_ev, &key, &now, BPF_ANY);
 
-	event = bpf_map_lookup_elem(&conn_scratch, &zero);
+	event = bpf_map_lookup_elem(&bpftune_scratch, &zero);
 	if (!event)
 		return;
 	__builtin_memset(event, 0, sizeof(*event));
@@ -208,7 +208,7 @@ static __always_inline void conn_event(struct bpf_sock_ops *ops, struct conn_sk 
 	 * current pid before Linux 6.x, and the task is arbitrary here anyway. */
 	event->tuner_id = tuner_id;
 	event->pid = 0;
-	if (bpf_ringbuf_output(&ring_buffer_map, event, sizeof(*event), 0))
+	if (bpf_ringbuf_output(&bpftune_ringbuf, event, sizeof(*event), 0))
 		__sync_fetch_and_add(&bpftune_ringbuf_drops, 1);
 	else
 		__sync_fetch_and_add(&bpftune_events_sent, 1);
@@ -248,12 +248,12 @@ static __always_inline void conn_established(struct bpf_sock_ops *ops, struct bp
 	cookie = conn_netns_cookie(sk);
 	if (n)
 		__sync_fetch_and_add(&n->connections, 1);
-	if (bpf_map_lookup_elem(&conn_netns_off, &cookie)) {
+	if (bpf_map_lookup_elem(&bpftune_ns_off, &cookie)) {
 		if (n)
 			__sync_fetch_and_add(&n->skipped_netns, 1);
 		return;
 	}
-	c = bpf_sk_storage_get(&conn_sk_map, sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+	c = bpf_sk_storage_get(&bpftune_conn_sk, sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
 	if (!c)
 		return;
 	c->netns_cookie = cookie;
@@ -261,10 +261,10 @@ static __always_inline void conn_established(struct bpf_sock_ops *ops, struct bp
 	conn_host_key(ops, cookie, &c->host);
 	bpf_sock_ops_cb_flags_set(ops, BPF_SOCK_OPS_STATE_CB_FLAG | BPF_SOCK_OPS_RETRANS_CB_FLAG);
 
-	h = bpf_map_lookup_elem(&conn_host_map, &c->host);
+	h = bpf_map_lookup_elem(&bpftune_hosts, &c->host);
 	if (!h) {
-		bpf_map_update_elem(&conn_host_map, &c->host, &conn_new_host, BPF_NOEXIST);
-		h = bpf_map_lookup_elem(&conn_host_map, &c->host);
+		bpf_map_update_elem(&bpftune_hosts, &c->host, &conn_new_host, BPF_NOEXIST);
+		h = bpf_map_lookup_elem(&bpftune_hosts, &c->host);
 		if (!h)
 			return;
 	}
@@ -313,7 +313,7 @@ static __always_inline void conn_retrans(struct bpf_sock_ops *ops, struct bpf_so
 	 * spurious timeout early in a connection is not a loss rate. */
 	if (ops->total_retrans < TCP_CONN_MIN_RETRANS || ops->total_retrans <= (ops->segs_out >> TCP_CONN_LOSS_SHIFT))
 		return;
-	c = bpf_sk_storage_get(&conn_sk_map, sk, 0, 0);
+	c = bpf_sk_storage_get(&bpftune_conn_sk, sk, 0, 0);
 	if (!c || c->switched)
 		return;
 	c->switched = 1;
@@ -337,7 +337,7 @@ static __always_inline void conn_closing(struct bpf_sock_ops *ops, struct bpf_so
 	__u64 rtt, rate, cost;
 	__u32 alg;
 
-	c = bpf_sk_storage_get(&conn_sk_map, sk, 0, 0);
+	c = bpf_sk_storage_get(&bpftune_conn_sk, sk, 0, 0);
 	if (!c || c->scored || c->alg >= TCP_CONN_NUM_ALGS)
 		return;
 	c->scored = 1;
@@ -345,7 +345,7 @@ static __always_inline void conn_closing(struct bpf_sock_ops *ops, struct bpf_so
 	rate = tcp_conn_delivery_rate(ops->rate_delivered, ops->mss_cache, ops->rate_interval_us);
 	if (!rtt || !rate)
 		return;
-	h = bpf_map_lookup_elem(&conn_host_map, &c->host);
+	h = bpf_map_lookup_elem(&bpftune_hosts, &c->host);
 	if (!h)
 		return;
 	alg = c->alg;
@@ -368,7 +368,7 @@ static __always_inline void conn_closing(struct bpf_sock_ops *ops, struct bpf_so
 }
 
 SEC("sockops")
-int conn_tuner(struct bpf_sock_ops *ops)
+int bpftune_conn_tuner(struct bpf_sock_ops *ops)
 {
 	struct bpf_sock *sk = ops->sk;
 

@@ -1,9 +1,10 @@
 """The cgroup v2 root that cgroup programs (sysctl, sockops) attach to.
 
 Prefer an existing cgroup2 mount (no side effects); otherwise mount a private
-one under the state directory and remove it on close.  Also finds programs a
-killed daemon left attached (bpf_prog_attach-style attachments survive their
-process; bpf_link ones do not) and detaches them.
+one under the state directory and remove it on close.  Also finds programs of
+ours left attached by an earlier daemon (bpf_prog_attach-style attachments
+survive their process; the bpf_link ones the daemon makes do not) and
+detaches them.
 """
 
 from __future__ import annotations
@@ -65,7 +66,10 @@ class CgroupRoot:
         return self.fd
 
     def detach_stale(self, attach_type: int, names: set[str], keep: set[int]) -> int:
-        """Detach programs named like ours that we did not attach."""
+        """Detach programs named like ours (full names, as bpftool shows
+        them) that we did not attach: ones attached with bpf_prog_attach,
+        which outlive their process (bpftune's way; ours are bpf_links, which
+        the kernel detaches when the daemon dies, however it dies)."""
         if self.fd is None or not names:
             return 0
         try:
@@ -73,22 +77,27 @@ class CgroupRoot:
         except BpfError as exc:
             log.debug("cannot list cgroup programs: %s", exc)
             return 0
-        names_by_id = {pid: name for pid, name, _t in libbpf.loaded_programs()}
+        # Without BTF the kernel knows only the first 15 characters.
+        wanted = names | {n[:15] for n in names}
         detached = 0
         for prog_id in attached:
-            name = names_by_id.get(prog_id, "")
-            if prog_id in keep or name not in names:
+            if prog_id in keep:
                 continue
-            log.info("detaching old BPF program '%s' (id %d) left by a previous daemon", name, prog_id)
             try:
                 prog_fd = libbpf.prog_fd_by_id(prog_id)
-                try:
-                    libbpf.prog_detach(prog_fd, self.fd, attach_type)
-                    detached += 1
-                finally:
-                    os.close(prog_fd)
+            except BpfError:
+                continue  # gone meanwhile
+            try:
+                name = libbpf.program_full_name(prog_fd)
+                if name not in wanted:
+                    continue
+                log.info("detaching old BPF program '%s' (id %d) left by a previous daemon", name, prog_id)
+                libbpf.prog_detach(prog_fd, self.fd, attach_type)
+                detached += 1
             except BpfError as exc:
                 log.info("could not detach old program %d: %s", prog_id, exc)
+            finally:
+                os.close(prog_fd)
         return detached
 
     def close(self) -> None:

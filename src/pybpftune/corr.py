@@ -1,6 +1,6 @@
 """Correlation between a tunable's value and a cost (latency), as bpftune's corr.h.
 
-The BPF side adds (x, y) samples to running sums in the shared ``corr_map``
+The BPF side adds (x, y) samples to running sums in the shared ``bpftune_corr`` map
 (``bpftune_corr_update``); user space computes Pearson's coefficient from
 them.  The map is shared by every tuner, so the key names the tuner as well
 as the tunable and the namespace (upstream keyed by tunable id only, so

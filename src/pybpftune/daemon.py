@@ -440,7 +440,7 @@ class Daemon:
         if tuner.cgroup_programs and cgroup_fd is not None:
             from .libbpf import ATTACH_CGROUP_SOCK_OPS, ATTACH_CGROUP_SYSCTL
 
-            names = {p[:15] for p in tuner.cgroup_programs}
+            names = set(tuner.cgroup_programs)
             for attach_type in (ATTACH_CGROUP_SYSCTL, ATTACH_CGROUP_SOCK_OPS):
                 self.cgroup.detach_stale(attach_type, names, keep=set())
         return load_object(

@@ -26,7 +26,7 @@ except ImportError as exc:  # pragma: no cover - exercised only on broken instal
         f"the pybpftune C extension is not built or cannot load ({exc}); run `make` in the checkout"
     ) from exc
 
-EXT_ABI = 1
+EXT_ABI = 2
 if lib.PYBPFTUNE_EXT_ABI != EXT_ABI:  # pragma: no cover
     raise PybpftuneError(
         f"stale pybpftune extension (ABI {lib.PYBPFTUNE_EXT_ABI}, need {EXT_ABI}); rebuild with `make`"
@@ -64,6 +64,8 @@ MAX_UPDATES = int(lib.BPFTUNE_MAX_UPDATES)
 MAX_STR = int(lib.BPFTUNE_MAX_STR)
 NETNS_UNKNOWN = int(lib.BPFTUNE_NETNS_UNKNOWN)
 EVENT_SIZE = int(ffi.sizeof("struct bpftune_event"))
+# What every program and map of ours is named (see objects.NAME_PREFIX).
+NAME_PREFIX = "bpftune_"
 
 # --- libbpf's print callback -------------------------------------------------
 
@@ -318,8 +320,19 @@ def probe_map_type(map_type_id: int) -> bool:
 # --- kernel-wide program inventory --------------------------------------------
 
 
-def loaded_programs() -> Iterator[tuple[int, str, int]]:
-    """(id, name, type) of every BPF program loaded in the kernel."""
+def program_full_name(prog_fd: int) -> str:
+    """A loaded program's full name: its BTF function name, as bpftool shows
+    it ("bpftune_sysctl_write__cgroup_sysctl"), else the kernel's name, which
+    the kernel cuts at 15 characters ("bpftune_sysctl_")."""
+    buf = ffi.new("char[256]")
+    _check(lib.pybpftune_prog_full_name(prog_fd, buf, 256), "reading program info")
+    return str(ffi.string(buf).decode(errors="replace"))
+
+
+def loaded_programs(full_names: bool = False) -> Iterator[tuple[int, str, int]]:
+    """(id, name, type) of every BPF program loaded in the kernel; with
+    ``full_names``, the full name of each program whose kernel name starts
+    with "bpftune_" (reading BTF costs, so only for those)."""
     next_id = ffi.new("__u32 *")
     cur = 0
     info = ffi.new("struct bpf_prog_info *")
@@ -333,7 +346,10 @@ def loaded_programs() -> Iterator[tuple[int, str, int]]:
             ffi.memmove(info, b"\0" * ffi.sizeof(info[0]), ffi.sizeof(info[0]))
             info_len[0] = ffi.sizeof(info[0])
             if lib.bpf_obj_get_info_by_fd(fd, info, info_len) == 0:
-                yield cur, ffi.string(info.name).decode(errors="replace"), int(info.type)
+                name = ffi.string(info.name).decode(errors="replace")
+                if full_names and name.startswith(NAME_PREFIX):
+                    name = program_full_name(fd)
+                yield cur, name, int(info.type)
         finally:
             os.close(fd)
 

@@ -1,6 +1,6 @@
 """Load a tuner object with the best working form of each kernel signal.
 
-A BPF source may write one signal in several forms ("<signal>__<form>"
+A BPF source may write one signal in several forms ("bpftune_<signal>__<form>"
 programs: a tracepoint, an fentry, a kprobe).  :func:`load_object` switches
 off the forms the support probe already knows cannot work here, loads, and
 attaches; if the kernel refuses a form at load (verifier, missing BTF target)

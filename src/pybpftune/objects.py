@@ -20,6 +20,12 @@ from .errors import AttachError, BpfError, BpfLoadError, BpfObjectError, Pybpftu
 
 ELF_MAGIC = b"\x7fELF"
 EM_BPF = 247
+# Every program and map of ours is named "bpftune_..." (the kernel keeps 15
+# characters; bpftool shows a program's full name from its BTF), so that an
+# operator can tell them apart from everyone else's.  Objects are opened
+# under "bpftune_<name>" too: libbpf names their data maps after the object's
+# first 8 characters ("bpftune_.bss").
+NAME_PREFIX = libbpf.NAME_PREFIX
 
 # Section prefix -> program kind, the unit the support probe reasons about.
 _KIND_BY_PREFIX = (
@@ -60,8 +66,11 @@ class ProgramInfo:
 
     @property
     def signal(self) -> str | None:
-        """The kernel signal this program is one form of (name before "__")."""
-        return self.name.split("__", 1)[0] if "__" in self.name else None
+        """The kernel signal this program is one form of: the name between
+        the "bpftune_" prefix and "__" ("bpftune_rcv_space__tp_btf" is the
+        tp_btf form of rcv_space); None for a single-form program."""
+        name = self.name.removeprefix(NAME_PREFIX)
+        return name.split("__", 1)[0] if "__" in name else None
 
     @property
     def family(self) -> str:
@@ -145,6 +154,11 @@ def read_object_file(path: Path) -> bytes:
     return data
 
 
+def kernel_object_name(name: str) -> str:
+    """The name libbpf opens an object under: "bpftune_<name>"."""
+    return name if name.startswith(NAME_PREFIX) else NAME_PREFIX + name
+
+
 def check_object_bytes(data: bytes, name: str) -> None:
     if len(data) < 64 or data[:4] != ELF_MAGIC:
         raise BpfObjectError(f"{name} is not an ELF file (truncated or corrupt BPF object)")
@@ -159,7 +173,7 @@ class BpfObject:
         check_object_bytes(data, name)
         self.name = name
         try:
-            self._obj, self._keepalive = libbpf.object_open(data, name)
+            self._obj, self._keepalive = libbpf.object_open(data, kernel_object_name(name))
         except BpfError as exc:
             raise BpfObjectError(f"{name}: libbpf cannot parse it ({exc}); truncated or corrupt BPF object") from exc
         # libbpf copies what it needs while opening and forgets the buffer
@@ -204,6 +218,11 @@ class BpfObject:
 
     def has_map(self, name: str) -> bool:
         return name in self._maps
+
+    @property
+    def map_names(self) -> list[str]:
+        """Names of the object's maps, as libbpf opened them."""
+        return list(self._maps)
 
     def reuse_map(self, name: str, fd: int) -> None:
         """Make this object use an existing map (shared across objects)."""

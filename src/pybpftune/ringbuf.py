@@ -21,8 +21,8 @@ from .objects import BpfObject
 
 log = logging.getLogger("pybpftune.ringbuf")
 
-RING_MAP = "ring_buffer_map"
-SHARED_MAPS = (RING_MAP, "corr_map")
+RING_MAP = "bpftune_ringbuf"
+SHARED_MAPS = (RING_MAP, "bpftune_corr")
 
 Handler = Callable[[Event], None]
 ErrorHandler = Callable[[int, BaseException], None]

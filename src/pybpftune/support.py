@@ -38,15 +38,15 @@ KERNEL_BTF = Path("/sys/kernel/btf/vmlinux")
 
 # Probe program per kind, in the order reported.
 PROBE_PROGRAMS = {
-    "fentry": "probe_fentry",
-    "fexit": "probe_fexit",
-    "tp_btf": "probe_tp_btf",
-    "raw_tp": "probe_raw_tp",
-    "kprobe": "probe_kprobe",
-    "kretprobe": "probe_kretprobe",
-    "iter": "probe_iter",
-    "cgroup_sysctl": "probe_cgroup_sysctl",
-    "sockops": "probe_sockops",
+    "fentry": "bpftune_probe_fentry",
+    "fexit": "bpftune_probe_fexit",
+    "tp_btf": "bpftune_probe_tp_btf",
+    "raw_tp": "bpftune_probe_raw_tp",
+    "kprobe": "bpftune_probe_kprobe",
+    "kretprobe": "bpftune_probe_kretprobe",
+    "iter": "bpftune_probe_iter",
+    "cgroup_sysctl": "bpftune_probe_cgroup_sysctl",
+    "sockops": "bpftune_probe_sockops",
 }
 FULL_KINDS = ("tp_btf", "fentry", "fexit", "raw_tp", "cgroup_sysctl")
 LEGACY_KINDS = ("raw_tp", "cgroup_sysctl")

@@ -7,7 +7,7 @@
 #include "pybpftune.bpf.h"
 
 SEC("fentry/tcp_v4_connect")
-int BPF_PROG(connect__fentry, struct sock *sk)
+int BPF_PROG(bpftune_connect__fentry, struct sock *sk)
 {
 	__u64 *p = (__u64 *)(long)bpftune_pid;
 

@@ -42,7 +42,7 @@ BPFTUNE_TP(syscall, sys_enter, struct pt_regs *regs, long id)
 }
 
 SEC("kprobe/__x64_sys_getppid")
-int BPF_KPROBE(syscall__kprobe)
+int BPF_KPROBE(bpftune_syscall__kprobe)
 {
 	return on_syscall(110);
 }

@@ -32,7 +32,7 @@ def proc(name: str) -> str:
 
 
 def conn_tuners() -> int:
-    return [name for _id, name, _t in libbpf.loaded_programs()].count("conn_tuner")
+    return [name for _id, name, _t in libbpf.loaded_programs(full_names=True)].count("bpftune_conn_tuner")
 
 
 def wait_conn_tuners(count: int, timeout: float = 5 * SLOW) -> int:

@@ -119,7 +119,7 @@ def _getppid_events(ring: RingBuffer, want: int) -> None:
 def test_two_objects_feed_one_ring_buffer(variant: Path) -> None:
     support = probe_support()
     got: dict[int, list[Event]] = {1: [], 2: []}
-    before = our_program_ids("syscall__")
+    before = our_program_ids("bpftune_syscall")
     with RingBuffer() as ring:
         ring.register(1, got[1].append)
         ring.register(2, got[2].append)
@@ -139,9 +139,9 @@ def test_two_objects_feed_one_ring_buffer(variant: Path) -> None:
         )
         with first, second:
             # Both objects write through the same kernel map.
-            assert first.obj.map_fd("ring_buffer_map") != second.obj.map_fd("ring_buffer_map")
+            assert first.obj.map_fd("bpftune_ringbuf") != second.obj.map_fd("bpftune_ringbuf")
             assert (
-                os.fstat(ring.map_fd("ring_buffer_map")).st_ino == os.fstat(second.obj.map_fd("ring_buffer_map")).st_ino
+                os.fstat(ring.map_fd("bpftune_ringbuf")).st_ino == os.fstat(second.obj.map_fd("bpftune_ringbuf")).st_ino
             )
             _getppid_events(ring, 3)
             # A global written after load through the mmap is seen by the BPF side.
@@ -157,7 +157,7 @@ def test_two_objects_feed_one_ring_buffer(variant: Path) -> None:
             assert [p.seq for p in payloads] == [0, 1, 2, 3]
             assert {p.magic for p in payloads} == {magic}
         assert [ev.payload("struct pybpftune_test_payload").value for ev in got[2]] == [0, 0, 0, 99]
-    assert settled_program_ids("syscall__", before) <= before, "programs left loaded after close"
+    assert settled_program_ids("bpftune_syscall", before) <= before, "programs left loaded after close"
 
 
 @pytest.mark.guest
@@ -225,7 +225,7 @@ def test_broken_program_fails_with_verifier_log() -> None:
     with BpfObject.from_path(path) as obj, pytest.raises(BpfLoadError) as info:
         obj.load()
     err = info.value
-    assert err.program == "connect__fentry"
+    assert err.program == "bpftune_connect__fentry"
     assert err.log_tail, "the error must carry libbpf's log"
     if support.works("fentry"):
         assert any("invalid mem access" in line or "R1" in line for line in err.log_tail), err.log_tail
@@ -255,7 +255,7 @@ def test_no_fd_leak_across_load_and_close(test_object: Path) -> None:
 @pytest.mark.guest
 def test_support_cli_leaves_nothing_behind() -> None:
     mounts = Path("/proc/mounts").read_text()
-    programs = our_program_ids("probe_")
+    programs = our_program_ids("bpftune_probe")
     bpftune = Path(sys.executable).parent / "bpftune"
     proc = subprocess.run([str(bpftune), "-S"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
@@ -276,7 +276,7 @@ def test_support_cli_leaves_nothing_behind() -> None:
         assert "per-netns policy" in second
     assert "tp_btf" in proc.stdout and "cgroup_sysctl" in proc.stdout
     assert Path("/proc/mounts").read_text() == mounts
-    assert settled_program_ids("probe_", programs) <= programs
+    assert settled_program_ids("bpftune_probe", programs) <= programs
 
 
 @pytest.mark.guest

@@ -50,16 +50,20 @@ def install_module(plugins: Path, mode: int = 0o644) -> Path:
 
 
 def program_names() -> set[str]:
-    """The sample's program names as the kernel lists them (15 characters)."""
+    """The sample's full program names (the header's macros name them
+    bpftune_<signal>__<form>, so an outside tuner's are recognisable too)."""
     names: set[str] = set()
     for f in OBJECTS:
         with BpfObject(read_object_file(SAMPLE / f), "sample_tuner") as obj:
-            names |= {name[:15] for name in obj.programs}
+            names |= set(obj.programs)
+    assert names and all(n.startswith("bpftune_") for n in names), names
     return names
 
 
 def loaded(names: set[str]) -> list[str]:
-    return [name for _id, name, _type in libbpf.loaded_programs() if name in names]
+    """Those of ``names`` loaded now, compared in full: the kernel's own names
+    stop at 15 characters, where the sample's forms look alike."""
+    return [name for _id, name, _type in libbpf.loaded_programs(full_names=True) if name in names]
 
 
 def wait_unloaded(names: set[str], timeout: float = 5) -> list[str]:

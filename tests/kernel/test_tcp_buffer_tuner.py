@@ -354,7 +354,7 @@ def test_established_connections_are_counted_per_namespace(variant: str) -> None
     with site() as where, RingBuffer() as ring, loaded(variant, ring) as lo:
         assert lo.choices["conn_state"].chosen is not None
         connect_and_accept(where, n, port)
-        stats = lo.obj.map("syn_stats")
+        stats = lo.obj.map("bpftune_synstat")
         # Both ends count where they live; over loopback both are global.
         expected = n if where.server != where.client else 2 * n
         for ns in {where.server, where.client}:

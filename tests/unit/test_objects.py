@@ -8,7 +8,7 @@ import pytest
 
 from pybpftune.bpf import available, object_path
 from pybpftune.errors import BpfObjectError, PybpftuneError
-from pybpftune.objects import BpfObject, failed_program, program_kind
+from pybpftune.objects import BpfObject, ProgramInfo, failed_program, program_kind
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -71,10 +71,34 @@ def test_globals_set_before_load_are_in_the_initial_image(test_object: Path) -> 
 
 def test_program_metadata(test_object: Path) -> None:
     with BpfObject.from_path(test_object) as obj:
-        tp = obj.programs["syscall__tp_btf"]
+        tp = obj.programs["bpftune_syscall__tp_btf"]
         assert (tp.kind, tp.signal, tp.family, tp.target) == ("tp_btf", "syscall", "tp_btf", "sys_enter")
-        kp = obj.programs["syscall__kprobe"]
+        kp = obj.programs["bpftune_syscall__kprobe"]
         assert (kp.kind, kp.family) == ("kprobe", "kprobe")
+
+
+@pytest.mark.parametrize("path", packaged_objects(), ids=lambda p: p.name)
+def test_every_program_and_map_is_named_bpftune(path: Path) -> None:
+    """Operators find ours with `bpftool prog | grep bpftune` (bpftool prints a
+    program's full name) and `bpftool map | grep bpftune` (maps show the
+    kernel's name: the first 15 characters, so ours fit in 15)."""
+    with BpfObject.from_path(path) as obj:
+        assert obj.programs and all(name.startswith("bpftune_") for name in obj.programs), list(obj.programs)
+        maps = obj.map_names
+        assert all(name.startswith("bpftune") and len(name) <= 15 for name in maps), maps
+
+
+@pytest.mark.parametrize(
+    ("name", "signal"),
+    [
+        ("bpftune_rcv_space__tp_btf", "rcv_space"),
+        ("bpftune_sysctl_write__cgroup_sysctl", "sysctl_write"),
+        ("bpftune_sysctl_gate", None),
+        ("rcv_space__kprobe", "rcv_space"),  # an object built before the prefix
+    ],
+)
+def test_signal_is_read_after_the_prefix(name: str, signal: str | None) -> None:
+    assert ProgramInfo(name, "kprobe/x", "kprobe").signal == signal
 
 
 def test_configuring_after_close_is_refused(test_object: Path) -> None:
@@ -82,7 +106,7 @@ def test_configuring_after_close_is_refused(test_object: Path) -> None:
     obj.close()
     obj.close()  # idempotent
     with pytest.raises(PybpftuneError, match="closed"):
-        obj.set_autoload("syscall__kprobe", False)
+        obj.set_autoload("bpftune_syscall__kprobe", False)
 
 
 @pytest.mark.parametrize(

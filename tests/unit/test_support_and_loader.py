@@ -52,18 +52,18 @@ def test_report_lines_match_bpftune() -> None:
 def test_plan_prefers_tracepoints_and_switches_others_off(test_object: Path) -> None:
     with BpfObject.from_path(test_object) as obj:
         assert _signals(obj.programs.values()) == {
-            "syscall": {"tp_btf": ["syscall__tp_btf"], "kprobe": ["syscall__kprobe"]}
+            "syscall": {"tp_btf": ["bpftune_syscall__tp_btf"], "kprobe": ["bpftune_syscall__kprobe"]}
         }
         choices = _plan(obj, make_support(), {})
         assert choices["syscall"].chosen == "tp_btf"
-        assert obj.autoload("syscall__tp_btf") and not obj.autoload("syscall__kprobe")
+        assert obj.autoload("bpftune_syscall__tp_btf") and not obj.autoload("bpftune_syscall__kprobe")
 
 
 def test_plan_falls_back_and_explains(test_object: Path) -> None:
     with BpfObject.from_path(test_object) as obj:
         choices = _plan(obj, make_support({"tp_btf": "needs kernel BTF"}), {})
         assert choices["syscall"].chosen == "kprobe"
-        assert obj.autoload("syscall__kprobe") and not obj.autoload("syscall__tp_btf")
+        assert obj.autoload("bpftune_syscall__kprobe") and not obj.autoload("bpftune_syscall__tp_btf")
         choices = _plan(obj, make_support({"tp_btf": "needs kernel BTF"}), {("syscall", "kprobe"): "attach refused"})
         assert choices["syscall"].chosen is None
         assert "needs kernel BTF" in choices["syscall"].describe()

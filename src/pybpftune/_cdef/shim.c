@@ -80,3 +80,38 @@ static int pybpftune_find_global(struct bpf_object *obj, const char *name, char 
 	}
 	return -ENOENT;
 }
+
+/* A loaded program's full name: the name of its main function in the BTF the
+ * kernel kept for it (what bpftool prints), else the kernel's own name, which
+ * is cut at 15 characters.  0 or -errno. */
+static int pybpftune_prog_full_name(int prog_fd, char *name, size_t name_len)
+{
+	struct bpf_prog_info info;
+	struct bpf_func_info func = {};
+	__u32 len = sizeof(info), btf_id;
+	const struct btf_type *t;
+	struct btf *btf;
+
+	memset(&info, 0, sizeof(info));
+	if (bpf_obj_get_info_by_fd(prog_fd, &info, &len))
+		return -errno;
+	snprintf(name, name_len, "%s", info.name);
+	if (!info.btf_id || !info.nr_func_info || info.func_info_rec_size != sizeof(func))
+		return 0;
+	btf_id = info.btf_id;
+	memset(&info, 0, sizeof(info));
+	info.nr_func_info = 1;
+	info.func_info_rec_size = sizeof(func);
+	info.func_info = (__u64)(unsigned long)&func;
+	len = sizeof(info);
+	if (bpf_obj_get_info_by_fd(prog_fd, &info, &len))
+		return 0;
+	btf = btf__load_from_kernel_by_id(btf_id);
+	if (!btf)
+		return 0;
+	t = btf__type_by_id(btf, func.type_id);
+	if (t && btf_is_func(t))
+		snprintf(name, name_len, "%s", btf__name_by_offset(btf, t->name_off));
+	btf__free(btf);
+	return 0;
+}

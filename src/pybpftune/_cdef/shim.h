@@ -8,6 +8,10 @@ void pybpftune_install_print(void);
 int pybpftune_find_global(struct bpf_object *obj, const char *name, char *section,
 			  size_t section_len, unsigned int *offset, unsigned int *size);
 
+/* A loaded program's full name (its BTF function name, as bpftool shows it),
+ * else the kernel's 15-character name.  0 or -errno. */
+int pybpftune_prog_full_name(int prog_fd, char *name, size_t name_len);
+
 /* The ABI revision of this extension; checked at import to catch stale builds. */
 #define PYBPFTUNE_EXT_ABI ...
 

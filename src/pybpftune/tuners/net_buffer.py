@@ -227,10 +227,10 @@ class NetBufferTuner(Tuner):
     optional_signals = frozenset({"backlog", "squeeze"})
     kernel_dependent_forms = MappingProxyType(
         {
-            "backlog__tp_btf": "skb drop reasons (SKB_DROP_REASON_CPU_BACKLOG, Linux 5.17+)",
-            "backlog__raw_tp": "skb drop reasons (SKB_DROP_REASON_CPU_BACKLOG, Linux 5.17+)",
+            "bpftune_backlog__tp_btf": "skb drop reasons (SKB_DROP_REASON_CPU_BACKLOG, Linux 5.17+)",
+            "bpftune_backlog__raw_tp": "skb drop reasons (SKB_DROP_REASON_CPU_BACKLOG, Linux 5.17+)",
             **{
-                f"squeeze__{form}": "softnet_data in kernel BTF and its address in kallsyms"
+                f"bpftune_squeeze__{form}": "softnet_data in kernel BTF and its address in kallsyms"
                 for form in ("tp_btf", "raw_tp", "fentry", "kprobe")
             },
         }

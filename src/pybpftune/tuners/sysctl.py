@@ -28,11 +28,11 @@ class SysctlTuner(Tuner):
     name = "sysctl"
     description = "notices administrator sysctl writes and disables the tuner that owns the sysctl there"
     bpf_name = "sysctl_tuner"
-    cgroup_programs = ("sysctl_gate", "sysctl_write__cgroup_sysctl")
+    cgroup_programs = ("bpftune_sysctl_gate", "bpftune_sysctl_write__cgroup_sysctl")
     # Kernels before 6.0 do not let cgroup programs call the pid/task helpers
     # this form needs; there the fentry/kprobe forms are used instead.
     kernel_dependent_forms = MappingProxyType(
-        {"sysctl_write__cgroup_sysctl": "pid and task helpers in cgroup programs (Linux 6.0+)"}
+        {"bpftune_sysctl_write__cgroup_sysctl": "pid and task helpers in cgroup programs (Linux 6.0+)"}
     )
 
     def _writer_cookie(self, pid: int) -> int | None:

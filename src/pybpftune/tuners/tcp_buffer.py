@@ -684,13 +684,13 @@ class TcpBufferTuner(Tuner):
     def _read_corr(self, tunable_id: int, cookie: int) -> CorrSums:
         if self.loaded is None:
             return CorrSums()
-        return read_corr(self.loaded.obj.map("corr_map"), self.id, tunable_id, cookie)
+        return read_corr(self.loaded.obj.map("bpftune_corr"), self.id, tunable_id, cookie)
 
     def _reset_corr(self, tunable_id: int, cookie: int) -> None:
         if self.loaded is None:
             return
         try:
-            del self.loaded.obj.map("corr_map")[corr_key(self.id, tunable_id, cookie)]
+            del self.loaded.obj.map("bpftune_corr")[corr_key(self.id, tunable_id, cookie)]
         except (KeyError, PybpftuneError):
             pass
 
@@ -839,7 +839,7 @@ class TcpBufferTuner(Tuner):
         v.limit = hold.limit
         v.metric = min(hold.metric, 2**64 - 1)
         try:
-            hold_map = self.loaded.obj.map("tcp_buffer_hold")
+            hold_map = self.loaded.obj.map("bpftune_hold")
             hold_map[libbpf.struct_bytes(k, HOLD_KEY_SIZE)] = libbpf.struct_bytes(v, HOLD_SIZE)
         except (KeyError, PybpftuneError):
             pass

@@ -160,7 +160,7 @@ class TcpConnTuner(Tuner):
     name = "tcp_conn"
     description = "chooses the congestion control of each TCP connection (BBR on loss, RL per remote host)"
     bpf_name = "tcp_conn_tuner"
-    cgroup_programs = ("conn_tuner",)
+    cgroup_programs = ("bpftune_conn_tuner",)
     tunables = (
         Tunable(TUNABLE_CONG, "net.persock.tcp.congestion_control", namespaced=True, kind="other"),
         Tunable(TUNABLE_ALLOWED, "net.ipv4.tcp_allowed_congestion_control", kind="string"),
@@ -256,7 +256,7 @@ class TcpConnTuner(Tuner):
         if self.loaded is None:
             return
         key = netns_cookie.to_bytes(8, "little")
-        self.loaded.obj.map("conn_netns_off")[key] = b"\x01"
+        self.loaded.obj.map("bpftune_ns_off")[key] = b"\x01"
 
     # --- events ---------------------------------------------------------------------------
 
@@ -290,14 +290,14 @@ class TcpConnTuner(Tuner):
     def counts(self) -> libbpf.CData | None:
         if self.loaded is None:
             return None
-        raw = self.loaded.obj.map("conn_counts").get(bytes(4))
+        raw = self.loaded.obj.map("bpftune_counts").get(bytes(4))
         return None if raw is None else libbpf.struct_view("struct tcp_conn_counts", raw)
 
     def hosts(self) -> list[HostStats]:
         if self.loaded is None:
             return []
         out = []
-        table = self.loaded.obj.map("conn_host_map")
+        table = self.loaded.obj.map("bpftune_hosts")
         for key in list(table):
             raw = table.get(key)
             if raw is None:
