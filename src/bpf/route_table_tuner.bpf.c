@@ -6,12 +6,19 @@
  * bpftune counts the routes fib6_age visits during fib6_run_gc.  The kernel
  * keeps that number itself (net->ipv6.rt6_stats: fib_rt_entries, plus
  * fib_rt_cache for cached exception routes, as /proc/net/rt6_stats shows), so
- * any hook that knows the namespace can read it.  Forms of the one signal,
- * best first:
- *   tracepoint fib6:fib6_table_lookup (tp_btf / raw_tp): every IPv6 route
- *     lookup, so it is sampled;
- *   fentry / kprobe on fib6_run_gc: the garbage collector bpftune hooks (timer,
- *     dst GC, route flush).
+ * any hook that knows the namespace can read it.  Two signals, each checked
+ * where it fires, because a table can fill where only one of them does:
+ *   dst_table  tracepoint fib6:fib6_table_lookup (tp_btf / raw_tp): every
+ *              IPv6 route lookup, so it is sampled.  It fires wherever
+ *              traffic flows, and on routes added through a gateway (the
+ *              kernel looks the gateway up).
+ *   dst_gc     fentry / kprobe on fib6_run_gc: the garbage collector bpftune
+ *              hooks.  It runs from its timer, when dst allocations pass
+ *              net.ipv6.route.gc_thresh, on a write to net.ipv6.route.flush
+ *              and whenever a device goes down (ndisc), so it also sees a
+ *              namespace whose table fills without a single lookup: links
+ *              that come up (each adds its prefix, local and multicast
+ *              routes) and go, as containers do with dummy or veth links.
  * Proposals go through bpftune_send_sysctl_event (one per namespace per 25
  * ms); update[0].old[1] carries the entry count so user space can re-check
  * against the value current when it handles the event.
@@ -52,7 +59,7 @@ BPFTUNE_TP(dst_table, fib6_table_lookup, const struct net *net, const struct fib
 }
 
 #ifndef BPFTUNE_LEGACY
-BPFTUNE_FENTRY(dst_table, fib6_run_gc, unsigned long expires, struct net *net, bool force)
+BPFTUNE_FENTRY(dst_gc, fib6_run_gc, unsigned long expires, struct net *net, bool force)
 {
 	/* fentry programs must return 0 (Linux 6.12's verifier enforces it). */
 	dst_table_check(net);
@@ -60,7 +67,7 @@ BPFTUNE_FENTRY(dst_table, fib6_run_gc, unsigned long expires, struct net *net, b
 }
 #endif
 
-BPFTUNE_KPROBE(dst_table, fib6_run_gc, unsigned long expires, struct net *net, bool force)
+BPFTUNE_KPROBE(dst_gc, fib6_run_gc, unsigned long expires, struct net *net, bool force)
 {
 	return dst_table_check(net);
 }

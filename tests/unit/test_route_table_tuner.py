@@ -8,7 +8,9 @@ import pytest
 
 from pybpftune import libbpf
 from pybpftune._libbpf import lib
+from pybpftune.errors import NotSupported
 from pybpftune.events import Event, Update
+from pybpftune.loader import LoadedObject, SignalChoice
 from pybpftune.netns import Namespaces
 from pybpftune.store import TunableStore
 from pybpftune.sysctl import MemorySysctl
@@ -85,3 +87,25 @@ def test_ipv6_off_the_tuner_runs_idle(caplog: pytest.LogCaptureFixture) -> None:
     assert "IPv6 is off" in caplog.text
     tuner.handle_event(full_event(32, 40))
     assert backend.writes == []
+
+
+def test_either_signal_suffices_but_one_is_needed() -> None:
+    """dst_table (lookups) and dst_gc (the garbage collector) are both
+    optional; a kernel where neither has a form refuses the tuner, naming
+    both and why."""
+    tuner, _backend = make_tuner()
+    gc_only = {
+        "dst_table": SignalChoice("dst_table", ["tp_btf"], None, {"tp_btf": "no such tracepoint"}),
+        "dst_gc": SignalChoice("dst_gc", ["fentry", "kprobe"], "fentry"),
+    }
+    tuner.loaded = LoadedObject(None, gc_only)  # type: ignore[arg-type]
+    tuner.start()
+    neither = {
+        "dst_table": gc_only["dst_table"],
+        "dst_gc": SignalChoice("dst_gc", ["fentry", "kprobe"], None, {"fentry": "EPERM", "kprobe": "ENOENT"}),
+    }
+    tuner.loaded = LoadedObject(None, neither)  # type: ignore[arg-type]
+    with pytest.raises(NotSupported) as err:
+        tuner.start()
+    assert "dst_table: unavailable (tp_btf: no such tracepoint)" in str(err.value)
+    assert "dst_gc: unavailable (fentry: EPERM; kprobe: ENOENT)" in str(err.value)

@@ -2,7 +2,11 @@
 
 The BPF side reads a namespace's IPv6 route count (the kernel's own
 rt6_stats: routes plus cached exception routes) and its max_size, and proposes
-a step up when the count nears the limit.  The rule here re-checks the
+a step up when the count nears the limit.  It checks at two signals, because a
+table can fill where only one of them fires: route lookups (``dst_table``, a
+tracepoint: wherever traffic flows) and the IPv6 garbage collector
+(``dst_gc``, fentry or kprobe on fib6_run_gc: also when links come and go
+without a single lookup).  Either one suffices to run.  The rule here re-checks the
 proposal against the value current when the event is handled, and grows in
 learning-rate steps until the table is no longer nearly full, so one event
 settles a burst of new routes and a stale event changes nothing.
@@ -14,6 +18,7 @@ runs idle.
 from __future__ import annotations
 
 from .. import libbpf
+from ..errors import NotSupported
 from ..events import Event
 from ..netns import NetnsGone
 from ..sysctl import SysctlMissing
@@ -44,8 +49,13 @@ class RouteTableTuner(Tuner):
     scenarios = (
         Scenario(FULL, "destination table nearly full", "Need to increase the IPv6 route table size (max_size)"),
     )
+    # Either signal suffices (start() refuses when neither has a form).
+    optional_signals = frozenset({"dst_table", "dst_gc"})
 
     def start(self) -> None:
+        if self.loaded is not None and not any(c.chosen for c in self.loaded.choices.values()):
+            why = "; ".join(c.describe() for c in self.loaded.choices.values())
+            raise NotSupported(self.name, f"no signal can see the IPv6 route table: {why}")
         try:
             self.ctx.store.current(self, MAX_SIZE)
         except SysctlMissing:
