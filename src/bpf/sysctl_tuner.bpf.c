@@ -7,7 +7,8 @@
  * everything, makes the kernel run its sysctl filter on every access.  The
  * write itself is then seen in one of these forms, best first:
  *   fentry / kprobe on __cgroup_bpf_run_filter_sysctl: the writer's pid, the
- *     sysctl's "<dir>/<name>", and the namespace (from the table's set);
+ *     sysctl's "<dir>/<name>", and the namespace (a net sysctl's own, from
+ *     the table's set; the writer's for any other sysctl);
  *   the cgroup/sysctl program itself: the full name, the writer's pid and
  *     its namespace from the current task (kernels that let cgroup programs
  *     read the current task, e.g. 6.18; older ones refuse it at load).
@@ -22,14 +23,37 @@ int bpftune_sysctl_gate(struct bpf_sysctl *ctx)
 	return 1;
 }
 
+/*
+ * The network namespace a sysctl write is about.  Net sysctls live in a set
+ * embedded in their struct net, under the net sysctl root; every other
+ * sysctl (kernel.*, vm.*, user.*) belongs to no network namespace, and
+ * container_of on its set would read a "cookie" from whatever lies there
+ * (for kernel.core_pattern, a kernel address).  The writer's own namespace
+ * shows which root is the net one (net->sysctls.dir.header.root), so no
+ * kernel symbol is needed.  A sysctl of no namespace is charged to the
+ * writer's namespace, as the cgroup/sysctl form does.
+ */
+static __always_inline struct net *sysctl_net(struct ctl_table_header *head)
+{
+	struct task_struct *task = (struct task_struct *)bpf_get_current_task();
+	struct net *writer = BPF_CORE_READ(task, nsproxy, net_ns);
+	struct ctl_table_set *set = BPF_CORE_READ(head, set);
+	struct ctl_table_root *net_root;
+
+	if (!writer || !set)
+		return writer;
+	net_root = BPF_CORE_READ(writer, sysctls.dir.header.root);
+	if (!net_root || BPF_CORE_READ(head, root) != net_root)
+		return writer;
+	return (struct net *)((char *)set - bpf_core_field_offset(struct net, sysctls));
+}
+
 static __always_inline int on_filter(struct ctl_table_header *head, struct ctl_table *table, int write)
 {
 	struct bpftune_event event = {};
 	struct sysctl_write_event *w = (void *)event.raw_data;
 	struct ctl_dir *parent;
 	const char *dirname = NULL, *procname;
-	struct ctl_table_set *set;
-	struct net *net;
 	int len = 0, n;
 
 	if (!write || !head || !table)
@@ -50,10 +74,7 @@ static __always_inline int on_filter(struct ctl_table_header *head, struct ctl_t
 	}
 	bpf_probe_read_kernel_str(&w->path[len], 48, procname);
 	bpf_get_current_comm(w->comm, sizeof(w->comm));
-	/* Net sysctls live in a set embedded in their struct net. */
-	set = BPF_CORE_READ(head, set);
-	net = (struct net *)((char *)set - bpf_core_field_offset(struct net, sysctls));
-	event.netns_cookie = bpftune_netns_cookie(net);
+	event.netns_cookie = bpftune_netns_cookie(sysctl_net(head));
 	event.scenario_id = SYSCTL_WRITE_SCENARIO;
 	bpftune_send_event(&event);
 	return 0;

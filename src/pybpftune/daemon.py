@@ -47,7 +47,7 @@ from .bpf import object_path
 from .cgroup import CgroupRoot
 from .errors import NotSupported, PybpftuneError, UsageError
 from .eventloop import EventLoop, Timer
-from .events import Event
+from .events import Event, cookie_text
 from .inotify import ADDED, GONE, OVERFLOW, REMOVED, DirEvent, DirWatcher
 from .libbpf import MAX_TUNERS
 from .loader import LoadedObject, load_object
@@ -595,11 +595,11 @@ class Daemon:
                 )
                 return
             log.debug(
-                "event scenario %d for tuner %s[%d] netns %d (%s)",
+                "event scenario %d for tuner %s[%d] netns %s (%s)",
                 event.scenario_id,
                 tuner.name,
                 tuner.id,
-                event.netns_cookie,
+                cookie_text(event.netns_cookie),
                 self.namespaces.describe(event.netns_cookie),
             )
             tuner.handle_event(event)

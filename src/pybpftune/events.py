@@ -7,6 +7,18 @@ from dataclasses import dataclass
 from . import libbpf
 
 HEADER_SIZE = libbpf.union_offset()
+# Netns cookies count up from 1 (a 64-bit counter the kernel advances per new
+# namespace, at most a per-CPU batch at a time): 2**48 of them would take
+# centuries, while every kernel address lies above it (x86_64 and arm64
+# kernels live at the top of the address space).  A value that high can only
+# come from a BPF program that read the wrong memory: it is passed on, and
+# logged, as the documented unknown value instead.
+MAX_COOKIE = 1 << 48
+
+
+def cookie_text(cookie: int) -> str:
+    """A netns cookie as log lines show it: the number, or "unknown"."""
+    return "unknown" if cookie == libbpf.NETNS_UNKNOWN or cookie >= MAX_COOKIE else str(cookie)
 
 
 @dataclass(frozen=True)
@@ -74,7 +86,11 @@ class Event:
 
     @property
     def netns_cookie(self) -> int:
-        return int(self._view.netns_cookie)
+        """The event's namespace: a cookie, 0 for the initial namespace
+        without cookie support, or NETNS_UNKNOWN ((u64)-1), also for any
+        value that cannot be a cookie (see MAX_COOKIE)."""
+        cookie = int(self._view.netns_cookie)
+        return cookie if cookie < MAX_COOKIE else libbpf.NETNS_UNKNOWN
 
     @property
     def pid(self) -> int:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pybpftune import libbpf
-from pybpftune.events import HEADER_SIZE, Event, Update
+from pybpftune.events import HEADER_SIZE, MAX_COOKIE, Event, Update, cookie_text
 
 
 def test_event_is_bpftune_compatible_size() -> None:
@@ -36,3 +36,16 @@ def test_payload_views_shared_struct() -> None:
     ev = Event.build(tuner_id=1, scenario_id=7, raw=raw)
     payload = ev.payload("struct pybpftune_test_payload")
     assert (payload.seq, payload.magic, payload.value) == (7, 0xABC, 9)
+
+
+def test_a_kernel_address_is_never_a_cookie() -> None:
+    """A BPF form that reads a cookie from the wrong memory (once the sysctl
+    tuner, for sysctls of no namespace) must not pass a kernel address on:
+    the event says unknown, and so does its log text."""
+    for bad in (18446744071607420768, 0xFFFF000000000000, MAX_COOKIE):
+        ev = Event.build(tuner_id=0, scenario_id=0, netns_cookie=bad)
+        assert ev.netns_cookie == libbpf.NETNS_UNKNOWN
+        assert cookie_text(ev.netns_cookie) == "unknown" == cookie_text(bad)
+    for good in (0, 1, 4097, MAX_COOKIE - 1):
+        assert Event.build(tuner_id=0, scenario_id=0, netns_cookie=good).netns_cookie == good
+        assert cookie_text(good) == str(good)

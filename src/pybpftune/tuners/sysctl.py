@@ -3,6 +3,11 @@
 Any write by a process other than the daemon to a sysctl that another tuner
 manages turns that tuner off in the writer's namespace only (bpftune's
 "modified sysctl" line).  It changes nothing itself.
+
+Every event names a namespace: a net sysctl's own, or for a sysctl of no
+network namespace (kernel.core_pattern, vm.*) the writer's; where the BPF
+side cannot tell (no cookies, kernels before 5.14) the documented unknown
+value, and then the writer's namespace is looked up by its pid.
 """
 
 from __future__ import annotations
@@ -11,7 +16,7 @@ from pathlib import Path
 from types import MappingProxyType
 
 from .. import libbpf
-from ..events import Event
+from ..events import Event, cookie_text
 from ..tuner import Tuner
 
 
@@ -45,6 +50,9 @@ class SysctlTuner(Tuner):
         path = libbpf.c_string(payload.path)
         command = _cmdline(event.pid, libbpf.c_string(payload.comm))
         cookie: int | None = event.netns_cookie
+        self.log.debug(
+            "pid %d, cmd '%s' wrote sysctl '%s' in netns %s", event.pid, command, path, cookie_text(event.netns_cookie)
+        )
         if cookie == libbpf.NETNS_UNKNOWN:
             cookie = self._writer_cookie(event.pid)
         store = self.ctx.store
