@@ -11,6 +11,11 @@ VM tests (marker ``vm``) have the same three states in PYBPFTUNE_VM_TESTS,
 and tests of the systemd service (marker ``systemd``: they need systemd as
 PID 1, which the vm-systemd stage boots in the 6.1 guest) in
 PYBPFTUNE_SYSTEMD_TESTS.
+
+Kernel tests marked ``vm_only`` change state that belongs to the whole
+machine (TCP's memory pool) in a way no shared host should see: they run
+only inside the throwaway VMs (PYBPFTUNE_VM=1, set by tests/vm/vmtest.py)
+and are skipped elsewhere, with the reason, even when kernel tests must run.
 """
 
 from __future__ import annotations
@@ -25,6 +30,12 @@ ROOT = Path(__file__).resolve().parent.parent
 TEST_BPF = ROOT / "tests" / "bpf"
 
 GATES = {"kernel": "PYBPFTUNE_KERNEL_TESTS", "vm": "PYBPFTUNE_VM_TESTS", "systemd": "PYBPFTUNE_SYSTEMD_TESTS"}
+IN_VM = os.environ.get("PYBPFTUNE_VM") == "1"
+VM_ONLY = "vm_only: changes machine-wide state (e.g. TCP memory); runs only inside the throwaway VMs"
+
+
+def _host_skips_vm_only(item: pytest.Item) -> bool:
+    return not IN_VM and item.get_closest_marker("vm_only") is not None
 
 
 def kernel_test_obstacle() -> str | None:
@@ -78,6 +89,8 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
         obstacle = kernel_test_obstacle() if marker == "kernel" else systemd_test_obstacle()
         if obstacle:
             pytest.skip(obstacle)
+        if _host_skips_vm_only(item):
+            pytest.skip(VM_ONLY)
 
 
 @pytest.hookimpl(wrapper=True)
@@ -88,6 +101,8 @@ def pytest_runtest_makereport(
     gate = _gate(item)
     if gate is None or not report.skipped or os.environ.get(gate[1]) != "1" or hasattr(report, "wasxfail"):
         return report
+    if _host_skips_vm_only(item):
+        return report  # skipped by design outside the VMs
     reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
     report.outcome = "failed"
     report.longrepr = f"{gate[1]}=1 but this test was skipped: {reason}"

@@ -41,7 +41,17 @@ from pybpftune.netns import current_cookie, current_inode
 from pybpftune.ringbuf import RingBuffer
 from pybpftune.support import probe_support
 
-from .harness import Daemon, Sysctls, iperf3_retrying, netns_pair, repeat_until_logged, sysctl_get, sysctls
+from .harness import (
+    SLOW,
+    Daemon,
+    Sysctls,
+    iperf3_retrying,
+    netns_pair,
+    repeat_until_logged,
+    sysctl_get,
+    sysctl_set,
+    sysctls,
+)
 
 pytestmark = pytest.mark.kernel
 
@@ -280,6 +290,66 @@ def test_syn_flood_with_connections_grows_tcp_max_syn_backlog(
             assert d.stop() == 0
         # -R: back to the original.
         assert int(sysctl_get("net.ipv4.tcp_max_syn_backlog", where.server)) == backlog
+
+
+LOW_MEM_SWITCHES = [
+    name
+    for name in ("net.ipv4.tcp_no_metrics_save", "net.ipv4.tcp_no_ssthresh_metrics_save")  # the second: 5.11+
+    if Path("/proc/sys", name.replace(".", "/")).exists()
+]
+
+
+@pytest.mark.guest
+@pytest.mark.vm_only  # TCP memory is one pool for the whole machine: never starve a shared host's
+def test_tcp_memory_exhaustion_enters_and_leaves_the_low_memory_state(
+    saved_globals: Sysctls, variant_args: tuple[str, ...], tmp_path: Path
+) -> None:
+    """bpftune's mem_exhaust scenario: tcp_mem "20 50 50" and 100 parallel
+    connections.  The tuner grows tcp_mem and, TCP memory being near
+    exhaustion, enters the low-memory state in the host's namespace (and the
+    one whose sockets hit the limit): tcp_no_metrics_save and
+    tcp_no_ssthresh_metrics_save go to 1.  When memory recovers (here the
+    administrator gives TCP its memory back) they go back to 0."""
+    port = 5461
+    with sysctls() as s, site() as where:
+        for name in LOW_MEM_SWITCHES:  # off everywhere (tcp_no_ssthresh_metrics_save defaults to 1)
+            for ns in dict.fromkeys((None, where.server, where.client)):
+                s.set(name, 0, ns)
+        plenty = sysctl_get("net.ipv4.tcp_mem")
+        s.set("net.ipv4.tcp_mem", "20 50 50")
+        with tb_daemon(variant_args, tmp_path) as d:
+            d.started()
+            server = subprocess.Popen(
+                where.cmd(where.server, ["iperf3", "-s", "-p", str(port)]),
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+            try:
+                cmd = ["iperf3", "-c", where.addr, "-p", str(port), "-t", "5", "-P", "100"]
+                iperf3_retrying(where.cmd(where.client, cmd), 5)
+            finally:
+                server.kill()
+                server.wait()
+            for name in LOW_MEM_SWITCHES:
+                d.wait_for(
+                    rf"Scenario 'set tunable on entering low-memory state' occurred for tunable '{name}' in global ns\."
+                )
+                d.wait_for(rf"Due to TCP memory near exhaustion change {name} from \(0\) -> \(1\)")
+                if where.server:  # the namespaces whose sockets hit the limit enter too
+                    assert f"low-memory state' occurred for tunable '{name}' in non-global ns." in d.output
+                assert sysctl_get(name) == "1" or "unset tunable set earlier" in d.output
+            assert int(sysctl_get("net.ipv4.tcp_mem").split()[2]) > 50
+            # Memory recovers: every switch goes back.
+            sysctl_set("net.ipv4.tcp_mem", plenty)
+            for name in LOW_MEM_SWITCHES:
+                d.wait_for(
+                    rf"Scenario 'unset tunable set earlier in low-memory state' occurred for tunable '{name}' "
+                    r"in global ns\.",
+                    timeout=30 * SLOW,
+                )
+                d.wait_for(rf"Due to TCP memory no longer short change {name} from \(1\) -> \(0\)")
+                assert sysctl_get(name) == "0"
+            assert d.stop() == 0
 
 
 def bpf_globals() -> dict[str, int]:

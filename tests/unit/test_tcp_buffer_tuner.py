@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import logging
+import random
 
 import pytest
 
@@ -660,23 +661,91 @@ def test_pressure_event_writes_tcp_mem_in_the_global_namespace() -> None:
 
 
 def test_exhaustion_grows_tcp_mem_and_enters_the_low_memory_state() -> None:
-    tuner, backend, _clock = make_tuner()
+    """Exhaustion switches the optional consumers off in the namespace that
+    hit the limit and in the host's (TCP memory is one pool); they come back
+    once TCP's allocated pages have stayed clear of tcp_mem[1] for
+    RECOVERY_S, whatever the BPF side's (stale) flags say."""
+    tuner, backend, clock = make_tuner()
+    allocated: list[int | None] = [89000]
+    tuner.allocated_reader = lambda: allocated[0]
     tuner.near_exhaustion_flag = tuner.near_pressure_flag = True
     tuner.handle_event(update_event(tb.TCP_MEM, tb.MEM_EXHAUSTION, (40000, 60000, 90000)))
     assert backend.read("net.ipv4.tcp_mem") == (40000, 60000, 112500)
-    assert backend.read("net.ipv4.tcp_no_metrics_save", NS) == (1,)
-    assert backend.read("net.ipv4.tcp_no_ssthresh_metrics_save", NS) == (1,)
+    glob = tuner.ctx.namespaces.global_cookie
+    for cookie in (NS, glob):
+        assert backend.read("net.ipv4.tcp_no_metrics_save", cookie) == (1,)
+        assert backend.read("net.ipv4.tcp_no_ssthresh_metrics_save", cookie) == (1,)
+        assert backend.read("net.ipv4.tcp_max_syn_backlog", cookie) == (768,)
     assert backend.read("net.core.high_order_alloc_disable") == (1,)
-    assert backend.read("net.ipv4.tcp_max_syn_backlog", NS) == (768,)
-    # Memory recovers: every switch goes back to its value before.
-    tuner.near_exhaustion_flag = tuner.near_pressure_flag = False
-    tuner.tick(0.0)
-    assert backend.read("net.ipv4.tcp_no_metrics_save", NS) == (0,)
-    assert backend.read("net.ipv4.tcp_no_ssthresh_metrics_save", NS) == (0,)
+    assert [w for w in backend.writes if w[1] == "net.core.high_order_alloc_disable"] == [
+        (glob, "net.core.high_order_alloc_disable", (1,))
+    ]
+    # Still short, or unknown: nothing changes, however long.
+    for now in range(10):
+        clock.now += 1
+        allocated[0] = 50000 if now % 2 else None  # nearly full of tcp_mem[1] (60000), or unreadable
+        tuner.tick(clock.now)
+    assert backend.read("net.ipv4.tcp_no_metrics_save", NS) == (1,)
+    # Memory recovers (the BPF flags still say short: they are not asked).
+    allocated[0] = 10000
+    tuner.tick(clock.now)
+    clock.now += tb.RECOVERY_S - 0.5
+    tuner.tick(clock.now)
+    assert backend.read("net.ipv4.tcp_no_metrics_save", NS) == (1,), "recovered for less than RECOVERY_S"
+    clock.now += 0.5
+    tuner.tick(clock.now)
+    for cookie in (NS, glob):
+        assert backend.read("net.ipv4.tcp_no_metrics_save", cookie) == (0,)
+        assert backend.read("net.ipv4.tcp_no_ssthresh_metrics_save", cookie) == (0,)
+        assert backend.read("net.ipv4.tcp_max_syn_backlog", cookie) == (1024,)
     assert backend.read("net.core.high_order_alloc_disable") == (0,)
-    assert backend.read("net.ipv4.tcp_max_syn_backlog", NS) == (1024,)
     counts = tuner.ctx.store.record(tuner, tb.TCP_NO_METRICS_SAVE).counts
     assert counts[(tb.LOW_MEM_ENTER, False)] == 1 and counts[(tb.LOW_MEM_LEAVE, False)] == 1
+    assert counts[(tb.LOW_MEM_ENTER, True)] == 1 and counts[(tb.LOW_MEM_LEAVE, True)] == 1
+
+
+def test_exhaustion_enters_the_low_memory_state_even_while_tcp_mem_cools_down() -> None:
+    """A pressure event just grew tcp_mem; an exhaustion event right after
+    (within the tcp_mem cooldown) must still enter the low-memory state."""
+    tuner, backend, clock = make_tuner()
+    tuner.handle_event(update_event(tb.TCP_MEM, tb.MEM_PRESSURE, (40000, 60000, 90000)))
+    clock.now += tb.MEM_COOLDOWN_S / 2
+    tuner.handle_event(update_event(tb.TCP_MEM, tb.MEM_EXHAUSTION, (50000, 75000, 112500)))
+    assert backend.read("net.ipv4.tcp_mem") == (50000, 75000, 112500), "tcp_mem waits for its cooldown"
+    assert backend.read("net.ipv4.tcp_no_metrics_save", NS) == (1,)
+    assert backend.read("net.ipv4.tcp_no_metrics_save") == (1,)
+
+
+@pytest.mark.parametrize(
+    ("text", "pages"),
+    [
+        ("sockets: used 5\nTCP: inuse 0 orphan 0 tw 0 alloc 1 mem 191\nUDP: inuse 0 mem 0\n", 191),
+        ("TCP: inuse 3 orphan 0 tw 2 alloc 7 mem 0\n", 0),
+        ("TCP: inuse 3 mem\n", None),
+        ("TCP: inuse 3 mem -4\n", None),
+        ("TCP: inuse 3 mem 12x\n", None),
+        ("UDP: inuse 0 mem 9\n", None),
+        ("", None),
+    ],
+)
+def test_tcp_allocated_pages_from_sockstat(text: str, pages: int | None) -> None:
+    assert tb.tcp_allocated_pages(text) == pages
+
+
+def test_sockstat_garbage_is_never_an_error() -> None:
+    rnd = random.Random(15)
+    alphabet = "TCP: memin0123456789-\n\t x\x00"
+    for _ in range(2000):
+        text = "".join(rnd.choice(alphabet) for _ in range(rnd.randrange(60)))
+        got = tb.tcp_allocated_pages(text)
+        assert got is None or got >= 0
+
+
+def test_memory_recovered_is_below_three_quarters_of_the_pressure_threshold() -> None:
+    steps = Steps(4)
+    assert tb.memory_recovered(44999, (40000, 60000, 90000), steps)
+    assert not tb.memory_recovered(45000, (40000, 60000, 90000), steps)
+    assert not tb.memory_recovered(191, (31, 77, 1722), steps)
 
 
 def test_exhaustion_with_tcp_mem_at_its_cap_shrinks_the_buffers() -> None:

@@ -12,8 +12,9 @@ What it does (bpftune's tcp_buffer, docs/tuners/tcp_buffer.md):
   ``tcp_mem[2]`` cannot grow any more it shrinks the buffer maxima instead;
   near exhaustion it turns on the low-memory switches
   (``tcp_no_metrics_save``, ``tcp_no_ssthresh_metrics_save``,
-  ``high_order_alloc_disable``, a smaller ``tcp_max_syn_backlog``) and undoes
-  them when memory recovers;
+  ``high_order_alloc_disable``, a smaller ``tcp_max_syn_backlog``) in the
+  host's namespace and the one that hit the limit, and undoes them once
+  TCP's allocated memory has stayed clear of the pressure threshold;
 * on SYN floods grows ``tcp_max_syn_backlog`` while floods correlate with
   connections being established, shrinks it when they do not (an attack),
   and switches ``tcp_syncookies`` on under memory pressure or off when
@@ -128,6 +129,10 @@ CONN_MEMORY = 4096
 RATE_MIN_NS = 100_000_000
 RATE_MAX_NS = 5_000_000_000
 SYNCOOKIES_FAILED_MIN = 1024
+# The low-memory state is left once TCP's allocated memory has stayed out of
+# reach of the pressure threshold (not nearly full of tcp_mem[1]) this long:
+# entered near tcp_mem[2] and left well below tcp_mem[1], it cannot flap.
+RECOVERY_S = 3.0
 # Hold-offs: once a limit suffices for a connection, the BPF side stops
 # sending that connection's events for this tunable (while the limit stays
 # and the connection shows no more than it did, plus one reference step)
@@ -423,6 +428,25 @@ def exhaustion_shrink(values: Values, steps: Steps) -> Values | None:
     return (values[0], values[1], new_max) if new_max < values[2] else None
 
 
+def tcp_allocated_pages(sockstat: str) -> int | None:
+    """TCP's allocated pages from /proc/net/sockstat ("TCP: ... mem N"): the
+    kernel's memory_allocated, one count for the whole host whatever the
+    namespace it is read in."""
+    for line in sockstat.splitlines():
+        words = line.split()
+        if words[:1] == ["TCP:"]:
+            fields = dict(zip(words[1::2], words[2::2], strict=False))
+            value = fields.get("mem", "")
+            return int(value) if value.isdigit() else None
+    return None
+
+
+def memory_recovered(allocated: int, tcp_mem: Values, steps: Steps) -> bool:
+    """TCP memory is no longer short: its allocated pages are not nearly
+    full of the pressure threshold tcp_mem[1]."""
+    return not steps.nearly_full(allocated, tcp_mem[1])
+
+
 def syncookies_rule(syncookies: int, netstat: dict[str, int], low_memory: bool) -> int | None:
     """New tcp_syncookies, or None.  Off when cookies are on but only ever
     fail; on when memory is short."""
@@ -592,6 +616,10 @@ class TcpBufferTuner(Tuner):
         self._conns: OrderedDict[tuple[int, int, int], ConnTrack] = OrderedDict()
         # Low-memory switches we set: cookie -> tunable id -> value before.
         self._low_mem: dict[int, dict[int, int]] = {}
+        # TCP's allocated pages now (None: unknown), and since when memory
+        # has looked recovered while in the low-memory state.
+        self.allocated_reader: Callable[[], int | None] = _read_tcp_allocated
+        self._recovered_since: float | None = None
         # Buffer events by outcome, and the time spent handling events.
         self.outcomes: Counter[str] = Counter()
         self.handler_s = 0.0
@@ -610,7 +638,6 @@ class TcpBufferTuner(Tuner):
 
     def handle_event(self, event: Event) -> None:
         t0 = time.perf_counter()
-        self._maybe_leave_low_memory()
         for proposal in self.decide(event):
             self.apply(proposal)
         if self._low_mem:
@@ -637,8 +664,9 @@ class TcpBufferTuner(Tuner):
             self._ensure_moderate_rcvbuf(proposal.netns_cookie)
 
     def tick(self, now: float) -> float | None:
-        self._maybe_leave_low_memory()
-        # Only the low-memory state needs watching over time.
+        self._check_recovery()
+        # Only the low-memory state needs watching over time (ticks are off
+        # outside it; entering it asks for one, see handle_event).
         return now + LOW_MEMORY_CHECK_S if self._low_mem else math.inf
 
     def summary_lines(self) -> list[str]:
@@ -879,11 +907,14 @@ class TcpBufferTuner(Tuner):
     def _decide_memory(self, event: Event) -> list[Proposal]:
         cookie = event.netns_cookie
         glob = self.ctx.namespaces.global_cookie
+        # Exhaustion enters the low-memory state whatever the tcp_mem
+        # cooldown: growing tcp_mem a moment ago does not end the shortage.
+        low = self.enter_low_memory(cookie) if event.scenario_id == MEM_EXHAUSTION else []
         if self._cooling(glob, TCP_MEM, MEM_COOLDOWN_S):
-            return []
+            return low
         mem = self._read(TCP_MEM, glob)
         if mem is None:
-            return []
+            return low
         out: list[Proposal] = []
         f = self.free_pages
         if event.scenario_id == MEM_EXHAUSTION:
@@ -905,12 +936,11 @@ class TcpBufferTuner(Tuner):
                                 f"near memory exhaustion with tcp_mem max at a quarter of free buffer pages ({f // 4})",
                             )
                         )
-            out.extend(self.enter_low_memory(cookie))
         else:
             new = tcp_mem_pressure(mem, f, self.steps)
             if new is not None:
                 out.append(Proposal(TCP_MEM, MEM_PRESSURE, glob, new, "near memory pressure"))
-        return out
+        return out + low
 
     def _decide_syn_flood(self, event: Event) -> list[Proposal]:
         cookie = event.netns_cookie
@@ -949,12 +979,24 @@ class TcpBufferTuner(Tuner):
     # --- low-memory state ---------------------------------------------------------------
 
     def enter_low_memory(self, cookie: int) -> list[Proposal]:
-        """Switch off optional memory consumers in ``cookie``'s namespace."""
-        if cookie in self._low_mem:
-            return []
+        """Switch off optional memory consumers in ``cookie``'s namespace and
+        in the host's.  TCP memory is one pool for the whole host (tcp_mem
+        and the allocated count are global), so the host always enters; the
+        namespace whose socket hit the limit does too.  Other namespaces enter
+        when their own sockets report exhaustion."""
+        out: list[Proposal] = []
+        glob = self.ctx.namespaces.global_cookie
+        for c in dict.fromkeys((cookie, glob)):
+            if c not in self._low_mem:
+                out.extend(self._enter_low_memory_in(c, c == glob))
+        return out
+
+    def _enter_low_memory_in(self, cookie: int, host: bool) -> list[Proposal]:
         saved: dict[int, int] = {}
         out: list[Proposal] = []
         for tid in (TCP_NO_METRICS_SAVE, TCP_NO_SSTHRESH_METRICS_SAVE, HIGH_ORDER_ALLOC_DISABLE):
+            if not host and not self.tunable(tid).namespaced:
+                continue  # a global switch: the host's entry sets it
             values = self._read(tid, cookie)
             if values is not None and values[0] != 1:
                 saved[tid] = values[0]
@@ -979,8 +1021,25 @@ class TcpBufferTuner(Tuner):
         self._low_mem.clear()
         return out
 
-    def _maybe_leave_low_memory(self) -> None:
-        if self._low_mem and not (self.near_pressure or self.near_exhaustion):
+    def _check_recovery(self) -> None:
+        """Leave the low-memory state once TCP's allocated pages have stayed
+        clear of the pressure threshold for RECOVERY_S.  Measured here, once
+        a second: the BPF side looks only when a socket gives it a reason,
+        so its flags can stay "short" long after the last connection is gone."""
+        if not self._low_mem:
+            self._recovered_since = None
+            return
+        allocated = self.allocated_reader()
+        mem = self._tcp_mem()
+        if allocated is None or mem is None or not memory_recovered(allocated, mem, self.steps):
+            self._recovered_since = None
+            return
+        now = self.clock()
+        if self._recovered_since is None:
+            self._recovered_since = now
+        if now - self._recovered_since >= RECOVERY_S:
+            self._recovered_since = None
+            self.log.debug("tcp_buffer: TCP memory recovered: %d pages allocated, tcp_mem %s", allocated, mem)
             for proposal in self.leave_low_memory():
                 self.apply(proposal)
 
@@ -996,6 +1055,13 @@ class TcpBufferTuner(Tuner):
                     "need to auto-tune receive buffers up to the new tcp_rmem max",
                 )
             )
+
+
+def _read_tcp_allocated() -> int | None:
+    try:
+        return tcp_allocated_pages(Path("/proc/net/sockstat").read_text())
+    except OSError:
+        return None
 
 
 def _read_free_pages() -> int:
