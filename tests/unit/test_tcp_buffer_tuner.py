@@ -5,7 +5,9 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import logging
+import math
 import random
+import time
 
 import pytest
 
@@ -714,6 +716,49 @@ def test_exhaustion_enters_the_low_memory_state_even_while_tcp_mem_cools_down() 
     assert backend.read("net.ipv4.tcp_mem") == (50000, 75000, 112500), "tcp_mem waits for its cooldown"
     assert backend.read("net.ipv4.tcp_no_metrics_save", NS) == (1,)
     assert backend.read("net.ipv4.tcp_no_metrics_save") == (1,)
+
+
+def test_the_low_memory_state_keeps_its_ticks_and_stops_them_when_left() -> None:
+    """Ticks run only when due: outside the low-memory state tick() asks for
+    none; entering asks for one within LOW_MEMORY_CHECK_S, each tick in the
+    state asks for the next, and leaving it stops them."""
+    requested: list[float] = []
+    tuner, _backend, clock = make_tuner()
+    tuner.ctx.request_tick = lambda _tuner, when: requested.append(when)
+    allocated = [89000]
+    tuner.allocated_reader = lambda: allocated[0]
+    assert tuner.tick(clock.now) == math.inf
+    before = time.monotonic()
+    tuner.handle_event(update_event(tb.TCP_MEM, tb.MEM_EXHAUSTION, (40000, 60000, 90000)))
+    assert requested and before < requested[-1] <= time.monotonic() + tb.LOW_MEMORY_CHECK_S
+    assert tuner.tick(clock.now) == clock.now + tb.LOW_MEMORY_CHECK_S
+    allocated[0] = 10000
+    for _ in range(int(tb.RECOVERY_S / tb.LOW_MEMORY_CHECK_S)):  # recovered at the first, left RECOVERY_S later
+        assert tuner.tick(clock.now) == clock.now + tb.LOW_MEMORY_CHECK_S
+        clock.now += tb.LOW_MEMORY_CHECK_S
+    assert tuner.tick(clock.now) == math.inf
+    assert tuner.ctx.store.record(tuner, tb.TCP_NO_METRICS_SAVE).counts[(tb.LOW_MEM_LEAVE, True)] == 1
+
+
+def test_no_buffer_growth_in_the_low_memory_state_and_the_first_growth_waits() -> None:
+    """In the low-memory state no limit grows, whatever the BPF flags say,
+    not even a namespace's first growth (room up to the window-scale cap);
+    once the state is left, that first growth still gets the cap rule."""
+    tuner, backend, clock = make_tuner()
+    allocated = [89000]
+    tuner.allocated_reader = lambda: allocated[0]
+    tuner.handle_event(update_event(tb.TCP_MEM, tb.MEM_EXHAUSTION, (40000, 60000, 90000)))
+    assert not (tuner.near_pressure or tuner.near_exhaustion)  # the BPF flags say memory is fine
+    first = receiver(131072, wscale_cap=262140, rate=4.3e6 / 8, first=True)
+    tuner.handle_event(conn_event(tb.TCP_RMEM, first, (4096, 65536, 131072)))
+    assert backend.read("net.ipv4.tcp_rmem", NS)[2] == 131072
+    allocated[0] = 10000
+    for _ in range(int(tb.RECOVERY_S) + 2):
+        tuner.tick(clock.now)
+        clock.now += 1
+    assert not tuner._low_mem
+    tuner.handle_event(conn_event(tb.TCP_RMEM, first, (4096, 65536, 131072)))
+    assert backend.read("net.ipv4.tcp_rmem", NS)[2] == 2 * 262140
 
 
 @pytest.mark.parametrize(

@@ -790,7 +790,11 @@ class TcpBufferTuner(Tuner):
         if self._cooling(cookie, tid, cooldown):
             self.outcomes["cooling"] += 1
             return []
-        if self.near_pressure or self.near_exhaustion:
+        if self.near_pressure or self.near_exhaustion or self._low_mem:
+            # Also for the whole low-memory state (the host is always in it
+            # when any namespace is): the BPF flags change only when a socket
+            # gives the BPF side a reason to look, and a namespace's first
+            # growth would ask for room up to its window-scale cap.
             if debug:
                 self.log.debug("tcp_buffer: no buffer growth while TCP memory is short")
             self.outcomes["memory short"] += 1
