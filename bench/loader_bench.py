@@ -44,7 +44,7 @@ from pybpftune.support import Support, probe_support
 REPO = Path(__file__).resolve().parent.parent
 TEST_BPF = REPO / "tests" / "bpf"
 BURST_OBJECT = TEST_BPF / "ringbuf_burst.bpf.o"
-BURST_PROGRAM = "ringbuf_burst"
+BURST_PROGRAM = "bpftune_ringbuf_burst"
 BURST_TUNER_ID = 7
 # Reference objects from tests/bpf loaded alongside the packaged ones.
 REFERENCE_OBJECTS = ("ringbuf_test",)

@@ -18,7 +18,7 @@ __u64 out_cost, out_metric, out_rate;
 __u32 out_pick;
 
 SEC("xdp")
-int conn_cost_test(struct xdp_md *ctx)
+int bpftune_conn_cost_test(struct xdp_md *ctx)
 {
 	out_cost = tcp_conn_cost(in_rtt, in_min_rtt, in_rate, in_max_rate);
 	out_metric = tcp_conn_rl_update(in_metric, in_samples, in_cost, in_shift);

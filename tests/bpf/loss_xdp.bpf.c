@@ -5,6 +5,8 @@
  * end of a veth, it drops about one in ten TCP segments that carry data, so
  * the sender sees real losses and retransmits.  SYNs, pure ACKs and non-TCP
  * traffic (ARP, ICMP) pass, so connections still open promptly.
+ * Not named bpftune_*: it stands in for the network, not for the daemon
+ * (iproute2 loads it; pybpftune never does).
  */
 #include "vmlinux.h"
 #include <bpf/bpf_helpers.h>

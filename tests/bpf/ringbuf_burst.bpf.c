@@ -15,7 +15,7 @@
 __u64 seq;
 
 SEC("xdp")
-int ringbuf_burst(struct xdp_md *ctx)
+int bpftune_ringbuf_burst(struct xdp_md *ctx)
 {
 	struct bpftune_event event = {};
 	struct pybpftune_test_payload *payload = (void *)event.raw_data;

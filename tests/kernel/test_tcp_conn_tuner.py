@@ -225,7 +225,7 @@ def test_bpf_cost_arithmetic_matches_python(name: str) -> None:
     rng = random.Random(5)
     with BpfObject.from_path(ROOT / "tests" / "bpf" / name) as obj:
         obj.load()
-        fd = obj.program_fd("conn_cost_test")
+        fd = obj.program_fd("bpftune_conn_cost_test")
         packet = bytes(64)
         for _ in range(300):
             rtt, min_rtt = rng.randrange(1, 10**7), rng.choice([0, rng.randrange(1, 10**6)])
