@@ -17,6 +17,15 @@ def packaged_objects() -> list[Path]:
     return sorted((ROOT / "src" / "pybpftune" / "bpf").glob("*.o"))
 
 
+def named_objects() -> list[Path]:
+    """Every object pybpftune loads: the packaged ones, the sample outside
+    tuner's (built against the installed header) and the tests' own, less
+    loss_xdp (iproute2 loads it to stand in for a lossy network)."""
+    sample = sorted((ROOT / "examples" / "sample_tuner" / "pybpftune_sample").glob("*.bpf*.o"))
+    tests = sorted(p for p in (ROOT / "tests" / "bpf").glob("*.o") if not p.name.startswith("loss_xdp."))
+    return packaged_objects() + sample + tests
+
+
 def test_every_packaged_object_has_both_variants() -> None:
     names = available()
     assert "probe" in names
@@ -77,7 +86,7 @@ def test_program_metadata(test_object: Path) -> None:
         assert (kp.kind, kp.family) == ("kprobe", "kprobe")
 
 
-@pytest.mark.parametrize("path", packaged_objects(), ids=lambda p: p.name)
+@pytest.mark.parametrize("path", named_objects(), ids=lambda p: p.name)
 def test_every_program_and_map_is_named_bpftune(path: Path) -> None:
     """Operators find ours with `bpftool prog | grep bpftune` (bpftool prints a
     program's full name) and `bpftool map | grep bpftune` (maps show the
