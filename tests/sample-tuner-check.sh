@@ -51,5 +51,5 @@ rc=0; wait "$pid" || rc=$?
 pid=
 grep -q "renamed a task to '$name'" "$work/log" || fail "no event line for the rename to '$name'"
 [ "$rc" = 0 ] || fail "the daemon exited with $rc"
-grep -E "tuner sample started|renamed a task" "$work/log" | head -2
+grep -E -m 2 "tuner sample started|renamed a task" "$work/log"
 echo "sample tuner ok"

@@ -18,8 +18,11 @@ git archive HEAD | tar -x -C "$work/"
 PATH=$repo/.venv/bin:$PATH auditwheel repair -w "$work/wheelhouse" "$work"/dist/pybpftune-*.whl \
   > "$work/auditwheel.log" 2>&1 || { cat "$work/auditwheel.log"; exit 1; }
 wheel=$(ls "$work"/wheelhouse/pybpftune-*manylinux*.whl)
-unzip -l "$wheel" | grep -q "pybpftune.libs/libbpf-" || { echo "libbpf is not inside $wheel"; exit 1; }
-unzip -l "$wheel" | grep -q "pybpftune.libs/libelf-" || { echo "libelf is not inside $wheel"; exit 1; }
+# The listing into a file: under pipefail, grep -q quitting at its first match
+# would fail the pipe whenever unzip meets the closed pipe.
+unzip -l "$wheel" > "$work/wheel.list"
+grep -q "pybpftune.libs/libbpf-" "$work/wheel.list" || { echo "libbpf is not inside $wheel"; exit 1; }
+grep -q "pybpftune.libs/libelf-" "$work/wheel.list" || { echo "libelf is not inside $wheel"; exit 1; }
 python3 -m venv "$work/venv"
 "$work/venv/bin/pip" install -q "$wheel"
 cd "$work"
@@ -35,7 +38,10 @@ if [ "$(id -u)" = 0 ]; then
       echo "the system libbpf is still loadable"; exit 1
     fi
     echo "system libbpf/libelf hidden: $*"
-    "$work/venv/bin/bpftune" -S 2>&1 | head -2
+    # Into a file first: piped into head, bpftune -S exits 1 whenever head
+    # has gone before its report is written, and pipefail fails the stage.
+    "$work/venv/bin/bpftune" -S > "$work/support.txt" 2>&1
+    head -2 "$work/support.txt"
     "$work/venv/bin/bpftune" -s -R -a sysctl --state-dir "$work/state" > "$work/daemon.log" 2>&1 &
     pid=$!
     for _ in $(seq 120); do grep -q "bpftune started" "$work/daemon.log" && break; sleep 0.5; done
