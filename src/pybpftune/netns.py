@@ -29,6 +29,7 @@ import ctypes
 import errno
 import logging
 import os
+import shlex
 import socket
 import struct
 import threading
@@ -169,6 +170,18 @@ class Namespaces:
     def describe(self, cookie: int) -> str:
         """'global ns' or 'non-global ns' as bpftune words it."""
         return "global ns" if self.is_global(cookie) else "non-global ns"
+
+    def command_prefix(self, cookie: int) -> str | None:
+        """How a shell enters this namespace ("ip netns exec NAME" for a
+        /run/netns mount, else "nsenter --net=PATH"); None if no path to it
+        is known.  Text for advice only: nothing is entered here."""
+        ref = self._by_cookie.get(cookie)
+        if ref is None:
+            return None
+        path = Path(ref.path)
+        if path.parent == RUN_NETNS:
+            return f"ip netns exec {shlex.quote(path.name)}"
+        return f"nsenter --net={shlex.quote(ref.path)}"
 
     def known(self) -> list[NetnsRef]:
         return list(self._by_cookie.values())
