@@ -36,11 +36,10 @@ import pytest
 from pybpftune.cli import EPILOG
 from pybpftune.client import query
 
-from .harness import BPFTUNE, Daemon, NetnsPair, iperf3_retrying, netns_pair, run, sysctl_get, sysctls
+from .harness import BPFTUNE, Daemon, NetnsPair, demo_tuners_dir, iperf3_retrying, netns_pair, run, sysctl_get, sysctls
 
 pytestmark = pytest.mark.kernel
 
-TUNERS = Path(__file__).resolve().parents[1] / "tuners"
 SAVED = (
     "net.ipv4.tcp_rmem",
     "net.ipv4.tcp_wmem",
@@ -261,7 +260,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        args = ["-s", "-R", "-a", "sysctl", "-a", "tcp_buffer", "-a", "demo", "-l", str(TUNERS)]
+        args = ["-s", "-R", "-a", "sysctl", "-a", "tcp_buffer", "-a", "demo", "-l", str(demo_tuners_dir())]
         args += ["--state-dir", str(state), "--config", str(config), "-p", str(port)]
         d = Daemon(args, env={"PYBPFTUNE_DEMO_STEPS": "100000"})
         try:
