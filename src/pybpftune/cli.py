@@ -28,7 +28,7 @@ Examples:
   bpftune -q status --json      its status as JSON (the same as -q jstatus)
   bpftune -q advice             advice mode: the commands to apply, one per tunable
   bpftune -s --config FILE      settings from FILE (default /etc/pybpftune/config.toml)
-  bpftune -s --metrics 9557       also serve Prometheus metrics on 127.0.0.1:9557
+  bpftune -s --metrics 9557     also serve Prometheus metrics on 127.0.0.1:9557
 
 \b
 Tuners are named without the "_tuner" suffix (tcp_buffer, sysctl, ...);
