@@ -29,7 +29,6 @@ import ctypes
 import errno
 import logging
 import os
-import shlex
 import socket
 import struct
 import threading
@@ -178,6 +177,8 @@ class Namespaces:
         ref = self._by_cookie.get(cookie)
         if ref is None:
             return None
+        import shlex  # only here: advice text, never needed while starting
+
         path = Path(ref.path)
         if path.parent == RUN_NETNS:
             return f"ip netns exec {shlex.quote(path.name)}"

@@ -19,7 +19,6 @@ for the summary, journals the original and honours advice mode.
 from __future__ import annotations
 
 import logging
-import shlex
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -252,6 +251,8 @@ class Tuner:
         text = " ".join(str(v) for v in values)
         if all(c.isalnum() or c in " _.-" for c in text):
             return f'sysctl -w {tunable.name}="{text}"'
+        import shlex  # only here: most values need no quoting, and start-up needs none
+
         return f"sysctl -w {shlex.quote(f'{tunable.name}={text}')}"
 
     def summary_lines(self) -> list[str]:
