@@ -4,6 +4,7 @@ every setting the file holds is applied, or none is."""
 from __future__ import annotations
 
 import logging
+import signal
 import socket
 from collections.abc import Iterator
 from pathlib import Path
@@ -131,3 +132,32 @@ def test_a_port_in_use_keeps_the_old_endpoints(daemon: tuple[Daemon, Path]) -> N
     assert d.config.port is None and d.config.socket_path == d.state.default_socket
     assert d.server is not None and d.server.addresses == [str(d.state.default_socket)]
     assert not (cfg.parent / "x.sock").exists()
+
+
+def test_a_sighup_during_start_up_waits_for_the_last_tuner(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Tuners still loading were prepared with the old settings: the reload
+    comes once the last one is up (and `tuners` says which are loading)."""
+    cfg = tmp_path / "config.toml"
+    cfg.write_text("learning_rate = 2\n")
+    config = DaemonConfig(state_dir=tmp_path / "state", config_path=cfg, config_explicit=True, cache_dir=None)
+    d = Daemon(config, backend=MemorySysctl({"net.ipv4.tcp_fin_timeout": (60,), "net.core.somaxconn": (4096,)}))
+    caplog.set_level(logging.INFO, logger="pybpftune")
+    try:
+        d.classes = [Fin, Keep]
+        d._ctx = TunerContext(d.store, d.namespaces, d.steps)
+        assert d._start_tuner(Plugin(Fin)) is not None
+        loading = Keep(d._ctx, 1)
+        d._loading.append(loading)
+        states = {s.name: (s.state, s.reason) for s in d.tuner_states()}
+        assert states == {"fin": ("active", ""), "keep": ("inactive", "starting: its BPF object is being loaded")}
+        d._reload_on_signal(signal.SIGHUP)
+        d._reload_on_signal(signal.SIGHUP)
+        assert d.steps.rate == 4, "not while a tuner is loading"
+        d._loading.remove(loading)
+        d._all_started()
+        assert d.started and d.steps.rate == 2
+        messages = [r.getMessage() for r in caplog.records]
+        assert messages.count("SIGHUP during start-up: the configuration is re-read once every tuner is up") == 1
+        assert sum("reloaded: learning rate 2" in m for m in messages) == 1
+    finally:
+        d.close()
