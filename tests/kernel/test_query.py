@@ -182,11 +182,14 @@ def test_starved_buffers_under_traffic_produce_advice_and_no_changes() -> None:
                 commands = [
                     line for line in text.stdout.splitlines() if "tcp_rmem" in line and not line.startswith("#")
                 ]
-                advised = re.search(advice, d.output)
-                assert advised is not None
-                new = int(advised.group(1))
+                # The latest advice is listed; later traffic may have refined
+                # the first one (in the VMs the need is measured a byte apart).
+                assert len(commands) == 1, text.stdout
+                listed = re.fullmatch(advice.removeprefix("Advice: "), commands[0])
+                assert listed is not None, commands
+                new = int(listed.group(1))
                 assert new > 131072
-                assert commands == [f'ip netns exec {pair.server} sysctl -w net.ipv4.tcp_rmem="4096 131072 {new}"']
+                d.wait_for(advice.replace(r"(\d+)", str(new)))  # listed as it was logged
                 entries = json.loads(bpftune_q("jadvice", "--state-dir", str(state)).stdout)
                 assert entries["advice_mode"] is True
                 keys = [(e["tunable"], e["netns_cookie"]) for e in entries["advice"]]
