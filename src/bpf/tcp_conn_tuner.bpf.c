@@ -46,6 +46,8 @@ __u32 conn_algs_available = (1U << TCP_CONN_ALG_CUBIC) | (1U << TCP_CONN_ALG_BBR
 __u32 conn_thin_lto_sysctl;
 /* 0 turns the RL choice off (loss rule only). */
 __u32 conn_rl_enabled = 1;
+/* Advice mode (--advise): decide and report every choice, set nothing. */
+__u32 conn_advise_only;
 
 static const char alg_names[TCP_CONN_NUM_ALGS][TCP_CA_NAME_MAX] = {
 	"cubic", "bbr", "htcp", "dctcp",
@@ -224,6 +226,11 @@ static __always_inline int conn_set(struct bpf_sock_ops *ops, struct conn_sk *c,
 	if (alg >= TCP_CONN_NUM_ALGS || reason >= TCP_CONN_NUM_REASONS)
 		return -1;
 	__builtin_memcpy(name, alg_names[alg], sizeof(name));
+	if (conn_advise_only) {
+		/* The connection keeps its algorithm; the event is the advice. */
+		conn_event(ops, c, reason, old, alg, cost);
+		return 0;
+	}
 	if (bpf_setsockopt(ops, SOL_TCP, TCP_CONGESTION, name, sizeof(name))) {
 		if (n)
 			__sync_fetch_and_add(&n->setsockopt_failed, 1);
@@ -320,7 +327,7 @@ static __always_inline void conn_retrans(struct bpf_sock_ops *ops, struct bpf_so
 	bpf_sock_ops_cb_flags_set(ops, BPF_SOCK_OPS_STATE_CB_FLAG);
 	if (c->alg == TCP_CONN_ALG_BBR || !(conn_algs_available & (1U << TCP_CONN_ALG_BBR)))
 		return;
-	if (!conn_thin_lto_sysctl &&
+	if (!conn_thin_lto_sysctl && !conn_advise_only &&
 	    !bpf_setsockopt(ops, SOL_TCP, TCP_THIN_LINEAR_TIMEOUTS, &one, sizeof(one))) {
 		n = counts();
 		if (n)

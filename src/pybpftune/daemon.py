@@ -2,6 +2,8 @@
 
 Start-up is arranged so that events flow early and the slow parts overlap:
 
+* the query socket is bound first: a second daemon stops there, before it
+  loads anything, and whoever waits for readiness can ask at once;
 * the support probe (or its per-boot cache) runs on the load thread while the
   tuner modules are imported (launch.entry starts it before this module's
   own imports);
@@ -21,7 +23,11 @@ the daemon runs, so a late event of a removed tuner is dropped, never handed
 to another one.
 SIGINT/SIGTERM end the loop; the summary is printed (one block), sysctls are
 restored when rollback was asked for, and every program, link, map and mount
-is released in reverse order.
+is released in reverse order.  SIGHUP re-reads the configuration file (once
+every tuner is up, if it arrives during start-up).  The query server
+(server.py) answers from the same loop, reading the daemon through the
+:class:`pybpftune.query.View` methods below; the renderers (query.py) are
+imported when the first request arrives.
 
 As a service (:func:`run_daemon`): capabilities are reduced once start-up is
 done, the metrics endpoint (``--metrics``) starts, and systemd hears READY=1
@@ -37,17 +43,19 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from pathlib import Path
 from types import FrameType, TracebackType
+from typing import TYPE_CHECKING
 
 from . import __version__
 from .bpf import object_path
 from .cgroup import CgroupRoot
-from .errors import NotSupported, PybpftuneError, UsageError
+from .config import ConfigError, DaemonConfig, Overrides, TunableLimits, read_config
+from .errors import NotSupported, PybpftuneError
 from .eventloop import EventLoop, Timer
 from .events import Event, cookie_text
+from .history import History
 from .inotify import ADDED, GONE, OVERFLOW, REMOVED, DirEvent, DirWatcher
 from .libbpf import MAX_TUNERS
 from .loader import LoadedObject, load_object
@@ -70,8 +78,8 @@ from .registry import (
 from .ringbuf import RingBuffer
 from .service import Detached, Notifier, detach, parse_metrics_address
 from .startup import EarlyProbe, Future, LoadThread, tune_malloc
-from .state import DEFAULT_STATE_DIR, JournalEntry, StateDir
-from .store import ACTIVE, TunableStore
+from .state import JournalEntry, StateDir
+from .store import ACTIVE, MANUAL, TunableStore
 from .support import (
     KindSupport,
     Support,
@@ -81,9 +89,18 @@ from .support import (
     kinds_to_text,
     probe_support,
     support_report,
+    variant_line,
 )
-from .sysctl import ProcSysctl, SysctlBackend
-from .tuner import Steps, Tuner, TunerContext
+from .sysctl import ProcSysctl, SysctlBackend, SysctlMissing
+from .tuner import Steps, Tunable, Tuner, TunerContext
+
+if TYPE_CHECKING:
+    from .query import DaemonInfo, RollbackItem, SignalState, SummaryCount, TunableValue, TunerState
+    from .server import QueryServer
+
+# Where callers have always found them; they live in config.py so that the
+# launcher can build them before this module's imports.
+__all__ = ["Daemon", "DaemonConfig", "Overrides", "run_daemon"]
 
 log = logging.getLogger("pybpftune")
 
@@ -91,33 +108,8 @@ TICK_S = 1.0
 # The earliest a tuner's next tick may be: a tuner asking for "now" again
 # must not spin the loop.
 TICK_MIN_S = 0.01
-# Facts about this boot (the support probe) are cached here, whatever
-# --state-dir says: they belong to the machine, not to one daemon's journal.
-CACHE_DIR = DEFAULT_STATE_DIR
 # Journaled originals named in the warning when they are not restored (no -R).
 JOURNAL_LISTED = 10
-
-
-@dataclass
-class DaemonConfig:
-    allow: Iterable[str] = ()
-    cgroup: Path | None = None
-    debug: bool = False
-    daemonize: bool = False
-    libdirs: Iterable[str] = ()
-    legacy: bool = False
-    port: int | None = None
-    learning_rate: int = 4
-    rollback: bool = False
-    to_stderr: bool = False
-    advice: bool = False
-    state_dir: Path = DEFAULT_STATE_DIR
-    caps: dict[str, int] = field(default_factory=dict)
-    # --metrics ADDR:PORT (None: no endpoint).
-    metrics: str | None = None
-    # Keep only caps.RUNTIME_CAPS once started.
-    drop_capabilities: bool = True
-    cache_dir: Path | None = CACHE_DIR  # None: no per-boot cache
 
 
 class Daemon:
@@ -133,11 +125,21 @@ class Daemon:
         self.state = StateDir(config.state_dir)
         self.namespaces = Namespaces()
         self.store = TunableStore(
-            backend or ProcSysctl(self.namespaces), self.namespaces, self.state, config.advice, config.caps
+            backend or ProcSysctl(self.namespaces), self.namespaces, self.state, config.advice, config.limits
         )
         self.steps = Steps(config.learning_rate)
         self.support: Support | None = None
         self.variant = "legacy" if config.legacy else "full"
+        self.variant_reason = ""
+        self.server: QueryServer | None = None
+        # Every tuner -a allows, in load order (the query's tuner list), and
+        # the ones the configuration switches off, ready to start on a reload.
+        self.classes: list[type[Tuner]] = []
+        self.dormant: dict[str, Plugin] = {}
+        self.started_at = time.time()
+        # A SIGHUP that arrived while tuners were still loading (applied once
+        # the last one is up: a reload must not race the load thread).
+        self._reload_pending = False
         self.cgroup = CgroupRoot(self.state, config.cgroup)
         self.ring = RingBuffer(on_error=self._handler_failed)
         self.loop = EventLoop(on_error=self._loop_failed)
@@ -174,11 +176,16 @@ class Daemon:
     # --- start -----------------------------------------------------------------------
 
     def start(self) -> None:
-        """Probe, prepare every tuner and hand their objects to the load
-        thread; ``run()`` serves events while they load."""
+        """Bind the query socket, probe, prepare every tuner and hand their
+        objects to the load thread; ``run()`` serves events while they load."""
         if os.geteuid() != 0:
             raise PybpftuneError("the daemon needs root (CAP_SYS_ADMIN, CAP_BPF, CAP_NET_ADMIN)")
         self.t_start = time.monotonic()
+        # The query socket first: a second daemon stops here, before it loads
+        # anything, and whoever waits for readiness can ask at once.
+        self._serve_queries()
+        # SIGHUP's default would end the process: from here on it reloads.
+        self.loop.on_signal(signal.SIGHUP, self._reload_on_signal)
         tune_malloc()
         if self._early is not None:
             key, kinds, probed = self._early.key, self._early.kinds, self._early.probed
@@ -215,14 +222,24 @@ class Daemon:
         headline, detail = support_report(support)
         if not support.usable:
             raise NotSupported("bpftune", "; ".join(support.missing()) or headline[0])
-        for line in headline:
+        self.variant_reason = variant_line(support, self.config.legacy)
+        for line in [*headline, self.variant_reason]:
             log.info("%s", line)
         for line in detail:
             log.debug("%s", line)
         if not self.config.legacy:
             self.variant = support.default_variant
-        log.info("pybpftune %s starting (%s variant, learning rate %d)", __version__, self.variant, self.steps.rate)
+        log.info(
+            "pybpftune %s starting (%s variant, learning rate %d%s%s)",
+            __version__,
+            self.variant,
+            self.steps.rate,
+            ", advice mode: nothing will be written" if self.config.advice else "",
+            f", configuration {self.config.config_path}" if self.config.config_path else "",
+        )
         self._recover_journal()
+        self.classes = [p.cls for p in plugins]
+        plugins = [p for p in plugins if not self._keep_dormant(p)]
         needs_cgroup = any(p.cls.cgroup_programs for p in plugins)
         if needs_cgroup:
             self.cgroup.open()
@@ -231,6 +248,35 @@ class Daemon:
             self._prepare_tuner(plugin)
         if not self._loading:
             self._all_started()
+
+    def _switched_off(self, name: str) -> bool:
+        named = {normalize(a) for a in self.config.allow}
+        return name in self.config.switched_off and name not in named
+
+    def _keep_dormant(self, plugin: Plugin) -> bool:
+        """A tuner the configuration switches off is not started; its plugin
+        stays loaded so that a reload switching it on can start it."""
+        if not self._switched_off(plugin.cls.name):
+            return False
+        log.info("tuner %s not started: the configuration switches it off", plugin.cls.name)
+        self.dormant[plugin.cls.name] = plugin
+        return True
+
+    def _serve_queries(self) -> None:
+        """Answer queries on the Unix socket (and -p's loopback port)."""
+        from .server import QueryServer
+
+        server = self.server = QueryServer(self.loop, self._answer)
+        path = self.config.socket_path
+        server.listen_unix(lambda: self.state.bind_socket(path), str(path))
+        if self.config.port is not None:
+            server.listen_tcp(self.config.port)
+        log.info("serving queries on %s", ", ".join(server.addresses))
+
+    def _answer(self, data: bytes) -> bytes:
+        from .query import answer, parse_request
+
+        return answer(self, parse_request(data)).encode()
 
     def _cached_kinds(self, key: str) -> dict[str, KindSupport] | None:
         """This boot's probed program kinds, if an earlier daemon cached them."""
@@ -373,7 +419,8 @@ class Daemon:
         self._loader.close()
         if not self.tuners:
             self._fatal = PybpftuneError(
-                "no tuner could be started: " + "; ".join(f"{k}: {v}" for k, v in self.disabled.items())
+                "no tuner could be started: "
+                + ("; ".join(f"{k}: {v}" for k, v in self.disabled.items()) or "the configuration switches all off")
             )
             self.loop.stop()
             return
@@ -384,6 +431,9 @@ class Daemon:
         log.debug("start-up took %.2f s", self.startup_s)
         for hook in self.on_started:
             hook()
+        if self._reload_pending:
+            self._reload_pending = False
+            self.reload()
 
     def _new_tuner_id(self) -> int:
         """The next unused id: ids are never reused while the daemon runs, so
@@ -551,9 +601,13 @@ class Daemon:
             unload_plugin(plugin)
             return
         running = [t for t in self.tuners if t.name == plugin.cls.name]
-        if running:
+        if running or plugin.cls.name in self.dormant:
             log.warning("added lib %s, init failed: a tuner named '%s' is already running", path, plugin.cls.name)
             unload_plugin(plugin)
+            return
+        if plugin.cls not in self.classes:
+            self.classes.append(plugin.cls)
+        if self._keep_dormant(plugin):
             return
         if self._ctx is None:
             self._ctx = self._context(self.support)
@@ -574,7 +628,15 @@ class Daemon:
 
     def _plugin_removed(self, path: Path) -> None:
         """Stop the tuner a removed plugin file started; its programs are detached."""
+        dormant = next((p for p in self.dormant.values() if p.path == path), None)
+        if dormant is not None:  # switched off by the configuration: nothing runs
+            del self.dormant[dormant.cls.name]
+            self.classes = [c for c in self.classes if c is not dormant.cls]
+            log.info("removed '%s' (tuner %s was switched off)", path, dormant.cls.name)
+            unload_plugin(dormant)
+            return
         plugin, tuner = self.plugins.pop(path)
+        self.classes = [c for c in self.classes if c is not plugin.cls]
         if tuner in self.tuners:
             log.info("removed '%s', fini tuner %s", path, tuner.name)
             try:
@@ -638,12 +700,157 @@ class Daemon:
         self.loop.stop()
 
     def run(self) -> None:
-        """Serve events and timers until SIGINT/SIGTERM (or request_stop);
-        the tuners still loading come up meanwhile."""
+        """Serve events, queries and timers until SIGINT/SIGTERM (or
+        request_stop); the tuners still loading come up meanwhile, and SIGHUP
+        re-reads the configuration file."""
         self.loop.stop_on((signal.SIGINT, signal.SIGTERM))
         self.loop.run()
         if self._fatal is not None:
             raise self._fatal
+
+    # --- reload (SIGHUP) -----------------------------------------------------------------------
+
+    def _reload_on_signal(self, signum: int) -> None:
+        if not self.started:
+            # Tuners are still being prepared and loaded with the settings
+            # they started with: apply the file once the last one is up.
+            if not self._reload_pending:
+                log.info("SIGHUP during start-up: the configuration is re-read once every tuner is up")
+            self._reload_pending = True
+            return
+        self.reload()
+
+    def reload(self) -> bool:
+        """Re-read the configuration file and apply it; an invalid file is
+        refused with one line and every setting stays as it was."""
+        path = self.config.config_path if self.config.config_explicit else None
+        try:
+            file = read_config(path, self._known_classes(), trusted=os.geteuid() == 0)
+        except ConfigError as exc:
+            log.error("configuration not reloaded, the current settings stay: %s", exc)
+            return False
+        new = self.config.with_file(file)
+        old = self.config
+        changed: list[str] = []
+        if new.socket_path != old.socket_path or new.port != old.port:
+            try:
+                self._move_endpoints(new)
+            except PybpftuneError as exc:
+                log.error("configuration not reloaded, the current settings stay: %s", exc)
+                return False
+            changed.append(f"queries on {', '.join(self.server.addresses) if self.server else '-'}")
+        self.config = new
+        if new.to_stderr != old.to_stderr:
+            setup_logging(new.to_stderr, new.debug)
+            changed.append("log to " + ("stderr" if new.to_stderr else "the system log"))
+        if dict(new.limits) != dict(old.limits):
+            self.store.limits = dict(new.limits)
+            changed.append(f"limits {self._all_limits_text() or 'none'}")
+        if new.learning_rate != old.learning_rate:
+            self.steps.set_rate(new.learning_rate)
+            for tuner in self.tuners:
+                tuner.set_bpf_global("bpftune_learning_rate", new.learning_rate)
+            changed.append(f"learning rate {new.learning_rate}")
+        if new.advice != old.advice:
+            self.store.advice = new.advice
+            for tuner in self.tuners:
+                tuner.advice_changed(new.advice)
+            changed.append("advice mode " + ("on: nothing will be written" if new.advice else "off"))
+        if new.rollback != old.rollback:
+            if self._ctx is not None:
+                self._ctx.rollback = new.rollback
+            changed.append("rollback on exit " + ("on" if new.rollback else "off"))
+        changed.extend(self._apply_switches())
+        log.info(
+            "configuration %s reloaded: %s",
+            file.path or "(none: defaults)",
+            "; ".join(changed) or "nothing changed",
+        )
+        return True
+
+    def _known_classes(self) -> list[type[Tuner]]:
+        """Every tuner the configuration may name: those -a allows and any
+        other built-in or installed one (a file may name a tuner -a leaves out)."""
+        from .registry import builtin_tuners, entry_point_tuners
+
+        out = {c.name: c for c in [*builtin_tuners(), *entry_point_tuners()]}
+        out.update((c.name, c) for c in self.classes)
+        return list(out.values())
+
+    def _all_limits_text(self) -> str:
+        return "; ".join(f"{k}: {self._limits_text(v)}" for k, v in self.store.limits.items())
+
+    @staticmethod
+    def _limits_text(limits: TunableLimits) -> str:
+        parts = [("", limits.everywhere), ("global ", limits.global_), ("netns ", limits.netns)]
+        return ", ".join(
+            f"{kind}{lim.describe()}" for kind, lim in parts if lim.floor is not None or lim.cap is not None
+        )
+
+    def _move_endpoints(self, new: DaemonConfig) -> None:
+        """Serve queries where ``new`` says: the new endpoints are opened
+        before the old ones close, and if one cannot be had, nothing moves."""
+        server = self.server
+        if server is None:
+            return
+        old = self.config
+        opened: list[str] = []
+        try:
+            if new.port != old.port and new.port is not None:
+                opened.append(server.listen_tcp(new.port))
+            if new.socket_path != old.socket_path:
+                path = new.socket_path
+                opened.append(server.listen_unix(lambda: self.state.bind_socket(path), str(path)))
+        except BaseException:
+            for key in opened:
+                server.stop_listening(key)
+            if new.socket_path != old.socket_path:
+                self.state.remove_socket(new.socket_path)
+            raise
+        if new.port != old.port and old.port is not None:
+            server.stop_listening(f"tcp:{old.port}")
+        if new.socket_path != old.socket_path:
+            server.stop_listening(f"unix:{old.socket_path}")
+            self.state.remove_socket(old.socket_path)
+
+    def _apply_switches(self) -> list[str]:
+        """Stop tuners the file now switches off; start the ones it switches on."""
+        out = []
+        for tuner in list(self.tuners):
+            if not self._switched_off(tuner.name):
+                continue
+            log.info("tuner %s stopped: the configuration switches it off", tuner.name)
+            self._stop_tuner(tuner, summarize=True)
+            plugin = self._plugin_of(tuner)
+            if plugin is not None:
+                self.dormant[tuner.name] = plugin
+            out.append(f"{tuner.name} off")
+        for name, plugin in list(self.dormant.items()):
+            if self._switched_off(name) or self._ctx is None:
+                continue
+            del self.dormant[name]
+            if plugin.cls.cgroup_programs:
+                self.cgroup.open()
+            started = self._start_tuner(plugin)
+            if started is None:
+                out.append(f"{name} failed to start")
+                if plugin.path is not None:
+                    unload_plugin(plugin)
+                    self.classes = [c for c in self.classes if c is not plugin.cls]
+                continue
+            if plugin.path is not None:
+                self.plugins[plugin.path] = (plugin, started)
+            out.append(f"{name} on")
+        return out
+
+    def _plugin_of(self, tuner: Tuner) -> Plugin | None:
+        """The plugin a running tuner came from (a built-in's is made up)."""
+        for path, (plugin, t) in list(self.plugins.items()):
+            if t is tuner:
+                del self.plugins[path]
+                return plugin
+        cls = type(tuner)
+        return Plugin(cls) if cls in self.classes else None
 
     def _request_tick(self, tuner: Tuner, when: float) -> None:
         """Have ``tuner.tick`` run at ``when`` unless a tick is due sooner."""
@@ -682,6 +889,105 @@ class Daemon:
         for line in self._summary_lines(tuner):
             log.info("%s", line)
 
+    # --- what queries read (pybpftune.query.View) ------------------------------------------
+
+    @property
+    def history(self) -> History:
+        return self.store.history
+
+    def info(self) -> DaemonInfo:
+        from .query import DaemonInfo
+
+        support = self.support
+        dropped = 0
+        for tuner in self.tuners:
+            obj = tuner.loaded.obj if tuner.loaded is not None else None
+            if obj is not None and obj.has_global("bpftune_ringbuf_drops"):
+                dropped += obj.get_global("bpftune_ringbuf_drops")
+        return DaemonInfo(
+            version=__version__,
+            pid=os.getpid(),
+            started=self.started_at,
+            level=support.level if support is not None else "unknown",
+            variant=self.variant,
+            variant_reason=self.variant_reason,
+            netns_policy=self.namespaces.cookie_supported,
+            advice=self.store.advice,
+            learning_rate=self.steps.rate,
+            config=str(self.config.config_path) if self.config.config_path else None,
+            limits=self._all_limits_text(),
+            events_received=self.ring.received,
+            events_dropped=dropped,
+            events_malformed=self.ring.dropped_malformed,
+            events_unknown=self.ring.dropped_unknown,
+        )
+
+    def tuner_states(self) -> list[TunerState]:
+        from .query import TunableInfo, TunerState
+
+        loading = {t.name for t in self._loading}
+        running = {t.name: t for t in self.tuners}
+        out = []
+        for cls in self.classes:
+            tunables = tuple(
+                TunableInfo(t.name, _type_name(t), t.num_values, t.namespaced, t.is_sysctl) for t in cls.tunables
+            )
+            tuner = running.get(cls.name)
+            if tuner is not None:
+                manual = self.store.netns_state(tuner, self.namespaces.global_cookie) == MANUAL
+                out.append(TunerState(cls.name, "manual" if manual else "active", "", _signals(tuner), tunables))
+            elif cls.name in self.disabled:
+                out.append(TunerState(cls.name, "inactive", self.disabled[cls.name], (), tunables))
+            elif cls.name in loading:
+                out.append(TunerState(cls.name, "inactive", "starting: its BPF object is being loaded", (), tunables))
+            else:
+                out.append(TunerState(cls.name, "inactive", "switched off by the configuration", (), tunables))
+        return out
+
+    def tunable_values(self) -> list[TunableValue]:
+        from .query import TunableValue
+
+        out = []
+        for tuner in self.tuners:
+            for t in tuner.tunables:
+                if not t.is_sysctl:
+                    continue
+                try:
+                    values: tuple[int | str, ...]
+                    if t.kind == "string":
+                        values = (self.store.current_text(tuner, t.id),)
+                    else:
+                        values = self.store.current(tuner, t.id)
+                except (SysctlMissing, OSError, PybpftuneError):
+                    continue  # an optional sysctl this kernel lacks
+                out.append(TunableValue(tuner.name, t.name, values))
+        return out
+
+    def summary(self) -> tuple[list[str], list[SummaryCount]]:
+        from .query import SummaryCount
+
+        lines: list[str] = []
+        counts: list[SummaryCount] = []
+        for tuner in self.tuners:
+            lines += self._summary_lines(tuner)
+            for tunable, scenario, global_ns, n in self.store.counts(tuner):
+                counts.append(SummaryCount(tuner.name, tunable, scenario, global_ns, n))
+        return lines, counts
+
+    def rollback_items(self) -> list[RollbackItem]:
+        from .query import RollbackItem
+
+        out = []
+        for tuner in self.tuners:
+            for t, cookie, original, current in self.store.changed_values(tuner):
+                command = self.store.command(tuner, t, original, cookie)
+                out.append(
+                    RollbackItem(
+                        tuner.name, t.name, cookie, self.namespaces.is_global(cookie), current, original, command
+                    )
+                )
+        return out
+
     def close(self) -> None:
         """Summary, rollback (-R), then release everything in reverse order.
 
@@ -691,6 +997,9 @@ class Daemon:
         if self._closed:
             return
         self._closed = True
+        if self.server is not None:
+            self.server.close()
+            self.state.remove_socket(self.config.socket_path)
         self._loader.close()  # waits for a load in progress
         while self._loaded:
             tuner, loaded, _exc = self._loaded.popleft()
@@ -727,6 +1036,10 @@ class Daemon:
         for plugin, _tuner in self.plugins.values():
             unload_plugin(plugin)
         self.plugins.clear()
+        for plugin in self.dormant.values():
+            if plugin.path is not None:
+                unload_plugin(plugin)
+        self.dormant.clear()
         self.ring.close()
         self.cgroup.close()
         self.state.clear_journal()
@@ -742,14 +1055,52 @@ class Daemon:
         self.close()
 
 
+def _signals(tuner: Tuner) -> tuple[SignalState, ...]:
+    """How each of a tuner's kernel signals is observed here (none: no BPF)."""
+    from .query import SignalState
+
+    loaded = tuner.loaded
+    if loaded is None:
+        return ()
+    out = [
+        SignalState(
+            c.signal,
+            SIGNAL_KIND.get(c.chosen, c.chosen) if c.chosen else "none",
+            c.chosen,
+            "; ".join(f"{f}: {r}" for f, r in c.rejected.items()),
+        )
+        for c in loaded.choices.values()
+    ]
+    # Programs that are no signal's form (sockops, cgroup/sysctl gates) are
+    # the tuner's way of seeing too.
+    out.extend(
+        SignalState(info.name, SIGNAL_KIND.get(info.kind, info.kind), info.kind)
+        for info in loaded.obj.programs.values()
+        if info.signal is None and loaded.obj.autoload(info.name)
+    )
+    return tuple(out)
+
+
+def _type_name(t: Tunable) -> str:
+    """bpftune's word for a tunable's type in `tunables`."""
+    return "string" if t.kind == "string" else "integer"
+
+
+# Form families as `status` names them.
+SIGNAL_KIND = {
+    "tp_btf": "tracepoint",
+    "raw_tp": "tracepoint",
+    "tracepoint": "tracepoint",
+    "cgroup_sysctl": "cgroup",
+}
+
+
 def run_daemon(config: DaemonConfig, early: EarlyProbe | None = None) -> int:
     """Entry point used by the CLI: returns the process exit code.
 
     Order: detach (-D) before logging is set up, so syslog names the daemon's
     own pid; start; reduce capabilities; serve metrics; tell systemd READY=1
     and ping its watchdog from the event loop; STOPPING=1 before the summary."""
-    if config.port is not None:
-        raise UsageError("the query server (-p) is not yet supported by this version")
     metrics_at = None
     if config.metrics is not None:
         from .metrics import DEFAULT_PORT

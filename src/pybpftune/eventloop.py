@@ -12,12 +12,15 @@ Callbacks run on the loop's thread, one at a time; one that raises is
 reported to ``on_error`` (the daemon disables the tuner behind it) and the
 loop goes on.  Another thread hands work to the loop with
 ``call_soon_threadsafe`` (the daemon's object-loading thread reports each
-loaded tuner that way).
+loaded tuner that way).  Signals given to ``on_signal`` (SIGHUP: reload) run
+their callback on the loop's thread too, never inside the signal handler, so
+the callback may do anything a reader may.
 """
 
 from __future__ import annotations
 
 import collections
+import functools
 import heapq
 import itertools
 import logging
@@ -67,6 +70,7 @@ class EventLoop:
         self._previous_wakeup: int | None = None
         # Calls handed over by other threads (deque appends and pops are atomic).
         self._soon: collections.deque[tuple[str, Callback]] = collections.deque()
+        self._signal_callbacks: dict[int, Callable[[int], None]] = {}
         self.wakeups = 0  # how often the loop woke up: the idle-cost figure benches read
 
     # --- registration -------------------------------------------------------------
@@ -80,6 +84,13 @@ class EventLoop:
             self._selector.unregister(fd)
         except (KeyError, ValueError):
             pass
+
+    def add_writer(self, fd: int, callback: Callback, name: str = "") -> None:
+        """Call ``callback()`` whenever ``fd`` is writable (level-triggered).
+        An fd is either a reader or a writer: remove one before adding the other."""
+        self._selector.register(fd, selectors.EVENT_WRITE, (name or f"fd {fd}", callback))
+
+    remove_writer = remove_reader
 
     def call_at(self, when: float, callback: Callback, name: str = "", interval: float | None = None) -> Timer:
         timer = Timer(when, callback, name or getattr(callback, "__qualname__", "timer"), interval)
@@ -114,16 +125,40 @@ class EventLoop:
             self.stop()
 
         for s in signals:
-            self._previous_handlers[s] = signal.signal(s, handler)
+            self._install(s, handler)
+
+    def on_signal(self, signum: int, callback: Callable[[int], None]) -> None:
+        """Run ``callback(signum)`` on the loop's thread after ``signum`` arrives
+        (the loop keeps running).  Restored by ``close()``."""
+
+        def handler(signum: int, frame: FrameType | None) -> None:
+            # Nothing here: the wake-up fd carries the signal number to
+            # _drain_wakeup, which runs the callback outside the handler.
+            pass
+
+        self._signal_callbacks[signum] = callback
+        self._install(signum, handler)
+
+    def _install(self, signum: int, handler: Callable[[int, FrameType | None], None]) -> None:
+        previous = signal.signal(signum, handler)
+        self._previous_handlers.setdefault(signum, previous)
         if self._previous_wakeup is None:
             self._previous_wakeup = signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
 
     def _drain_wakeup(self) -> None:
+        # set_wakeup_fd writes each arriving signal's number as one byte;
+        # stop() and call_soon_threadsafe write 0.  A signal that arrives twice before we read runs
+        # its callback once: a reload is idempotent.
+        seen: set[int] = set()
         try:
-            while os.read(self._wake_r, 512):
-                pass
+            while data := os.read(self._wake_r, 512):
+                seen.update(data)
         except BlockingIOError:
             pass
+        for signum in sorted(seen):
+            callback = self._signal_callbacks.get(signum)
+            if callback is not None:
+                self._call(f"signal {signum}", functools.partial(callback, signum))
 
     # --- running ------------------------------------------------------------------
 
@@ -202,6 +237,7 @@ class EventLoop:
         for s, previous in self._previous_handlers.items():
             signal.signal(s, previous)  # type: ignore[arg-type]
         self._previous_handlers.clear()
+        self._signal_callbacks.clear()
         self._selector.close()
         os.close(self._wake_r)
         os.close(self._wake_w)

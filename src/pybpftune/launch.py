@@ -4,19 +4,28 @@ Starting the daemon is the common case, and click's imports would stay in the
 daemon's memory for its whole life (about 1.5 MB, a sixth of the budget the
 peak-RSS goal leaves Python) and cost a tenth of a second of start-up in an
 emulated guest.  :func:`entry` parses the daemon's own options here;
-anything else (help, -V, -S, -P, -q, -p, an unknown option, a bad value,
+anything else (help, -V, -S, -P, -q, --json, an unknown option, a bad value,
 ``--``, a positional argument) goes to the click command in cli.py, which
 owns every message and every check.  ``SHORT`` and ``LONG`` must name exactly
 the click command's daemon options: a unit test compares them.
+
+Both paths end in :func:`start_daemon`, and the daemon's settings are built
+in one place, :func:`daemon_config` (the command line over the configuration
+file, which is read and checked before anything starts).
 """
 
 from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
+
+if TYPE_CHECKING:
+    from .config import DaemonConfig
+    from .registry import Plugin
+    from .tuner import Tuner
 
 # option -> (DaemonConfig field, kind); kind: "flag", "value" or "multi" (repeatable)
 SHORT: dict[str, tuple[str, str]] = {
@@ -26,6 +35,7 @@ SHORT: dict[str, tuple[str, str]] = {
     "D": ("daemonize", "flag"),
     "l": ("libdirs", "multi"),
     "L": ("legacy", "flag"),
+    "p": ("port", "value"),
     "r": ("learning_rate", "value"),
     "R": ("rollback", "flag"),
     "s": ("to_stderr", "flag"),
@@ -37,12 +47,17 @@ LONG: dict[str, tuple[str, str]] = {
     "daemon": ("daemonize", "flag"),
     "libdir": ("libdirs", "multi"),
     "legacy": ("legacy", "flag"),
+    "port": ("port", "value"),
     "learning-rate": ("learning_rate", "value"),
     "rollback": ("rollback", "flag"),
     "stderr": ("to_stderr", "flag"),
     "state-dir": ("state_dir", "value"),
     "metrics": ("metrics", "value"),
+    "advise": ("advise", "flag"),
+    "config": ("config_path", "value"),
 }
+# Path options: (must not be a file, must not be a directory), as click.Path checks them.
+PATHS = {"cgroup": (False, False), "state_dir": (True, False), "config_path": (False, True)}
 
 
 def fail(message: str, code: int = 1) -> NoReturn:
@@ -116,38 +131,112 @@ def _config_kwargs(found: dict[str, list[str]]) -> dict[str, object] | None:
         if rate not in ("0", "1", "2", "3", "4"):
             return None  # click reports the range
         out["learning_rate"] = int(str(rate))
-    for dest in ("cgroup", "state_dir"):
+    port = out.get("port")
+    if port is not None:
+        text = str(port)
+        # Plain digits only ("+1", " 1" or "1_0" are click's to judge), in range.
+        if not (text.isascii() and text.isdigit() and 1 <= int(text) <= 65535):
+            return None
+        out["port"] = int(text)
+    for dest, (no_file, no_dir) in PATHS.items():
         value = out.get(dest)
         if value is None:
             continue
         text = str(value)
-        # click.Path refuses an existing file for --state-dir and unreadable paths; let it.
+        # click.Path refuses unreadable paths, an existing file for --state-dir
+        # and a directory for --config; let it.
         if not text:
             return None
-        if os.path.exists(text) and (not os.access(text, os.R_OK) or (dest == "state_dir" and not os.path.isdir(text))):
+        if os.path.exists(text) and (
+            not os.access(text, os.R_OK) or (no_file and not os.path.isdir(text)) or (no_dir and os.path.isdir(text))
+        ):
             return None
         out[dest] = Path(text)
     return out
 
 
+def daemon_config(
+    *,
+    allow: Iterable[str] = (),
+    cgroup: Path | None = None,
+    debug: bool = False,
+    daemonize: bool = False,
+    libdirs: Iterable[str] = (),
+    legacy: bool = False,
+    port: int | None = None,
+    learning_rate: int | None = None,
+    rollback: bool = False,
+    to_stderr: bool = False,
+    state_dir: Path | None = None,
+    metrics: str | None = None,
+    advise: bool = False,
+    config_path: Path | None = None,
+) -> DaemonConfig:
+    """The daemon's settings from its command-line options (named as the
+    click command names them): the flags over the configuration file.
+
+    The file (``--config``, else /etc/pybpftune/config.toml if it exists) is
+    read and checked against every tuner there is, -l plugins included, so a
+    mistake is one :class:`~pybpftune.config.ConfigError` (exit 2) before
+    anything starts.  The tuners are imported only when there is a file; the
+    -l plugins imported to learn their names are unloaded again (the daemon
+    loads them itself once it watches their directories)."""
+    from .config import DaemonConfig, Overrides, read_config
+    from .state import DEFAULT_STATE_DIR
+
+    libdirs = tuple(libdirs)
+    plugins: list[Plugin] = []
+
+    def known() -> list[type[Tuner]]:
+        from .registry import Trust, builtin_tuners, entry_point_tuners, extra_tuners
+
+        found = extra_tuners(libdirs, Trust())
+        plugins.extend(found)
+        return [*builtin_tuners(), *entry_point_tuners(), *(p.cls for p in found)]
+
+    try:
+        file = read_config(config_path, known, trusted=os.geteuid() == 0)
+    finally:
+        if plugins:
+            from .registry import unload_plugin
+
+            for plugin in plugins:
+                unload_plugin(plugin)
+    return DaemonConfig(
+        allow=tuple(allow),
+        cgroup=cgroup,
+        debug=debug,
+        daemonize=daemonize,
+        libdirs=libdirs,
+        legacy=legacy,
+        state_dir=state_dir if state_dir is not None else DEFAULT_STATE_DIR,
+        metrics=metrics,
+        config_explicit=config_path is not None,
+        flags=Overrides(learning_rate, advise, to_stderr, rollback, port),
+    ).with_file(file)
+
+
 def start_daemon(kwargs: dict[str, object], early_probe: bool = False) -> NoReturn:
-    """Run the daemon with these DaemonConfig fields; exits with its code.
+    """Run the daemon with these command-line options (:func:`daemon_config`'s
+    keywords); exits with its code.
     Mistakes and refusals end in one line (2 for usage, 1 otherwise).
     ``early_probe``: start the support probe before importing the daemon
     (not across -D's fork, and only as root: the daemon refuses otherwise)."""
     from .errors import PybpftuneError, UsageError
 
     try:
+        # The configuration file before anything else: a mistake in it is one
+        # line and exit 2, with nothing probed, loaded or written.
+        config = daemon_config(**kwargs)  # type: ignore[arg-type]
         early = None
-        if early_probe and os.geteuid() == 0 and not kwargs.get("daemonize"):
+        if early_probe and os.geteuid() == 0 and not config.daemonize:
             from .startup import begin_probe
-            from .state import DEFAULT_STATE_DIR
 
-            early = begin_probe(DEFAULT_STATE_DIR)
-        from .daemon import DaemonConfig, run_daemon
+            early = begin_probe(config.cache_dir)
+        from .daemon import run_daemon
 
         try:
-            sys.exit(run_daemon(DaemonConfig(**kwargs), early))  # type: ignore[arg-type]
+            sys.exit(run_daemon(config, early))
         finally:
             if early is not None:
                 early.loader.close()  # a refused start: let a probe under way finish first

@@ -170,6 +170,20 @@ class Namespaces:
         """'global ns' or 'non-global ns' as bpftune words it."""
         return "global ns" if self.is_global(cookie) else "non-global ns"
 
+    def command_prefix(self, cookie: int) -> str | None:
+        """How a shell enters this namespace ("ip netns exec NAME" for a
+        /run/netns mount, else "nsenter --net=PATH"); None if no path to it
+        is known.  Text for advice only: nothing is entered here."""
+        ref = self._by_cookie.get(cookie)
+        if ref is None:
+            return None
+        import shlex  # only here: advice text, never needed while starting
+
+        path = Path(ref.path)
+        if path.parent == RUN_NETNS:
+            return f"ip netns exec {shlex.quote(path.name)}"
+        return f"nsenter --net={shlex.quote(ref.path)}"
+
     def known(self) -> list[NetnsRef]:
         return list(self._by_cookie.values())
 

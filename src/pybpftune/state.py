@@ -2,7 +2,8 @@
 
 It holds the pid file of a daemon started with -D (``pybpftune.pid``, locked
 with flock for the daemon's life, so a second daemon on the same directory is
-refused and a stale file from a killed one is simply taken over), and one
+refused and a stale file from a killed one is simply taken over), the query
+socket (``bpftune.sock``, mode 0600, root only), and one
 journal of original values per daemon process
 (``originals-<pid>.jsonl``): before the daemon first changes a tunable in a
 namespace, the original is appended and fsync'ed, so a daemon killed with
@@ -21,6 +22,7 @@ import fcntl
 import json
 import logging
 import os
+import socket
 import stat
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +36,7 @@ JOURNAL_GLOB = "originals-*.jsonl"
 PID_FILE = "pybpftune.pid"
 # A cache file larger than this is not ours.
 CACHE_MAX = 65536
+QUERY_SOCKET = "bpftune.sock"
 
 
 @dataclass(frozen=True)
@@ -98,6 +101,7 @@ class StateDir:
         self.path = path
         self._journal_fd: int | None = None
         self._pid_fd: int | None = None
+        self._sockets: dict[Path, int] = {}  # query sockets we bound -> their inode
 
     def ensure(self) -> Path:
         self.path.mkdir(mode=0o755, parents=True, exist_ok=True)
@@ -238,6 +242,54 @@ class StateDir:
                 tmp.unlink()
             except OSError:
                 pass
+
+    # --- the query socket ---------------------------------------------------------
+
+    @property
+    def default_socket(self) -> Path:
+        return self.path / QUERY_SOCKET
+
+    def bind_socket(self, path: Path) -> socket.socket:
+        """A Unix stream socket bound at ``path``, mode 0600 from the start.
+
+        A socket file left by a daemon that died is replaced; one that
+        answers belongs to a running daemon, and we refuse to take it over."""
+        if path.parent == self.path:
+            self.ensure()
+        if path.is_socket():
+            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+            probe.settimeout(1.0)
+            try:
+                probe.connect(str(path))
+            except OSError:
+                path.unlink(missing_ok=True)  # stale: nobody listens
+            else:
+                raise PybpftuneError(f"another pybpftune daemon is serving queries on {path}; stop it first")
+            finally:
+                probe.close()
+        elif path.exists() or path.is_symlink():
+            raise PybpftuneError(f"cannot serve queries on {path}: it exists and is not a socket")
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        # bind() creates the file with the umask applied: 0600 at once, no window.
+        old = os.umask(0o177)
+        try:
+            sock.bind(str(path))
+        except OSError as exc:
+            sock.close()
+            raise PybpftuneError(f"cannot serve queries on {path}: {exc.strerror or exc}") from None
+        finally:
+            os.umask(old)
+        self._sockets[path] = os.stat(path).st_ino
+        return sock
+
+    def remove_socket(self, path: Path) -> None:
+        """Remove the socket we bound, unless another daemon has replaced it since."""
+        inode = self._sockets.pop(path, None)
+        try:
+            if inode is not None and os.stat(path).st_ino == inode:
+                path.unlink()
+        except FileNotFoundError:
+            pass
 
     def close(self) -> None:
         if self._journal_fd is not None:

@@ -13,10 +13,13 @@ from __future__ import annotations
 import logging
 import os
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from .config import Limits, TunableLimits
 from .errors import TunerError
+from .history import Change, History, now
 from .netns import Namespaces, NetnsGone
 from .state import JournalEntry, StateDir
 from .sysctl import SysctlBackend, SysctlMissing, format_values
@@ -45,17 +48,26 @@ class TunableRecord:
     written_texts: dict[int, str] = field(default_factory=dict)
 
 
-def clamp(tunable: Tunable, values: Values, caps: dict[str, int]) -> Values:
-    upper = tunable.upper
-    cap = caps.get(tunable.name)
-    if cap is not None:
-        upper = cap if upper is None else min(upper, cap)
+def bounded(tunable: Tunable, old: Values, new: Values, limits: Limits | None = None) -> Values:
+    """``new`` within the tunable's hard bounds and the operator's limits.
+
+    The hard bounds always hold.  A configured cap stops growth and a floor
+    stops shrinking, but neither moves a value on its own: a value already
+    beyond one (an administrator's choice) is left where it is rather than
+    pulled back by a change the tuner never proposed."""
     out = []
-    for v in values:
+    for i, v in enumerate(new):
         if tunable.lower is not None:
             v = max(v, tunable.lower)
-        if upper is not None:
-            v = min(v, upper)
+        if tunable.upper is not None:
+            v = min(v, tunable.upper)
+        o = old[i] if i < len(old) else v
+        if limits is not None:
+            cap, floor = limits.cap_at(i), limits.floor_at(i)
+            if cap is not None and v > o and v > cap:
+                v = max(o, cap)
+            if floor is not None and v < o and v < floor:
+                v = min(o, floor)
         out.append(v)
     return tuple(out)
 
@@ -70,6 +82,10 @@ class _TextProposal:
     reason: str
 
 
+def _plain(values: tuple[int | str, ...]) -> str:
+    return " ".join(str(v) for v in values)
+
+
 class TunableStore:
     def __init__(
         self,
@@ -77,13 +93,15 @@ class TunableStore:
         namespaces: Namespaces,
         state: StateDir | None = None,
         advice: bool = False,
-        caps: dict[str, int] | None = None,
+        limits: Mapping[str, TunableLimits] | None = None,
     ) -> None:
         self.backend = backend
         self.namespaces = namespaces
         self.state = state
         self.advice = advice
-        self.caps = dict(caps or {})
+        self._limits: Mapping[str, TunableLimits] = dict(limits or {})
+        self._held_said: set[tuple[str, str, int]] = set()
+        self.history = History()
         self._records: dict[tuple[str, int], TunableRecord] = {}
         self._netns_state: dict[tuple[str, int], str] = {}
         self._gone_logged: set[int] = set()
@@ -91,8 +109,12 @@ class TunableStore:
     # --- registration and reads ----------------------------------------------------
 
     def register(self, tuner: Tuner) -> None:
-        """Read every sysctl tunable's initial (global) value."""
+        """Read every sysctl tunable's initial (global) value.  A tuner started
+        again (disabled and re-enabled by a reload) keeps its records, so the
+        originals it journaled stay the ones restored."""
         for t in tuner.tunables:
+            if (tuner.name, t.id) in self._records:
+                continue
             rec = TunableRecord(t)
             if t.kind == "string":
                 try:
@@ -130,9 +152,88 @@ class TunableStore:
             return self.namespaces.global_cookie
         return netns_cookie
 
+    @property
+    def limits(self) -> Mapping[str, TunableLimits]:
+        """Operator floors and caps per tunable name (the configuration file)."""
+        return self._limits
+
+    @limits.setter
+    def limits(self, limits: Mapping[str, TunableLimits]) -> None:
+        """Replaced as a whole on reload; each hold is said again."""
+        self._limits = dict(limits)
+        self._held_said.clear()
+
+    def bound(self, tuner: Tuner, tunable_id: int, netns_cookie: int, old: Values, new: Values) -> Values:
+        """``new`` within the hard bounds and configured limits (for tuners
+        that write by other means, e.g. netlink, before they do)."""
+        t = tuner.tunable(tunable_id)
+        return self._bounded(tuner, t, self._cookie(t, netns_cookie), old, new)
+
+    def _bounded(self, tuner: Tuner, t: Tunable, cookie: int, old: Values, new: Values) -> Values:
+        limits = self.limits_for(t, cookie)
+        out = bounded(t, old, new, limits)
+        if limits is not None and out != bounded(t, old, new):
+            # The operator's limit, not the tuner, decided: say so once per
+            # tunable and namespace (until the limits change), not per event.
+            key = (tuner.name, t.name, cookie)
+            if key not in self._held_said:
+                self._held_said.add(key)
+                log.info(
+                    "%s wanted %s at (%s) in %s; the configured limits (%s) hold it at (%s)",
+                    tuner.name,
+                    t.name,
+                    format_values(new),
+                    self.namespaces.describe(cookie),
+                    limits.describe(),
+                    format_values(out),
+                )
+        return out
+
+    def limits_for(self, t: Tunable, cookie: int) -> Limits | None:
+        configured = self.limits.get(t.name)
+        return None if configured is None else configured.for_namespace(self.namespaces.is_global(cookie))
+
     def current(self, tuner: Tuner, tunable_id: int, netns_cookie: int | None = None) -> Values:
         t = tuner.tunable(tunable_id)
         return self.backend.read(t.name, self._cookie(t, netns_cookie))
+
+    def written(self, tuner: Tuner, tunable_id: int, netns_cookie: int | None) -> Values | None:
+        """The value last written for this tunable in that namespace, if any."""
+        t = tuner.tunable(tunable_id)
+        return self.record(tuner, tunable_id).written.get(self._cookie(t, netns_cookie))
+
+    def current_text(self, tuner: Tuner, tunable_id: int, netns_cookie: int | None = None) -> str:
+        t = tuner.tunable(tunable_id)
+        return self.backend.read_text(t.name, self._cookie(t, netns_cookie))
+
+    # --- views for queries ---------------------------------------------------------------
+
+    def counts(self, tuner: Tuner) -> list[tuple[str, str, bool, int]]:
+        """(tunable, scenario, global namespace?, times) for every scenario seen."""
+        out = []
+        for t in tuner.tunables:
+            rec = self._records.get((tuner.name, t.id))
+            if rec is None:
+                continue
+            for (scenario_id, is_global), n in sorted(rec.counts.items()):
+                out.append((t.name, tuner.scenario(scenario_id).name, is_global, n))
+        return out
+
+    def changed_values(self, tuner: Tuner) -> list[tuple[Tunable, int, tuple[int | str, ...], tuple[int | str, ...]]]:
+        """(tunable, namespace cookie, original, last written) of every sysctl
+        this tuner changed, in namespaces that still exist."""
+        out: list[tuple[Tunable, int, tuple[int | str, ...], tuple[int | str, ...]]] = []
+        for t in tuner.tunables:
+            rec = self._records.get((tuner.name, t.id))
+            if rec is None:
+                continue
+            for cookie, original in rec.originals.items():
+                if cookie in rec.written and self.netns_state(tuner, cookie) != GONE:
+                    out.append((t, cookie, original, rec.written[cookie]))
+            for cookie, text in rec.original_texts.items():
+                if cookie in rec.written_texts and self.netns_state(tuner, cookie) != GONE:
+                    out.append((t, cookie, (text,), (rec.written_texts[cookie],)))
+        return out
 
     # --- per-namespace state ---------------------------------------------------------
 
@@ -176,6 +277,7 @@ class TunableStore:
             rec.written.pop(netns_cookie, None)
             rec.original_texts.pop(netns_cookie, None)
             rec.written_texts.pop(netns_cookie, None)
+        self.history.forget_namespace(netns_cookie)
         if netns_cookie not in self._gone_logged:
             self._gone_logged.add(netns_cookie)
             log.info("network namespace (cookie %d) is gone: %s", netns_cookie, why)
@@ -201,7 +303,7 @@ class TunableStore:
             return False
         except SysctlMissing:
             return False
-        new = clamp(t, proposal.new, self.caps)
+        new = self._bounded(tuner, t, cookie, old, proposal.new)
         if new == old:
             return False
         if cookie not in rec.originals:
@@ -283,11 +385,47 @@ class TunableStore:
         rec.counts[(proposal.scenario, self.namespaces.is_global(cookie))] += 1
         self._log_change(tuner, t, proposal, cookie, old, proposal.new, advice=self.advice)
 
+    def note_text(
+        self, tuner: Tuner, tunable_id: int, scenario: int, netns_cookie: int, old: str, new: str, reason: str
+    ) -> None:
+        """Log and count a textual change made by other means (a connection's
+        congestion control, set by BPF)."""
+        t = tuner.tunable(tunable_id)
+        rec = self.record(tuner, tunable_id)
+        cookie = self._cookie(t, netns_cookie)
+        rec.counts[(scenario, self.namespaces.is_global(cookie))] += 1
+        proposal = _TextProposal(tunable_id, scenario, cookie, reason)
+        self._log_change(tuner, t, proposal, cookie, (old,), (new,), advice=self.advice)  # type: ignore[arg-type]
+
     def _log_change(
-        self, tuner: Tuner, t: Tunable, p: Proposal, cookie: int, old: Values, new: Values, advice: bool = False
+        self,
+        tuner: Tuner,
+        t: Tunable,
+        p: Proposal,
+        cookie: int,
+        old: tuple[int | str, ...],
+        new: tuple[int | str, ...],
+        advice: bool = False,
     ) -> None:
         scenario = tuner.scenario(p.scenario)
         where = self.namespaces.describe(cookie)
+        command = self.command(tuner, t, new, cookie)
+        change = Change(
+            now(),
+            tuner.name,
+            t.name,
+            scenario.name,
+            cookie,
+            self.namespaces.is_global(cookie),
+            tuple(old),
+            tuple(new),
+            p.reason,
+            advice,
+            command,
+        )
+        # The same advice again (nothing was written, so the tuner keeps
+        # deciding the same): remembered and counted, logged only at debug.
+        level = logging.INFO if self.history.record(change) else logging.DEBUG
         fields = {
             "tuner": tuner.name,
             "tunable": t.name,
@@ -299,7 +437,8 @@ class TunableStore:
             "reason": p.reason,
             "advice": advice,
         }
-        log.info(
+        log.log(
+            level,
             "Scenario '%s' occurred for tunable '%s' in %s. %s",
             scenario.name,
             t.name,
@@ -308,15 +447,35 @@ class TunableStore:
             extra={"bpftune": fields},
         )
         verb = "would change" if advice else "change"
-        log.info(
+        log.log(
+            level,
             "Due to %s %s %s from (%s) -> (%s)",
             p.reason,
             verb,
             t.display(),
-            format_values(old),
-            format_values(new),
+            _plain(old),
+            _plain(new),
             extra={"bpftune": fields},
         )
+        if advice:
+            log.log(
+                level,
+                "Advice: %s",
+                command or f"no command can apply {t.name} ({tuner.name} sets it itself); run without --advise",
+                extra={"bpftune": fields},
+            )
+
+    def command(self, tuner: Tuner, t: Tunable, values: tuple[int | str, ...], cookie: int) -> str | None:
+        """The shell command that sets ``t`` to ``values`` in the namespace of
+        ``cookie``; None where none can (a per-connection setting, or a
+        namespace we know no path to)."""
+        body = tuner.command(t, values)
+        if body is None:
+            return None
+        if not t.namespaced or self.namespaces.is_global(cookie):
+            return body
+        prefix = self.namespaces.command_prefix(cookie)
+        return None if prefix is None else f"{prefix} {body}"
 
     # --- admin writes ------------------------------------------------------------------
 

@@ -284,6 +284,34 @@ def kinds_from_text(text: str, key: str) -> dict[str, KindSupport] | None:
     return kinds
 
 
+# Program kinds the full variant's fallbacks are made of, in the order named.
+VARIANT_KINDS = ("tp_btf", "fentry", "fexit", "kprobe", "kretprobe", "raw_tp")
+
+
+def variant_line(support: Support, legacy: bool = False) -> str:
+    """Which variant the daemon runs here and why, in one line: what -S prints
+    after bpftune's lines, what the daemon logs at start and `status` says.
+
+    bpftune's level ("works fully" / "in legacy mode") says whether every
+    program kind works; the variant is a separate choice, and on a kernel
+    where tp_btf works but fentry does not the two read as a contradiction
+    unless this line explains it."""
+    if not support.usable:
+        return "pybpftune cannot run here: " + "; ".join(support.missing() or ["raw tracepoints or cgroup programs"])
+    broken = [k for k in VARIANT_KINDS if k in support.kinds and not support.works(k)]
+    first = f" ({broken[0]}: {support.why_not(broken[0])})" if broken else ""
+    if legacy:
+        return "pybpftune runs its legacy variant (raw tracepoints and kprobes) because -L asks for it"
+    if support.default_variant == "legacy":
+        return f"pybpftune runs its legacy variant (raw tracepoints and kprobes) because tp_btf does not work{first}"
+    if not broken:
+        return "pybpftune runs its full variant: every program kind it uses works here"
+    return (
+        f"pybpftune runs its full variant because tp_btf works; {', '.join(broken)} do not{first}, "
+        "so signals written only in those forms use another form or are reported unavailable"
+    )
+
+
 def support_report(support: Support) -> tuple[list[str], list[str]]:
     """bpftune-compatible headline lines, then pybpftune's detail lines."""
     headline = {

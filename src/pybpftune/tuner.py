@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
 
@@ -93,6 +93,10 @@ class Steps:
     """bpftune's learning-rate arithmetic: steps of 2**-(6 - rate)."""
 
     def __init__(self, rate: int = 4) -> None:
+        self.set_rate(rate)
+
+    def set_rate(self, rate: int) -> None:
+        """Change the step (a reload); every tuner shares this object."""
         if not 0 <= rate <= 4:
             raise TunerError(f"learning rate {rate} is out of range: values 0-4 are supported")
         self.rate = rate
@@ -206,11 +210,15 @@ class Tuner:
     def apply(self, proposal: Proposal) -> bool:
         applied = self.ctx.store.apply(self, proposal)
         if applied:
-            self.applied(proposal)
+            # What was written, which bounds and configured caps may have
+            # made smaller than what was proposed.
+            written = self.ctx.store.written(self, proposal.tunable, proposal.netns_cookie)
+            self.applied(proposal if written is None else replace(proposal, new=written))
         return applied
 
     def applied(self, proposal: Proposal) -> None:
-        """A proposal took effect (e.g. mirror the new value into BPF)."""
+        """A proposal took effect (e.g. mirror the new value into BPF);
+        ``proposal.new`` is what was written."""
 
     def tick(self, now: float) -> float | None:
         """Time-based rules.  Return when the next tick is due (a
@@ -225,9 +233,27 @@ class Tuner:
         e.g. after an event started something that must be checked on later."""
         self.ctx.request_tick(self, when)
 
+    def advice_changed(self, advice: bool) -> None:
+        """A reload switched advice mode; the store already honours it, so
+        only a tuner that acts by other means (BPF setting sockets) cares."""
+
     def netns_disabled(self, netns_cookie: int) -> None:
         """The store turned this tuner off in a namespace (an administrator
         took over there); e.g. tell the BPF side to leave it alone."""
+
+    def command(self, tunable: Tunable, values: tuple[int | str, ...]) -> str | None:
+        """The shell command that sets ``tunable`` to ``values`` (in the
+        namespace the caller enters): advice, and the `changes` request.
+        Sysctls by default; a tuner that changes things by other means
+        (netlink) says how, and per-connection settings have none."""
+        if not tunable.is_sysctl:
+            return None
+        text = " ".join(str(v) for v in values)
+        if all(c.isalnum() or c in " _.-" for c in text):
+            return f'sysctl -w {tunable.name}="{text}"'
+        import shlex  # only here: most values need no quoting, and start-up needs none
+
+        return f"sysctl -w {shlex.quote(f'{tunable.name}={text}')}"
 
     def summary_lines(self) -> list[str]:
         """Extra lines for the exit summary."""

@@ -217,6 +217,7 @@ class Daemon:
     def __init__(self, args: Sequence[str], env: dict[str, str] | None = None) -> None:
         self.args = [str(BPFTUNE), *args]
         self.lines: list[str] = []
+        self.stamps: list[float] = []  # time.monotonic() when each line arrived
         self._cond = threading.Condition()
         self.proc = subprocess.Popen(
             self.args,
@@ -233,6 +234,7 @@ class Daemon:
         for line in self.proc.stdout:
             with self._cond:
                 self.lines.append(line.rstrip("\n"))
+                self.stamps.append(time.monotonic())
                 self._cond.notify_all()
         with self._cond:
             self._cond.notify_all()

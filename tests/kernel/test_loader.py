@@ -17,7 +17,7 @@ from pybpftune.loader import load_object
 from pybpftune.objects import BpfObject
 from pybpftune.registry import builtin_tuners
 from pybpftune.ringbuf import RingBuffer
-from pybpftune.support import KindSupport, Support, probe_support
+from pybpftune.support import KindSupport, Support, probe_support, variant_line
 
 pytestmark = pytest.mark.kernel
 
@@ -274,6 +274,8 @@ def test_support_cli_leaves_nothing_behind() -> None:
             first == {"full": "bpftune: bpftune works fully", "legacy": "bpftune: bpftune works in legacy mode"}[level]
         )
         assert "per-netns policy" in second
+    # After bpftune's lines: which variant the daemon runs here and why.
+    assert proc.stderr.splitlines()[2] == f"bpftune: {variant_line(probe_support())}"
     assert "tp_btf" in proc.stdout and "cgroup_sysctl" in proc.stdout
     assert Path("/proc/mounts").read_text() == mounts
     assert settled_program_ids("bpftune_probe", programs) <= programs

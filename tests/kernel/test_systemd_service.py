@@ -131,6 +131,16 @@ def test_operator_flow_ready_journal_metrics_watchdog(small_rmem: None, installe
         assert why["BPFTUNE_NETNS_COOKIE"].isdigit()
         assert "change net.core.rmem_default from (16384) -> (20480)" in why["MESSAGE"]
         assert int(sysctl_get(RMEM_DEFAULT)) >= 20480
+        # Queries reach the hardened service (capabilities reduced and all),
+        # and `systemctl reload` re-reads its configuration.
+        q = subprocess.run([str(BPFTUNE), "-q", "changes"], capture_output=True, text=True, timeout=30)
+        assert q.returncode == 0 and f"changed {RMEM_DEFAULT} (16384) -> (20480)" in q.stdout, (q.stdout, q.stderr)
+        sh("systemctl", "reload", UNIT)
+        wait(
+            "a configuration reload",
+            lambda: any(" reloaded: " in e["MESSAGE"] for e in journal("-u", UNIT, f"_PID={pid}")),
+            30,
+        )
 
         text = urllib.request.urlopen(METRICS, timeout=30).read().decode()
         from prometheus_client.parser import text_string_to_metric_families

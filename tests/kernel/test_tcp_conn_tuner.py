@@ -160,6 +160,30 @@ def test_lossy_connections_are_switched_to_bbr_and_counted(variant_args: tuple[s
     assert allowed() == (m.group(1) if m else before), "tcp_allowed_congestion_control was not restored"
 
 
+def test_advice_mode_decides_for_lossy_connections_and_sets_nothing() -> None:
+    """--advise: the sockops program reports the loss rule's choice without
+    setting it (no algorithm set, no thin timeouts), and the allowed list is
+    only advised, not written."""
+    before = allowed()
+    with netns_pair("pbtca") as pair:
+        client = cookie_of(pair.client)
+        with conn_daemon((), "--advise") as d:
+            for ns in (pair.server, pair.client):  # reno: built in and always allowed (the tuner adds nothing here)
+                run(["sysctl", "-q", "-w", "net.ipv4.tcp_congestion_control=reno"], ns)
+            add_loss(pair)
+            traffic(pair)
+            # reno is no algorithm the tuner chooses among: it names it "other".
+            d.wait_for(r"would change net\.persock\.tcp\.congestion_control from \(other\) -> \(bbr\)", timeout=10)
+            d.stop()
+        out = d.output
+    assert loss_lines(out, client), out
+    assert "Advice: no command can apply net.persock.tcp.congestion_control" in out
+    assert re.search(r"tcp_conn_tuner: 0 congestion control choices", out), out
+    assert re.search(r"set 'net\.ipv4\.tcp_thin_linear_timeouts' for 0 connections", out), out
+    assert allowed() == before
+    assert "change net.ipv4.tcp_allowed_congestion_control" not in out.replace("would change", "")
+
+
 def test_without_loss_the_loss_rule_stays_quiet(variant_args: tuple[str, ...]) -> None:
     with netns_pair("pbtcn") as pair:
         client = cookie_of(pair.client)

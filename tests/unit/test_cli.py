@@ -53,6 +53,8 @@ def test_support_exit_codes(
     result = CliRunner().invoke(main, ["-S"])
     assert result.exit_code == code
     assert result.stderr.splitlines()[0] == first
+    # bpftune's lines, then which variant the daemon would run and why.
+    assert result.stderr.splitlines()[-1].startswith("bpftune: pybpftune ")
     assert "Traceback" not in result.output
 
 
@@ -82,10 +84,19 @@ def test_daemon_needs_root(monkeypatch: pytest.MonkeyPatch, tmp_path: object) ->
     assert "needs root" in result.stderr and "Traceback" not in result.output
 
 
-def test_port_is_refused_until_the_query_server_exists(tmp_path: object) -> None:
-    result = CliRunner().invoke(main, ["-s", "-p", "1234", "--state-dir", str(tmp_path)])
+def test_query_without_a_daemon_is_one_line_exit_1(tmp_path: Path) -> None:
+    empty = tmp_path / "config.toml"
+    empty.write_text("")
+    result = CliRunner().invoke(main, ["-q", "status", "--state-dir", str(tmp_path), "--config", str(empty)])
+    assert result.exit_code == 1
+    assert result.stderr == f"bpftune: no pybpftune daemon is running (nothing listens on {tmp_path}/bpftune.sock)\n"
+    assert result.stdout == ""
+
+
+def test_json_needs_a_query(tmp_path: Path) -> None:
+    result = CliRunner().invoke(main, ["--json", "--state-dir", str(tmp_path)])
     assert result.exit_code == 2
-    assert "not yet supported" in result.stderr
+    assert result.stderr == "bpftune: --json goes with -q REQUEST\n"
 
 
 def test_untrusted_plugin_directory_is_refused(tmp_path: Path) -> None:

@@ -107,3 +107,38 @@ def test_another_thread_hands_work_to_a_blocked_loop() -> None:
         assert time.monotonic() - t0 < 5
     assert ran == [threading.main_thread().name]
     loop.call_soon_threadsafe(lambda: None)  # after close: dropped, no write to a stale fd
+
+
+def test_on_signal_runs_on_the_loop_and_the_loop_goes_on() -> None:
+    """SIGHUP (reload): the callback runs from the loop, which keeps running
+    (until its timer stops it); close() puts the old disposition back."""
+    seen: list[int] = []
+    with EventLoop() as loop:
+        loop.on_signal(signal.SIGHUP, seen.append)
+        threading.Timer(0.05, os.kill, (os.getpid(), signal.SIGHUP)).start()
+        loop.call_later(0.5, loop.stop)
+        t0 = time.monotonic()
+        loop.run()
+        assert time.monotonic() - t0 >= 0.45
+    assert seen == [signal.SIGHUP]
+    assert signal.getsignal(signal.SIGHUP) == signal.SIG_DFL
+
+
+def test_a_writer_runs_while_its_fd_takes_data() -> None:
+    r, w = os.pipe()
+    os.set_blocking(w, False)
+    sent: list[int] = []
+
+    def write() -> None:
+        try:
+            sent.append(os.write(w, b"x" * 65536))
+        except BlockingIOError:
+            loop.remove_writer(w)
+
+    with EventLoop() as loop:
+        loop.add_writer(w, write, "pipe")
+        for _ in range(20):
+            loop.run_once(0)
+        assert sum(sent) >= 4096  # the pipe filled, then the writer took itself off
+    os.close(r)
+    os.close(w)

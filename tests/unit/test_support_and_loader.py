@@ -8,7 +8,7 @@ import pytest
 
 from pybpftune.loader import _plan, _signals
 from pybpftune.objects import BpfObject
-from pybpftune.support import KindSupport, Support, support_report
+from pybpftune.support import KindSupport, Support, support_report, variant_line
 
 ALL_KINDS = ("fentry", "fexit", "tp_btf", "raw_tp", "kprobe", "kretprobe", "iter", "cgroup_sysctl", "sockops")
 
@@ -47,6 +47,26 @@ def test_report_lines_match_bpftune() -> None:
     head, detail = support_report(make_support(ringbuf=False))
     assert head == ["bpftune is not supported"]
     assert any("ring buffer" in line for line in detail if "cannot run" in line)
+
+
+def test_variant_line_says_which_variant_runs_and_why() -> None:
+    """The line after bpftune's: on a kernel bpftune calls "legacy mode" the
+    full variant still runs, and the line says so instead of contradicting."""
+    assert variant_line(make_support()) == "pybpftune runs its full variant: every program kind it uses works here"
+    dev = make_support({"fentry": "load refused: EPERM", "fexit": "load refused: EPERM", "kprobe": "attach refused"})
+    assert support_report(dev)[0][0] == "bpftune works in legacy mode"
+    assert variant_line(dev) == (
+        "pybpftune runs its full variant because tp_btf works; fentry, fexit, kprobe do not (fentry: load refused: "
+        "EPERM), so signals written only in those forms use another form or are reported unavailable"
+    )
+    assert variant_line(dev, legacy=True) == (
+        "pybpftune runs its legacy variant (raw tracepoints and kprobes) because -L asks for it"
+    )
+    assert variant_line(make_support({"tp_btf": "load refused: EINVAL"})) == (
+        "pybpftune runs its legacy variant (raw tracepoints and kprobes) because tp_btf does not work "
+        "(tp_btf: load refused: EINVAL)"
+    )
+    assert variant_line(make_support(ringbuf=False)).startswith("pybpftune cannot run here: no BPF ring buffer")
 
 
 def test_plan_prefers_tracepoints_and_switches_others_off(test_object: Path) -> None:

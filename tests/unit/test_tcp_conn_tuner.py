@@ -185,7 +185,26 @@ def test_start_leaves_a_complete_list_alone() -> None:
 
 def test_bpf_globals_carry_the_available_algorithms() -> None:
     tuner, _backend, _store = make_tuner()
-    assert tuner.bpf_globals() == {"conn_algs_available": 0b11, "conn_thin_lto_sysctl": 0}
+    assert tuner.bpf_globals() == {"conn_algs_available": 0b11, "conn_thin_lto_sysctl": 0, "conn_advise_only": 0}
+
+
+def test_advice_mode_sets_nothing(caplog: pytest.LogCaptureFixture) -> None:
+    """--advise: the sockops program is told to decide without setting, the
+    allowed list is only advised, and the choice reported is advice."""
+    tuner, backend, store = make_tuner()
+    store.advice = True
+    assert tuner.bpf_globals()["conn_advise_only"] == 1
+    caplog.set_level(logging.INFO, logger="pybpftune")
+    tuner.start()
+    glob = tuner.ctx.namespaces.global_cookie
+    assert backend.texts[(glob, "net.ipv4.tcp_allowed_congestion_control")] == "reno bbr"
+    assert backend.text_writes == []
+    assert 'Advice: sysctl -w net.ipv4.tcp_allowed_congestion_control="reno bbr cubic"' in caplog.text
+    tuner.handle_event(loss_event(glob))
+    assert "would change net.persock.tcp.congestion_control from (cubic) -> (bbr)" in caplog.text
+    advice = {a.latest.tunable: a for a in store.history.advice()}
+    assert advice["net.persock.tcp.congestion_control"].latest.command is None
+    assert advice["net.persock.tcp.congestion_control"].latest.new == ("bbr",)
 
 
 def loss_event(cookie: int) -> Event:

@@ -417,7 +417,7 @@ class NeighTableTuner(Tuner):
         )
         glob = self.ctx.namespaces.global_cookie
         if event.scenario_id == EMPTY:
-            new = shrink_thresholds(table.thresholds, table.entries, self.steps)
+            new = self._limited(fam, table, shrink_thresholds(table.thresholds, table.entries, self.steps))
             if new is None:
                 return []
             reason = f"neighbour table {table.name} nearly empty ({table.entries} entries),"
@@ -447,7 +447,7 @@ class NeighTableTuner(Tuner):
             device.describe(),
             prefixes,
         )
-        new = grow_thresholds(table.thresholds, table.entries, bound, self.steps, refused)
+        new = self._limited(fam, table, grow_thresholds(table.thresholds, table.entries, bound, self.steps, refused))
         if new is None:
             if table.thresholds[2] >= bound:
                 self._said.info(
@@ -471,6 +471,18 @@ class NeighTableTuner(Tuner):
         parms = device.ifindex if self._in_daemon_netns(device) else None
         return [Plan(Proposal(fam.tunable, FULL, glob, new, reason), new, table, device, parms, message)]
 
+    def _limited(self, fam: Family, table: Table, new: Thresholds | None) -> Thresholds | None:
+        """``new`` within the operator's floors and caps; None if that leaves
+        nothing to change."""
+        if new is None:
+            return None
+        glob = self.ctx.namespaces.global_cookie
+        limited = self.ctx.store.bound(self, fam.tunable, glob, table.thresholds, new)
+        if limited == table.thresholds:
+            log.debug("%s thresholds (%s) held by the configured limits", table.name, _fmt(table.thresholds))
+            return None
+        return (limited[0], limited[1], limited[2])
+
     def _changed_behind_our_back(self, table: Table) -> bool:
         mine = self.written.get(table.name)
         if mine is None or mine == table.thresholds:
@@ -485,6 +497,13 @@ class NeighTableTuner(Tuner):
 
     def decide(self, event: Event) -> list[Proposal]:
         return [p.proposal for p in self.plan(event)]
+
+    def command(self, tunable: Tunable, values: tuple[int | str, ...]) -> str | None:
+        if tunable.id in (ARP_THRESHOLDS, NDISC_THRESHOLDS):
+            table = tunable.name.split(".")[1]
+            t1, t2, t3 = values
+            return f"ip ntable change name {table} thresh1 {t1} thresh2 {t2} thresh3 {t3}"
+        return super().command(tunable, values)
 
     # --- acting ----------------------------------------------------------------------------
 

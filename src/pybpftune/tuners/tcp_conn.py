@@ -198,7 +198,9 @@ class TcpConnTuner(Tuner):
         self._prepared = True
         available = self._read_text(TUNABLE_AVAILABLE).split()
         missing = [alg for alg in ALGS if alg not in available]
-        modprobe = next((p for p in MODPROBE if os.access(p, os.X_OK)), None)
+        # Advice mode changes nothing, kernel modules included: only the
+        # algorithms already loaded are considered.
+        modprobe = None if self.ctx.store.advice else next((p for p in MODPROBE if os.access(p, os.X_OK)), None)
         if missing and modprobe is not None:
             import subprocess  # only here: most start-ups need no module loaded
 
@@ -215,7 +217,14 @@ class TcpConnTuner(Tuner):
             thin = self.current(TUNABLE_THIN_LTO)[0]
         except (PybpftuneError, IndexError):
             thin = 0
-        return {"conn_algs_available": algorithm_mask(self.available), "conn_thin_lto_sysctl": thin}
+        return {
+            "conn_algs_available": algorithm_mask(self.available),
+            "conn_thin_lto_sysctl": thin,
+            "conn_advise_only": int(self.ctx.store.advice),
+        }
+
+    def advice_changed(self, advice: bool) -> None:
+        self.set_bpf_global("conn_advise_only", int(advice))
 
     def start(self) -> None:
         self._prepare()
@@ -266,7 +275,6 @@ class TcpConnTuner(Tuner):
         old = ALGS[e.old_alg] if e.old_alg < len(ALGS) else "other"
         new = ALGS[e.new_alg] if e.new_alg < len(ALGS) else "other"
         host = f"{format_address(bytes(e.addr))} (netns cookie {event.netns_cookie})"
-        where = self.ctx.namespaces.describe(event.netns_cookie)
         if e.reason == REASON_LOSS:
             why = (
                 f"loss rate exceeding 1/64 of segments sent ({e.total_retrans} retransmits of "
@@ -276,14 +284,8 @@ class TcpConnTuner(Tuner):
             why = f"the lowest learned cost ({e.cost}) among congestion controls for {host}"
         else:
             why = f"exploring congestion controls for {host} (1 connection in {EPSILON})"
-        scenario = self.scenario(event.scenario_id if event.scenario_id == SCENARIO_LOSS else SCENARIO_SPECIFY)
-        self.log.info(
-            "Scenario '%s' occurred for tunable 'net.persock.tcp.congestion_control' in %s. %s",
-            scenario.name,
-            where,
-            scenario.description,
-        )
-        self.log.info("Due to %s change net.persock.tcp.congestion_control from (%s) -> (%s)", why, old, new)
+        scenario = SCENARIO_LOSS if event.scenario_id == SCENARIO_LOSS else SCENARIO_SPECIFY
+        self.ctx.store.note_text(self, TUNABLE_CONG, scenario, event.netns_cookie, old, new, why)
 
     # --- summary --------------------------------------------------------------------------
 
