@@ -22,6 +22,7 @@ Examples:
   bpftune -s -d -a tcp_buffer   only the tcp_buffer tuner, with debug logs
   bpftune -S                    say what this kernel supports, then exit
   bpftune -sR                   restore every changed sysctl on exit
+  bpftune --restore             after a crash: restore every journaled original, then exit
   bpftune -s --advise           decide as usual but change nothing: log the commands
   bpftune -q summary            ask a running daemon for its summary
   bpftune -q help               list the requests a running daemon answers
@@ -130,6 +131,14 @@ a running daemon re-read its configuration file.  See docs/querying.md.
     show_default=True,
     help="Where the journal of original values (and a private cgroup2 mount, if needed) live.",
 )
+@click.option(
+    "--restore",
+    "restore",
+    is_flag=True,
+    help="Restore every original value journaled in the state directory (what a killed daemon "
+    "changed), then exit: 0 if nothing is left journaled, 1 if something could not be restored. "
+    "Refused while a daemon runs on the same state directory.",
+)
 def main(
     allow: tuple[str, ...],
     cgroup: Path | None,
@@ -150,6 +159,7 @@ def main(
     advise: bool,
     config_path: Path | None,
     state_dir: Path,
+    restore: bool,
 ) -> None:
     """BPF-driven auto-tuning of Linux networking.
 
@@ -172,6 +182,10 @@ def main(
             sys.exit(_query(query, as_json, port, config_path, state_dir))
         if as_json:
             raise UsageError("--json goes with -q REQUEST")
+        if restore:
+            from .restore import restore_journaled
+
+            sys.exit(restore_journaled(state_dir, libdirs, debug))
         # The same path as a plain command line through launch.entry (no click).
         start_daemon(
             {

@@ -60,13 +60,14 @@ from .inotify import ADDED, GONE, OVERFLOW, REMOVED, DirEvent, DirWatcher
 from .libbpf import MAX_TUNERS
 from .loader import LoadedObject, load_object
 from .log import setup_logging, sink_name
-from .netns import Namespaces, NetnsGone, current_inode
+from .netns import Namespaces, current_inode
 from .registry import (
     PLUGIN_SUFFIX,
     Plugin,
     PluginError,
     PluginRefused,
     Trust,
+    builtin_tuners,
     file_stamp,
     is_plugin_file,
     load_plugin,
@@ -78,7 +79,7 @@ from .registry import (
 from .ringbuf import RingBuffer
 from .service import Detached, Notifier, detach, parse_metrics_address
 from .startup import EarlyProbe, Future, LoadThread, tune_malloc
-from .state import JournalEntry, StateDir
+from .state import StateDir
 from .store import ACTIVE, MANUAL, TunableStore
 from .support import (
     KindSupport,
@@ -92,7 +93,7 @@ from .support import (
     variant_line,
 )
 from .sysctl import ProcSysctl, SysctlBackend, SysctlMissing
-from .tuner import Steps, Tunable, Tuner, TunerContext
+from .tuner import Steps, Tunable, Tuner, TunerContext, known_tunables
 
 if TYPE_CHECKING:
     from .query import DaemonInfo, RollbackItem, SignalState, SummaryCount, TunableValue, TunerState
@@ -108,8 +109,6 @@ TICK_S = 1.0
 # The earliest a tuner's next tick may be: a tuner asking for "now" again
 # must not spin the loop.
 TICK_MIN_S = 0.01
-# Journaled originals named in the warning when they are not restored (no -R).
-JOURNAL_LISTED = 10
 
 
 class Daemon:
@@ -181,8 +180,10 @@ class Daemon:
         if os.geteuid() != 0:
             raise PybpftuneError("the daemon needs root (CAP_SYS_ADMIN, CAP_BPF, CAP_NET_ADMIN)")
         self.t_start = time.monotonic()
-        # The query socket first: a second daemon stops here, before it loads
-        # anything, and whoever waits for readiness can ask at once.
+        # The state directory's lock first: a second daemon stops here, before
+        # it touches the journal or loads anything.
+        self.state.lock()
+        # Then the query socket, so whoever waits for readiness can ask at once.
         self._serve_queries()
         # SIGHUP's default would end the process: from here on it reloads.
         self.loop.on_signal(signal.SIGHUP, self._reload_on_signal)
@@ -237,8 +238,8 @@ class Daemon:
             ", advice mode: nothing will be written" if self.config.advice else "",
             f", configuration {self.config.config_path}" if self.config.config_path else "",
         )
-        self._recover_journal()
         self.classes = [p.cls for p in plugins]
+        self._recover_journal([*builtin_tuners(), *self.classes])
         plugins = [p for p in plugins if not self._keep_dormant(p)]
         needs_cgroup = any(p.cls.cgroup_programs for p in plugins)
         if needs_cgroup:
@@ -503,54 +504,21 @@ class Daemon:
             cgroup_fd=cgroup_fd,
         )
 
-    def _recover_journal(self) -> None:
-        leftovers = self.state.leftovers()
-        if not leftovers:
+    def _recover_journal(self, classes: list[type[Tuner]]) -> None:
+        """Take over what earlier daemons journaled: restore it with -R, else
+        adopt it (the originals stay the originals until restored)."""
+        if self.config.advice:
+            if self.state.journal_path.exists():
+                log.info("advice mode: the journal %s is left as it is", self.state.journal_path)
             return
-        pids = sorted({e.pid for e in leftovers})
-        log.warning(
-            "a previous daemon (pid %s) did not exit cleanly; %d original value(s) were journaled",
-            ", ".join(map(str, pids)),
-            len(leftovers),
-        )
-        if self.config.rollback:
-            for entry in leftovers:
-                self._restore_original(entry)
-        else:
-            listed = [f"{e.tunable} ({e.describe_original()}) in {self._journal_where(e)}" for e in leftovers]
-            if len(listed) > JOURNAL_LISTED:
-                listed[JOURNAL_LISTED:] = [f"and {len(listed) - JOURNAL_LISTED} more"]
-            log.warning("their values stay as they are; start with -R to restore them: %s", ", ".join(listed))
-        self.state.forget_leftovers()
-
-    @staticmethod
-    def _journal_where(entry: JournalEntry) -> str:
-        return "global ns" if entry.global_ns else f"non-global ns (cookie {entry.netns_cookie})"
-
-    def _restore_original(self, entry: JournalEntry) -> None:
-        """Write back one original a dead daemon journaled, numeric or string,
-        in its namespace (entered by the sysctl backend, which asks Namespaces)."""
-        cookie = None if entry.global_ns else entry.netns_cookie
-        where = self._journal_where(entry)
-        backend = self.store.backend
-        try:
-            if entry.original_text is not None:
-                backend.write_text(entry.tunable, entry.original_text, cookie)
-            else:
-                backend.write(entry.tunable, entry.original, cookie)
-        except NetnsGone:
-            log.info("not restoring %s in %s: that namespace is gone", entry.tunable, where)
-            return
-        except (PybpftuneError, OSError) as exc:
-            log.warning("could not restore %s in %s: %s", entry.tunable, where, exc)
-            return
-        log.info(
-            "Rolling back sysctl values for '%s' to original values (%s) in %s, left by pid %d",
-            entry.tunable,
-            entry.describe_original(),
-            where,
-            entry.pid,
-        )
+        pending = self.store.load_journal(known_tunables(classes))
+        if pending:
+            log.warning(
+                "a previous daemon left %d original value(s) journaled; %s",
+                len(pending),
+                "restoring them (-R)" if self.config.rollback else "adopting them: they stay the originals for -R",
+            )
+        self.store.recover(pending, known_tunables(classes).get, restore=self.config.rollback)
 
     # --- plugins added and removed while running -------------------------------------------
 
@@ -688,6 +656,7 @@ class Daemon:
         try:
             tuner.stop()
         finally:
+            self.store.release(tuner)
             if self.config.rollback:
                 self.store.rollback(tuner)
             if tuner.loaded is not None:
@@ -1040,10 +1009,14 @@ class Daemon:
             if plugin.path is not None:
                 unload_plugin(plugin)
         self.dormant.clear()
+        if self.config.rollback and not self.config.advice:
+            # What no running tuner owned: adopted from an earlier daemon, or
+            # changed by a tuner removed since.
+            self.store.rollback_all()
+        self.store.close()
         self.ring.close()
         self.cgroup.close()
-        self.state.clear_journal()
-        self.state.remove_pid()
+        self.state.unlock()
         log.info("bpftune stopped")
 
     def __enter__(self) -> Daemon:
@@ -1126,8 +1099,6 @@ def _serve(
     metrics = None
     try:
         with Daemon(config, early=early) as daemon:
-            if detached is not None:
-                daemon.state.write_pid()
 
             def started() -> None:
                 """Once the last tuner is up (the load thread has ended)."""

@@ -1,30 +1,25 @@
 """The state directory (/run/pybpftune): the only code that writes there.
 
-It holds the pid file of a daemon started with -D (``pybpftune.pid``, locked
-with flock for the daemon's life, so a second daemon on the same directory is
-refused and a stale file from a killed one is simply taken over), the query
-socket (``bpftune.sock``, mode 0600, root only), and one
-journal of original values per daemon process
-(``originals-<pid>.jsonl``): before the daemon first changes a tunable in a
-namespace, the original is appended and fsync'ed, so a daemon killed with
-SIGKILL leaves enough behind for the next start to restore.
+It holds the lock and pid file (``pybpftune.pid``, flock'ed for the daemon's
+life: a second daemon, or ``bpftune --restore`` while a daemon runs, is
+refused before it touches anything; a stale file from a killed daemon is
+simply taken over), the journal of original values (``journal.jsonl``; its
+format and guarantees are in journal.py and docs/journal.md), the query
+socket (``bpftune.sock``, mode 0600, root only) and caches.
 
-One JSON object a line.  A numeric sysctl's original is ``"original": [60]``;
-a string sysctl's (tcp_allowed_congestion_control, say) is
-``"original_text": "reno bbr"`` with no ``"original"`` key, so a daemon from
-before string originals were journaled skips such a line as corrupt instead of
-writing digits it parsed out of a string.
+The directory must belong to root (or to whoever runs us) and be writable by
+nobody else: a journal that anybody can edit would let them choose what root
+writes back.  Missing parents are created 0755 whatever the umask; files are
+created 0600 and opened without following symlinks.
 """
 
 from __future__ import annotations
 
 import fcntl
-import json
 import logging
 import os
 import socket
 import stat
-from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import PybpftuneError
@@ -32,68 +27,17 @@ from .errors import PybpftuneError
 log = logging.getLogger("pybpftune.state")
 
 DEFAULT_STATE_DIR = Path("/run/pybpftune")
-JOURNAL_GLOB = "originals-*.jsonl"
+JOURNAL = "journal.jsonl"
 PID_FILE = "pybpftune.pid"
 # A cache file larger than this is not ours.
 CACHE_MAX = 65536
+# Nor a journal larger than this (a daemon writes a few lines per change).
+JOURNAL_MAX = 16 << 20
 QUERY_SOCKET = "bpftune.sock"
 
 
-@dataclass(frozen=True)
-class JournalEntry:
-    pid: int
-    tuner: str
-    tunable: str
-    netns_cookie: int
-    global_ns: bool
-    original: tuple[int, ...] = ()
-    original_text: str | None = None  # a string sysctl's original (then ``original`` is empty)
-
-    def describe_original(self) -> str:
-        return self.original_text if self.original_text is not None else " ".join(map(str, self.original))
-
-    def to_json(self) -> str:
-        raw: dict[str, object] = {
-            "pid": self.pid,
-            "tuner": self.tuner,
-            "tunable": self.tunable,
-            "netns_cookie": self.netns_cookie,
-            "global_ns": self.global_ns,
-        }
-        if self.original_text is not None:
-            raw["original_text"] = self.original_text
-        else:
-            raw["original"] = list(self.original)
-        return json.dumps(raw)
-
-    @classmethod
-    def from_json(cls, line: str) -> JournalEntry:
-        """Parse one journal line; ValueError, KeyError or TypeError if it is corrupt."""
-        raw = json.loads(line)
-        if not isinstance(raw, dict):
-            raise TypeError("not a JSON object")
-        text = raw.get("original_text")
-        if text is not None and not isinstance(text, str):
-            raise TypeError("original_text is not a string")
-        return cls(
-            int(raw["pid"]),
-            str(raw["tuner"]),
-            str(raw["tunable"]),
-            int(raw["netns_cookie"]),
-            bool(raw["global_ns"]),
-            () if text is not None else tuple(int(v) for v in raw["original"]),
-            text,
-        )
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+class StateDirError(PybpftuneError):
+    """The state directory is not safe to use (owner, mode, symlinks)."""
 
 
 class StateDir:
@@ -102,83 +46,67 @@ class StateDir:
         self._journal_fd: int | None = None
         self._pid_fd: int | None = None
         self._sockets: dict[Path, int] = {}  # query sockets we bound -> their inode
+        self._checked = False
 
     def ensure(self) -> Path:
-        self.path.mkdir(mode=0o755, parents=True, exist_ok=True)
+        """The directory, created (with missing parents) 0755 and checked."""
+        if not self._checked:
+            missing = []
+            p = self.path
+            while not p.exists() and not p.is_symlink() and p != p.parent:
+                missing.append(p)
+                p = p.parent
+            for d in reversed(missing):
+                try:
+                    os.mkdir(d, 0o755)
+                    os.chmod(d, 0o755)  # mkdir applied the umask
+                except FileExistsError:
+                    pass
+                except OSError as exc:
+                    raise StateDirError(f"cannot create state directory {d}: {exc.strerror or exc}") from None
+            self.check()
+            self._checked = True
         return self.path
+
+    def check(self) -> None:
+        """Refuse a directory someone else owns or may write to."""
+        try:
+            st = os.stat(self.path)
+        except OSError as exc:
+            raise StateDirError(f"state directory {self.path}: {exc.strerror or exc}") from None
+        if not stat.S_ISDIR(st.st_mode):
+            raise StateDirError(f"state directory {self.path} is not a directory")
+        if st.st_uid not in (0, os.geteuid()):
+            raise StateDirError(f"state directory {self.path} belongs to uid {st.st_uid}, not root: refusing to use it")
+        if st.st_mode & 0o022:
+            raise StateDirError(
+                f"state directory {self.path} is writable by group or others (mode {stat.S_IMODE(st.st_mode):o}): "
+                "refusing to use it"
+            )
 
     def subdir(self, name: str, mode: int = 0o755) -> Path:
         d = self.ensure() / name
         d.mkdir(mode=mode, exist_ok=True)
         return d
 
-    @property
-    def journal_path(self) -> Path:
-        return self.path / f"originals-{os.getpid()}.jsonl"
+    def _open(self, name: str, flags: int, mode: int = 0o600) -> int:
+        return os.open(self.ensure() / name, flags | os.O_CLOEXEC | os.O_NOFOLLOW, mode)
 
-    def _dead_journals(self) -> list[Path]:
-        out = []
-        for p in sorted(self.path.glob(JOURNAL_GLOB)) if self.path.is_dir() else []:
-            pid = p.name.removeprefix("originals-").removesuffix(".jsonl")
-            if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
-                out.append(p)
-        return out
-
-    def leftovers(self) -> list[JournalEntry]:
-        """Journal entries of daemons that died without cleaning up."""
-        entries = []
-        for p in self._dead_journals():
-            entries.extend(self.read_journal(p))
-        return entries
-
-    @staticmethod
-    def read_journal(path: Path) -> list[JournalEntry]:
-        """The entries of one journal file; corrupt lines are skipped with a warning."""
-        try:
-            lines = path.read_text().splitlines()
-        except OSError:
-            return []
-        entries = []
-        for line in lines:
-            try:
-                entries.append(JournalEntry.from_json(line))
-            except (ValueError, KeyError, TypeError):
-                log.warning("ignoring a corrupt line in %s", path)
-        return entries
-
-    def forget_leftovers(self) -> None:
-        """The dead daemons' journals have been dealt with."""
-        for p in self._dead_journals():
-            p.unlink(missing_ok=True)
-
-    def record_original(self, entry: JournalEntry) -> None:
-        """Append one original value durably, before it is overwritten."""
-        if self._journal_fd is None:
-            self.ensure()
-            self._journal_fd = os.open(self.journal_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        line = entry.to_json()
-        os.write(self._journal_fd, (line + "\n").encode())
-        os.fsync(self._journal_fd)
-
-    def clear_journal(self) -> None:
-        """After a clean exit (and rollback, if asked) nothing is pending."""
-        self.close()
-        try:
-            self.journal_path.unlink()
-        except FileNotFoundError:
-            pass
-
-    # --- the pid file (-D) ------------------------------------------------------
+    # --- the lock and pid file ------------------------------------------------------
 
     @property
     def pid_path(self) -> Path:
         return self.path / PID_FILE
 
-    def write_pid(self) -> Path:
-        """Create and lock the pid file with our pid; PybpftuneError if another
-        live daemon holds it."""
-        self.ensure()
-        fd = os.open(self.pid_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    def lock(self, what: str = "daemon") -> Path:
+        """Take the directory's lock and write our pid; one line refusing if a
+        live daemon holds it.  Taken before anything else is touched."""
+        if self._pid_fd is not None:
+            return self.pid_path
+        try:
+            fd = self._open(PID_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise StateDirError(f"cannot open {self.pid_path}: {exc.strerror or exc}") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -186,6 +114,7 @@ class StateDir:
             os.close(fd)
             raise PybpftuneError(
                 f"another pybpftune daemon (pid {other}) is running with state directory {self.path}"
+                + ("" if what == "daemon" else f"; stop it before the {what}")
             ) from None
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
@@ -193,7 +122,10 @@ class StateDir:
         self._pid_fd = fd
         return self.pid_path
 
-    def remove_pid(self) -> None:
+    # The pid file of -D is the lock: the names callers have always used.
+    write_pid = lock
+
+    def unlock(self) -> None:
         if self._pid_fd is None:
             return
         try:
@@ -202,6 +134,66 @@ class StateDir:
             pass
         os.close(self._pid_fd)
         self._pid_fd = None
+
+    remove_pid = unlock
+
+    # --- the journal (format: journal.py) ----------------------------------------------
+
+    @property
+    def journal_path(self) -> Path:
+        return self.path / JOURNAL
+
+    def read_journal(self) -> bytes:
+        """The journal's bytes (empty if there is none); at most JOURNAL_MAX
+        are read, the rest is reported as corrupt by the reader."""
+        if not self.path.is_dir():
+            return b""
+        try:
+            fd = self._open(JOURNAL, os.O_RDONLY)
+        except FileNotFoundError:
+            return b""
+        except OSError as exc:
+            raise StateDirError(f"cannot read the journal {self.journal_path}: {exc.strerror or exc}") from None
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise StateDirError(f"the journal {self.journal_path} is not a regular file")
+            chunks, size = [], 0
+            while size < JOURNAL_MAX and (chunk := os.read(fd, min(1 << 20, JOURNAL_MAX - size))):
+                chunks.append(chunk)
+                size += len(chunk)
+            return b"".join(chunks)
+        finally:
+            os.close(fd)
+
+    def append_journal(self, lines: list[str]) -> None:
+        """Append lines durably (fsync'ed before returning)."""
+        if self._journal_fd is None:
+            self._journal_fd = self._open(JOURNAL, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+        os.write(self._journal_fd, "".join(line + "\n" for line in lines).encode())
+        os.fsync(self._journal_fd)
+
+    def replace_journal(self, lines: list[str]) -> None:
+        """Replace the journal atomically with ``lines`` (none: remove it)."""
+        self.close()
+        if not lines:
+            try:
+                os.unlink(self.journal_path)
+            except FileNotFoundError:
+                pass
+            return
+        tmp = f".{JOURNAL}.{os.getpid()}"
+        fd = self._open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+        try:
+            os.write(fd, "".join(line + "\n" for line in lines).encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(self.path / tmp, self.journal_path)
+        dfd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            os.fsync(dfd)  # the rename itself survives a crash
+        finally:
+            os.close(dfd)
 
     # --- caches: facts about this boot that are costly to learn (the support probe) ---
 

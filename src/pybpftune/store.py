@@ -1,27 +1,34 @@
-"""The tunable store: every change any tuner makes goes through ``apply``.
+"""The tunable store: the one owner of every tunable's state.
 
-It knows, for each (tuner, tunable, namespace): the original value (journaled
-durably before the first write), the bounds, whether the tuner is still
-allowed to act there (an administrator's write turns it off for that
-namespace only), and why the change is made.  It logs bpftune's "what" and
-"why" lines, counts every scenario for the summary, and in advice mode
-proposes without writing.
+Every change any tuner makes goes through it, whatever the kind: numeric
+sysctls, string sysctls, and values a tuner's own setter changes (neighbour
+thresholds over netlink).  It alone knows, per tunable and namespace, the
+original (one per sysctl per namespace, whichever tuner touches it first),
+what we last wrote, the bounds and caps, the per-namespace state (active,
+manual, gone), advice mode, the journal and rollback.  Tuners get a narrow
+interface: propose a change (``apply``), read the current value, read the
+original; never the records.
+
+The journal (journal.py) is written before every write it announces, so a
+daemon killed at any moment leaves enough behind: the next start adopts the
+originals (or restores them with -R), and a value that is no longer what we
+wrote was changed by someone else and is left alone.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from .config import Limits, TunableLimits
-from .errors import TunerError
+from .errors import PybpftuneError, TunerError
 from .history import Change, History, now
+from .journal import Key, Pending, Record, Value, boot_id, compacted, describe, same
 from .netns import Namespaces, NetnsGone
-from .state import JournalEntry, StateDir
+from .state import StateDir
 from .sysctl import SysctlBackend, SysctlMissing, format_values
 
 if TYPE_CHECKING:
@@ -34,18 +41,65 @@ REPLICATE = "# To replicate this change on another system, run the following as 
 Values = tuple[int, ...]
 
 
+class Setter(Protocol):
+    """How one kind of tunable is read and written in a namespace."""
+
+    def read(self, name: str, cookie: int) -> Value: ...
+
+    def write(self, name: str, value: Value, cookie: int) -> None: ...
+
+
+class SysctlSetter:
+    def __init__(self, backend: SysctlBackend) -> None:
+        self.backend = backend
+
+    def read(self, name: str, cookie: int) -> Value:
+        return self.backend.read(name, cookie)
+
+    def write(self, name: str, value: Value, cookie: int) -> None:
+        assert not isinstance(value, str)
+        self.backend.write(name, value, cookie)
+
+
+class TextSetter(SysctlSetter):
+    def read(self, name: str, cookie: int) -> Value:
+        return self.backend.read_text(name, cookie)
+
+    def write(self, name: str, value: Value, cookie: int) -> None:
+        assert isinstance(value, str)
+        self.backend.write_text(name, value, cookie)
+
+
 @dataclass
-class TunableRecord:
-    """Everything known about one tunable of one tuner."""
+class Entry:
+    """One tunable in one namespace that we changed (or a dead daemon did)."""
 
     tunable: Tunable
-    initial: Values | None = None  # global namespace, read at registration
-    initial_text: str | None = None  # the same for a string sysctl
-    originals: dict[int, Values] = field(default_factory=dict)  # per namespace cookie
-    written: dict[int, Values] = field(default_factory=dict)  # last value we wrote, per cookie
-    counts: Counter[tuple[int, bool]] = field(default_factory=Counter)  # (scenario, global?) -> n
-    original_texts: dict[int, str] = field(default_factory=dict)  # string sysctls, per cookie
-    written_texts: dict[int, str] = field(default_factory=dict)
+    cookie: int
+    global_ns: bool
+    original: Value
+    written: Value | None = None
+    tuners: set[str] = field(default_factory=set)  # running tuners that changed it
+    owner: str = ""  # the tuner that first changed it (journaled)
+
+    @property
+    def key(self) -> Key:
+        return (self.tunable.name, self.cookie)
+
+    @property
+    def kind(self) -> str:
+        return _journal_kind(self.tunable)
+
+    def pending(self) -> Pending:
+        return Pending(
+            self.kind,
+            self.tunable.name,
+            self.cookie,
+            self.global_ns,
+            self.owner,
+            self.original,
+            [] if self.written is None else [self.written],
+        )
 
 
 def bounded(tunable: Tunable, old: Values, new: Values, limits: Limits | None = None) -> Values:
@@ -86,6 +140,34 @@ def _plain(values: tuple[int | str, ...]) -> str:
     return " ".join(str(v) for v in values)
 
 
+class JournalWriter:
+    """Appends the store's journal records; the sequence continues the file's."""
+
+    def __init__(self, state: StateDir, boot: str | None = None, first_seq: int = 1) -> None:
+        self.state = state
+        self.boot = boot if boot is not None else boot_id()
+        self.seq = first_seq
+
+    def _record(self, e: Entry, op: str, value: Value | None = None, how: str = "") -> str:
+        rec = Record(self.seq, op, self.boot, e.kind, e.tunable.name, e.cookie, e.global_ns, e.owner, value, how)
+        self.seq += 1
+        return rec.to_json()
+
+    def original(self, e: Entry, new: Value) -> None:
+        self.state.append_journal([self._record(e, "original", e.original), self._record(e, "wrote", new)])
+
+    def wrote(self, e: Entry, value: Value) -> None:
+        self.state.append_journal([self._record(e, "wrote", value)])
+
+    def done(self, e: Entry, how: str) -> None:
+        self.state.append_journal([self._record(e, "done", how=how)])
+
+    def rewrite(self, entries: Iterable[Entry], foreign: Iterable[Pending] = ()) -> None:
+        records = compacted([*(e.pending() for e in entries), *foreign], self.boot, self.seq)
+        self.seq += len(records)
+        self.state.replace_journal([r.to_json() for r in records])
+
+
 class TunableStore:
     def __init__(
         self,
@@ -98,54 +180,68 @@ class TunableStore:
         self.backend = backend
         self.namespaces = namespaces
         self.state = state
+        self.journal = JournalWriter(state) if state is not None else None
         self.advice = advice
         self._limits: Mapping[str, TunableLimits] = dict(limits or {})
         self._held_said: set[tuple[str, str, int]] = set()
         self.history = History()
-        self._records: dict[tuple[str, int], TunableRecord] = {}
+        self._declared: dict[tuple[str, int], Tunable] = {}  # (tuner, tunable id) -> declaration
+        self._initial: dict[str, Value] = {}  # tunable name -> global value at registration
+        self._entries: dict[Key, Entry] = {}  # (tunable name, cookie) -> what we changed, journal order
+        self._counts: dict[tuple[str, int], Counter[tuple[int, bool]]] = {}
         self._netns_state: dict[tuple[str, int], str] = {}
         self._gone_logged: set[int] = set()
+        self._setters: dict[object, Setter] = {}
+        self._left_said: set[Key] = set()
+        # Journaled by an earlier daemon for tunables no tuner we know
+        # declares (a plugin not loaded now): never written, but kept.
+        self._foreign: list[Pending] = []
+        # The journal is rewritten only by a store that read it first: one
+        # that never did (start-up failed early) must not drop what it holds.
+        self._journal_read = False
 
     # --- registration and reads ----------------------------------------------------
 
     def register(self, tuner: Tuner) -> None:
-        """Read every sysctl tunable's initial (global) value.  A tuner started
-        again (disabled and re-enabled by a reload) keeps its records, so the
-        originals it journaled stay the ones restored."""
+        """Declare a tuner's tunables and read each sysctl's global value.  A
+        tuner started again keeps what it changed: the originals stay the
+        ones journaled."""
         for t in tuner.tunables:
-            if (tuner.name, t.id) in self._records:
-                continue
-            rec = TunableRecord(t)
-            if t.kind == "string":
+            if t.is_sysctl and t.name not in self._initial:
                 try:
-                    rec.initial_text = self.backend.read_text(t.name)
+                    value = self.setter(t).read(t.name, self.namespaces.global_cookie)
                 except SysctlMissing:
                     if not t.optional:
                         raise TunerError(f"tuner {tuner.name}: sysctl {t.name} does not exist") from None
-            elif t.kind == "sysctl":
-                try:
-                    rec.initial = self.backend.read(t.name)
-                except SysctlMissing:
-                    if not t.optional:
-                        raise TunerError(f"tuner {tuner.name}: sysctl {t.name} does not exist") from None
-                if rec.initial is not None and len(rec.initial) != t.num_values:
-                    raise TunerError(
-                        f"tuner {tuner.name}: {t.name} has {len(rec.initial)} values, expected {t.num_values}"
-                    )
-            old = self._records.get((tuner.name, t.id))
-            if old is not None and old.tunable.name == t.name:
-                # The same tuner started again (a plugin file replaced or added
-                # back): what it changed before keeps its true original.
-                rec.initial, rec.initial_text = old.initial, old.initial_text
-                rec.originals, rec.written = old.originals, old.written
-                rec.original_texts, rec.written_texts = old.original_texts, old.written_texts
-            self._records[(tuner.name, t.id)] = rec
+                else:
+                    if not isinstance(value, str) and len(value) != t.num_values:
+                        raise TunerError(
+                            f"tuner {tuner.name}: {t.name} has {len(value)} values, expected {t.num_values}"
+                        )
+                    self._initial[t.name] = value
+            self._declared[(tuner.name, t.id)] = t
+            self._counts.setdefault((tuner.name, t.id), Counter())
 
-    def record(self, tuner: Tuner, tunable_id: int) -> TunableRecord:
-        try:
-            return self._records[(tuner.name, tunable_id)]
-        except KeyError:
-            raise TunerError(f"tuner {tuner.name} has no registered tunable {tunable_id}") from None
+    def setter(self, t: Tunable) -> Setter:
+        """The setter of a tunable's kind (one per kind, made on first use)."""
+        factory: object = t.setter if t.setter is not None else t.kind
+        found = self._setters.get(factory)
+        if found is None:
+            if t.setter is not None:
+                found = t.setter(self.namespaces)
+            elif t.kind == "string":
+                found = TextSetter(self.backend)
+            elif t.kind == "sysctl":
+                found = SysctlSetter(self.backend)
+            else:
+                raise TunerError(f"{t.name} ({t.kind}) has no setter: changes to it can only be noted")
+            self._setters[factory] = found
+        return found
+
+    def provide_setter(self, factory: object, setter: Setter) -> None:
+        """Use ``setter`` for the tunables whose declared setter is ``factory``
+        (a tuner hands over the instance bound to its own backend)."""
+        self._setters[factory] = setter
 
     def _cookie(self, tunable: Tunable, netns_cookie: int | None) -> int:
         if netns_cookie is None or not tunable.namespaced:
@@ -164,8 +260,8 @@ class TunableStore:
         self._held_said.clear()
 
     def bound(self, tuner: Tuner, tunable_id: int, netns_cookie: int, old: Values, new: Values) -> Values:
-        """``new`` within the hard bounds and configured limits (for tuners
-        that write by other means, e.g. netlink, before they do)."""
+        """``new`` within the hard bounds and configured limits (for a rule
+        that wants to know before it proposes)."""
         t = tuner.tunable(tunable_id)
         return self._bounded(tuner, t, self._cookie(t, netns_cookie), old, new)
 
@@ -195,16 +291,48 @@ class TunableStore:
 
     def current(self, tuner: Tuner, tunable_id: int, netns_cookie: int | None = None) -> Values:
         t = tuner.tunable(tunable_id)
-        return self.backend.read(t.name, self._cookie(t, netns_cookie))
-
-    def written(self, tuner: Tuner, tunable_id: int, netns_cookie: int | None) -> Values | None:
-        """The value last written for this tunable in that namespace, if any."""
-        t = tuner.tunable(tunable_id)
-        return self.record(tuner, tunable_id).written.get(self._cookie(t, netns_cookie))
+        value = self.setter(t).read(t.name, self._cookie(t, netns_cookie))
+        if isinstance(value, str):
+            raise TunerError(f"{t.name} is a string sysctl; use current_text")
+        return value
 
     def current_text(self, tuner: Tuner, tunable_id: int, netns_cookie: int | None = None) -> str:
         t = tuner.tunable(tunable_id)
         return self.backend.read_text(t.name, self._cookie(t, netns_cookie))
+
+    def original(
+        self, tuner: Tuner, tunable_id: int, netns_cookie: int | None = None, initial: bool = True
+    ) -> Values | None:
+        """The value before pybpftune changed this tunable in that namespace
+        (journaled, possibly by an earlier daemon); unchanged in the global
+        namespace: its value when the tuner registered (unless ``initial`` is
+        false); else None."""
+        value = self._original(tuner, tunable_id, netns_cookie, initial)
+        return None if isinstance(value, str) else value
+
+    def original_text(self, tuner: Tuner, tunable_id: int, netns_cookie: int | None = None) -> str | None:
+        value = self._original(tuner, tunable_id, netns_cookie)
+        return value if isinstance(value, str) else None
+
+    def _original(self, tuner: Tuner, tunable_id: int, netns_cookie: int | None, initial: bool = True) -> Value | None:
+        t = tuner.tunable(tunable_id)
+        cookie = self._cookie(t, netns_cookie)
+        entry = self._entries.get((t.name, cookie))
+        if entry is not None:
+            return entry.original
+        return self._initial.get(t.name) if initial and self.namespaces.is_global(cookie) else None
+
+    def written(self, tuner: Tuner, tunable_id: int, netns_cookie: int | None) -> Values | None:
+        """The value last written for this tunable in that namespace, if any."""
+        t = tuner.tunable(tunable_id)
+        entry = self._entries.get((t.name, self._cookie(t, netns_cookie)))
+        value = None if entry is None else entry.written
+        return None if isinstance(value, str) else value
+
+    def changed_here(self, tuner: Tuner, tunable_id: int) -> list[int]:
+        """Namespaces where this tuner's tunable has a value we wrote."""
+        t = tuner.tunable(tunable_id)
+        return [c for (name, c), e in self._entries.items() if name == t.name and e.written is not None]
 
     # --- views for queries ---------------------------------------------------------------
 
@@ -212,27 +340,27 @@ class TunableStore:
         """(tunable, scenario, global namespace?, times) for every scenario seen."""
         out = []
         for t in tuner.tunables:
-            rec = self._records.get((tuner.name, t.id))
-            if rec is None:
-                continue
-            for (scenario_id, is_global), n in sorted(rec.counts.items()):
+            for (scenario_id, is_global), n in sorted(self._counts.get((tuner.name, t.id), Counter()).items()):
                 out.append((t.name, tuner.scenario(scenario_id).name, is_global, n))
         return out
 
+    def scenario_counts(self, tuner: Tuner, tunable_id: int) -> Counter[tuple[int, bool]]:
+        """(scenario id, global ns?) -> changes made for one tunable (a copy)."""
+        return Counter(self._counts.get((tuner.name, tunable_id), Counter()))
+
+    def _entries_of(self, tuner: Tuner) -> list[Entry]:
+        names = {t.name for t in tuner.tunables}
+        return [e for e in self._entries.values() if e.tunable.name in names and (tuner.name in e.tuners)]
+
     def changed_values(self, tuner: Tuner) -> list[tuple[Tunable, int, tuple[int | str, ...], tuple[int | str, ...]]]:
-        """(tunable, namespace cookie, original, last written) of every sysctl
-        this tuner changed, in namespaces that still exist."""
+        """(tunable, namespace cookie, original, last written) of every
+        tunable this tuner changed, in namespaces that still exist."""
         out: list[tuple[Tunable, int, tuple[int | str, ...], tuple[int | str, ...]]] = []
-        for t in tuner.tunables:
-            rec = self._records.get((tuner.name, t.id))
-            if rec is None:
+        for e in self._entries_of(tuner):
+            if e.written is None or self.netns_state(tuner, e.cookie) == GONE:
                 continue
-            for cookie, original in rec.originals.items():
-                if cookie in rec.written and self.netns_state(tuner, cookie) != GONE:
-                    out.append((t, cookie, original, rec.written[cookie]))
-            for cookie, text in rec.original_texts.items():
-                if cookie in rec.written_texts and self.netns_state(tuner, cookie) != GONE:
-                    out.append((t, cookie, (text,), (rec.written_texts[cookie],)))
+            t = tuner.tunables[[d.name for d in tuner.tunables].index(e.tunable.name)]
+            out.append((t, e.cookie, _tuple(e.original), _tuple(e.written)))
         return out
 
     # --- per-namespace state ---------------------------------------------------------
@@ -272,11 +400,9 @@ class TunableStore:
             if cookie == netns_cookie:
                 self._netns_state[(tuner_name, cookie)] = GONE
         self.namespaces.mark_gone(netns_cookie)
-        for rec in self._records.values():
-            rec.originals.pop(netns_cookie, None)
-            rec.written.pop(netns_cookie, None)
-            rec.original_texts.pop(netns_cookie, None)
-            rec.written_texts.pop(netns_cookie, None)
+        for entry in list(self._entries.values()):
+            if entry.cookie == netns_cookie:
+                self._close(entry, "gone")
         self.history.forget_namespace(netns_cookie)
         if netns_cookie not in self._gone_logged:
             self._gone_logged.add(netns_cookie)
@@ -287,45 +413,26 @@ class TunableStore:
     def apply(self, tuner: Tuner, proposal: Proposal) -> bool:
         """Carry out one proposal; True if the tunable changed."""
         t = tuner.tunable(proposal.tunable)
-        rec = self.record(tuner, proposal.tunable)
+        if t.kind == "string" or t.kind == "other":
+            raise TunerError(f"{t.name} is not numeric and settable; use apply_text or note for it")
+        if len(proposal.new) != t.num_values:
+            raise TunerError(f"proposal for {t.name} has {len(proposal.new)} values, expected {t.num_values}")
         cookie = self._cookie(t, proposal.netns_cookie)
         if self.netns_state(tuner, cookie) != ACTIVE:
             log.debug("Skipping update of %s: '%s' is disabled in netns cookie %d", t.name, tuner.name, cookie)
             return False
-        if not t.is_sysctl:
-            raise TunerError(f"{t.name} is not a sysctl; use TunableStore.note for it")
-        if len(proposal.new) != t.num_values:
-            raise TunerError(f"proposal for {t.name} has {len(proposal.new)} values, expected {t.num_values}")
-        try:
-            old = self.backend.read(t.name, cookie)
-        except NetnsGone as exc:
-            self.mark_gone(cookie, str(exc))
-            return False
-        except SysctlMissing:
+        old = self._read(t, cookie)
+        if old is None or isinstance(old, str):
             return False
         new = self._bounded(tuner, t, cookie, old, proposal.new)
         if new == old:
             return False
-        if cookie not in rec.originals:
-            rec.originals[cookie] = old
-            if self.state is not None and not self.advice:
-                self.state.record_original(
-                    JournalEntry(os.getpid(), tuner.name, t.name, cookie, self.namespaces.is_global(cookie), old)
-                )
         if self.advice:
+            self._count(tuner, t, proposal.scenario, cookie)
             self._log_change(tuner, t, proposal, cookie, old, new, advice=True)
-            rec.counts[(proposal.scenario, self.namespaces.is_global(cookie))] += 1
             return False
-        try:
-            self.backend.write(t.name, new, cookie)
-        except NetnsGone as exc:
-            self.mark_gone(cookie, str(exc))
+        if not self._write(tuner, t, cookie, old, new, proposal.scenario):
             return False
-        except OSError as exc:
-            log.warning("could not set %s to (%s): %s", t.name, format_values(new), exc.strerror or exc)
-            return False
-        rec.written[cookie] = new
-        rec.counts[(proposal.scenario, self.namespaces.is_global(cookie))] += 1
         self._log_change(tuner, t, proposal, cookie, old, new)
         return True
 
@@ -336,53 +443,70 @@ class TunableStore:
         t = tuner.tunable(tunable_id)
         if t.kind != "string":
             raise TunerError(f"{t.name} is not a string sysctl")
-        rec = self.record(tuner, tunable_id)
         cookie = self._cookie(t, netns_cookie)
         if self.netns_state(tuner, cookie) != ACTIVE:
             log.debug("Skipping update of %s: '%s' is disabled in netns cookie %d", t.name, tuner.name, cookie)
             return False
-        try:
-            old = self.backend.read_text(t.name, cookie)
-        except NetnsGone as exc:
-            self.mark_gone(cookie, str(exc))
-            return False
-        except SysctlMissing:
+        old = self._read(t, cookie)
+        if not isinstance(old, str):
             return False
         new = " ".join(text.split())
-        if new == " ".join(old.split()):
+        if same(new, old):
             return False
-        if cookie not in rec.original_texts:
-            rec.original_texts[cookie] = old
-            if self.state is not None and not self.advice:
-                self.state.record_original(
-                    JournalEntry(
-                        os.getpid(), tuner.name, t.name, cookie, self.namespaces.is_global(cookie), original_text=old
-                    )
-                )
         proposal = _TextProposal(tunable_id, scenario, cookie, reason)
         if self.advice:
+            self._count(tuner, t, scenario, cookie)
             self._log_change(tuner, t, proposal, cookie, (old,), (new,), advice=True)  # type: ignore[arg-type]
-            rec.counts[(scenario, self.namespaces.is_global(cookie))] += 1
             return False
-        try:
-            self.backend.write_text(t.name, new, cookie)
-        except NetnsGone as exc:
-            self.mark_gone(cookie, str(exc))
+        if not self._write(tuner, t, cookie, old, new, scenario):
             return False
-        except OSError as exc:
-            log.warning("could not set %s to (%s): %s", t.name, new, exc.strerror or exc)
-            return False
-        rec.written_texts[cookie] = new
-        rec.counts[(scenario, self.namespaces.is_global(cookie))] += 1
         self._log_change(tuner, t, proposal, cookie, (old,), (new,))  # type: ignore[arg-type]
         return True
 
+    def _read(self, t: Tunable, cookie: int) -> Value | None:
+        try:
+            return self.setter(t).read(t.name, cookie)
+        except NetnsGone as exc:
+            self.mark_gone(cookie, str(exc))
+        except SysctlMissing:
+            pass
+        return None
+
+    def _write(self, tuner: Tuner, t: Tunable, cookie: int, old: Value, new: Value, scenario: int) -> bool:
+        """Journal, then write; True if written."""
+        entry = self._entries.get((t.name, cookie))
+        if entry is None:
+            entry = Entry(t, cookie, self.namespaces.is_global(cookie), old, owner=tuner.name)
+            if self.journal is not None:
+                self.journal.original(entry, new)
+            self._entries[(t.name, cookie)] = entry
+        elif self.journal is not None:
+            self.journal.wrote(entry, new)
+        entry.tuners.add(tuner.name)
+        try:
+            self.setter(t).write(t.name, new, cookie)
+        except NetnsGone as exc:
+            self.mark_gone(cookie, str(exc))
+            return False
+        except (OSError, PybpftuneError) as exc:
+            log.warning("could not set %s to (%s): %s", t.name, describe(new), getattr(exc, "strerror", None) or exc)
+            if entry.written is None and same(old, entry.original):
+                self._forget(entry)  # nothing of ours is there: no entry to keep
+            elif self.journal is not None:
+                self.journal.wrote(entry, old)  # what stayed, so a later restore knows it is ours
+            return False
+        entry.written = new
+        self._count(tuner, t, scenario, cookie)
+        return True
+
+    def _count(self, tuner: Tuner, t: Tunable, scenario: int, cookie: int) -> None:
+        self._counts.setdefault((tuner.name, t.id), Counter())[(scenario, self.namespaces.is_global(cookie))] += 1
+
     def note(self, tuner: Tuner, proposal: Proposal, old: Values) -> None:
-        """Log and count a change made by other means (netlink, per socket)."""
+        """Log and count a change made by other means (per socket, by BPF)."""
         t = tuner.tunable(proposal.tunable)
-        rec = self.record(tuner, proposal.tunable)
         cookie = self._cookie(t, proposal.netns_cookie)
-        rec.counts[(proposal.scenario, self.namespaces.is_global(cookie))] += 1
+        self._count(tuner, t, proposal.scenario, cookie)
         self._log_change(tuner, t, proposal, cookie, old, proposal.new, advice=self.advice)
 
     def note_text(
@@ -391,9 +515,8 @@ class TunableStore:
         """Log and count a textual change made by other means (a connection's
         congestion control, set by BPF)."""
         t = tuner.tunable(tunable_id)
-        rec = self.record(tuner, tunable_id)
         cookie = self._cookie(t, netns_cookie)
-        rec.counts[(scenario, self.namespaces.is_global(cookie))] += 1
+        self._count(tuner, t, scenario, cookie)
         proposal = _TextProposal(tunable_id, scenario, cookie, reason)
         self._log_change(tuner, t, proposal, cookie, (old,), (new,), advice=self.advice)  # type: ignore[arg-type]
 
@@ -483,75 +606,224 @@ class TunableStore:
         """Tunables of ``tuner`` whose /proc/sys path ends with ``path``."""
         return [t for t in tuner.tunables if t.is_sysctl and (t.path == path or t.path.endswith("/" + path))]
 
-    # --- summary and rollback ------------------------------------------------------------
+    # --- summary ----------------------------------------------------------------------
 
     def summary(self, tuner: Tuner) -> list[str]:
         lines: list[str] = []
+        glob = self.namespaces.global_cookie
         for t in tuner.tunables:
-            rec = self._records.get((tuner.name, t.id))
-            if rec is None:
-                continue
-            for (scenario_id, is_global), n in sorted(rec.counts.items()):
+            for (scenario_id, is_global), n in sorted(self._counts.get((tuner.name, t.id), Counter()).items()):
                 s = tuner.scenario(scenario_id)
                 where = "global ns" if is_global else "non-global ns"
                 head = f"# Summary: scenario '{s.name}' occurred {n} times for tunable '{t.name}'"
                 lines.append(f"{head} in {where}. {s.description}")
-            glob = self.namespaces.global_cookie
-            if t.kind == "string" and glob in rec.original_texts and glob in rec.written_texts:
-                lines.append(
-                    f"# sysctl '{t.name}' changed from ({rec.original_texts[glob]}) -> ({rec.written_texts[glob]})"
-                )
-            if t.is_sysctl and glob in rec.originals and glob in rec.written:
-                current = rec.written[glob]
-                before = format_values(rec.originals[glob])
-                lines.append(f"# sysctl '{t.name}' changed from ({before}) -> ({format_values(current)})")
+            entry = self._entries.get((t.name, glob))
+            if not t.is_sysctl or entry is None or entry.written is None or tuner.name not in entry.tuners:
+                continue
+            lines.append(
+                f"# sysctl '{t.name}' changed from ({describe(entry.original)}) -> ({describe(entry.written)})"
+            )
+            if t.kind != "string":
                 lines.append(REPLICATE)
-                lines.append(f'sysctl -w {t.name}="{format_values(current)}"')
+                lines.append(f'sysctl -w {t.name}="{describe(entry.written)}"')
         return lines
 
+    # --- restoring -----------------------------------------------------------------------
+
     def rollback(self, tuner: Tuner) -> int:
-        """Restore every original this tuner changed, where it still exists."""
+        """Restore what this tuner changed, where no other running tuner
+        shares the change and no administrator took over; the rest stays
+        journaled.  Returns how many values were written back."""
         restored = 0
-        for t in tuner.tunables:
-            rec = self._records.get((tuner.name, t.id))
-            if rec is None or not t.is_sysctl:
-                continue
-            text = t.kind == "string"
-            originals: dict[int, Values | str] = dict(rec.original_texts if text else rec.originals)
-            written = rec.written_texts if text else rec.written
-            for cookie, original in originals.items():
-                if cookie not in written or self.netns_state(tuner, cookie) == GONE:
-                    continue
-                try:
-                    restored += self._restore(t.name, original, cookie)
-                except (NetnsGone, SysctlMissing, OSError) as exc:
-                    log.info("could not roll back %s in netns cookie %d: %s", t.name, cookie, exc)
+        for entry in self._entries_of(tuner):
+            entry.tuners.discard(tuner.name)
+            if entry.tuners:
+                continue  # another running tuner still tunes it: restored when it stops
+            restored += self._restore(entry, manual=self.netns_state(tuner, entry.cookie) == MANUAL)
         return restored
 
-    def _restore(self, name: str, original: Values | str, cookie: int) -> bool:
-        """Write ``original`` back unless it is already there (tcp_conn, for
-        one, puts its list back on every exit); True if it wrote."""
-        if isinstance(original, str):
-            current_text = self.backend.read_text(name, cookie)
-            if current_text.split() == original.split():
-                return False
-            shown = (current_text, original)
-        else:
-            current = self.backend.read(name, cookie)
-            if tuple(current) == tuple(original):
-                return False
-            shown = (format_values(current), format_values(original))
+    def release(self, tuner: Tuner) -> int:
+        """A tuner stops: restore the tunables it declares ``restore_on_stop``
+        (state it sets up only while it runs), -R or not."""
+        names = {t.name for t in tuner.tunables if t.restore_on_stop}
+        restored = 0
+        for entry in self._entries_of(tuner):
+            if entry.tunable.name in names:
+                entry.tuners.discard(tuner.name)
+                if not entry.tuners:
+                    restored += self._restore(entry, manual=self.netns_state(tuner, entry.cookie) == MANUAL)
+        return restored
+
+    def rollback_all(self) -> int:
+        """Restore every entry still journaled (a -R exit, after every tuner
+        stopped: what earlier daemons or removed tuners changed)."""
+        manual = {c for (_name, c), state in self._netns_state.items() if state == MANUAL}
+        return sum(self._restore(e, manual=e.cookie in manual and not e.tuners) for e in list(self._entries.values()))
+
+    def _restore(self, entry: Entry, manual: bool = False) -> int:
+        """Put one original back, if what is there is still ours; journal the
+        outcome only once it is certain.  1 if it wrote."""
+        where = self.namespaces.describe(entry.cookie)
+        name = entry.tunable.name
+        if manual:
+            log.info("leaving %s in %s as the administrator set it (tuning there was handed over)", name, where)
+            self._close(entry, "left")
+            return 0
+        try:
+            current = self.setter(entry.tunable).read(name, entry.cookie)
+        except (NetnsGone, SysctlMissing):
+            self._close(entry, "gone")
+            return 0
+        except (OSError, PybpftuneError) as exc:
+            log.warning("could not read %s in %s to restore it: %s", name, where, exc)
+            return 0
+        if same(current, entry.original):
+            self._close(entry, "restored")
+            return 0
+        if entry.written is not None and not same(current, entry.written):
+            self._left(entry, current)
+            return 0
         log.info(
-            "Rolling back sysctl values for '%s' from (%s) to original values (%s) in %s...",
+            "Rolling back %s values for '%s' from (%s) to original values (%s) in %s...",
+            "sysctl" if entry.tunable.is_sysctl else "tunable",
             name,
-            *shown,
-            self.namespaces.describe(cookie),
+            describe(current),
+            describe(entry.original),
+            where,
         )
-        if isinstance(original, str):
-            self.backend.write_text(name, original, cookie)
-        else:
-            self.backend.write(name, original, cookie)
-        return True
+        try:
+            self.setter(entry.tunable).write(name, entry.original, entry.cookie)
+        except (NetnsGone, SysctlMissing):
+            self._close(entry, "gone")
+            return 0
+        except (OSError, PybpftuneError) as exc:
+            # Stays journaled: the next start (or bpftune --restore) tries again.
+            log.warning("could not restore %s in %s: %s", name, where, getattr(exc, "strerror", None) or exc)
+            return 0
+        self._close(entry, "restored")
+        return 1
+
+    def _left(self, entry: Entry, current: Value) -> None:
+        if entry.key not in self._left_said:
+            self._left_said.add(entry.key)
+            log.info(
+                "not restoring %s in %s: it is (%s), not the (%s) we wrote; someone else changed it, so it stays",
+                entry.tunable.name,
+                self.namespaces.describe(entry.cookie),
+                describe(current),
+                describe(entry.written) if entry.written is not None else "?",
+            )
+        self._close(entry, "left")
+
+    def _close(self, entry: Entry, how: str) -> None:
+        if self._entries.pop(entry.key, None) is not None and self.journal is not None:
+            try:
+                self.journal.done(entry, how)
+            except OSError as exc:
+                log.warning("cannot journal that %s is %s: %s", entry.tunable.name, how, exc)
+
+    def _forget(self, entry: Entry) -> None:
+        self._close(entry, "failed")
+
+    # --- a dead daemon's journal -----------------------------------------------------------
+
+    def load_journal(self, known: Mapping[str, Tunable]) -> list[Pending]:
+        """What the state directory's journal says is pending, checked against
+        the tunables ``known`` (name -> declaration); every problem is one
+        warning, never an exception."""
+        if self.state is None or self.journal is None:
+            return []
+        from .journal import replay
+
+        def declared(kind: str, name: str) -> bool:
+            t = known.get(name)
+            return t is not None and _journal_kind(t) == kind
+
+        rep = replay(self.state.read_journal(), self.journal.boot, declared)
+        self.journal.seq = max(self.journal.seq, rep.last_seq + 1)
+        if rep.corrupt:
+            log.warning(
+                "skipped %d corrupt line(s) in the journal %s (%s)",
+                rep.corrupt,
+                self.state.journal_path,
+                "; ".join(rep.problems),
+            )
+        if rep.other_boot:
+            log.info("%d journal record(s) from an earlier boot are void: sysctls reset at boot", rep.other_boot)
+        if rep.undeclared:
+            log.warning(
+                "the journal names tunables no loaded tuner declares (%s): they are kept but not restored",
+                ", ".join(sorted(rep.undeclared)[:5]),
+            )
+        self._foreign = rep.foreign
+        self._journal_read = True
+        return rep.pending
+
+    def recover(self, pending: Iterable[Pending], declared: Callable[[str], Tunable | None], restore: bool) -> int:
+        """Take over what a dead daemon journaled, in the order written.
+
+        With ``restore`` (-R, --restore) each original whose value is still
+        ours is written back; without, it is adopted: it stays the original
+        until restored.  A value someone else changed since is left alone
+        (said once); an original already back, or whose namespace is gone,
+        is dropped.  The journal is then rewritten to say exactly what
+        stays.  Returns how many values were written back."""
+        restored = 0
+        for p in pending:
+            t = declared(p.tunable)
+            if t is None:
+                continue
+            cookie = self.namespaces.global_cookie if p.global_ns else p.netns_cookie
+            entry = Entry(t, cookie, p.global_ns, p.original, p.written[-1] if p.written else None, owner=p.tuner)
+            if cookie in self._gone_logged or entry.key in self._entries:
+                continue
+            try:
+                current = self.setter(t).read(t.name, cookie)
+            except (NetnsGone, SysctlMissing):
+                log.info("not restoring %s in %s: it no longer exists", t.name, p.where())
+                continue
+            except (OSError, PybpftuneError) as exc:
+                log.warning("cannot read %s in %s: %s; it stays journaled", t.name, p.where(), exc)
+                self._entries[entry.key] = entry
+                continue
+            if same(current, p.original):
+                continue
+            if not p.ours(current):
+                self._entries[entry.key] = entry
+                self._left(entry, current)
+                continue
+            entry.written = current
+            self._entries[entry.key] = entry
+            if restore:
+                restored += self._restore(entry)
+            else:
+                log.info(
+                    "%s in %s stays (%s); its original (%s), journaled by an earlier daemon, is kept for -R",
+                    t.name,
+                    p.where(),
+                    describe(current),
+                    describe(p.original),
+                )
+        self.compact()
+        return restored
+
+    def compact(self) -> None:
+        """Rewrite the journal to hold exactly what is pending (none: remove it)."""
+        if self.journal is not None and not self.advice and self._journal_read:
+            self.journal.rewrite(self._entries.values(), self._foreign)
+
+    def close(self) -> None:
+        """The daemon ends: the journal keeps what was not restored."""
+        if self.journal is not None and not self.advice:
+            try:
+                self.compact()
+            except OSError as exc:
+                log.warning("cannot rewrite the journal: %s; it stays as it was", exc)
+        if self.state is not None:
+            self.state.close()
+
+    def pending(self) -> list[Pending]:
+        return [e.pending() for e in self._entries.values()]
 
     # --- read-only views (metrics; safe to call from another thread) -------------------
     # Each view copies the containers it walks (a C-level copy under the GIL), so
@@ -560,26 +832,38 @@ class TunableStore:
     def change_counts(self) -> list[tuple[str, str, int, bool, int]]:
         """(tuner, tunable, scenario id, global ns?, changes) for every scenario counted."""
         out = []
-        for (tuner_name, _tid), rec in list(self._records.items()):
-            for (scenario, is_global), n in list(rec.counts.items()):
-                out.append((tuner_name, rec.tunable.name, scenario, is_global, n))
+        for (tuner_name, tid), counts in list(self._counts.items()):
+            t = self._declared.get((tuner_name, tid))
+            if t is None:
+                continue
+            for (scenario, is_global), n in list(counts.items()):
+                out.append((tuner_name, t.name, scenario, is_global, n))
         return out
 
     def namespace_values(self) -> list[tuple[str, Tunable, int, Values]]:
         """(tuner, tunable, netns cookie, values) this daemon last wrote, per namespace."""
-        out = []
-        for (tuner_name, _tid), rec in list(self._records.items()):
-            for cookie, values in list(rec.written.items()):
-                out.append((tuner_name, rec.tunable, cookie, values))
+        out: list[tuple[str, Tunable, int, Values]] = []
+        for e in list(self._entries.values()):
+            written = e.written
+            if written is not None and not isinstance(written, str):
+                out.extend((name, e.tunable, e.cookie, written) for name in sorted(e.tuners) or [e.owner])
         return out
 
     def tunables(self) -> list[tuple[str, Tunable]]:
         """(tuner, tunable) for every registered tunable."""
-        return [(tuner_name, rec.tunable) for (tuner_name, _tid), rec in list(self._records.items())]
+        return [(tuner_name, t) for (tuner_name, _tid), t in list(self._declared.items())]
 
     def netns_states(self) -> dict[tuple[str, int], str]:
         """(tuner, netns cookie) -> state, for namespaces not plainly active."""
         return dict(self._netns_state)
 
     def changed(self, tuner: Tuner) -> bool:
-        return any(rec.written or rec.written_texts for (name, _), rec in self._records.items() if name == tuner.name)
+        return bool(self._entries_of(tuner))
+
+
+def _journal_kind(t: Tunable) -> str:
+    return t.kind if t.kind in ("sysctl", "string") else "custom"
+
+
+def _tuple(value: Value) -> tuple[int | str, ...]:
+    return (value,) if isinstance(value, str) else tuple(value)

@@ -19,7 +19,7 @@ for the summary, journals the original and honours advice mode.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     from .events import Event
     from .loader import LoadedObject
     from .netns import Namespaces
-    from .store import TunableStore
+    from .store import Setter, TunableStore
     from .support import Support
 
 INT_MAX = 2**31 - 1
@@ -42,10 +42,13 @@ class Tunable:
     """One thing a tuner may change.
 
     ``kind`` is "sysctl" (read/written under /proc/sys), "string" (a sysctl
-    holding text) or "other" (changed by other means, e.g. netlink or
-    per-socket; only logged and counted).  ``lower``/``upper`` are hard bounds
-    applied to every value of a proposal; ``labels`` names the values in log
-    lines ("min default max").
+    holding text), "custom" (read and written by ``setter``, e.g. over
+    netlink: journaled and restored like a sysctl) or "other" (per-socket
+    settings BPF makes; only logged and counted).  ``lower``/``upper`` are
+    hard bounds applied to every value of a proposal; ``labels`` names the
+    values in log lines ("min default max").  ``restore_on_stop``: put back
+    whenever the tuner stops, -R or not (state that only makes sense while
+    the tuner runs).
     """
 
     id: int
@@ -57,6 +60,8 @@ class Tunable:
     lower: int | None = None
     upper: int | None = INT_MAX
     labels: str = ""
+    setter: Callable[[Namespaces], Setter] | None = None
+    restore_on_stop: bool = False
 
     @property
     def is_sysctl(self) -> bool:
@@ -69,6 +74,17 @@ class Tunable:
 
     def display(self) -> str:
         return f"{self.name}({self.labels})" if self.labels else self.name
+
+
+def known_tunables(classes: Iterable[type[Tuner]]) -> dict[str, Tunable]:
+    """Name -> declaration of every tunable these tuners can change (the
+    journal may name nothing else); the first declaration of a shared one."""
+    out: dict[str, Tunable] = {}
+    for cls in classes:
+        for t in cls.tunables:
+            if t.kind != "other":
+                out.setdefault(t.name, t)
+    return out
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@ plugin is tests/kernel/test_sample_tuner.py.
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from collections.abc import Iterator
@@ -206,9 +207,9 @@ def test_a_plugin_added_back_keeps_the_true_original(tmp_path: Path, lines: Line
         again = running(d, "stepper")
         deliver(d, again.id, 0)
         assert backend.read("net.ipv4.tcp_fin_timeout") == (62,)
-        assert d.store.record(again, 0).originals == {d.namespaces.global_cookie: (60,)}
-        journal = d.state.journal_path.read_text().splitlines()
-        assert len(journal) == 1 and '"original": [60]' in journal[0]
+        assert d.store.original(again, 0) == (60,)
+        journal = [json.loads(line) for line in d.state.journal_path.read_text().splitlines()]
+        assert [(r["op"], r["value"]) for r in journal if r["op"] == "original"] == [("original", [60])]
     finally:
         d.close()
     assert any("# sysctl 'net.ipv4.tcp_fin_timeout' changed from (60) -> (62)" in m for m in lines.text)

@@ -130,8 +130,8 @@ def test_increases_without_more_failures_continue() -> None:
     for _ in range(CORR_MIN_SAMPLES + 2):
         counting.add(100, 0)
         tuner.handle_event(near(backend.read(V4, NS)[0]).event(7, NS))
-    rec = tuner.ctx.store.record(tuner, fr.IPV4_HIGH_THRESH)
-    assert sum(n for (scenario, _g), n in rec.counts.items() if scenario == fr.DECREASE) == 0
+    counts = tuner.ctx.store.scenario_counts(tuner, fr.IPV4_HIGH_THRESH)
+    assert sum(n for (scenario, _g), n in counts.items() if scenario == fr.DECREASE) == 0
 
 
 def test_backing_off_never_goes_below_the_original_value() -> None:

@@ -35,7 +35,7 @@ def test_fast_options_are_exactly_clicks() -> None:
     for opt, spec in fast.items():
         assert clicks.get(opt) == spec, f"launch option {opt} disagrees with cli.main: {clicks.get(opt)} vs {spec}"
     # Every click option is either handled by the fast path or deliberately left to click.
-    left_to_click = {"P", "print-libdir", "q", "query", "json", "S", "support", "V", "version"}
+    left_to_click = {"P", "print-libdir", "q", "query", "json", "S", "support", "V", "version", "restore"}
     assert set(clicks) - set(fast) == left_to_click
 
 

@@ -204,12 +204,14 @@ def test_full_event_grows_over_netlink_and_logs(caplog: pytest.LogCaptureFixture
     )
 
 
-def test_device_in_the_daemons_namespace_is_named_in_the_request() -> None:
+def test_the_request_names_only_the_table() -> None:
+    """bpftune adds NDTA_PARMS with the device's index, which changes nothing
+    and fails for a device in another namespace: we name the table only."""
     ns_cookie = Namespaces().global_cookie
     neigh = MemoryNeigh({V4: arp((32, 64, 128), 120)}, {(ns_cookie, 5, V4): [24]})
     tuner = make_tuner(neigh)
     tuner.handle_event(stats_event(nt.FULL, cookie=ns_cookie, ifindex=5, entries=120))
-    assert neigh.writes and neigh.writes[0][2] == 5
+    assert neigh.writes and neigh.writes[0][2] is None
 
 
 def test_upstream_bug_bound_comes_from_the_devices_own_namespace() -> None:
@@ -327,9 +329,9 @@ def test_rollback_restores_the_original_thresholds(caplog: pytest.LogCaptureFixt
     tuner = make_tuner(neigh, rollback=True)
     caplog.set_level(logging.INFO)
     tuner.handle_event(stats_event(nt.FULL, entries=252))
-    tuner.stop()
+    tuner.ctx.store.rollback(tuner)  # what the daemon does with -R when the tuner stops
     assert neigh.writes[-1] == ("arp_cache", (32, 64, 128), None)
-    assert "Rolling back neighbour table thresholds for 'arp_cache' from (96 195 390)" in caplog.text
+    assert "Rolling back tunable values for 'neigh.arp_cache.gc_thresh' from (96 195 390)" in caplog.text
 
 
 def test_without_rollback_stop_leaves_the_thresholds() -> None:
@@ -337,4 +339,5 @@ def test_without_rollback_stop_leaves_the_thresholds() -> None:
     tuner = make_tuner(neigh)
     tuner.handle_event(stats_event(nt.FULL, entries=252))
     tuner.stop()
+    tuner.ctx.store.release(tuner)  # what the daemon does without -R when the tuner stops
     assert len(neigh.writes) == 1

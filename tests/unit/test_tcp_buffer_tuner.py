@@ -183,7 +183,7 @@ def test_syncookies_is_a_readable_sysctl() -> None:
     tuner, _backend, _clock = make_tuner(values={"net.ipv4.tcp_syncookies": (1,)})
     t = tuner.tunable(tb.TCP_SYNCOOKIES)
     assert t.kind == "sysctl" and t.is_sysctl and t.optional
-    assert tuner.ctx.store.record(tuner, tb.TCP_SYNCOOKIES).initial == (1,)
+    assert tuner.ctx.store.original(tuner, tb.TCP_SYNCOOKIES) == (1,)
 
 
 def test_conn_payload_round_trips_through_the_event() -> None:
@@ -586,7 +586,7 @@ def test_latency_correlated_growth_backs_off_toward_a_full_pipe() -> None:
         tuner.handle_event(conn_event(tb.TCP_RMEM, conn, limit))
     full = int(2 * 25e6 * 0.05 * 2)
     assert backend.read("net.ipv4.tcp_rmem", NS)[2] == full
-    counts = tuner.ctx.store.record(tuner, tb.TCP_RMEM).counts
+    counts = tuner.ctx.store.scenario_counts(tuner, tb.TCP_RMEM)
     assert counts[(tb.BUFFER_DECREASE_LATENCY, False)] == 2
 
 
@@ -701,7 +701,7 @@ def test_exhaustion_grows_tcp_mem_and_enters_the_low_memory_state() -> None:
         assert backend.read("net.ipv4.tcp_no_ssthresh_metrics_save", cookie) == (0,)
         assert backend.read("net.ipv4.tcp_max_syn_backlog", cookie) == (1024,)
     assert backend.read("net.core.high_order_alloc_disable") == (0,)
-    counts = tuner.ctx.store.record(tuner, tb.TCP_NO_METRICS_SAVE).counts
+    counts = tuner.ctx.store.scenario_counts(tuner, tb.TCP_NO_METRICS_SAVE)
     assert counts[(tb.LOW_MEM_ENTER, False)] == 1 and counts[(tb.LOW_MEM_LEAVE, False)] == 1
     assert counts[(tb.LOW_MEM_ENTER, True)] == 1 and counts[(tb.LOW_MEM_LEAVE, True)] == 1
 
@@ -737,7 +737,7 @@ def test_the_low_memory_state_keeps_its_ticks_and_stops_them_when_left() -> None
         assert tuner.tick(clock.now) == clock.now + tb.LOW_MEMORY_CHECK_S
         clock.now += tb.LOW_MEMORY_CHECK_S
     assert tuner.tick(clock.now) == math.inf
-    assert tuner.ctx.store.record(tuner, tb.TCP_NO_METRICS_SAVE).counts[(tb.LOW_MEM_LEAVE, True)] == 1
+    assert tuner.ctx.store.scenario_counts(tuner, tb.TCP_NO_METRICS_SAVE)[(tb.LOW_MEM_LEAVE, True)] == 1
 
 
 def test_no_buffer_growth_in_the_low_memory_state_and_the_first_growth_waits() -> None:

@@ -172,6 +172,7 @@ def test_start_allows_the_algorithms_and_stop_restores_the_list(caplog: pytest.L
         store.summary(tuner)
     )
     tuner.stop()
+    store.release(tuner)  # the daemon, whenever a tuner stops: restore_on_stop tunables
     assert backend.texts[(glob, "net.ipv4.tcp_allowed_congestion_control")] == "reno bbr"
     assert [w[2] for w in backend.text_writes] == ["reno bbr cubic", "reno bbr"]
 

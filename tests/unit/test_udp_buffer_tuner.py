@@ -130,8 +130,8 @@ def test_pressure_grows_udp_mem_within_memory_caps() -> None:
     tuner, backend = make_tuner(udp_mem=(20000, 40000, 80000))
     tuner.handle_event(mem_limit(39000, (20000, 40000, 80000)).event(3))
     assert values(backend, "net.ipv4.udp_mem") == (25000, 50000, 100000)
-    rec = tuner.ctx.store.record(tuner, ub.UDP_MEM)
-    assert sum(n for (scenario, _g), n in rec.counts.items() if scenario == ub.MEM_PRESSURE) == 1
+    counts = tuner.ctx.store.scenario_counts(tuner, ub.UDP_MEM)
+    assert sum(n for (scenario, _g), n in counts.items() if scenario == ub.MEM_PRESSURE) == 1
 
 
 def test_exhaustion_keeps_values_that_do_not_grow() -> None:

@@ -185,12 +185,9 @@ class IpFragTuner(Tuner):
 
     def _floor(self, tunable: int, cookie: int) -> int:
         """The value this namespace had before we first changed it."""
-        rec = self.ctx.store.record(self, tunable)
-        glob = self.ctx.namespaces.global_cookie
-        original = rec.originals.get(cookie if self.tunable(tunable).namespaced else glob)
-        if original:
-            return original[0]
-        return rec.initial[0] if rec.initial else 0
+        store = self.ctx.store
+        original = store.original(self, tunable, cookie) or store.original(self, tunable)
+        return original[0] if original else 0
 
 
 TUNER = IpFragTuner

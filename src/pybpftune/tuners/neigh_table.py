@@ -13,15 +13,14 @@ shrink one step, never below the defaults 128/512/1024.
 
 Unlike bpftune, the device's addresses are read in the device's own
 namespace (the event names it by cookie, or by namespace inode on kernels
-without cookies), and the device is named in the request (NDTA_PARMS /
-NDTPA_IFINDEX) only when it lives in the daemon's namespace, where the kernel
-resolves that index: an index from another namespace would make the request
-fail or name a different device.
+without cookies).  The request names only the table: bpftune also names the
+device's parameters (NDTA_PARMS with only an ifindex), which changes nothing
+and fails for a device in another namespace.
 
-Changes are logged and counted as "other" tunables through
-``TunableStore.note``; a threshold changed by anyone else (sysctl or netlink)
-makes the tuner back off, and with ``-R`` the original thresholds come back at
-exit.
+The thresholds are "custom" tunables: the store reads and writes them through
+:class:`NeighThresholds`, so their originals are journaled before the first
+write like any sysctl's, survive kill -9, are capped and restored by -R.  A
+threshold changed by anyone else (sysctl or netlink) makes the tuner back off.
 """
 
 from __future__ import annotations
@@ -292,6 +291,37 @@ class MemoryNeigh:
         self.tables[table.family] = Table(table.name, table.family, new, table.entries)
 
 
+class NeighThresholds:
+    """The store's setter for a table's thresholds: read and written over
+    rtnetlink (tables are global: the namespace cookie is not used)."""
+
+    def __init__(self, backend: NeighBackend) -> None:
+        self.backend = backend
+
+    def _table(self, name: str) -> Table:
+        for family, fam in FAMILIES.items():
+            if name == f"neigh.{fam.table}.gc_thresh":
+                table = self.backend.table(family)
+                if table is None:
+                    raise SysctlMissing(f"no {fam.table} table here")
+                return table
+        raise SysctlMissing(f"{name} is not a neighbour table's thresholds")
+
+    def read(self, name: str, cookie: int) -> tuple[int, ...]:
+        return self._table(name).thresholds
+
+    def write(self, name: str, value: tuple[int, ...] | str, cookie: int) -> None:
+        if isinstance(value, str) or len(value) != 3:
+            raise SysctlMissing(f"{name} takes three thresholds")
+        self.backend.set_thresholds(self._table(name), (value[0], value[1], value[2]), None)
+
+
+def _setter(namespaces: Namespaces) -> NeighThresholds:
+    """What the store uses to restore thresholds when this tuner is not
+    running (journal recovery, bpftune --restore)."""
+    return NeighThresholds(RtnlNeigh(namespaces))
+
+
 # --- the tuner ------------------------------------------------------------------------
 
 
@@ -303,7 +333,6 @@ class Plan:
     new: Thresholds
     table: Table
     device: Device
-    parms_ifindex: int | None
     message: str
 
 
@@ -326,8 +355,16 @@ class NeighTableTuner(Tuner):
         # administrator's write makes the tuner back off.
         *_sysctls("ipv4", 0, optional=True),
         *_sysctls("ipv6", 5, optional=True),
-        Tunable(ARP_THRESHOLDS, "neigh.arp_cache.gc_thresh", 3, kind="other", labels=LABELS),
-        Tunable(NDISC_THRESHOLDS, "neigh.ndisc_cache.gc_thresh", 3, kind="other", optional=True, labels=LABELS),
+        Tunable(ARP_THRESHOLDS, "neigh.arp_cache.gc_thresh", 3, kind="custom", labels=LABELS, setter=_setter),
+        Tunable(
+            NDISC_THRESHOLDS,
+            "neigh.ndisc_cache.gc_thresh",
+            3,
+            kind="custom",
+            optional=True,
+            labels=LABELS,
+            setter=_setter,
+        ),
     )
     scenarios = (
         Scenario(FULL, "neighbour table nearly full", "neighbour table is nearly full, increase its GC thresholds"),
@@ -341,8 +378,8 @@ class NeighTableTuner(Tuner):
     def __init__(self, ctx: TunerContext, tuner_id: int, backend: NeighBackend | None = None) -> None:
         super().__init__(ctx, tuner_id)
         self.backend: NeighBackend = backend if backend is not None else RtnlNeigh(ctx.namespaces)
-        self.originals: dict[str, Table] = {}  # table name -> as first seen, for -R
-        self.written: dict[str, Thresholds] = {}  # table name -> what we last set
+        # The store writes through our backend (a fake one in unit tests).
+        ctx.store.provide_setter(_setter, NeighThresholds(self.backend))
         self._said = SayOnce(log)  # "can no longer update" lines given
 
     # --- lifecycle ----------------------------------------------------------------------
@@ -356,26 +393,6 @@ class NeighTableTuner(Tuner):
                 "net.ipv4.neigh.default is absent: the neighbour tables' thresholds are global and can only be "
                 "changed from the initial network namespace",
             ) from None
-
-    def stop(self) -> None:
-        if not self.ctx.rollback:
-            return
-        for name, original in self.originals.items():
-            if name not in self.written:
-                continue
-            try:
-                live = self.backend.table(original.family)
-                if live is None:
-                    continue
-                log.info(
-                    "Rolling back neighbour table thresholds for '%s' from (%s) to original values (%s)...",
-                    name,
-                    " ".join(map(str, live.thresholds)),
-                    " ".join(map(str, original.thresholds)),
-                )
-                self.backend.set_thresholds(live, original.thresholds, None)
-            except OSError as exc:
-                log.warning("could not roll back the thresholds of %s: %s", name, exc)
 
     # --- rules ----------------------------------------------------------------------------
 
@@ -406,8 +423,7 @@ class NeighTableTuner(Tuner):
         if table is None:
             log.debug("no %s table here (IPv6 off?); ignoring the event", fam.table)
             return []
-        self.originals.setdefault(table.name, table)
-        if self._changed_behind_our_back(table):
+        if self._changed_behind_our_back(fam, table):
             return []
         device = self._device(event, stats)
         where = (
@@ -425,7 +441,7 @@ class NeighTableTuner(Tuner):
                 f"reduced thresholds for {table.name} table, {device.describe()} in {where}, "
                 f"from ({_fmt(table.thresholds)}) to ({_fmt(new)}): {table.entries} entries"
             )
-            return [Plan(Proposal(fam.tunable, EMPTY, glob, new, reason), new, table, device, None, message)]
+            return [Plan(Proposal(fam.tunable, EMPTY, glob, new, reason), new, table, device, message)]
         refused = bool(int(stats.flags) & F_REFUSED)
         if not refused and not self.steps.nearly_full(table.entries, table.thresholds[2]):
             return []
@@ -468,8 +484,7 @@ class NeighTableTuner(Tuner):
             f"updated thresholds for {table.name} table, {device.describe()} in {where}, "
             f"from ({_fmt(table.thresholds)}) to ({_fmt(new)}), computed max {bound}"
         )
-        parms = device.ifindex if self._in_daemon_netns(device) else None
-        return [Plan(Proposal(fam.tunable, FULL, glob, new, reason), new, table, device, parms, message)]
+        return [Plan(Proposal(fam.tunable, FULL, glob, new, reason), new, table, device, message)]
 
     def _limited(self, fam: Family, table: Table, new: Thresholds | None) -> Thresholds | None:
         """``new`` within the operator's floors and caps; None if that leaves
@@ -483,8 +498,8 @@ class NeighTableTuner(Tuner):
             return None
         return (limited[0], limited[1], limited[2])
 
-    def _changed_behind_our_back(self, table: Table) -> bool:
-        mine = self.written.get(table.name)
+    def _changed_behind_our_back(self, fam: Family, table: Table) -> bool:
+        mine = self.ctx.store.written(self, fam.tunable, self.ctx.namespaces.global_cookie)
         if mine is None or mine == table.thresholds:
             return False
         self.ctx.store.disable(
@@ -512,17 +527,9 @@ class NeighTableTuner(Tuner):
             self.carry_out(plan)
 
     def carry_out(self, plan: Plan) -> bool:
-        store = self.ctx.store
-        if store.advice:
-            store.note(self, plan.proposal, plan.table.thresholds)
+        """The store journals, writes (through NeighThresholds), logs and counts."""
+        if not self.apply(plan.proposal):
             return False
-        try:
-            self.backend.set_thresholds(plan.table, plan.new, plan.parms_ifindex)
-        except OSError as exc:
-            log.warning("could not set the %s thresholds to (%s): %s", plan.table.name, _fmt(plan.new), exc)
-            return False
-        self.written[plan.table.name] = plan.new
-        store.note(self, plan.proposal, plan.table.thresholds)
         log.info("%s", plan.message)
         return True
 

@@ -384,9 +384,7 @@ class NetBufferTuner(Tuner):
         ]
 
     def _original(self, tunable: int) -> int:
-        rec = self.ctx.store.record(self, tunable)
-        glob = self.ctx.namespaces.global_cookie
-        original = rec.originals.get(glob) or rec.initial
+        original = self.ctx.store.original(self, tunable)
         return original[0] if original else 1
 
     # --- /proc/net/softnet_stat fallback ----------------------------------------------------------

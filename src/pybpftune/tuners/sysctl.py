@@ -72,11 +72,10 @@ class SysctlTuner(Tuner):
     def _changed_where(self, tuner: Tuner, tunable_id: int) -> list[int]:
         """The writer is gone: find namespaces whose value is no longer ours."""
         store = self.ctx.store
-        rec = store.record(tuner, tunable_id)
         out = []
-        for c, written in rec.written.items():
+        for c in store.changed_here(tuner, tunable_id):
             try:
-                if store.current(tuner, tunable_id, c) != written:
+                if store.current(tuner, tunable_id, c) != store.written(tuner, tunable_id, c):
                     out.append(c)
             except Exception:  # the namespace went away meanwhile
                 continue

@@ -748,10 +748,8 @@ class TcpBufferTuner(Tuner):
 
     def _initial(self, tunable_id: int, cookie: int, current: Values) -> Values:
         """The namespace's value before we first changed it."""
-        rec = self.ctx.store.record(self, tunable_id)
-        glob = self.ctx.namespaces.global_cookie
-        key = glob if not self.tunable(tunable_id).namespaced else cookie
-        return rec.originals.get(key, current)
+        original = self.ctx.store.original(self, tunable_id, cookie, initial=False)
+        return current if original is None else original
 
     # --- decisions ------------------------------------------------------------------------
 

@@ -163,7 +163,8 @@ class TcpConnTuner(Tuner):
     cgroup_programs = ("bpftune_conn_tuner",)
     tunables = (
         Tunable(TUNABLE_CONG, "net.persock.tcp.congestion_control", namespaced=True, kind="other"),
-        Tunable(TUNABLE_ALLOWED, "net.ipv4.tcp_allowed_congestion_control", kind="string"),
+        # Extended at start for the per-connection choice; put back whenever the tuner stops.
+        Tunable(TUNABLE_ALLOWED, "net.ipv4.tcp_allowed_congestion_control", kind="string", restore_on_stop=True),
         Tunable(TUNABLE_AVAILABLE, "net.ipv4.tcp_available_congestion_control", kind="string"),
         Tunable(TUNABLE_DEFAULT, "net.ipv4.tcp_congestion_control", namespaced=True, kind="string"),
         Tunable(TUNABLE_THIN_LTO, "net.ipv4.tcp_thin_linear_timeouts", namespaced=True, lower=0, upper=1),
@@ -245,17 +246,6 @@ class TcpConnTuner(Tuner):
             ", ".join(self.available) or "nothing",
             "on" if "bbr" in self.available else "off (bbr is not available)",
         )
-
-    def stop(self) -> None:
-        """Put tcp_allowed_congestion_control back as it was."""
-        store = self.ctx.store
-        rec = store.record(self, TUNABLE_ALLOWED)
-        glob = self.ctx.namespaces.global_cookie
-        original = rec.original_texts.get(glob)
-        if original is not None and glob in rec.written_texts:
-            store.apply_text(
-                self, TUNABLE_ALLOWED, SCENARIO_SPECIFY, None, original, "restoring the original list on exit"
-            )
 
     # --- per-namespace policy -------------------------------------------------------------
 

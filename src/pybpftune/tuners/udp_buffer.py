@@ -242,7 +242,7 @@ class UdpBufferTuner(Tuner):
         out = []
         for tunable in (RMEM_MAX, RMEM_DEFAULT):
             current = self.current(tunable)[0]
-            initial = self.ctx.store.record(self, tunable).initial
+            initial = self.ctx.store.original(self, tunable)
             floor = max(RMEM_LOWER, initial[0] if initial else RMEM_LOWER)
             target = max(floor, steps.shrink(current))
             if target < current:
