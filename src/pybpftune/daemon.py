@@ -67,7 +67,6 @@ from .registry import (
     PluginError,
     PluginRefused,
     Trust,
-    builtin_tuners,
     file_stamp,
     is_plugin_file,
     load_plugin,
@@ -203,7 +202,8 @@ class Daemon:
                 self.trust.check_directory(d)
             self.watcher = DirWatcher(directories)
             self.loop.add_reader(self.watcher.fileno(), self.service_plugins, "plugin directories")
-        plugins = select(self.config.allow, self.config.libdirs, self.trust)  # imports overlap the probe
+        found: list[type[Tuner]] = []
+        plugins = select(self.config.allow, self.config.libdirs, self.trust, found)  # imports overlap the probe
         t_select = time.monotonic()
         support: Support
         if kinds is None:
@@ -239,7 +239,7 @@ class Daemon:
             f", configuration {self.config.config_path}" if self.config.config_path else "",
         )
         self.classes = [p.cls for p in plugins]
-        self._recover_journal([*builtin_tuners(), *self.classes])
+        self._recover_journal(found)
         plugins = [p for p in plugins if not self._keep_dormant(p)]
         needs_cgroup = any(p.cls.cgroup_programs for p in plugins)
         if needs_cgroup:

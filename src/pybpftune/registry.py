@@ -388,8 +388,15 @@ def extra_tuners(libdirs: Iterable[str], trust: Trust | None = None) -> list[Plu
     return found
 
 
-def select(allow: Iterable[str], libdirs: Iterable[str] = (), trust: Trust | None = None) -> list[Plugin]:
-    """Tuners to load, filtered by -a; an unknown name is an error."""
+def select(
+    allow: Iterable[str],
+    libdirs: Iterable[str] = (),
+    trust: Trust | None = None,
+    known: list[type[Tuner]] | None = None,
+) -> list[Plugin]:
+    """Tuners to load, filtered by -a; an unknown name is an error.  Every
+    tuner found, allowed or not, is appended to ``known`` (the journal may
+    name what any of them changed)."""
     plugins: dict[str, Plugin] = {}
     candidates = [
         *(Plugin(c) for c in builtin_tuners()),
@@ -406,6 +413,8 @@ def select(allow: Iterable[str], libdirs: Iterable[str] = (), trust: Trust | Non
             unload_plugin(plugin)
             continue
         plugins[plugin.cls.name] = plugin
+    if known is not None:
+        known.extend(p.cls for p in plugins.values())
     allow = list(allow)
     wanted = [normalize(a) for a in allow]
     unknown = [a for a, w in zip(allow, wanted, strict=True) if w not in plugins]

@@ -18,11 +18,11 @@ from pathlib import Path
 from .errors import PybpftuneError
 from .log import setup_logging
 from .netns import Namespaces
-from .registry import Trust, builtin_tuners, entry_point_tuners, extra_tuners
+from .registry import Trust, select
 from .state import StateDir
 from .store import TunableStore
 from .sysctl import ProcSysctl
-from .tuner import known_tunables
+from .tuner import Tuner, known_tunables
 
 log = logging.getLogger("pybpftune")
 
@@ -36,7 +36,8 @@ def restore_journaled(state_dir: Path, libdirs: Iterable[str] = (), debug: bool 
     state = StateDir(state_dir)
     state.lock("restore")
     try:
-        classes = [*builtin_tuners(), *entry_point_tuners(), *(p.cls for p in extra_tuners(libdirs, Trust()))]
+        classes: list[type[Tuner]] = []
+        select((), libdirs, Trust(), classes)
         known = known_tunables(classes)
         namespaces = Namespaces()
         store = TunableStore(ProcSysctl(namespaces), namespaces, state)

@@ -59,6 +59,18 @@ def demo_tuners_dir() -> Path:
     return path
 
 
+def journaled(state_dir: Path) -> dict[str, tuple[int, ...] | str]:
+    """Tunable -> journaled original, for what the journal still holds
+    (every namespace; the last original per name)."""
+    from pybpftune.journal import boot_id, replay
+
+    path = state_dir / "journal.jsonl"
+    if not path.exists():
+        return {}
+    rep = replay(path.read_bytes(), boot_id(), lambda kind, name: True)
+    return {p.tunable: p.original for p in rep.pending}
+
+
 def run(cmd: Sequence[str], netns: str | None = None, check: bool = True, timeout: float = 60) -> str:
     """Run a command (inside ``netns`` if given); its stdout."""
     full = ["ip", "netns", "exec", netns, *cmd] if netns else list(cmd)

@@ -25,7 +25,7 @@ from pybpftune.bpf import object_path
 from pybpftune.objects import BpfObject
 from pybpftune.support import find_cgroup2
 
-from .harness import BPFTUNE, SLOW, Daemon, Sysctls, demo_tuners_dir, sysctl_get, sysctls
+from .harness import BPFTUNE, SLOW, Daemon, Sysctls, demo_tuners_dir, journaled, sysctl_get, sysctls
 
 pytestmark = pytest.mark.kernel
 
@@ -86,8 +86,7 @@ def test_changes_are_logged_summarized_and_kept(fin: Sysctls, state_dir: Path, v
         d.wait_for(r"Scenario 'demo step' occurred for tunable 'net.ipv4.tcp_fin_timeout' in global ns\.")
         d.wait_for(r"Due to demo step change net.ipv4.tcp_fin_timeout from \(60\) -> \(61\)")
         d.wait_for(r"from \(62\) -> \(63\)", timeout=10)
-        journal = list(state_dir.glob("originals-*.jsonl"))
-        assert journal and '"original": [60]' in journal[0].read_text()
+        assert journaled(state_dir) == {FIN: (60,)}
         assert d.stop() == 0
     out = d.output
     assert (
@@ -96,7 +95,7 @@ def test_changes_are_logged_summarized_and_kept(fin: Sysctls, state_dir: Path, v
     assert "# sysctl 'net.ipv4.tcp_fin_timeout' changed from (60) -> (63)" in out
     assert 'sysctl -w net.ipv4.tcp_fin_timeout="63"' in out
     assert sysctl_get(FIN) == "63", "without -R the tuned value stays"
-    assert not list(state_dir.glob("originals-*.jsonl")), "a clean exit leaves no journal"
+    assert journaled(state_dir) == {FIN: (60,)}, "not restored: the original stays journaled for a later -R"
     assert not wait_programs_gone(OUR_PROGRAMS)
 
 
@@ -137,16 +136,18 @@ def test_restart_after_kill9_restores_and_leaves_no_programs(
     finally:
         first.stop()
     assert sysctl_get(FIN) != "60"
-    assert list(state_dir.glob("originals-*.jsonl")), "the journal survives SIGKILL"
-    with Daemon(["-s", "-a", "sysctl", "-R", "--state-dir", str(state_dir), *variant_args]) as second:
+    assert journaled(state_dir) == {FIN: (60,)}, "the journal survives SIGKILL"
+    with Daemon(
+        ["-s", "-a", "sysctl", "-l", str(demo_tuners_dir()), "-R", "--state-dir", str(state_dir), *variant_args]
+    ) as second:
         second.started()
-        second.wait_for(r"a previous daemon \(pid \d+\) did not exit cleanly")
+        second.wait_for(r"a previous daemon left 1 original value\(s\) journaled; restoring them \(-R\)")
         assert sysctl_get(FIN) == "60"
         names = program_names()
         assert names.count(GATE) == 1, "the dead daemon's programs must be gone"
         second.stop()
     assert not wait_programs_gone(OUR_PROGRAMS)
-    assert not list(state_dir.glob("originals-*.jsonl"))
+    assert journaled(state_dir) == {}, "everything restored: no journal"
 
 
 def bpftool(*args: str) -> list[str]:

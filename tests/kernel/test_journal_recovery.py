@@ -18,7 +18,7 @@ import pytest
 from pybpftune import libbpf
 from pybpftune.tuners.tcp_conn import ALGS
 
-from .harness import SLOW, Daemon, Sysctls, sysctls
+from .harness import SLOW, Daemon, Sysctls, journaled, sysctls
 
 pytestmark = pytest.mark.kernel
 
@@ -72,8 +72,7 @@ def test_allowed_congestion_control_is_restored_after_kill9(tmp_path: Path, vari
             m = first.wait_for(CHANGE)
             original, extended = m.group(1), m.group(2)
             assert proc(ALLOWED) == extended
-            journals = list(state_dir.glob("originals-*.jsonl"))
-            assert len(journals) == 1 and f'"original_text": "{original}"' in journals[0].read_text()
+            assert journaled(state_dir) == {ALLOWED: original}
             first.stop(signal.SIGKILL)
         finally:
             first.stop()
@@ -85,15 +84,15 @@ def test_allowed_congestion_control_is_restored_after_kill9(tmp_path: Path, vari
 
         with Daemon([*args, "-R"]) as second:
             second.started()
-            second.wait_for(r"a previous daemon \(pid \d+\) did not exit cleanly; 1 original value\(s\) were journaled")
+            second.wait_for(r"a previous daemon left 1 original value\(s\) journaled; restoring them \(-R\)")
             second.wait_for(
-                rf"Rolling back sysctl values for '{re.escape(ALLOWED)}' to original values "
-                rf"\({re.escape(original)}\) in global ns, left by pid \d+"
+                rf"Rolling back sysctl values for '{re.escape(ALLOWED)}' from \({re.escape(extended)}\) to original "
+                rf"values \({re.escape(original)}\) in global ns"
             )
             # Restored before the tuner started: it reads the original again.
             assert second.wait_for(CHANGE).group(1) == original
             assert wait_conn_tuners(1) == 1, "the dead daemon's sockops program must be gone"
             assert second.stop() == 0
         assert proc(ALLOWED) == original
-        assert not list(state_dir.glob("originals-*.jsonl")), "a clean exit leaves no journal"
+        assert journaled(state_dir) == {}, "everything restored: no journal"
         assert wait_conn_tuners(0) == 0

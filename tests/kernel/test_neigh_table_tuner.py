@@ -108,7 +108,7 @@ def test_thresholds_grow_with_static_neighbours_and_roll_back(
             d.wait_for(r"updated thresholds for ndisc_cache table, dev '[^']+'", timeout=WAIT)
             assert thresholds(V6)[2] > 128
             assert d.stop(signal.SIGTERM) == 0
-        assert "Rolling back neighbour table thresholds for 'arp_cache'" in d.output
+        assert "Rolling back tunable values for 'neigh.arp_cache.gc_thresh'" in d.output
         assert thresholds(V4) == (32, 64, 128)
         assert thresholds(V6) == (32, 64, 128)
 

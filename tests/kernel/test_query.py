@@ -36,7 +36,18 @@ import pytest
 from pybpftune.cli import EPILOG
 from pybpftune.client import query
 
-from .harness import BPFTUNE, Daemon, NetnsPair, demo_tuners_dir, iperf3_retrying, netns_pair, run, sysctl_get, sysctls
+from .harness import (
+    BPFTUNE,
+    Daemon,
+    NetnsPair,
+    demo_tuners_dir,
+    iperf3_retrying,
+    journaled,
+    netns_pair,
+    run,
+    sysctl_get,
+    sysctls,
+)
 
 pytestmark = pytest.mark.kernel
 
@@ -175,7 +186,7 @@ def test_starved_buffers_under_traffic_produce_advice_and_no_changes() -> None:
                 assert "would change net.ipv4.tcp_rmem(min default max) from (4096 131072 131072)" in d.output
                 assert sysctl_get("net.ipv4.tcp_rmem", pair.server) == STARVED
                 assert sysctl_get("net.ipv4.tcp_moderate_rcvbuf", pair.server) == "0"
-                assert not list(state.glob("originals-*.jsonl")), "advice journals nothing: nothing to restore"
+                assert journaled(state) == {}, "advice journals nothing: nothing to restore"
 
                 text = bpftune_q("advice", "--state-dir", str(state))
                 assert text.returncode == 0, text.stderr
@@ -222,7 +233,7 @@ def test_help_examples_all_work(tmp_path: Path) -> None:
     daemons = [e for e in examples if any(a.startswith("-s") for a in e) and "-q" not in e]
     queries = [e for e in examples if "-q" in e]
     others = [e for e in examples if e not in daemons and e not in queries]
-    assert others == [["-S"]]
+    assert others == [["-S"], ["--restore"]]
     assert subprocess.run([str(BPFTUNE), "-S"], capture_output=True, timeout=120).returncode == 0
     default_state = Path("/run/pybpftune")
     existed = default_state.exists()
@@ -238,6 +249,8 @@ def test_help_examples_all_work(tmp_path: Path) -> None:
                         assert proc.returncode == 0, (q, proc.stderr)
                         assert proc.stdout
                 assert d.stop() == 0, (args, d.output)
+        restore = subprocess.run([str(BPFTUNE), "--restore"], capture_output=True, text=True, timeout=60)
+        assert restore.returncode == 0 and "nothing to restore" in restore.stderr, restore.stderr
     if not existed:
         default_state.rmdir()  # empty again: the daemons removed their socket and journals
 
