@@ -224,10 +224,12 @@ def iperf3(netns: str, server: str, seconds: float = 3, port: int = 5201, extra:
 
 
 class Daemon:
-    """`bpftune` as a subprocess, with its stderr collected line by line."""
+    """`bpftune` as a subprocess, with its stderr collected line by line.
+    ``wrapper`` runs it under another command (``unshare --pid --fork ...``):
+    then ``proc`` is the wrapper's process, not the daemon's."""
 
-    def __init__(self, args: Sequence[str], env: dict[str, str] | None = None) -> None:
-        self.args = [str(BPFTUNE), *args]
+    def __init__(self, args: Sequence[str], env: dict[str, str] | None = None, wrapper: Sequence[str] = ()) -> None:
+        self.args = [*wrapper, str(BPFTUNE), *args]
         self.lines: list[str] = []
         self.stamps: list[float] = []  # time.monotonic() when each line arrived
         self._cond = threading.Condition()
