@@ -966,6 +966,8 @@ class Daemon:
         if self._closed:
             return
         self._closed = True
+        # Refused at the lock (another daemon runs): nothing of ours started or stops.
+        ours = self.state.locked
         if self.server is not None:
             self.server.close()
             self.state.remove_socket(self.config.socket_path)
@@ -1017,7 +1019,8 @@ class Daemon:
         self.ring.close()
         self.cgroup.close()
         self.state.unlock()
-        log.info("bpftune stopped")
+        if ours:
+            log.info("bpftune stopped")
 
     def __enter__(self) -> Daemon:
         return self

@@ -125,6 +125,10 @@ class StateDir:
     # The pid file of -D is the lock: the names callers have always used.
     write_pid = lock
 
+    @property
+    def locked(self) -> bool:
+        return self._pid_fd is not None
+
     def unlock(self) -> None:
         if self._pid_fd is None:
             return
