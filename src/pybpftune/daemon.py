@@ -108,6 +108,9 @@ TICK_S = 1.0
 # The earliest a tuner's next tick may be: a tuner asking for "now" again
 # must not spin the loop.
 TICK_MIN_S = 0.01
+# What a tuner's own code (a plugin's) may raise and the daemon survives:
+# anything but KeyboardInterrupt (SIGINT stops the loop instead, see start()).
+TUNER_ERRORS = (Exception, SystemExit)
 
 
 class Daemon:
@@ -325,7 +328,7 @@ class Daemon:
                 raise NotSupported(cls.name, "needs network-namespace cookies (Linux 5.14+)")
             self.store.register(tuner)
             globals_ = self._globals(tuner) if cls.bpf_name is not None else {}
-        except Exception as exc:  # a tuner's own code (a plugin's) may raise anything
+        except TUNER_ERRORS as exc:  # a tuner's own code (a plugin's) may raise anything
             self._start_failed(plugin, tuner, exc)
             return
         if cls.bpf_name is None:
@@ -367,25 +370,40 @@ class Daemon:
             if not self._loading:
                 self._all_started()
 
-    def _start_failed(self, plugin: Plugin, tuner: Tuner | None, exc: BaseException) -> None:
+    def _start_failed(self, plugin: Plugin, tuner: Tuner | None, exc: BaseException, unload: bool = True) -> None:
+        """One line for a tuner that could not start; what it wrote is undone.
+
+        Whatever it raised (our errors, a bug, a plugin's sys.exit), it is
+        skipped and the daemon goes on.  Its writes are rolled back whether
+        -R was given or not: it never ran, so no running tuner owns them, and
+        a start that stopped half-way is no tuning anyone asked to keep."""
         cls = plugin.cls
         why = str(exc) if isinstance(exc, PybpftuneError) else f"start failed: {exc!r}"
         self.disabled[cls.name] = why
         log.warning("tuner %s disabled: %s", cls.name, why)
         if tuner is not None:
-            if self.config.rollback and not isinstance(exc, PybpftuneError):
-                self.store.rollback(tuner)  # it may have written before it raised
-            if tuner.loaded is not None:
-                tuner.loaded.close()
-        if plugin.path is not None:
+            self._undo_start(tuner)
+        if unload and plugin.path is not None:
             unload_plugin(plugin)
+
+    def _undo_start(self, tuner: Tuner) -> None:
+        try:
+            self.store.rollback(tuner)  # it may have written before it raised
+        except TUNER_ERRORS as exc:
+            log.error("tuner %s: cannot undo what it wrote before it failed: %r", tuner.name, exc)
+        if tuner.loaded is not None:
+            try:
+                with self.objects_lock:
+                    tuner.loaded.close()
+            except TUNER_ERRORS as exc:
+                log.error("tuner %s: cannot release its BPF object: %r", tuner.name, exc)
 
     def _finish_start(self, plugin: Plugin, tuner: Tuner, loaded: LoadedObject | None) -> None:
         """On the loop's thread: start a tuner whose object (if any) is up."""
         tuner.loaded = loaded
         try:
             tuner.start()
-        except Exception as exc:  # a tuner's own code (a plugin's) may raise anything
+        except TUNER_ERRORS as exc:  # a tuner's own code (a plugin's) may raise anything
             self._start_failed(plugin, tuner, exc)
             return
         self._started(tuner)
@@ -459,15 +477,8 @@ class Daemon:
             if cls.bpf_name is not None:
                 tuner.loaded = self._load(tuner, ctx.support, self._globals(tuner))  # type: ignore[arg-type]
             tuner.start()
-        except Exception as exc:  # a tuner's own code (a plugin's) may raise anything
-            why = str(exc) if isinstance(exc, PybpftuneError) else f"start failed: {exc!r}"
-            self.disabled[cls.name] = why
-            log.warning("tuner %s disabled: %s", cls.name, why)
-            if tuner is not None:
-                if self.config.rollback and not isinstance(exc, PybpftuneError):
-                    self.store.rollback(tuner)  # it may have written before it raised
-                if tuner.loaded is not None:
-                    tuner.loaded.close()
+        except TUNER_ERRORS as exc:  # a tuner's own code (a plugin's) may raise anything
+            self._start_failed(plugin, tuner, exc, unload=False)  # the caller unloads the plugin
             return None
         self._started(tuner)
         return tuner
@@ -609,7 +620,7 @@ class Daemon:
             log.info("removed '%s', fini tuner %s", path, tuner.name)
             try:
                 self._stop_tuner(tuner, summarize=True)
-            except Exception as exc:  # the plugin's stop() is its own code
+            except TUNER_ERRORS as exc:  # the plugin's stop() is its own code
                 log.error("stopping tuner %s failed: %r", tuner.name, exc)
         else:
             log.info("removed '%s' (tuner %s was not running)", path, plugin.cls.name)
@@ -637,11 +648,18 @@ class Daemon:
         return dispatch
 
     def _handler_failed(self, tuner_id: int, exc: BaseException) -> None:
+        """A tuner whose handler (or tick) raised is stopped as at exit: one
+        line, its summary, its stop(), rollback with -R only (it ran: what it
+        wrote before is tuning, kept like any tuning without -R).  Further
+        failures of the same batch find it stopped and add nothing."""
         for tuner in self.tuners:
             if tuner.id == tuner_id:
                 log.error("tuner %s disabled: its event handler failed: %r", tuner.name, exc)
-                self._stop_tuner(tuner, summarize=True)
                 self.disabled[tuner.name] = f"handler failed: {exc!r}"
+                try:
+                    self._stop_tuner(tuner, summarize=True)
+                except TUNER_ERRORS as stop_exc:  # its stop() is its own code
+                    log.error("stopping tuner %s failed: %r", tuner.name, stop_exc)
                 return
 
     def _stop_tuner(self, tuner: Tuner, summarize: bool) -> None:
@@ -841,7 +859,7 @@ class Daemon:
         now = time.monotonic()
         try:
             due = tuner.tick(now)
-        except Exception as exc:
+        except TUNER_ERRORS as exc:
             self._handler_failed(tuner.id, exc)
             return
         self._request_tick(tuner, now + TICK_S if due is None else due)

@@ -107,7 +107,7 @@ class RingBuffer:
         self.received_by_tuner[event.tuner_id] = self.received_by_tuner.get(event.tuner_id, 0) + 1
         try:
             handler(event)
-        except Exception as exc:  # isolated per tuner, reported after the poll
+        except (Exception, SystemExit) as exc:  # isolated per tuner, reported after the poll
             self._errors.append((event.tuner_id, exc))
         return stop
 
