@@ -60,6 +60,7 @@ from .inotify import ADDED, GONE, OVERFLOW, REMOVED, DirEvent, DirWatcher
 from .libbpf import MAX_TUNERS
 from .loader import LoadedObject, load_object
 from .log import setup_logging, sink_name
+from .loss import EventLoss
 from .netns import Namespaces, current_inode
 from .registry import (
     PLUGIN_SUFFIX,
@@ -108,6 +109,9 @@ TICK_S = 1.0
 # The earliest a tuner's next tick may be: a tuner asking for "now" again
 # must not spin the loop.
 TICK_MIN_S = 0.01
+# How long after events were drained the objects' ring-buffer drop counters
+# are read (a full ring buffer means events to drain; no timer while idle).
+LOSS_CHECK_S = 1.0
 # What a tuner's own code (a plugin's) may raise and the daemon survives:
 # anything but KeyboardInterrupt (SIGINT stops the loop instead, see start()).
 TUNER_ERRORS = (Exception, SystemExit)
@@ -142,7 +146,10 @@ class Daemon:
         # the last one is up: a reload must not race the load thread).
         self._reload_pending = False
         self.cgroup = CgroupRoot(self.state, config.cgroup)
-        self.ring = RingBuffer(on_error=self._handler_failed)
+        # Lost events, counted here (the ring buffer feeds it) and said (_check_loss).
+        self.loss = EventLoss()
+        self._loss_timer: Timer | None = None
+        self.ring = RingBuffer(on_error=self._handler_failed, loss=self.loss)
         self.loop = EventLoop(on_error=self._loop_failed)
         self.tuners: list[Tuner] = []
         self.disabled: dict[str, str] = {}
@@ -313,6 +320,51 @@ class Daemon:
 
     def _drain_ring(self) -> None:
         self.ring.consume()
+        self._schedule_loss_check(time.monotonic() + LOSS_CHECK_S)
+
+    # --- lost events ------------------------------------------------------------------------
+
+    def _schedule_loss_check(self, when: float) -> None:
+        timer = self._loss_timer
+        if timer is not None and not timer.cancelled:
+            if timer.when <= when:
+                return
+            timer.cancel()
+        self._loss_timer = self.loop.call_at(when, self._check_loss, "lost events")
+
+    def _check_loss(self) -> None:
+        """Read the drop counters and say what was lost since the last line;
+        come back when the next line is allowed if more is waiting."""
+        self._loss_timer = None
+        self.read_drops(self.tuners)
+        self.loss.report()
+        due = self.loss.due()
+        if due is not None:
+            self._schedule_loss_check(due)
+
+    def read_drops(self, tuners: list[Tuner]) -> None:
+        """Count what the tuners' objects dropped for a full ring buffer.
+        From any thread: an object is read under ``objects_lock``, so never
+        after it was closed (its last count was read just before)."""
+        with self.objects_lock:
+            for tuner in tuners:
+                loaded = tuner.loaded
+                if loaded is None or loaded.obj.closed or not loaded.obj.has_global("bpftune_ringbuf_drops"):
+                    continue
+                self.loss.bpf_count(tuner.id, loaded.obj.get_global("bpftune_ringbuf_drops"))
+
+    def _close_object(self, tuner: Tuner) -> None:
+        """Close a tuner's object, its drop counter read one last time."""
+        loaded = tuner.loaded
+        if loaded is None:
+            return
+        with self.objects_lock:
+            try:
+                if not loaded.obj.closed and loaded.obj.has_global("bpftune_ringbuf_drops"):
+                    self.loss.bpf_count(tuner.id, loaded.obj.get_global("bpftune_ringbuf_drops"))
+            finally:
+                self.loss.forget(tuner.id)
+                loaded.close()
 
     def _prepare_tuner(self, plugin: Plugin) -> None:
         """On the loop's thread: construct the tuner and read what its object
@@ -393,8 +445,7 @@ class Daemon:
             log.error("tuner %s: cannot undo what it wrote before it failed: %r", tuner.name, exc)
         if tuner.loaded is not None:
             try:
-                with self.objects_lock:
-                    tuner.loaded.close()
+                self._close_object(tuner)
             except TUNER_ERRORS as exc:
                 log.error("tuner %s: cannot release its BPF object: %r", tuner.name, exc)
 
@@ -677,9 +728,7 @@ class Daemon:
             self.store.release(tuner)
             if self.config.rollback:
                 self.store.rollback(tuner)
-            if tuner.loaded is not None:
-                with self.objects_lock:
-                    tuner.loaded.close()
+            self._close_object(tuner)
 
     # --- main loop ---------------------------------------------------------------------------
 
@@ -886,11 +935,8 @@ class Daemon:
         from .query import DaemonInfo
 
         support = self.support
-        dropped = 0
-        for tuner in self.tuners:
-            obj = tuner.loaded.obj if tuner.loaded is not None else None
-            if obj is not None and obj.has_global("bpftune_ringbuf_drops"):
-                dropped += obj.get_global("bpftune_ringbuf_drops")
+        self.read_drops(self.tuners)
+        lost = self.loss.counts()
         return DaemonInfo(
             version=__version__,
             pid=os.getpid(),
@@ -904,9 +950,9 @@ class Daemon:
             config=str(self.config.config_path) if self.config.config_path else None,
             limits=self._all_limits_text(),
             events_received=self.ring.received,
-            events_dropped=dropped,
-            events_malformed=self.ring.dropped_malformed,
-            events_unknown=self.ring.dropped_unknown,
+            events_dropped=lost.ring_full,
+            events_malformed=lost.malformed,
+            events_unknown=lost.unknown,
         )
 
     def tuner_states(self) -> list[TunerState]:
@@ -1004,10 +1050,11 @@ class Daemon:
                 log.error("summarizing tuner %s failed: %r", tuner.name, exc)
         if tuners and self.ring.active:
             # The event path's volume, for whoever weighs its cost (bench/overhead.py).
-            dropped = self.ring.dropped_malformed + self.ring.dropped_unknown
+            self.read_drops(tuners)
+            lost = self.loss.counts()
             block.append(
-                f"# Summary: {self.ring.received} events handled from the ring buffer, "
-                f"{dropped} dropped (malformed or for no tuner)"
+                f"# Summary: {self.ring.received} events handled from the ring buffer, {lost.total} lost "
+                f"({lost.ring_full} for a full ring buffer, {lost.malformed} malformed, {lost.unknown} for no tuner)"
             )
         if tuners:
             for line in ["# Summary of changes made across all tuners:", *block]:
