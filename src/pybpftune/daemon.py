@@ -189,6 +189,11 @@ class Daemon:
         if os.geteuid() != 0:
             raise PybpftuneError("the daemon needs root (CAP_SYS_ADMIN, CAP_BPF, CAP_NET_ADMIN)")
         self.t_start = time.monotonic()
+        # From here on the daemon may write (journal recovery, tuners that
+        # start): SIGINT/SIGTERM stop the loop instead of ending the process
+        # half-way.  start() then prepares no more tuners, run() returns at
+        # once, and close() undoes what was done (-R) or exits as usual.
+        self.loop.stop_on((signal.SIGINT, signal.SIGTERM))
         # The state directory's lock first: a second daemon stops here, before
         # it touches the journal or loads anything.
         self.state.lock()
@@ -256,7 +261,12 @@ class Daemon:
             self.cgroup.open()
         self._ctx = self._context(support)
         for plugin in plugins:
+            if self.loop.stopping:
+                break
             self._prepare_tuner(plugin)
+        if self.loop.stopping:
+            log.info("asked to stop during start-up: %d tuner(s) not started", len(plugins) - len(self.tuners))
+            return
         if not self._loading:
             self._all_started()
 

@@ -4,15 +4,20 @@ costs one line and is skipped, and what it wrote before raising is put back."""
 
 from __future__ import annotations
 
+import os
+import signal
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from pybpftune import daemon as daemon_module
 from pybpftune.daemon import Daemon, DaemonConfig
 from pybpftune.events import Event
 from pybpftune.registry import Plugin
+from pybpftune.startup import EarlyProbe
+from pybpftune.support import PROBE_PROGRAMS, KindSupport, Support
 from pybpftune.sysctl import MemorySysctl
 from pybpftune.tuner import Proposal, Scenario, Tunable, Tuner, TunerContext
 from tests.unit.test_plugins import Lines, lines
@@ -207,3 +212,57 @@ def test_a_tick_that_exits_is_one_line(daemon: Daemon, backend: MemorySysctl, li
     daemon._tick(tuner)
     assert daemon.tuners == [] and daemon.disabled["exits"] == "handler failed: SystemExit(4)"
     assert all(r.exc_info is None for r in lines.records)
+
+
+# --- SIGTERM/SIGINT during start-up -------------------------------------------------------------
+
+
+class First(Writer):
+    """Writes, then a stop signal arrives (its handler runs as the kernel would run it)."""
+
+    name = "first"
+
+    def start(self) -> None:
+        super().start()
+        handler = signal.getsignal(signal.SIGTERM)
+        assert callable(handler), "SIGTERM would end the process half-way through start-up"
+        handler(signal.SIGTERM, None)
+
+
+class Second(Keep):
+    name = "second"
+    started = False
+
+    def start(self) -> None:
+        type(self).started = True
+
+
+def start_with(d: Daemon, monkeypatch: pytest.MonkeyPatch, *classes: type[Tuner]) -> None:
+    """start() without BPF: the probe's answer given, these tuners selected."""
+    kinds = {k: KindSupport(k, True, True) for k in PROBE_PROGRAMS}
+    monkeypatch.setattr(daemon_module, "assemble", lambda kinds: Support(kinds, True, True, True, None, ""))
+    monkeypatch.setattr(daemon_module, "select", lambda *args: [Plugin(c) for c in classes])
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    d._early = EarlyProbe(d._loader, "", kinds)
+    d.start()
+
+
+@pytest.mark.parametrize("rollback", [False, True], ids=["no-R", "R"])
+def test_a_stop_signal_during_start_up_stops_cleanly(
+    tmp_path: Path, backend: MemorySysctl, lines: Lines, monkeypatch: pytest.MonkeyPatch, rollback: bool
+) -> None:
+    Second.started = False
+    d = new_daemon(tmp_path, backend, rollback)
+    try:
+        start_with(d, monkeypatch, First, Second)
+        assert not Second.started, "no tuner is started after the signal"
+        assert [t.name for t in d.tuners] == ["first"]
+        assert "asked to stop during start-up: 1 tuner(s) not started" in lines.text
+        d.run()  # returns at once
+        assert not d.started
+    finally:
+        d.close()
+    assert fin(backend) == ((60,) if rollback else (61,))
+    assert "bpftune stopped" in lines.text
+    assert "bpftune started" not in lines.text
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL, "restored by close()"
