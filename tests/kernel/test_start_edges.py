@@ -1,11 +1,14 @@
 """Start and stop edges against the real kernel: SIGTERM at any moment of
-start-up leaves nothing half-applied."""
+start-up leaves nothing half-applied, and bpftune's default cgroup path
+(/var/run/bpftune/cgroupv2, through the /var/run -> /run link) works again
+after a daemon that mounted it was killed."""
 
 from __future__ import annotations
 
 import os
 import random
 import signal
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -104,3 +107,50 @@ def test_sigterm_at_any_moment_of_start_up_leaves_nothing_applied(
             assert not wait_no_programs(), where
             rolled_back += f"Rolling back sysctl values for '{FIN}'" in d.output
         assert rolled_back, "the early tuner's write was made (and undone) at least once"
+
+
+CGROUP = Path("/var/run/bpftune/cgroupv2")
+
+
+def cgroup2_mounted(path: Path) -> bool:
+    real = os.path.realpath(path)
+    for line in Path("/proc/self/mounts").read_text().splitlines():
+        parts = line.split()
+        if len(parts) > 2 and parts[2] == "cgroup2" and parts[1] == real:
+            return True
+    return False
+
+
+def test_default_cgroup_path_works_after_kill9(tmp_path: Path, variant_args: tuple[str, ...]) -> None:
+    """bpftune's -c /var/run/bpftune/cgroupv2: the first daemon mounts it and
+    is killed; the next one reuses the mount it left instead of mounting over it."""
+    if not Path("/var/run").is_symlink():
+        pytest.skip("/var/run is no symbolic link here")
+    real = Path(os.path.realpath(CGROUP))
+    existed = [p for p in (real.parent, real) if p.exists()]
+    mounted_before = cgroup2_mounted(CGROUP)
+    args = ["-s", "-a", "sysctl", "-c", str(CGROUP), "--state-dir", str(tmp_path / "state"), *variant_args]
+    try:
+        first = Daemon(args)
+        try:
+            first.started()
+        finally:
+            first.stop(signal.SIGKILL)
+        assert cgroup2_mounted(CGROUP), "the killed daemon's mount is left"
+        with Daemon(args) as second:
+            second.started()
+            assert second.stop() == 0
+        assert "cannot mount" not in second.output, second.output
+        with Daemon(args) as third:  # and again, after a clean exit
+            third.started()
+            assert third.stop() == 0
+    finally:
+        if not mounted_before and cgroup2_mounted(CGROUP):
+            subprocess.run(["umount", "-l", str(real)], check=False)
+        for p in (real, real.parent):
+            if p not in existed:
+                try:
+                    p.rmdir()
+                except OSError:
+                    pass
+    assert cgroup2_mounted(CGROUP) == mounted_before
