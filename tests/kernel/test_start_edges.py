@@ -17,7 +17,7 @@ import pytest
 
 from pybpftune import libbpf
 
-from .harness import SLOW, Daemon, sysctl_get, sysctls, trusted_dir
+from .harness import SLOW, Daemon, journaled, sysctl_get, sysctls, trusted_dir
 
 pytestmark = pytest.mark.kernel
 
@@ -99,7 +99,7 @@ def test_sigterm_at_any_moment_of_start_up_leaves_nothing_applied(
             if said:
                 assert rc == 0, where
                 assert "Traceback" not in d.output, where
-                assert not list(state_dir.glob("originals-*")), "a clean exit leaves no journal; " + where
+                assert journaled(state_dir) == {}, "a clean -R exit leaves nothing journaled; " + where
             else:
                 assert rc in (0, -signal.SIGTERM), where  # before the daemon handles signals: nothing written
             after = {name: sysctl_get(name) for name in (FIN, ALLOWED, DEFAULT_CC)}
