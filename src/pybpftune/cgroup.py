@@ -26,11 +26,21 @@ _libc = ctypes.CDLL(None, use_errno=True)  # libc is in the process already (see
 MNT_DETACH = 2
 
 
+def _unescape(field: str) -> str:
+    """A /proc/self/mounts field: space, tab, newline and backslash are octal escapes."""
+    for code in ("\\040", "\\011", "\\012", "\\134"):
+        field = field.replace(code, chr(int(code[1:], 8)))
+    return field
+
+
 def _is_cgroup2_mount(path: Path) -> bool:
+    """Is ``path`` (resolved: /proc/self/mounts names real paths, and
+    /var/run is a symbolic link to /run) a cgroup2 mount point?"""
+    real = Path(os.path.realpath(path))
     try:
         for line in Path("/proc/self/mounts").read_text().splitlines():
             parts = line.split()
-            if len(parts) > 2 and parts[2] == "cgroup2" and Path(parts[1]) == path:
+            if len(parts) > 2 and parts[2] == "cgroup2" and Path(_unescape(parts[1])) == real:
                 return True
     except OSError:
         pass
@@ -54,6 +64,10 @@ class CgroupRoot:
         if path is None:
             found = find_cgroup2()
             path = Path(found) if found else self._state.subdir("cgroupv2")
+        # Resolved: bpftune's default, /var/run/bpftune/cgroupv2, goes through
+        # the /var/run -> /run link, and a mount left by a daemon that was
+        # killed must be found (and reused) rather than mounted over.
+        path = Path(os.path.realpath(path))
         if not _is_cgroup2_mount(path):
             path.mkdir(mode=0o755, parents=True, exist_ok=True)
             if _libc.mount(b"cgroup2", str(path).encode(), b"cgroup2", 0, None) != 0:

@@ -60,6 +60,7 @@ from .inotify import ADDED, GONE, OVERFLOW, REMOVED, DirEvent, DirWatcher
 from .libbpf import MAX_TUNERS
 from .loader import LoadedObject, load_object
 from .log import setup_logging, sink_name
+from .loss import EventLoss
 from .netns import Namespaces, current_inode
 from .registry import (
     PLUGIN_SUFFIX,
@@ -108,6 +109,12 @@ TICK_S = 1.0
 # The earliest a tuner's next tick may be: a tuner asking for "now" again
 # must not spin the loop.
 TICK_MIN_S = 0.01
+# How long after events were drained the objects' ring-buffer drop counters
+# are read (a full ring buffer means events to drain; no timer while idle).
+LOSS_CHECK_S = 1.0
+# What a tuner's own code (a plugin's) may raise and the daemon survives:
+# anything but KeyboardInterrupt (SIGINT stops the loop instead, see start()).
+TUNER_ERRORS = (Exception, SystemExit)
 
 
 class Daemon:
@@ -139,7 +146,10 @@ class Daemon:
         # the last one is up: a reload must not race the load thread).
         self._reload_pending = False
         self.cgroup = CgroupRoot(self.state, config.cgroup)
-        self.ring = RingBuffer(on_error=self._handler_failed)
+        # Lost events, counted here (the ring buffer feeds it) and said (_check_loss).
+        self.loss = EventLoss()
+        self._loss_timer: Timer | None = None
+        self.ring = RingBuffer(on_error=self._handler_failed, loss=self.loss)
         self.loop = EventLoop(on_error=self._loop_failed)
         self.tuners: list[Tuner] = []
         self.disabled: dict[str, str] = {}
@@ -179,6 +189,11 @@ class Daemon:
         if os.geteuid() != 0:
             raise PybpftuneError("the daemon needs root (CAP_SYS_ADMIN, CAP_BPF, CAP_NET_ADMIN)")
         self.t_start = time.monotonic()
+        # From here on the daemon may write (journal recovery, tuners that
+        # start): SIGINT/SIGTERM stop the loop instead of ending the process
+        # half-way.  start() then prepares no more tuners, run() returns at
+        # once, and close() undoes what was done (-R) or exits as usual.
+        self.loop.stop_on((signal.SIGINT, signal.SIGTERM))
         # The state directory's lock first: a second daemon stops here, before
         # it touches the journal or loads anything.
         self.state.lock()
@@ -246,7 +261,12 @@ class Daemon:
             self.cgroup.open()
         self._ctx = self._context(support)
         for plugin in plugins:
+            if self.loop.stopping:
+                break
             self._prepare_tuner(plugin)
+        if self.loop.stopping:
+            log.info("asked to stop during start-up: %d tuner(s) not started", len(plugins) - len(self.tuners))
+            return
         if not self._loading:
             self._all_started()
 
@@ -310,6 +330,51 @@ class Daemon:
 
     def _drain_ring(self) -> None:
         self.ring.consume()
+        self._schedule_loss_check(time.monotonic() + LOSS_CHECK_S)
+
+    # --- lost events ------------------------------------------------------------------------
+
+    def _schedule_loss_check(self, when: float) -> None:
+        timer = self._loss_timer
+        if timer is not None and not timer.cancelled:
+            if timer.when <= when:
+                return
+            timer.cancel()
+        self._loss_timer = self.loop.call_at(when, self._check_loss, "lost events")
+
+    def _check_loss(self) -> None:
+        """Read the drop counters and say what was lost since the last line;
+        come back when the next line is allowed if more is waiting."""
+        self._loss_timer = None
+        self.read_drops(self.tuners)
+        self.loss.report()
+        due = self.loss.due()
+        if due is not None:
+            self._schedule_loss_check(due)
+
+    def read_drops(self, tuners: list[Tuner]) -> None:
+        """Count what the tuners' objects dropped for a full ring buffer.
+        From any thread: an object is read under ``objects_lock``, so never
+        after it was closed (its last count was read just before)."""
+        with self.objects_lock:
+            for tuner in tuners:
+                loaded = tuner.loaded
+                if loaded is None or loaded.obj.closed or not loaded.obj.has_global("bpftune_ringbuf_drops"):
+                    continue
+                self.loss.bpf_count(tuner.id, loaded.obj.get_global("bpftune_ringbuf_drops"))
+
+    def _close_object(self, tuner: Tuner) -> None:
+        """Close a tuner's object, its drop counter read one last time."""
+        loaded = tuner.loaded
+        if loaded is None:
+            return
+        with self.objects_lock:
+            try:
+                if not loaded.obj.closed and loaded.obj.has_global("bpftune_ringbuf_drops"):
+                    self.loss.bpf_count(tuner.id, loaded.obj.get_global("bpftune_ringbuf_drops"))
+            finally:
+                self.loss.forget(tuner.id)
+                loaded.close()
 
     def _prepare_tuner(self, plugin: Plugin) -> None:
         """On the loop's thread: construct the tuner and read what its object
@@ -325,7 +390,7 @@ class Daemon:
                 raise NotSupported(cls.name, "needs network-namespace cookies (Linux 5.14+)")
             self.store.register(tuner)
             globals_ = self._globals(tuner) if cls.bpf_name is not None else {}
-        except Exception as exc:  # a tuner's own code (a plugin's) may raise anything
+        except TUNER_ERRORS as exc:  # a tuner's own code (a plugin's) may raise anything
             self._start_failed(plugin, tuner, exc)
             return
         if cls.bpf_name is None:
@@ -367,25 +432,39 @@ class Daemon:
             if not self._loading:
                 self._all_started()
 
-    def _start_failed(self, plugin: Plugin, tuner: Tuner | None, exc: BaseException) -> None:
+    def _start_failed(self, plugin: Plugin, tuner: Tuner | None, exc: BaseException, unload: bool = True) -> None:
+        """One line for a tuner that could not start; what it wrote is undone.
+
+        Whatever it raised (our errors, a bug, a plugin's sys.exit), it is
+        skipped and the daemon goes on.  Its writes are rolled back whether
+        -R was given or not: it never ran, so no running tuner owns them, and
+        a start that stopped half-way is no tuning anyone asked to keep."""
         cls = plugin.cls
         why = str(exc) if isinstance(exc, PybpftuneError) else f"start failed: {exc!r}"
         self.disabled[cls.name] = why
         log.warning("tuner %s disabled: %s", cls.name, why)
         if tuner is not None:
-            if self.config.rollback and not isinstance(exc, PybpftuneError):
-                self.store.rollback(tuner)  # it may have written before it raised
-            if tuner.loaded is not None:
-                tuner.loaded.close()
-        if plugin.path is not None:
+            self._undo_start(tuner)
+        if unload and plugin.path is not None:
             unload_plugin(plugin)
+
+    def _undo_start(self, tuner: Tuner) -> None:
+        try:
+            self.store.rollback(tuner)  # it may have written before it raised
+        except TUNER_ERRORS as exc:
+            log.error("tuner %s: cannot undo what it wrote before it failed: %r", tuner.name, exc)
+        if tuner.loaded is not None:
+            try:
+                self._close_object(tuner)
+            except TUNER_ERRORS as exc:
+                log.error("tuner %s: cannot release its BPF object: %r", tuner.name, exc)
 
     def _finish_start(self, plugin: Plugin, tuner: Tuner, loaded: LoadedObject | None) -> None:
         """On the loop's thread: start a tuner whose object (if any) is up."""
         tuner.loaded = loaded
         try:
             tuner.start()
-        except Exception as exc:  # a tuner's own code (a plugin's) may raise anything
+        except TUNER_ERRORS as exc:  # a tuner's own code (a plugin's) may raise anything
             self._start_failed(plugin, tuner, exc)
             return
         self._started(tuner)
@@ -459,15 +538,8 @@ class Daemon:
             if cls.bpf_name is not None:
                 tuner.loaded = self._load(tuner, ctx.support, self._globals(tuner))  # type: ignore[arg-type]
             tuner.start()
-        except Exception as exc:  # a tuner's own code (a plugin's) may raise anything
-            why = str(exc) if isinstance(exc, PybpftuneError) else f"start failed: {exc!r}"
-            self.disabled[cls.name] = why
-            log.warning("tuner %s disabled: %s", cls.name, why)
-            if tuner is not None:
-                if self.config.rollback and not isinstance(exc, PybpftuneError):
-                    self.store.rollback(tuner)  # it may have written before it raised
-                if tuner.loaded is not None:
-                    tuner.loaded.close()
+        except TUNER_ERRORS as exc:  # a tuner's own code (a plugin's) may raise anything
+            self._start_failed(plugin, tuner, exc, unload=False)  # the caller unloads the plugin
             return None
         self._started(tuner)
         return tuner
@@ -609,7 +681,7 @@ class Daemon:
             log.info("removed '%s', fini tuner %s", path, tuner.name)
             try:
                 self._stop_tuner(tuner, summarize=True)
-            except Exception as exc:  # the plugin's stop() is its own code
+            except TUNER_ERRORS as exc:  # the plugin's stop() is its own code
                 log.error("stopping tuner %s failed: %r", tuner.name, exc)
         else:
             log.info("removed '%s' (tuner %s was not running)", path, plugin.cls.name)
@@ -637,11 +709,18 @@ class Daemon:
         return dispatch
 
     def _handler_failed(self, tuner_id: int, exc: BaseException) -> None:
+        """A tuner whose handler (or tick) raised is stopped as at exit: one
+        line, its summary, its stop(), rollback with -R only (it ran: what it
+        wrote before is tuning, kept like any tuning without -R).  Further
+        failures of the same batch find it stopped and add nothing."""
         for tuner in self.tuners:
             if tuner.id == tuner_id:
                 log.error("tuner %s disabled: its event handler failed: %r", tuner.name, exc)
-                self._stop_tuner(tuner, summarize=True)
                 self.disabled[tuner.name] = f"handler failed: {exc!r}"
+                try:
+                    self._stop_tuner(tuner, summarize=True)
+                except TUNER_ERRORS as stop_exc:  # its stop() is its own code
+                    log.error("stopping tuner %s failed: %r", tuner.name, stop_exc)
                 return
 
     def _stop_tuner(self, tuner: Tuner, summarize: bool) -> None:
@@ -659,9 +738,7 @@ class Daemon:
             self.store.release(tuner)
             if self.config.rollback:
                 self.store.rollback(tuner)
-            if tuner.loaded is not None:
-                with self.objects_lock:
-                    tuner.loaded.close()
+            self._close_object(tuner)
 
     # --- main loop ---------------------------------------------------------------------------
 
@@ -841,7 +918,7 @@ class Daemon:
         now = time.monotonic()
         try:
             due = tuner.tick(now)
-        except Exception as exc:
+        except TUNER_ERRORS as exc:
             self._handler_failed(tuner.id, exc)
             return
         self._request_tick(tuner, now + TICK_S if due is None else due)
@@ -868,11 +945,8 @@ class Daemon:
         from .query import DaemonInfo
 
         support = self.support
-        dropped = 0
-        for tuner in self.tuners:
-            obj = tuner.loaded.obj if tuner.loaded is not None else None
-            if obj is not None and obj.has_global("bpftune_ringbuf_drops"):
-                dropped += obj.get_global("bpftune_ringbuf_drops")
+        self.read_drops(self.tuners)
+        lost = self.loss.counts()
         return DaemonInfo(
             version=__version__,
             pid=os.getpid(),
@@ -886,9 +960,9 @@ class Daemon:
             config=str(self.config.config_path) if self.config.config_path else None,
             limits=self._all_limits_text(),
             events_received=self.ring.received,
-            events_dropped=dropped,
-            events_malformed=self.ring.dropped_malformed,
-            events_unknown=self.ring.dropped_unknown,
+            events_dropped=lost.ring_full,
+            events_malformed=lost.malformed,
+            events_unknown=lost.unknown,
         )
 
     def tuner_states(self) -> list[TunerState]:
@@ -988,10 +1062,11 @@ class Daemon:
                 log.error("summarizing tuner %s failed: %r", tuner.name, exc)
         if tuners and self.ring.active:
             # The event path's volume, for whoever weighs its cost (bench/overhead.py).
-            dropped = self.ring.dropped_malformed + self.ring.dropped_unknown
+            self.read_drops(tuners)
+            lost = self.loss.counts()
             block.append(
-                f"# Summary: {self.ring.received} events handled from the ring buffer, "
-                f"{dropped} dropped (malformed or for no tuner)"
+                f"# Summary: {self.ring.received} events handled from the ring buffer, {lost.total} lost "
+                f"({lost.ring_full} for a full ring buffer, {lost.malformed} malformed, {lost.unknown} for no tuner)"
             )
         if tuners:
             for line in ["# Summary of changes made across all tuners:", *block]:

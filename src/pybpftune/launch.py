@@ -190,7 +190,7 @@ def daemon_config(
     def known() -> list[type[Tuner]]:
         from .registry import Trust, builtin_tuners, entry_point_tuners, extra_tuners
 
-        found = extra_tuners(libdirs, Trust())
+        found = extra_tuners(libdirs, Trust(), quiet=True)  # the daemon says what fails
         plugins.extend(found)
         return [*builtin_tuners(), *entry_point_tuners(), *(p.cls for p in found)]
 

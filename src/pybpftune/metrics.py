@@ -124,7 +124,6 @@ class DaemonCollector:
             received.add_metric([names.get(tuner_id, str(tuner_id))], n)
         yield received
 
-        ring_full = 0
         calls = CounterMetricFamily("bpftune_sample_calls", "Calls of a sampled BPF hook", labels=["tuner", "signal"])
         rates = GaugeMetricFamily(
             "bpftune_sample_rate",
@@ -138,17 +137,18 @@ class DaemonCollector:
                 loaded = t.loaded
                 if loaded is None or loaded.obj.closed:
                     continue
-                if loaded.obj.has_global("bpftune_ringbuf_drops"):
-                    ring_full += loaded.obj.get_global("bpftune_ringbuf_drops")
                 for signal, count, rate in samples(t):
                     calls.add_metric([t.name, signal], count)
                     rates.add_metric([t.name, signal], rate)
+        # The daemon's EventLoss: drops of tuners stopped since stay counted.
+        d.read_drops(tuners)
+        lost = d.loss.counts()
         dropped = CounterMetricFamily(
             "bpftune_events_dropped", "Events lost before a tuner saw them, by reason", labels=["reason"]
         )
-        dropped.add_metric(["ring_buffer_full"], ring_full)
-        dropped.add_metric(["malformed"], ring.dropped_malformed)
-        dropped.add_metric(["unknown_tuner"], ring.dropped_unknown)
+        dropped.add_metric(["ring_buffer_full"], lost.ring_full)
+        dropped.add_metric(["malformed"], lost.malformed)
+        dropped.add_metric(["unknown_tuner"], lost.unknown)
         yield dropped
         yield calls
         yield rates

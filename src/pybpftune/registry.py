@@ -8,9 +8,11 @@ its ``TUNER``.
 
 Plugin files are checked as bpftune checks its plugins (see :class:`Trust`)
 and run from their source text only: they are compiled in memory, so no
-bytecode cache is read or written.  A ``.pyc`` next to a plugin, whoever
-wrote it, is never executed.  A plugin that fails to import costs one log
-line and is skipped.  Entry points and ``-l module`` names are imported the
+bytecode cache is read or written (nor by what a plugin imports while it
+loads).  A ``.pyc`` next to a plugin, whoever wrote it, is never executed.
+A plugin that fails to import, or whose TUNER is no tuner declaration (a
+name that is not a string, tunables that are not Tunables, ...), costs one
+log line and is skipped.  Entry points and ``-l module`` names are imported the
 ordinary way: they belong to the Python installation the daemon itself runs
 from, and are trusted as it is.
 """
@@ -31,7 +33,7 @@ from pathlib import Path
 from types import ModuleType
 
 from .errors import PybpftuneError, UsageError
-from .tuner import Tuner
+from .tuner import Scenario, Tunable, Tuner
 
 log = logging.getLogger("pybpftune.registry")
 
@@ -107,7 +109,24 @@ def _tuner_of(module: ModuleType, origin: str) -> type[Tuner]:
     cls = getattr(module, "TUNER", None)
     if not (isinstance(cls, type) and issubclass(cls, Tuner)):
         raise PluginError(f"{origin} defines no TUNER class derived from pybpftune.tuner.Tuner")
+    # What the daemon reads before any of the tuner's code runs: a wrong
+    # type there would otherwise surface far from the plugin, as a traceback.
+    wrong = _declaration_error(cls)
+    if wrong:
+        raise PluginError(f"{origin}: TUNER {cls.__name__}: {wrong}")
     return cls
+
+
+def _declaration_error(cls: type[Tuner]) -> str:
+    if not isinstance(cls.name, str) or not cls.name:
+        return f"its name must be a non-empty string, not {cls.name!r}"
+    for attr, kind in (("tunables", Tunable), ("scenarios", Scenario)):
+        value = getattr(cls, attr)
+        if not isinstance(value, tuple) or not all(isinstance(v, kind) for v in value):
+            return f"{attr} must be a tuple of {kind.__name__}, not {value!r}"[:200]
+    if cls.bpf_name is not None and not isinstance(cls.bpf_name, str):
+        return f"bpf_name must be a string or None, not {cls.bpf_name!r}"
+    return ""
 
 
 def builtin_tuners() -> list[type[Tuner]]:
@@ -299,6 +318,8 @@ def load_plugin(entry: str | Path, trust: Trust | None = None) -> Plugin:
     module = importlib.util.module_from_spec(spec)
     module.__file__ = str(path)
     sys.modules[name] = module  # dataclasses and typing look the module up while it runs
+    # Whatever the plugin imports while it loads writes no bytecode either.
+    dont_write, sys.dont_write_bytecode = sys.dont_write_bytecode, True
     try:
         code = compile(source, str(path), "exec", dont_inherit=True)
         exec(code, module.__dict__)
@@ -311,6 +332,8 @@ def load_plugin(entry: str | Path, trust: Trust | None = None) -> Plugin:
     except (Exception, SystemExit) as exc:  # whatever the plugin's own code raised
         sys.modules.pop(name, None)
         raise PluginError(f"cannot load plugin '{path}': {_one_line(exc, path)}") from None
+    finally:
+        sys.dont_write_bytecode = dont_write
     return Plugin(cls, path, stamp)
 
 
@@ -342,49 +365,53 @@ def plugin_directories(libdirs: Iterable[str]) -> list[Path]:
     return [plugin_path(e) for e in libdirs if os.sep in e or Path(e).is_dir()]
 
 
-def directory_plugins(directory: Path, trust: Trust) -> list[Plugin]:
-    """Every loadable plugin file in a trusted directory; the others are one line each."""
+def directory_plugins(directory: Path, trust: Trust, quiet: bool = False) -> list[Plugin]:
+    """Every loadable plugin file in a trusted directory; the others are one
+    line each (``quiet``: debug lines, for a look the daemon repeats)."""
     found: list[Plugin] = []
+    say = log.debug if quiet else log.warning
     for f in sorted(directory.glob(f"*{PLUGIN_SUFFIX}")):
         if not is_plugin_file(f):
             continue
         try:
             found.append(load_plugin(f, trust))
         except PluginError as exc:
-            log.warning("%s; skipping it", exc)
+            say("%s; skipping it", exc)
         except PluginRefused as exc:
-            log.warning("%s", exc)
+            say("%s", exc)
     return found
 
 
-def extra_tuners(libdirs: Iterable[str], trust: Trust | None = None) -> list[Plugin]:
+def extra_tuners(libdirs: Iterable[str], trust: Trust | None = None, quiet: bool = False) -> list[Plugin]:
     """Tuners named by -l: an untrusted or missing directory, or a module
     name that does not exist, is an operator mistake (UsageError); a plugin
-    inside that fails is one warning and skipped."""
+    inside that fails is one warning and skipped (``quiet``: a debug line,
+    when the daemon looks again and says it)."""
     trust = trust or Trust()
     found: list[Plugin] = []
+    say = log.debug if quiet else log.warning
     for entry in libdirs:
         if os.sep in entry or Path(entry).is_dir():
             path = plugin_path(entry)
             if not path.is_dir():
                 raise UsageError(f"tuner directory {entry} does not exist")
             trust.check_directory(path)
-            found.extend(directory_plugins(path, trust))
+            found.extend(directory_plugins(path, trust, quiet))
             continue
         try:
             module = importlib.import_module(entry)
         except ModuleNotFoundError as exc:
             if exc.name is not None and (entry == exc.name or entry.startswith(exc.name + ".")):
                 raise UsageError(f"cannot import tuner module {entry}: {exc}") from exc
-            log.warning("cannot load tuner module %s: %s; skipping it", entry, _one_line(exc))
+            say("cannot load tuner module %s: %s; skipping it", entry, _one_line(exc))
             continue
         except (Exception, SystemExit) as exc:
-            log.warning("cannot load tuner module %s: %s; skipping it", entry, _one_line(exc))
+            say("cannot load tuner module %s: %s; skipping it", entry, _one_line(exc))
             continue
         try:
             found.append(Plugin(_tuner_of(module, entry)))
         except PluginError as exc:
-            log.warning("%s; skipping it", exc)
+            say("%s; skipping it", exc)
     return found
 
 

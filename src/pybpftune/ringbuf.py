@@ -17,6 +17,7 @@ from types import TracebackType
 from . import libbpf
 from .errors import PybpftuneError
 from .events import HEADER_SIZE, Event
+from .loss import EventLoss
 from .objects import BpfObject
 
 log = logging.getLogger("pybpftune.ringbuf")
@@ -31,12 +32,20 @@ ErrorHandler = Callable[[int, BaseException], None]
 class RingBuffer:
     """Shared maps plus the single consumer of the shared ring buffer."""
 
-    def __init__(self, size: int | None = None, on_error: ErrorHandler | None = None, max_batch: int = 4096) -> None:
+    def __init__(
+        self,
+        size: int | None = None,
+        on_error: ErrorHandler | None = None,
+        max_batch: int = 4096,
+        loss: EventLoss | None = None,
+    ) -> None:
         """``size`` (bytes, a power of two) overrides the BPF default;
         ``on_error`` receives (tuner_id, exception) when a handler raises;
         without it the exception propagates out of :meth:`poll`.
         ``max_batch`` bounds how many events one poll dispatches, so a flood
-        cannot hold the caller (ticks, signals) for seconds."""
+        cannot hold the caller (ticks, signals) for seconds.
+        ``loss``: where malformed events and events for no tuner are
+        counted (the daemon's; a new one by default)."""
         self._size = size
         self._max_batch = max_batch
         self._batch = 0
@@ -48,8 +57,11 @@ class RingBuffer:
         self._errors: list[tuple[int, BaseException]] = []
         self.received = 0
         self.received_by_tuner: dict[int, int] = {}
-        self.dropped_malformed = 0
-        self.dropped_unknown = 0
+        self.loss = loss if loss is not None else EventLoss()
+        # Ids of tuners that were registered and are no more: their late
+        # events are dropped on purpose, not lost.
+        self._retired: set[int] = set()
+        self.dropped_late = 0
         self._closed = False
 
     # --- sharing ------------------------------------------------------------
@@ -86,28 +98,42 @@ class RingBuffer:
         if not 0 <= tuner_id < libbpf.MAX_TUNERS:
             raise PybpftuneError(f"tuner id {tuner_id} is out of range 0..{libbpf.MAX_TUNERS - 1}")
         self._handlers[tuner_id] = handler
+        self._retired.discard(tuner_id)
 
     def unregister(self, tuner_id: int) -> None:
-        self._handlers.pop(tuner_id, None)
+        if self._handlers.pop(tuner_id, None) is not None:
+            self._retired.add(tuner_id)
+
+    @property
+    def dropped_malformed(self) -> int:
+        return self.loss.malformed
+
+    @property
+    def dropped_unknown(self) -> int:
+        return self.loss.unknown
 
     def _on_record(self, data: bytes) -> int:
         self._batch += 1
         stop = libbpf.STOP_DRAIN if self._batch >= self._max_batch else 0
         if len(data) < HEADER_SIZE:
-            self.dropped_malformed += 1
+            self.loss.malformed_event()
             log.debug("dropping a %d-byte ring-buffer record: shorter than an event header", len(data))
             return stop
         event = Event(data)
         handler = self._handlers.get(event.tuner_id)
         if handler is None:
-            self.dropped_unknown += 1
-            log.debug("dropping event for unknown tuner id %d (scenario %d)", event.tuner_id, event.scenario_id)
+            if event.tuner_id in self._retired:
+                self.dropped_late += 1
+                log.debug("dropping a late event of stopped tuner %d (scenario %d)", event.tuner_id, event.scenario_id)
+            else:
+                self.loss.unknown_event()
+                log.debug("dropping event for unknown tuner id %d (scenario %d)", event.tuner_id, event.scenario_id)
             return stop
         self.received += 1
         self.received_by_tuner[event.tuner_id] = self.received_by_tuner.get(event.tuner_id, 0) + 1
         try:
             handler(event)
-        except Exception as exc:  # isolated per tuner, reported after the poll
+        except (Exception, SystemExit) as exc:  # isolated per tuner, reported after the poll
             self._errors.append((event.tuner_id, exc))
         return stop
 

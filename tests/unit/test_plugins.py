@@ -300,3 +300,119 @@ def test_a_plugin_cannot_shadow_a_builtin(plugins: Path, trust: Trust, lines: Li
     assert [p.path for p in chosen] == [None]
     assert any("tuner tcp_buffer from" in m and "ignored" in m for m in lines.text)
     assert not any(m.startswith(PLUGIN_MODULE_PREFIX + "tcp_buffer") for m in sys.modules)
+
+
+# --- bytecode planted by someone else, and declarations that are not a tuner's -----------------
+
+
+def planted_bytecode(path: Path, text: str, how: str) -> Path:
+    """A .pyc for ``path`` in its __pycache__, compiled from ``text``: one that
+    the ordinary import would take (timestamp-checked), or one it takes
+    whatever the source says (unchecked hash)."""
+    from importlib._bootstrap_external import _code_to_hash_pyc  # type: ignore[attr-defined]
+
+    code = compile(text, str(path), "exec")
+    cache = Path(importlib.util.cache_from_source(str(path)))
+    cache.parent.mkdir(exist_ok=True)
+    if how == "timestamp":
+        st = path.stat()
+        cache.write_bytes(_code_to_timestamp_pyc(code, int(st.st_mtime), st.st_size))
+    else:
+        cache.write_bytes(_code_to_hash_pyc(code, importlib.util.source_hash(b"other"), checked=False))
+    return cache
+
+
+@pytest.mark.parametrize("how", ["timestamp", "unchecked-hash"])
+@pytest.mark.parametrize("owner", ["ours", "another user"])
+def test_planted_bytecode_never_runs_whoever_owns_it(
+    plugins: Path, trust: Trust, lines: Lines, how: str, owner: str
+) -> None:
+    path = write(plugins / "pc_tuner.py", plugin_source("pc", description="from source"))
+    marker = plugins.parent / "bytecode-ran"
+    evil = plugin_source("pc", description="from bytecode") + f"\nopen({str(marker)!r}, 'w').close()\n"
+    cache = planted_bytecode(path, evil, how)
+    if owner == "another user":
+        if os.geteuid() != 0:
+            pytest.skip("chown needs root")
+        os.chown(cache.parent, 65534, 65534)
+        os.chown(cache, 65534, 65534)
+        cache.chmod(0o666)
+    # The directory path (select, hot plug and the configuration check all load through it).
+    found = directory_plugins(plugins, trust)
+    try:
+        assert [p.cls.description for p in found] == ["from source"]
+    finally:
+        for p in found:
+            unload_plugin(p)
+    assert not marker.exists(), "the planted bytecode ran"
+    assert sorted(cache.parent.iterdir()) == [cache], "nothing written next to the plugin"
+
+
+def test_a_helper_a_plugin_imports_gets_no_bytecode_written(
+    plugins: Path, trust: Trust, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A plugin that imports a helper of its own from a directory it adds to
+    sys.path: no cache is written there while the daemon loads it (whatever
+    PYTHONDONTWRITEBYTECODE says)."""
+    monkeypatch.setattr(sys, "dont_write_bytecode", False)
+    helpers = tmp_path / "helpers"
+    helpers.mkdir()
+    (helpers / "pbt_plugin_helper.py").write_text("VALUE = 'helped'\n")
+    body = (
+        f"    import sys as _sys\n    _sys.path.insert(0, {str(helpers)!r})\n"
+        "    import pbt_plugin_helper\n    description = pbt_plugin_helper.VALUE\n"
+        f"    _sys.path.remove({str(helpers)!r})\n"
+    )
+    path = write(plugins / "h_tuner.py", plugin_source("h", body=body))
+    try:
+        plugin = load_plugin(path, trust)
+        assert plugin.cls.description == "helped"
+        unload_plugin(plugin)
+    finally:
+        sys.modules.pop("pbt_plugin_helper", None)
+    assert not (helpers / "__pycache__").exists()
+    assert sys.dont_write_bytecode is False, "restored afterwards"
+
+
+@pytest.mark.parametrize(
+    ("body", "expected"),
+    [
+        ('    name = ["a", "list"]', "its name must be a non-empty string"),
+        ('    name = ""', "its name must be a non-empty string"),
+        ("    tunables = 5", "tunables must be a tuple of Tunable"),
+        ("    scenarios = [1]", "scenarios must be a tuple of Scenario"),
+        ("    bpf_name = 7", "bpf_name must be a string or None"),
+    ],
+)
+def test_a_class_that_is_no_tuner_declaration_is_one_line(
+    plugins: Path, trust: Trust, lines: Lines, body: str, expected: str
+) -> None:
+    write(plugins / "d_tuner.py", plugin_source("d", body=body))
+    write(plugins / "ok_tuner.py", plugin_source("ok"))
+    chosen = select([], [str(plugins)], trust)
+    try:
+        assert "ok" in [p.cls.name for p in chosen] and all(p.path != plugins / "d_tuner.py" for p in chosen)
+    finally:
+        for p in chosen:
+            unload_plugin(p)
+    [line] = [m for m in lines.text if "d_tuner.py" in m]
+    assert expected in line and line.endswith("skipping it")
+    assert all(r.exc_info is None for r in lines.records)
+
+
+def test_the_configuration_check_does_not_say_a_broken_plugin_twice(
+    plugins: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, lines: Lines
+) -> None:
+    """The command line's configuration check imports the -l plugins to learn
+    their names; the daemon loads them again and says what fails, once."""
+    from pybpftune import registry
+    from pybpftune.launch import daemon_config
+
+    write(plugins / "b_tuner.py", "def broken(:\n")
+    write(plugins / "r_tuner.py", "raise RuntimeError('boom')\n")
+    cfg = tmp_path / "config.toml"
+    cfg.write_text("learning_rate = 2\n")
+    monkeypatch.setattr(registry, "Trust", lambda: Trust(uid=os.geteuid(), top=tmp_path))
+    config = daemon_config(libdirs=[str(plugins)], config_path=cfg)
+    assert config.learning_rate == 2
+    assert [r for r in lines.records if r.levelno >= logging.WARNING] == []

@@ -305,7 +305,8 @@ def test_collector_exposes_changes_values_and_events(tmp_path: Path) -> None:
             assert tuner.apply(Proposal(0, 0, glob, (v,), "demo step"))
         assert tuner.apply(Proposal(0, 0, 12345, (70,), "demo step"))  # another namespace
         daemon.ring.received_by_tuner[0] = 7
-        daemon.ring.dropped_malformed = 2
+        for _ in range(2):
+            daemon.loss.malformed_event()
         registry = CollectorRegistry(auto_describe=False)
         registry.register(DaemonCollector(daemon))
         text = generate_latest(registry).decode()
