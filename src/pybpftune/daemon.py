@@ -1074,9 +1074,8 @@ class Daemon:
         for tuner in tuners:
             try:
                 self._stop_tuner(tuner, summarize=False)
-            except Exception as exc:  # keep tearing the rest down
+            except (Exception, SystemExit) as exc:  # a plugin's stop() may raise anything: tear the rest down
                 log.error("stopping tuner %s failed: %r", tuner.name, exc)
-        self.loop.close()
         if self.watcher is not None:
             self.watcher.close()
         for plugin, _tuner in self.plugins.values():
@@ -1091,6 +1090,9 @@ class Daemon:
             # changed by a tuner removed since.
             self.store.rollback_all()
         self.store.close()
+        # Only now: until the journal is settled, SIGTERM/SIGINT must stay ours
+        # (the loop restores the default handlers, which would end the process).
+        self.loop.close()
         self.ring.close()
         self.cgroup.close()
         self.state.unlock()
