@@ -102,19 +102,32 @@ class Entry:
         )
 
 
-def bounded(tunable: Tunable, old: Values, new: Values, limits: Limits | None = None) -> Values:
-    """``new`` within the tunable's hard bounds and the operator's limits.
+def bounded(
+    tunable: Tunable, old: Values, new: Values, limits: Limits | None = None, ceiling: int | None = None
+) -> Values:
+    """``new`` within the tunable's hard bounds, its memory cap and the
+    operator's limits.
 
-    The hard bounds always hold.  A configured cap stops growth and a floor
-    stops shrinking, but neither moves a value on its own: a value already
-    beyond one (an administrator's choice) is left where it is rather than
-    pulled back by a change the tuner never proposed."""
-    out = []
-    for i, v in enumerate(new):
+    The hard bounds and the memory cap (``ceiling``: what the host can back,
+    see Tunable.ceiling) always hold, whatever the operator configured: a
+    value beyond the memory cap is brought down to it.  A configured cap
+    stops growth and a floor stops shrinking, but neither moves a value on
+    its own: a value already beyond one (an administrator's choice) is left
+    where it is rather than pulled back by a change the tuner never proposed."""
+    top = tunable.upper
+    if ceiling is not None:
+        top = ceiling if top is None else min(top, ceiling)
+    if top is not None and tunable.lower is not None:
+        top = max(top, tunable.lower)
+
+    def hard(v: int) -> int:
         if tunable.lower is not None:
             v = max(v, tunable.lower)
-        if tunable.upper is not None:
-            v = min(v, tunable.upper)
+        return v if top is None else min(v, top)
+
+    out = []
+    for i, v in enumerate(new):
+        v = hard(v)
         o = old[i] if i < len(old) else v
         if limits is not None:
             cap, floor = limits.cap_at(i), limits.floor_at(i)
@@ -122,7 +135,7 @@ def bounded(tunable: Tunable, old: Values, new: Values, limits: Limits | None = 
                 v = max(o, cap)
             if floor is not None and v < o and v < floor:
                 v = min(o, floor)
-        out.append(v)
+        out.append(hard(v))
     return tuple(out)
 
 
@@ -267,8 +280,9 @@ class TunableStore:
 
     def _bounded(self, tuner: Tuner, t: Tunable, cookie: int, old: Values, new: Values) -> Values:
         limits = self.limits_for(t, cookie)
-        out = bounded(t, old, new, limits)
-        if limits is not None and out != bounded(t, old, new):
+        ceiling = tuner.ceiling(t.id)
+        out = bounded(t, old, new, limits, ceiling)
+        if limits is not None and out != bounded(t, old, new, None, ceiling):
             # The operator's limit, not the tuner, decided: say so once per
             # tunable and namespace (until the limits change), not per event.
             key = (tuner.name, t.name, cookie)

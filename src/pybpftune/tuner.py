@@ -20,11 +20,13 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
 
+from . import hostmem
 from .errors import TunerError
+from .hostmem import HostMemory
 
 if TYPE_CHECKING:
     from .eventloop import EventLoop
@@ -45,10 +47,13 @@ class Tunable:
     holding text), "custom" (read and written by ``setter``, e.g. over
     netlink: journaled and restored like a sysctl) or "other" (per-socket
     settings BPF makes; only logged and counted).  ``lower``/``upper`` are
-    hard bounds applied to every value of a proposal; ``labels`` names the
-    values in log lines ("min default max").  ``restore_on_stop``: put back
-    whenever the tuner stops, -R or not (state that only makes sense while
-    the tuner runs).
+    hard bounds applied to every value of a proposal; ``ceiling`` is a hard
+    cap computed from the host's memory (a function of
+    :class:`~pybpftune.hostmem.HostMemory`), for tunables whose values the
+    host must be able to back with memory; ``labels`` names the values in
+    log lines ("min default max").  ``restore_on_stop``: put back whenever
+    the tuner stops, -R or not (state that only makes sense while the tuner
+    runs).
     """
 
     id: int
@@ -62,6 +67,7 @@ class Tunable:
     labels: str = ""
     setter: Callable[[Namespaces], Setter] | None = None
     restore_on_stop: bool = False
+    ceiling: Callable[[HostMemory], int] | None = field(default=None, compare=False)
 
     @property
     def is_sysctl(self) -> bool:
@@ -180,6 +186,9 @@ class Tuner:
     cgroup_programs: ClassVar[tuple[str, ...]] = ()
     # Needs at least this support level ("legacy" or "full") to start.
     requires_cookies: ClassVar[bool] = False
+    # The memory the caps (Tunable.ceiling) are computed from; None: the
+    # host's, read once per process (tests give a tuner its own).
+    memory: HostMemory | None = None
 
     def __init__(self, ctx: TunerContext, tuner_id: int) -> None:
         self.ctx = ctx
@@ -204,6 +213,25 @@ class Tuner:
     @property
     def steps(self) -> Steps:
         return self.ctx.steps
+
+    @property
+    def host_memory(self) -> HostMemory:
+        return self.memory if self.memory is not None else hostmem.host_memory()
+
+    def ceiling(self, tunable_id: int) -> int | None:
+        """The memory cap of a tunable on this host (never below its lower
+        bound); None when it declares none."""
+        t = self.tunable(tunable_id)
+        if t.ceiling is None:
+            return None
+        return max(t.ceiling(self.host_memory), t.lower if t.lower is not None else 0)
+
+    def highest(self, tunable_id: int) -> int:
+        """The largest value any rule may propose for a tunable: its upper
+        bound and its memory cap, INT_MAX without either."""
+        t = self.tunable(tunable_id)
+        caps = [c for c in (t.upper, self.ceiling(tunable_id)) if c is not None]
+        return min(caps) if caps else INT_MAX
 
     # --- hooks the daemon calls -------------------------------------------------------
 

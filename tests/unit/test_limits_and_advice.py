@@ -55,6 +55,45 @@ def test_a_cap_stops_growth_a_floor_stops_shrinking_neither_moves_a_value() -> N
     assert bounded(BACKLOG, (10,), (0,), None) == (1,)  # hard bounds hold without limits
 
 
+def test_the_memory_cap_composes_with_the_operators_limits() -> None:
+    """One clamp path: the memory cap is hard (it brings a value beyond it
+    down, whatever the operator configured); the operator's cap and floor
+    work within it."""
+    lim = Limits(floor=(0, 0, 800), cap=(10**9, 10**9, 500))
+    assert bounded(RMEM, (1, 2, 300), (1, 2, 900), None, 600) == (1, 2, 600)  # growth stops at the memory cap
+    assert bounded(RMEM, (1, 2, 300), (1, 2, 900), lim, 600) == (1, 2, 500)  # a lower operator cap stops it first
+    assert bounded(RMEM, (1, 2, 300), (1, 2, 900), lim, 400) == (1, 2, 400)  # a higher one does not lift it
+    assert bounded(RMEM, (700, 2, 9000), (700, 2, 9000), None, 600) == (600, 2, 600)  # beyond it: brought down
+    assert bounded(RMEM, (1, 2, 9000), (1, 2, 850), lim, 600) == (1, 2, 600)  # the operator's floor is no excuse
+    assert bounded(BACKLOG, (10,), (50,), None, 0) == (1,)  # never below the hard lower bound
+
+
+def test_the_store_applies_the_tunables_declared_memory_cap() -> None:
+    from pybpftune import hostmem
+
+    capped = Tunable(1, "net.core.netdev_max_backlog", 1, lower=1, ceiling=lambda m: m.total_bytes >> 20)
+
+    class Capped(Grower):
+        tunables = (RMEM, capped)
+
+    ns = Namespaces()
+    backend = MemorySysctl(
+        {"net.ipv4.tcp_rmem": (4096, 131072, 131072), "net.core.netdev_max_backlog": (1000,)},
+        global_cookie=ns.global_cookie,
+    )
+    store = TunableStore(backend, ns)
+    tuner = Capped(TunerContext(store, ns, Steps(4)), 0)
+    store.register(tuner)
+    tuner.start()
+    with hostmem.override(hostmem.HostMemory(2 << 30)):
+        assert tuner.ceiling(1) == 2048 and tuner.highest(1) == 2048
+        assert grow(tuner, ns.global_cookie, (5000,), tunable=1)
+    assert backend.read("net.core.netdev_max_backlog") == (2048,)
+    tuner.memory = hostmem.HostMemory(1 << 30)  # a tuner's own memory wins over the host's
+    assert grow(tuner, ns.global_cookie, (5000,), tunable=1)
+    assert backend.read("net.core.netdev_max_backlog") == (1024,)
+
+
 def test_caps_per_namespace_kind() -> None:
     limits = {"net.ipv4.tcp_rmem": TunableLimits(Limits(cap=1 << 20), netns=Limits(cap=200_000))}
     tuner, store = make(limits)
