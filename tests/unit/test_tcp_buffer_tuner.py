@@ -14,6 +14,7 @@ import pytest
 from pybpftune import _libbpf, libbpf
 from pybpftune.corr import CorrSums, corr_key, corr_value, read_corr
 from pybpftune.events import Event
+from pybpftune.hostmem import HostMemory, parse_zone_pages
 from pybpftune.netns import Namespaces
 from pybpftune.store import TunableStore
 from pybpftune.sysctl import MemorySysctl
@@ -652,14 +653,94 @@ def test_pressure_grows_tcp_mem_within_fractions_of_free_pages() -> None:
     # At the caps: [0] stays at/above F/16, [1] above F/8, [2] at most F/4.
     assert tb.tcp_mem_pressure((70000, 130000, 240000), F, steps) == (70000, 130000, 250000)
     assert tb.tcp_mem_pressure((70000, 130000, 250000), F, steps) is None
-    # Never lowered when already above F/4.
-    assert tb.tcp_mem_pressure((70000, 130000, 400000), F, steps) is None
+    # Above F/4, which no memory can back: brought down to it (as the reference does).
+    assert tb.tcp_mem_pressure((70000, 130000, 400000), F, steps) == (70000, 130000, 250000)
+    # Every value, keeping the order.
+    assert tb.tcp_mem_pressure((300000, 300000, 400000), F, steps) == (250000, 250000, 250000)
 
 
 def test_pressure_event_writes_tcp_mem_in_the_global_namespace() -> None:
     tuner, backend, _clock = make_tuner()
     tuner.handle_event(update_event(tb.TCP_MEM, tb.MEM_PRESSURE, (40000, 60000, 90000)))
     assert backend.read("net.ipv4.tcp_mem") == (50000, 75000, 112500)
+
+
+def test_tcp_mem_is_capped_from_memtotal_when_the_zones_give_nothing(caplog: pytest.LogCaptureFixture) -> None:
+    """No Normal or DMA32 zone in /proc/zoneinfo: F comes from MemTotal
+    (F * 4 KiB here), so 42 pressure events stop at F/4 instead of taking
+    tcp_mem to INT_MAX pages."""
+    tuner, backend, clock = make_tuner()
+    tuner.free_pages = 0  # the zones give nothing
+    assert tuner.host_memory.buffer_estimated
+    assert tuner.free_pages == F
+    caplog.set_level(logging.DEBUG, logger="pybpftune.tuner.tcp_buffer")
+    tuner.start()
+    assert "estimated from MemTotal" in caplog.text
+    for _ in range(42):
+        mem = backend.read("net.ipv4.tcp_mem")
+        tuner.handle_event(update_event(tb.TCP_MEM, tb.MEM_PRESSURE, (mem[0], mem[1], mem[2])))
+        clock.now += tb.MEM_COOLDOWN_S
+    cap = F // 4
+    final = backend.read("net.ipv4.tcp_mem")
+    assert final[2] == cap
+    assert max(final) <= cap
+    assert all(max(values) <= cap for _c, name, values in backend.writes if name == "net.ipv4.tcp_mem")
+
+
+def test_a_tcp_mem_max_no_memory_can_back_is_brought_down_the_first_time() -> None:
+    """The reference's mem_pressure test: tcp_mem "50 100 2000000000" and
+    pressure grow the first two values and bring the max down to F/4."""
+    tuner, backend, _clock = make_tuner(values={"net.ipv4.tcp_mem": (50, 100, 2_000_000_000)})
+    tuner.handle_event(update_event(tb.TCP_MEM, tb.MEM_PRESSURE, (50, 100, 2_000_000_000)))
+    assert backend.read("net.ipv4.tcp_mem") == (62, 125, F // 4)
+    change = tuner.ctx.store.history.changes[-1]
+    assert "brought down to a quarter of the 1000000 buffer-usable pages" in change.reason
+
+
+def test_exhaustion_also_brings_the_tcp_mem_max_down_to_its_cap() -> None:
+    tuner, backend, _clock = make_tuner(values={"net.ipv4.tcp_mem": (50, 100, 2_000_000_000)})
+    tuner.handle_event(update_event(tb.TCP_MEM, tb.MEM_EXHAUSTION, (50, 100, 2_000_000_000)))
+    assert backend.read("net.ipv4.tcp_mem") == (50, 100, F // 4)
+
+
+def test_the_store_holds_any_tcp_mem_proposal_within_the_memory_cap() -> None:
+    """Whatever a rule proposes, the store's one clamp path applies the cap
+    declared on the tunable (Tunable.ceiling), for every value."""
+    tuner, backend, _clock = make_tuner()
+    glob = tuner.ctx.namespaces.global_cookie
+    assert tuner.ceiling(tb.TCP_MEM) == F // 4
+    tuner.apply(Proposal(tb.TCP_MEM, tb.MEM_PRESSURE, glob, (INT_MAX, INT_MAX, INT_MAX), "test"))
+    assert backend.read("net.ipv4.tcp_mem") == (F // 4, F // 4, F // 4)
+
+
+def test_syn_backlog_growth_stops_at_its_memory_cap(caplog: pytest.LogCaptureFixture) -> None:
+    """1 GiB: 1/256 of it in 512-byte request sockets is 8192."""
+    tuner, backend, clock = make_tuner(values={"net.ipv4.tcp_max_syn_backlog": (8000,)})
+    tuner.memory = HostMemory(1 << 30, 0)
+    assert tuner.ceiling(tb.TCP_MAX_SYN_BACKLOG) == 8192
+    tuner.corr_reader = lambda tid, cookie: CorrSums.of([(i, 10 * i) for i in range(20)])
+    caplog.set_level(logging.INFO)
+    for _ in range(3):
+        tuner.handle_event(update_event(tb.TCP_MAX_SYN_BACKLOG, tb.SYN_BACKLOG_INCREASE, (8000, 0, 0)))
+        clock.now += tb.SYN_COOLDOWN_S
+    assert backend.read("net.ipv4.tcp_max_syn_backlog", NS) == (8192,)
+    assert caplog.text.count("its memory cap 8192") == 1
+    assert tb.syn_backlog_cap(HostMemory(8 << 30)) == 65536
+    assert tb.syn_backlog_cap(HostMemory(1 << 20)) == tb.SYN_BACKLOG_MIN
+
+
+def test_a_backlog_beyond_its_cap_is_not_restored_on_leaving_the_low_memory_state() -> None:
+    tuner, backend, clock = make_tuner(values={"net.ipv4.tcp_max_syn_backlog": (10**9,)})
+    cap = tuner.ceiling(tb.TCP_MAX_SYN_BACKLOG)
+    assert cap is not None and cap < 10**9
+    tuner.allocated_reader = lambda: 0
+    tuner.handle_event(update_event(tb.TCP_MEM, tb.MEM_EXHAUSTION, (40000, 60000, 90000)))
+    assert backend.read("net.ipv4.tcp_max_syn_backlog", NS) == (cap,)
+    tuner.tick(clock.now)
+    clock.now += tb.RECOVERY_S
+    tuner.tick(clock.now)
+    assert not tuner._low_mem
+    assert backend.read("net.ipv4.tcp_max_syn_backlog", NS) == (cap,)
 
 
 def test_exhaustion_grows_tcp_mem_and_enters_the_low_memory_state() -> None:
@@ -831,9 +912,9 @@ Node 0, zone  Movable
         high     32
         managed  0
 """
-    assert tb.free_buffer_pages(zoneinfo) == 1310720 - 15912
+    assert parse_zone_pages(zoneinfo) == 1310720 - 15912
     small = zoneinfo.replace("managed  1310720", "managed  0").replace("high     15912", "high     0")
-    assert tb.free_buffer_pages(small) == 772917 - 9381
+    assert parse_zone_pages(small) == 772917 - 9381
 
 
 # --- SYN backlog and syncookies ---------------------------------------------------------------

@@ -8,14 +8,18 @@ What it does (bpftune's tcp_buffer, docs/tuners/tcp_buffer.md):
   ``tcp_wmem[2]``, and turns ``tcp_moderate_rcvbuf`` on with the first
   ``tcp_rmem`` change;
 * raises ``tcp_mem`` when TCP nears memory pressure or exhaustion, never
-  beyond fractions of the free buffer pages F (1/16, 1/8, 1/4); when
-  ``tcp_mem[2]`` cannot grow any more it shrinks the buffer maxima instead;
+  beyond fractions of the free buffer pages F (1/16, 1/8, 1/4; F estimated
+  from MemTotal when /proc/zoneinfo gives none, see hostmem); a
+  ``tcp_mem[2]`` above F/4, which no memory can back, is brought down to it
+  the first time the tuner acts on tcp_mem; when ``tcp_mem[2]`` cannot grow
+  any more it shrinks the buffer maxima instead;
   near exhaustion it turns on the low-memory switches
   (``tcp_no_metrics_save``, ``tcp_no_ssthresh_metrics_save``,
   ``high_order_alloc_disable``, a smaller ``tcp_max_syn_backlog``) in the
   host's namespace and the one that hit the limit, and undoes them once
   TCP's allocated memory has stayed clear of the pressure threshold;
-* on SYN floods grows ``tcp_max_syn_backlog`` while floods correlate with
+* on SYN floods grows ``tcp_max_syn_backlog`` (never beyond what 1/256 of
+  memory holds in request sockets) while floods correlate with
   connections being established, shrinks it when they do not (an attack),
   and switches ``tcp_syncookies`` on under memory pressure or off when
   cookies only ever fail;
@@ -43,7 +47,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import os
 import time
 from collections import Counter, OrderedDict
 from collections.abc import Callable
@@ -54,8 +57,10 @@ from .. import libbpf
 from ..corr import CorrSums, corr_key, read_corr
 from ..errors import PybpftuneError
 from ..events import Event
+from ..hostmem import PAGE_SIZE, HostMemory
 from ..sysctl import SysctlMissing
 from ..tuner import INT_MAX, Proposal, Scenario, Steps, Tunable, Tuner, TunerContext
+from .common import SayOnce
 
 Values = tuple[int, ...]
 
@@ -92,8 +97,6 @@ F_SND = 0x2
 F_LIMIT = 0x4
 F_WSCALE = 0x8
 
-PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
-
 # A queue is forming (the path is full) once the RTT exceeds the minimum by
 # 15 % and by at least a millisecond (below that it is scheduling noise).
 QUEUE_FACTOR = 1.15
@@ -117,6 +120,11 @@ MEM_COOLDOWN_S = 0.5
 LOW_MEMORY_CHECK_S = 1.0
 SYN_COOLDOWN_S = 1.0
 SYN_BACKLOG_MIN = 128
+# tcp_max_syn_backlog's memory cap: a listener's full SYN queue of request
+# sockets (a few hundred bytes each; 512 with slab overhead) holds at most
+# 1/256 of memory.
+REQUEST_SOCK_BYTES = 512
+SYN_BACKLOG_MEM_SHARE = 256
 # How long a connection's full-pipe need protects a limit from latency
 # back-offs.
 RECENT_NEED_S = 30.0
@@ -395,30 +403,45 @@ def latency_backoff(old_max: int, floor: int, steps: Steps) -> int | None:
     return new if new < old_max else None
 
 
+def tcp_mem_cap(memory: HostMemory) -> int:
+    """The most any tcp_mem value may be: a quarter of the buffer-usable
+    pages F (the kernel's own default for tcp_mem[2] is 3/32 of F)."""
+    return max(1, memory.buffer_pages // 4)
+
+
 def tcp_mem_pressure(mem: Values, free_pages: int, steps: Steps) -> Values | None:
     """tcp_mem when nearing pressure: grow [0] below F/16, [1] below F/8,
-    [2] up to F/4 (F: free buffer pages; 0 = unknown, no cap)."""
+    [2] up to F/4 (F: free buffer pages), every value at most F/4 and the
+    order kept: a value beyond F/4, which no memory can back, comes down to
+    it.  None when nothing changes (or F is not positive)."""
+    if free_pages <= 0:
+        return None
     lo, pressure, hi = mem
-    if not free_pages or lo < free_pages // 16:
+    if lo < free_pages // 16:
         lo = steps.grow(lo)
-    if not free_pages or pressure < free_pages // 8:
+    if pressure < free_pages // 8:
         pressure = steps.grow(pressure)
-    hi = _grow_high(hi, free_pages, steps)
-    new = (min(lo, pressure), min(pressure, max(hi, pressure)), max(hi, pressure))
-    return new if new != tuple(mem) else None
+    return _ordered(lo, pressure, _grow_high(hi, free_pages, steps), mem)
 
 
 def _grow_high(hi: int, free_pages: int, steps: Steps) -> int:
-    grown = steps.grow(hi)
-    if free_pages:
-        grown = min(grown, free_pages // 4)
-    return max(grown, hi)
+    """tcp_mem[2] one step up, at most F/4 (also when it was above)."""
+    return max(1, min(steps.grow(hi), free_pages // 4, INT_MAX))
+
+
+def _ordered(lo: int, pressure: int, hi: int, mem: Values) -> Values | None:
+    """(lo, pressure, hi) with lo <= pressure <= hi, or None if that is ``mem``."""
+    pressure = min(pressure, hi)
+    new = (max(0, min(lo, pressure)), max(0, pressure), hi)
+    return new if new != tuple(mem) else None
 
 
 def tcp_mem_exhaustion(mem: Values, free_pages: int, steps: Steps) -> Values | None:
-    """tcp_mem nearing exhaustion: grow [2] up to F/4; None if it cannot."""
-    hi = _grow_high(mem[2], free_pages, steps)
-    return (mem[0], mem[1], hi) if hi > mem[2] else None
+    """tcp_mem nearing exhaustion: grow [2] up to F/4 (bring it down to F/4
+    from above); None if it is at F/4 already (or F is not positive)."""
+    if free_pages <= 0:
+        return None
+    return _ordered(mem[0], mem[1], _grow_high(mem[2], free_pages, steps), mem)
 
 
 def exhaustion_shrink(values: Values, steps: Steps) -> Values | None:
@@ -457,42 +480,24 @@ def syncookies_rule(syncookies: int, netstat: dict[str, int], low_memory: bool) 
     return None
 
 
-def syn_backlog_rule(backlog: int, corr: CorrSums, steps: Steps) -> tuple[int, int] | None:
+def syn_backlog_cap(memory: HostMemory) -> int:
+    """The most tcp_max_syn_backlog may be: as many request sockets as fit
+    in 1/256 of memory (8192 per GiB), never below the 128 floor."""
+    return max(SYN_BACKLOG_MIN, min(INT_MAX, memory.total_bytes // SYN_BACKLOG_MEM_SHARE // REQUEST_SOCK_BYTES))
+
+
+def syn_backlog_rule(backlog: int, corr: CorrSums, steps: Steps, cap: int = INT_MAX) -> tuple[int, int] | None:
     """(scenario, new tcp_max_syn_backlog) for a SYN flood, or None.
 
     Floods that come with established connections (correlated) are load:
-    grow.  Floods that do not are an attack: shrink, not below 128.
+    grow, never beyond ``cap``.  Floods that do not are an attack: shrink,
+    not below 128.  A backlog already beyond the cap only shrinks.
     """
     if corr.n > 10 and corr.coefficient() < 0.75:
-        new = max(SYN_BACKLOG_MIN, steps.shrink(backlog))
+        new = min(cap, max(SYN_BACKLOG_MIN, steps.shrink(backlog)))
         return (SYN_BACKLOG_DECREASE, new) if new < backlog else None
-    new = min(INT_MAX, steps.grow(backlog))
+    new = min(INT_MAX, cap, steps.grow(backlog))
     return (SYN_BACKLOG_INCREASE, new) if new > backlog else None
-
-
-def free_buffer_pages(zoneinfo: str) -> int:
-    """Sum of (managed - high) over the Normal zones of /proc/zoneinfo, or over the
-    DMA32 zones when that is 0 (machines whose memory is all below 4 GiB)."""
-    totals: dict[str, int] = {}
-    zone: str | None = None
-    managed = high = 0
-
-    def flush() -> None:
-        if zone is not None:
-            totals[zone] = totals.get(zone, 0) + max(0, managed - high)
-
-    for line in zoneinfo.splitlines():
-        words = line.split()
-        if line.startswith("Node") and "zone" in words:
-            flush()
-            zone = words[-1]
-            managed = high = 0
-        elif len(words) == 2 and words[0] == "managed":
-            managed = int(words[1])
-        elif len(words) == 2 and words[0] == "high":
-            high = int(words[1])
-    flush()
-    return totals.get("Normal", 0) or totals.get("DMA32", 0)
 
 
 def parse_netstat(text: str) -> dict[str, int]:
@@ -516,7 +521,7 @@ class TcpBufferTuner(Tuner):
     tunables = (
         Tunable(TCP_WMEM, "net.ipv4.tcp_wmem", 3, namespaced=True, labels="min default max"),
         Tunable(TCP_RMEM, "net.ipv4.tcp_rmem", 3, namespaced=True, labels="min default max"),
-        Tunable(TCP_MEM, "net.ipv4.tcp_mem", 3, labels="min pressure max"),
+        Tunable(TCP_MEM, "net.ipv4.tcp_mem", 3, lower=0, labels="min pressure max", ceiling=tcp_mem_cap),
         Tunable(TCP_MODERATE_RCVBUF, "net.ipv4.tcp_moderate_rcvbuf", 1, namespaced=True),
         Tunable(TCP_NO_METRICS_SAVE, "net.ipv4.tcp_no_metrics_save", 1, namespaced=True),
         Tunable(
@@ -527,7 +532,7 @@ class TcpBufferTuner(Tuner):
         # A sysctl like any other (upstream OR-ed "optional" into its type,
         # so it was never read and its rules could not fire).
         Tunable(TCP_SYNCOOKIES, "net.ipv4.tcp_syncookies", 1, namespaced=True, optional=True),
-        Tunable(TCP_MAX_SYN_BACKLOG, "net.ipv4.tcp_max_syn_backlog", 1, namespaced=True),
+        Tunable(TCP_MAX_SYN_BACKLOG, "net.ipv4.tcp_max_syn_backlog", 1, namespaced=True, ceiling=syn_backlog_cap),
         Tunable(TCP_MAX_ORPHANS, "net.ipv4.tcp_max_orphans", 1),
     )
     scenarios = (
@@ -602,7 +607,7 @@ class TcpBufferTuner(Tuner):
         super().__init__(ctx, tuner_id)
         self.clock: Callable[[], float] = time.monotonic
         self.page_size = PAGE_SIZE
-        self.free_pages = _read_free_pages()
+        self._capped = SayOnce(self.log)
         # Where the memory flags come from when no BPF object is loaded (tests).
         self.near_pressure_flag = False
         self.near_exhaustion_flag = False
@@ -628,13 +633,26 @@ class TcpBufferTuner(Tuner):
         self.holds: OrderedDict[tuple[int, int, int], Hold] = OrderedDict()
         self._enough: OrderedDict[tuple[int, int, int], int] = OrderedDict()
 
+    @property
+    def free_pages(self) -> int:
+        """F, the buffer-usable pages tcp_mem is capped by (never 0: estimated
+        from MemTotal when /proc/zoneinfo has no usable zone)."""
+        return self.host_memory.buffer_pages
+
+    @free_pages.setter
+    def free_pages(self, pages: int) -> None:
+        """Pretend the zones give ``pages`` (tests); 0: no usable zone."""
+        mem = self.host_memory
+        total = pages * mem.page_size if pages > 0 else mem.total_bytes
+        self.memory = HostMemory(total, pages, mem.page_size, mem.cpus)
+
     # --- hooks --------------------------------------------------------------------------
 
     def bpf_globals(self) -> dict[str, int]:
         return {"nr_free_buffer_pages": self.free_pages}
 
     def start(self) -> None:
-        self.log.debug("tcp_buffer: %d free buffer pages (page size %d)", self.free_pages, self.page_size)
+        self.log.debug("tcp_buffer: %s (page size %d)", self.host_memory.describe(), self.page_size)
 
     def handle_event(self, event: Event) -> None:
         t0 = time.perf_counter()
@@ -922,7 +940,7 @@ class TcpBufferTuner(Tuner):
         if event.scenario_id == MEM_EXHAUSTION:
             new = tcp_mem_exhaustion(mem, f, self.steps)
             if new is not None:
-                out.append(Proposal(TCP_MEM, MEM_EXHAUSTION, glob, new, "near memory exhaustion"))
+                out.append(Proposal(TCP_MEM, MEM_EXHAUSTION, glob, new, self._mem_reason("exhaustion", mem, new)))
             else:
                 # tcp_mem[2] is at F/4: make the buffers smaller instead.
                 for tid in (TCP_RMEM, TCP_WMEM):
@@ -941,8 +959,18 @@ class TcpBufferTuner(Tuner):
         else:
             new = tcp_mem_pressure(mem, f, self.steps)
             if new is not None:
-                out.append(Proposal(TCP_MEM, MEM_PRESSURE, glob, new, "near memory pressure"))
+                out.append(Proposal(TCP_MEM, MEM_PRESSURE, glob, new, self._mem_reason("pressure", mem, new)))
         return out + low
+
+    def _mem_reason(self, what: str, mem: Values, new: Values) -> str:
+        reason = f"near memory {what}"
+        if new[2] < mem[2]:
+            estimated = " (estimated from MemTotal)" if self.host_memory.buffer_estimated else ""
+            reason += (
+                f", with the tcp_mem max brought down to a quarter of the {self.free_pages} buffer-usable "
+                f"pages{estimated}: no more memory can back it"
+            )
+        return reason
 
     def _decide_syn_flood(self, event: Event) -> list[Proposal]:
         cookie = event.netns_cookie
@@ -967,7 +995,16 @@ class TcpBufferTuner(Tuner):
         backlog = self._read(TCP_MAX_SYN_BACKLOG, cookie)
         if backlog is None:
             return out
-        decision = syn_backlog_rule(backlog[0], self.corr_reader(TCP_MAX_SYN_BACKLOG, cookie), self.steps)
+        cap = self.highest(TCP_MAX_SYN_BACKLOG)
+        decision = syn_backlog_rule(backlog[0], self.corr_reader(TCP_MAX_SYN_BACKLOG, cookie), self.steps, cap)
+        if decision is None and backlog[0] >= cap:
+            self._capped.info(
+                (TCP_MAX_SYN_BACKLOG, cookie),
+                "tcp_max_syn_backlog in netns %d is at %d, its memory cap %d; not increasing it further",
+                cookie,
+                backlog[0],
+                cap,
+            )
         if decision is not None:
             scenario, new = decision
             why = (
@@ -1005,7 +1042,7 @@ class TcpBufferTuner(Tuner):
                 out.append(Proposal(tid, LOW_MEM_ENTER, cookie, (1,), "TCP memory near exhaustion"))
         backlog = self._read(TCP_MAX_SYN_BACKLOG, cookie)
         if backlog is not None:
-            shrunk = max(SYN_BACKLOG_MIN, self.steps.shrink(backlog[0]))
+            shrunk = min(self.highest(TCP_MAX_SYN_BACKLOG), max(SYN_BACKLOG_MIN, self.steps.shrink(backlog[0])))
             if shrunk < backlog[0]:
                 saved[TCP_MAX_SYN_BACKLOG] = backlog[0]
                 out.append(
@@ -1015,11 +1052,13 @@ class TcpBufferTuner(Tuner):
         return out
 
     def leave_low_memory(self) -> list[Proposal]:
-        """Undo every low-memory switch we set."""
+        """Undo every low-memory switch we set (a value that was beyond its
+        memory cap comes back only as far as the cap)."""
         out = []
         for cookie, saved in self._low_mem.items():
             for tid, value in saved.items():
-                out.append(Proposal(tid, LOW_MEM_LEAVE, cookie, (value,), "TCP memory no longer short"))
+                back = min(value, self.highest(tid))
+                out.append(Proposal(tid, LOW_MEM_LEAVE, cookie, (back,), "TCP memory no longer short"))
         self._low_mem.clear()
         return out
 
@@ -1064,13 +1103,6 @@ def _read_tcp_allocated() -> int | None:
         return tcp_allocated_pages(Path("/proc/net/sockstat").read_text())
     except OSError:
         return None
-
-
-def _read_free_pages() -> int:
-    try:
-        return free_buffer_pages(Path("/proc/zoneinfo").read_text())
-    except OSError:
-        return 0
 
 
 TUNER = TcpBufferTuner
