@@ -175,6 +175,23 @@ def test_pressure_at_the_cap_does_nothing() -> None:
     assert tuner.decide(mem_limit(200000, mem).event(3)) == []
 
 
+def test_udp_mem_beyond_what_memory_can_back_comes_down_to_a_quarter() -> None:
+    """As tcp_mem: a udp_mem max above F/4 is not kept once the tuner acts."""
+    mem = (20000, 40000, 2_000_000_000)
+    tuner, backend = make_tuner(udp_mem=mem)
+    tuner.handle_event(mem_limit(39000, mem).event(3))
+    assert values(backend, "net.ipv4.udp_mem") == (25000, 50000, FREE // 4)
+    assert ub.grow_udp_mem((10**9, 10**9, 10**9), FREE, Steps(4).grow) == (FREE // 4,) * 3
+
+
+def test_without_usable_zones_udp_mem_is_capped_from_memtotal() -> None:
+    tuner, backend = make_tuner(udp_mem=(20000, 40000, 380000))
+    tuner.free_pages = 0
+    assert tuner.free_pages == FREE  # MemTotal: what the zones would have said here
+    tuner.handle_event(mem_limit(39000, (20000, 40000, 380000)).event(3))
+    assert values(backend, "net.ipv4.udp_mem") == (25000, 50000, FREE // 4)
+
+
 def test_refusal_just_above_udp_mem_min_is_pressure() -> None:
     """UDP has no memory-pressure state: above udp_mem[0] the kernel refuses
     every socket holding more than udp_rmem_min (5.10 drops at 21 pages with

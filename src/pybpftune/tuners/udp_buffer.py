@@ -10,7 +10,8 @@ The BPF side (udp_buffer_tuner.bpf.c) reports two observations:
   can help it, and rmem_default is never changed on its account;
 * UDP memory accounting refused datagrams above udp_mem[0] (-ENOBUFS, or
   sock:sock_exceed_buf_limit): grow ``net.ipv4.udp_mem`` towards 1/16, 1/8
-  and 1/4 of the buffer-usable memory, and when udp_mem[2] can grow no more
+  and 1/4 of the buffer-usable memory (no value ever above 1/4: one beyond
+  it comes down to it), and when udp_mem[2] can grow no more
   under exhaustion, take rmem_max/rmem_default back towards their original
   values instead.
 
@@ -22,10 +23,10 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
-from .. import libbpf
+from .. import hostmem, libbpf
 from ..events import Event
+from ..hostmem import HostMemory
 from ..procnet import Counters, counters_in
 from ..tuner import Proposal, Scenario, Tunable, Tuner, TunerContext
 from .common import SayOnce, sample_lines
@@ -91,29 +92,17 @@ class UdpObservation:
 
 def nr_free_buffer_pages(zoneinfo: str | None = None) -> int:
     """Pages usable for buffers, as the kernel sizes tcp_mem/udp_mem: the sum
-    over Normal zones of managed - high (DMA32 when there is no Normal zone)."""
+    over Normal zones of managed - high (DMA32 when there is no Normal zone);
+    without ``zoneinfo``, the host's (see hostmem: estimated from MemTotal
+    when the zones give none)."""
     if zoneinfo is None:
-        try:
-            zoneinfo = Path("/proc/zoneinfo").read_text()
-        except OSError:
-            return 0
-    per_zone: dict[str, int] = {}
-    zone = ""
-    fields: dict[str, int] = {}
+        return hostmem.host_memory().buffer_pages
+    return hostmem.parse_zone_pages(zoneinfo)
 
-    def close_zone() -> None:
-        if zone:
-            per_zone[zone] = per_zone.get(zone, 0) + max(0, fields.get("managed", 0) - fields.get("high", 0))
 
-    for line in zoneinfo.splitlines():
-        parts = line.split()
-        if line.startswith("Node") and len(parts) >= 4 and parts[2] == "zone":
-            close_zone()
-            zone, fields = parts[3], {}
-        elif len(parts) == 2 and parts[0] in ("managed", "high") and parts[1].isdigit():
-            fields.setdefault(parts[0], int(parts[1]))
-    close_zone()
-    return per_zone.get("Normal", 0) or per_zone.get("DMA32", 0)
+def udp_mem_cap(memory: HostMemory) -> int:
+    """The most any udp_mem value may be: a quarter of the buffer-usable pages."""
+    return max(1, memory.buffer_pages // 4)
 
 
 class UdpBufferTuner(Tuner):
@@ -121,7 +110,7 @@ class UdpBufferTuner(Tuner):
     description = "grows rmem_default/rmem_max on datagram receive-queue overflow and udp_mem under UDP memory pressure"
     bpf_name = "udp_buffer_tuner"
     tunables = (
-        Tunable(UDP_MEM, "net.ipv4.udp_mem", 3, labels="min pressure max"),
+        Tunable(UDP_MEM, "net.ipv4.udp_mem", 3, lower=0, labels="min pressure max", ceiling=udp_mem_cap),
         Tunable(RMEM_MAX, "net.core.rmem_max", 1, lower=RMEM_LOWER, upper=RMEM_BOUND - 1),
         Tunable(RMEM_DEFAULT, "net.core.rmem_default", 1, lower=RMEM_LOWER, upper=RMEM_BOUND - 1),
     )
@@ -135,19 +124,27 @@ class UdpBufferTuner(Tuner):
 
     def __init__(self, ctx: TunerContext, tuner_id: int) -> None:
         super().__init__(ctx, tuner_id)
-        # Seams for unit tests: buffer-usable pages and a namespace's counters.
-        self.free_pages: int | None = None
+        # Seam for unit tests: a namespace's counters (and free_pages below).
         self.counters: Callable[[int], Counters | None] = lambda cookie: counters_in(ctx.namespaces, cookie)
         self._refused = SayOnce(log)
+
+    @property
+    def free_pages(self) -> int:
+        """Buffer-usable pages (never 0: estimated from MemTotal when
+        /proc/zoneinfo has no usable zone)."""
+        return self.host_memory.buffer_pages
+
+    @free_pages.setter
+    def free_pages(self, pages: int) -> None:
+        """Pretend the zones give ``pages`` (tests); 0: no usable zone."""
+        mem = self.host_memory
+        total = pages * mem.page_size if pages > 0 else mem.total_bytes
+        self.memory = HostMemory(total, pages, mem.page_size, mem.cpus)
 
     # --- setup -------------------------------------------------------------------------
 
     def bpf_globals(self) -> dict[str, int]:
         return {"rmem_max": self.current(RMEM_MAX)[0], "rmem_default": self.current(RMEM_DEFAULT)[0]}
-
-    def start(self) -> None:
-        if self.free_pages is None:
-            self.free_pages = nr_free_buffer_pages()
 
     def handle_event(self, event: Event) -> None:
         # Follow changes made behind our back (the sysctl tuner disables us
@@ -231,8 +228,7 @@ class UdpBufferTuner(Tuner):
             scenario, what = MEM_PRESSURE, "approaching UDP memory pressure"
         else:
             return []  # refused for another reason (a memory cgroup's limit)
-        free = self.free_pages if self.free_pages is not None else nr_free_buffer_pages()
-        new = grow_udp_mem(mem, free, steps.grow)
+        new = grow_udp_mem(mem, self.free_pages, steps.grow)
         if new != mem:
             reason = f"{what} ({used} pages in use)"
             return [Proposal(UDP_MEM, scenario, cookie, new, reason)]
@@ -266,18 +262,20 @@ class UdpBufferTuner(Tuner):
 def grow_udp_mem(mem: tuple[int, ...], free_pages: int, grow: Callable[[int], int]) -> tuple[int, int, int]:
     """One step up for udp_mem: [0] and [1] grow while below 1/16 and 1/8 of
     the buffer-usable pages, [2] grows up to 1/4.  A value that does not grow
-    keeps its current value (bpftune sends 0 for it: UPSTREAM BUG).  Without
-    a known memory size nothing grows."""
+    keeps its current value (bpftune sends 0 for it: UPSTREAM BUG), but none
+    stays above 1/4, which no memory can back.  Without a known memory size
+    nothing changes."""
     lo, pressure, hi = mem[0], mem[1], mem[2]
     if free_pages <= 0:
         return (lo, pressure, hi)
+    cap = max(1, free_pages // 4)
     new_lo = min(grow(lo), free_pages // 16) if lo < free_pages // 16 else lo
     new_pressure = min(grow(pressure), free_pages // 8) if pressure < free_pages // 8 else pressure
-    new_hi = max(hi, min(grow(hi), free_pages // 4))
+    new_hi = min(cap, max(hi, min(grow(hi), cap)))
     if lo <= pressure <= hi:  # keep an ordered triple ordered
         new_pressure = min(new_pressure, new_hi)
         new_lo = min(new_lo, new_pressure)
-    return (new_lo, new_pressure, new_hi)
+    return (min(new_lo, cap), min(new_pressure, cap), new_hi)
 
 
 def udp_drop_rate(counters: Counters, v6: bool = False) -> tuple[int, int, float]:
