@@ -8,6 +8,7 @@ import pytest
 
 from pybpftune import _libbpf
 from pybpftune.corr import CORR_MIN_SAMPLES
+from pybpftune.hostmem import HostMemory
 from pybpftune.netns import Namespaces
 from pybpftune.store import TunableStore
 from pybpftune.sysctl import MemorySysctl
@@ -128,6 +129,24 @@ def test_tiny_backlog_grows_on_a_single_drop() -> None:
     tuner, backend, _ = make_tuner(backlog=8)
     tuner.handle_event(drops(1, backlog=8).event(4))
     assert backend.read(BACKLOG) == (10,)
+
+
+def test_backlog_growth_stops_at_its_memory_cap(caplog: pytest.LogCaptureFixture) -> None:
+    """1 GiB and 2 cpus: every cpu's backlog full of 2 KiB packets within
+    1/16 of memory is 16384 packets per cpu, not INT_MAX."""
+    tuner, backend, _ = make_tuner(backlog=16000)
+    tuner.memory = HostMemory(1 << 30, 0, 4096, cpus=2)
+    assert tuner.ceiling(nb.MAX_BACKLOG) == 16384
+    with caplog.at_level(logging.INFO, logger="pybpftune"):
+        tuner.handle_event(drops(1000, backlog=16000).event(4))
+        assert backend.read(BACKLOG) == (16384,)
+        for _ in range(3):
+            tuner.handle_event(drops(1000, backlog=16384).event(4))
+    assert backend.read(BACKLOG) == (16384,)
+    assert caplog.text.count("its memory cap 16384") == 1
+    # More cpus, smaller queues; never below the kernel's default.
+    assert nb.backlog_cap(HostMemory(1 << 30, cpus=8)) == 4096
+    assert nb.backlog_cap(HostMemory(64 << 20, cpus=64)) == nb.BACKLOG_DEFAULT
 
 
 def test_drops_counted_against_an_older_setting_are_ignored() -> None:

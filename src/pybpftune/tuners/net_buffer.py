@@ -3,7 +3,9 @@
 * Backlog drops (skb:kfree_skb with SKB_DROP_REASON_CPU_BACKLOG, or
   enqueue_to_backlog returning NET_RX_DROP): when a 32nd of
   ``net.core.netdev_max_backlog`` was dropped within a minute, grow it one
-  step, and set the dropping cpu's bit in ``net.core.flow_limit_cpu_bitmap``
+  step (never beyond what memory can back: every cpu's backlog full of
+  MTU-sized packets within 1/16 of RAM), and set the dropping cpu's bit in
+  ``net.core.flow_limit_cpu_bitmap``
   so big flows cannot crowd small ones out of that cpu's backlog.
 * Time squeeze (softnet_data.time_squeeze rising: net_rx_action ran out of
   budget or time with work left): grow ``net.core.netdev_budget`` and
@@ -33,6 +35,7 @@ from types import MappingProxyType
 
 from .. import libbpf
 from ..events import Event
+from ..hostmem import HostMemory
 from ..tuner import INT_MAX, Proposal, Scenario, Tunable, Tuner, TunerContext
 from .common import SayOnce, sample_lines, significant_correlation
 
@@ -44,6 +47,12 @@ INCREASE_BACKLOG, SET_FLOW_LIMIT, INCREASE_BUDGET, DECREASE_BUDGET, ENABLE_HIGH_
 OBS_BACKLOG_DROPS, OBS_TIME_SQUEEZE = 1, 2
 
 BUDGET_USECS_MAX = 50_000
+# netdev_max_backlog's memory cap: packets queued on every cpu's backlog
+# (truesize of an MTU-sized skb: about 2 KiB) hold at most 1/16 of RAM,
+# and never less than the kernel's default of 1000.
+BACKLOG_PACKET_BYTES = 2048
+BACKLOG_MEM_SHARE = 16
+BACKLOG_DEFAULT = 1000
 BUDGET_HOLD_S = 1.0
 CORR_WINDOW = 32
 WINDOW_S = 60.0
@@ -188,12 +197,18 @@ def _read_text(path: str) -> str | None:
         return None
 
 
+def backlog_cap(memory: HostMemory) -> int:
+    """The most netdev_max_backlog (a per-cpu queue length) may be."""
+    per_cpu = memory.total_bytes // BACKLOG_MEM_SHARE // (max(1, memory.cpus) * BACKLOG_PACKET_BYTES)
+    return max(BACKLOG_DEFAULT, min(INT_MAX, per_cpu))
+
+
 class NetBufferTuner(Tuner):
     name = "net_buffer"
     description = "grows netdev_max_backlog on backlog drops and netdev_budget(_usecs) on softirq time squeeze"
     bpf_name = "net_buffer_tuner"
     tunables = (
-        Tunable(MAX_BACKLOG, "net.core.netdev_max_backlog", 1, lower=1),
+        Tunable(MAX_BACKLOG, "net.core.netdev_max_backlog", 1, lower=1, ceiling=backlog_cap),
         Tunable(FLOW_LIMIT_CPU_BITMAP, "net.core.flow_limit_cpu_bitmap", 1, kind="string", optional=True),
         Tunable(BUDGET, "net.core.netdev_budget", 1, lower=1),
         Tunable(BUDGET_USECS, "net.core.netdev_budget_usecs", 1, lower=1, upper=BUDGET_USECS_MAX),
@@ -248,6 +263,7 @@ class NetBufferTuner(Tuner):
         self._last_budget_change = -1e9
         self._budget_samples: deque[tuple[float, float]] = deque(maxlen=CORR_WINDOW)
         self._usecs_capped = SayOnce(log)
+        self._backlog_capped = SayOnce(log)
         self._softnet_last: list[tuple[int, int, int]] | None = None
         self._poll_drops: deque[tuple[float, int]] = deque()
 
@@ -321,10 +337,17 @@ class NetBufferTuner(Tuner):
             return []  # counted against an older, smaller setting
         if obs.drops < max(1, backlog >> 5):
             return []
-        new = self.steps.grow(backlog)
-        if new == backlog:
-            new = backlog + 1
-        if new > INT_MAX:
+        cap = self.highest(MAX_BACKLOG)
+        new = min(cap, max(self.steps.grow(backlog), backlog + 1))
+        if new <= backlog:
+            self._backlog_capped.info(
+                MAX_BACKLOG,
+                "tuner %s: netdev_max_backlog is at %d, its memory cap %d (%s); not increasing it further",
+                self.name,
+                backlog,
+                cap,
+                self.host_memory.describe(),
+            )
             return []
         reason = f"{obs.drops} packet(s) dropped from full per-cpu backlog queues"
         return [Proposal(MAX_BACKLOG, INCREASE_BACKLOG, cookie, (new,), reason)]
@@ -351,9 +374,10 @@ class NetBufferTuner(Tuner):
             return []
         budget = self.current(BUDGET)[0]
         usecs = self.current(BUDGET_USECS)[0]
-        if budget >= INT_MAX:
+        if budget >= self.highest(BUDGET):
             return []
-        new_budget, new_usecs = self.steps.grow(budget), self.steps.grow(usecs)
+        new_budget = min(self.highest(BUDGET), self.steps.grow(budget))
+        new_usecs = self.steps.grow(usecs)
         wait = self.sched_wait.sample()
         if wait is not None:
             self._budget_samples.append((float(budget), wait))
