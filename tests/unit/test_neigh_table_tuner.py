@@ -11,6 +11,7 @@ from pybpftune import libbpf
 from pybpftune._libbpf import lib
 from pybpftune.errors import NotSupported
 from pybpftune.events import Event
+from pybpftune.hostmem import HostMemory
 from pybpftune.netns import Namespaces
 from pybpftune.store import MANUAL, TunableStore
 from pybpftune.sysctl import MemorySysctl
@@ -286,6 +287,36 @@ def test_ipv6_table_grows_without_a_bound_on_a_64() -> None:
     tuner = make_tuner(neigh)
     tuner.handle_event(stats_event(nt.FULL, family=V6, entries=1000))
     assert neigh.writes == [("ndisc_cache", (200, 800, 1600), None)]
+
+
+def test_a_64_on_the_device_is_bounded_by_memory(caplog: pytest.LogCaptureFixture) -> None:
+    """A /64 leaves the address bound at INT_MAX; memory bounds the table:
+    1 GiB / 128 in 512-byte entries is 16384."""
+    neigh = MemoryNeigh({V6: Table("ndisc_cache", V6, (4096, 8192, 16000), 15990)}, {(OTHER_NS, 2, V6): [64]})
+    tuner = make_tuner(neigh)
+    tuner.memory = HostMemory(1 << 30)
+    assert tuner.ceiling(nt.NDISC_THRESHOLDS) == 16384
+    caplog.set_level(logging.INFO)
+    for _ in range(3):
+        entries = neigh.tables[V6].thresholds[2] - 1
+        neigh.tables[V6] = Table("ndisc_cache", V6, neigh.tables[V6].thresholds, entries)
+        tuner.handle_event(stats_event(nt.FULL, family=V6, entries=entries))
+    assert neigh.writes == [("ndisc_cache", (5120, 10240, 16384), None)]
+    lines = [r.getMessage() for r in caplog.records if "can no longer update thresholds" in r.getMessage()]
+    assert len(lines) == 1 and "computed max 16384 for the host's memory" in lines[0]
+
+
+def test_the_memory_cap_holds_every_threshold() -> None:
+    """Thresholds an administrator set beyond the cap come down to it when
+    the tuner next changes the table (the store's clamp), and never below
+    the kernel's defaults on a tiny host."""
+    neigh = MemoryNeigh({V4: arp((10**8, 10**8, 10**8), 3)}, {})
+    tuner = make_tuner(neigh)
+    cap = tuner.ceiling(nt.ARP_THRESHOLDS)
+    assert cap == (8 << 30) // nt.NEIGH_MEM_SHARE // nt.NEIGH_ENTRY_BYTES
+    tuner.handle_event(stats_event(nt.EMPTY, entries=3))
+    assert neigh.writes == [("arp_cache", (cap, cap, cap), None)]
+    assert nt.neigh_cap(HostMemory(16 << 20)) == nt.DEFAULTS[2]
 
 
 def test_outside_the_initial_namespace_it_refuses_to_start() -> None:

@@ -7,7 +7,9 @@ namespace.  When a table's entries approach gc_thresh3 (or the kernel refused
 an entry because the table was full) the thresholds grow in learning-rate
 steps over rtnetlink (RTM_SETNEIGHTBL), never past a bound computed from the
 addresses of the device whose entry triggered it: per address
-max(2**host_bits, 256) * 4, no bound at 64 host bits or more.  When a table
+max(2**host_bits, 256) * 4 (INT_MAX at 64 host bits or more), and never past
+what memory can back: a table full to gc_thresh3 within 1/128 of RAM (the
+bound a /64 on the device would otherwise leave at INT_MAX).  When a table
 grown past the kernel default (gc_thresh3 1024) has nearly emptied, they
 shrink one step, never below the defaults 128/512/1024.
 
@@ -36,6 +38,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from .. import libbpf
 from ..errors import NotSupported
 from ..events import Event
+from ..hostmem import HostMemory
 from ..netns import RUN_NETNS, Namespaces, NetnsGone, entered
 from ..store import ACTIVE
 from ..sysctl import SysctlMissing
@@ -59,6 +62,11 @@ F_REFUSED = 0x1
 DEFAULTS = (128, 512, 1024)  # the kernel's gc_thresh1/2/3
 ADDRESS_FLOOR = 256  # bpftune counts at least a /24's worth of hosts per address
 PER_HOST = 4  # ... and four entries per possible host
+# The memory cap: a table full to gc_thresh3 (an entry with its hardware
+# header cache is a few hundred bytes; 512 with slab overhead) within 1/128
+# of RAM, and never below the kernel's default gc_thresh3.
+NEIGH_ENTRY_BYTES = 512
+NEIGH_MEM_SHARE = 128
 
 Thresholds = tuple[int, int, int]
 
@@ -120,6 +128,11 @@ def address_bound(prefixlens: Iterable[int], bits: int) -> int:
         if total >= INT_MAX:
             return INT_MAX
     return total
+
+
+def neigh_cap(memory: HostMemory) -> int:
+    """The most any gc_thresh of a table may be."""
+    return max(DEFAULTS[2], min(INT_MAX, memory.total_bytes // NEIGH_MEM_SHARE // NEIGH_ENTRY_BYTES))
 
 
 def grow_thresholds(
@@ -355,7 +368,15 @@ class NeighTableTuner(Tuner):
         # administrator's write makes the tuner back off.
         *_sysctls("ipv4", 0, optional=True),
         *_sysctls("ipv6", 5, optional=True),
-        Tunable(ARP_THRESHOLDS, "neigh.arp_cache.gc_thresh", 3, kind="custom", labels=LABELS, setter=_setter),
+        Tunable(
+            ARP_THRESHOLDS,
+            "neigh.arp_cache.gc_thresh",
+            3,
+            kind="custom",
+            labels=LABELS,
+            setter=_setter,
+            ceiling=neigh_cap,
+        ),
         Tunable(
             NDISC_THRESHOLDS,
             "neigh.ndisc_cache.gc_thresh",
@@ -364,6 +385,7 @@ class NeighTableTuner(Tuner):
             optional=True,
             labels=LABELS,
             setter=_setter,
+            ceiling=neigh_cap,
         ),
     )
     scenarios = (
@@ -455,13 +477,15 @@ class NeighTableTuner(Tuner):
                 table.name,
             )
             return []
-        bound = address_bound(prefixes, fam.bits)
+        by_address, by_memory = address_bound(prefixes, fam.bits), self.highest(fam.tunable)
+        bound = min(by_address, by_memory)
         log.debug(
-            "computed max %d for %s table thresholds from %s prefixes %s",
+            "computed max %d for %s table thresholds from %s prefixes %s (memory cap %d)",
             bound,
             table.name,
             device.describe(),
             prefixes,
+            by_memory,
         )
         new = self._limited(fam, table, grow_thresholds(table.thresholds, table.entries, bound, self.steps, refused))
         if new is None:
@@ -469,12 +493,13 @@ class NeighTableTuner(Tuner):
                 self._said.info(
                     (table.name, device.name, bound, table.thresholds[2]),
                     "can no longer update thresholds for %s table, %s in %s: gc_thresh3 %d has reached the "
-                    "computed max %d for its addresses (%d entries)",
+                    "computed max %d for %s (%d entries)",
                     table.name,
                     device.describe(),
                     where,
                     table.thresholds[2],
                     bound,
+                    "its addresses" if by_address <= by_memory else "the host's memory",
                     table.entries,
                 )
             return []
