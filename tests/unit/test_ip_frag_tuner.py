@@ -157,6 +157,32 @@ def test_threshold_stops_at_a_32nd_of_memory(caplog: pytest.LogCaptureFixture) -
     assert caplog.text.count("not increasing it further") == 1
 
 
+def test_thresholds_of_all_namespaces_add_up_to_a_16th_of_memory(caplog: pytest.LogCaptureFixture) -> None:
+    """Fragment memory is accounted per namespace: with 1 GiB, each threshold
+    stops at 32 MiB, and all the thresholds raised add up to at most 64 MiB."""
+    tuner, backend, _ = make_tuner(v4=24 << 20, v6=24 << 20)
+    tuner.mem_total = 1 << 30
+    assert tuner.total_budget == 64 << 20
+    for cookie in (NS, NS + 1):
+        tuner.handle_event(near(24 << 20, high=24 << 20).event(7, cookie))
+        assert backend.read(V4, cookie) == (30 << 20,)
+    with caplog.at_level(logging.INFO, logger="pybpftune"):
+        # 4 MiB left: a third namespace's 24 MiB cannot grow.
+        for _ in range(2):
+            tuner.handle_event(near(24 << 20, high=24 << 20).event(7, NS + 2))
+        assert backend.read(V4, NS + 2) == (24 << 20,)
+        # A namespace already raised still grows to its own cap (62 MiB in all).
+        tuner.handle_event(near(30 << 20, high=30 << 20).event(7, NS))
+        assert backend.read(V4, NS) == (32 << 20,)
+    raised = sum(v[0] for name, _t, _c, v in tuner.ctx.store.namespace_values() if name == tuner.name)
+    assert raised == 62 << 20
+    assert caplog.text.count("add up to 1/16 of memory") == 1
+    # A namespace that is gone gives its share back.
+    tuner.ctx.store.mark_gone(NS + 1, "test")
+    tuner.handle_event(near(24 << 20, high=24 << 20).event(7, NS + 2))
+    assert backend.read(V4, NS + 2) == (30 << 20,)
+
+
 def test_mem_total_parses_meminfo() -> None:
     assert fr.mem_total_bytes("MemTotal:       24576000 kB\nMemFree: 1 kB\n") == 24576000 * 1024
 

@@ -8,6 +8,11 @@ namespace by one step, and backs off (one step down, never below the value
 it started from) once raising it correlates with a rising share of failed
 reassemblies: more memory is then feeding loss or an attack, not helping.
 
+Memory caps: one threshold never goes above 1/32 of RAM, and the thresholds
+this tuner raised, added up over every namespace and both families, stay
+within 1/16 of RAM (fragment memory is accounted per namespace: without a
+total, a thousand namespaces could each hold 1/32 of RAM in fragments).
+
 See docs/tuners/ip_frag.md.
 """
 
@@ -17,12 +22,12 @@ import logging
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
-from .. import libbpf
+from .. import hostmem, libbpf
 from ..events import Event
+from ..hostmem import HostMemory
 from ..procnet import Counters, counters_in, ratio
-from ..tuner import Proposal, Scenario, Tunable, Tuner, TunerContext
+from ..tuner import INT_MAX, Proposal, Scenario, Tunable, Tuner, TunerContext
 from .common import SayOnce, sample_lines, significant_correlation
 
 log = logging.getLogger("pybpftune")
@@ -34,6 +39,9 @@ OBS_NEAR_THRESH = 1
 
 AF_INET, AF_INET6 = 2, 10
 CORR_WINDOW = 32
+# One threshold: at most 1/32 of RAM; all thresholds raised, in total: 1/16.
+THRESH_SHARE = 32
+TOTAL_SHARE = 16
 COUNTERS = {
     IPV4_HIGH_THRESH: ("Ip.ReasmReqds", "Ip.ReasmFails"),
     IPV6_HIGH_THRESH: ("Ip6ReasmReqds", "Ip6ReasmFails"),
@@ -72,17 +80,16 @@ class FragObservation:
 
 
 def mem_total_bytes(meminfo: str | None = None) -> int:
-    """MemTotal from /proc/meminfo, in bytes (0 if unknown)."""
+    """MemTotal from /proc/meminfo, in bytes (0 if unknown); without
+    ``meminfo``, the host's (see hostmem)."""
     if meminfo is None:
-        try:
-            meminfo = Path("/proc/meminfo").read_text()
-        except OSError:
-            return 0
-    for line in meminfo.splitlines():
-        parts = line.split()
-        if len(parts) >= 2 and parts[0] == "MemTotal:" and parts[1].isdigit():
-            return int(parts[1]) * 1024
-    return 0
+        return hostmem.host_memory().total_bytes
+    return hostmem.parse_mem_total(meminfo)
+
+
+def thresh_cap(memory: HostMemory) -> int:
+    """The most one fragment threshold may be: 1/32 of RAM (and INT_MAX)."""
+    return min(INT_MAX, memory.total_bytes // THRESH_SHARE)
 
 
 class IpFragTuner(Tuner):
@@ -90,8 +97,10 @@ class IpFragTuner(Tuner):
     description = "raises IPv4/IPv6 fragment reassembly thresholds per namespace when fragment memory nears them"
     bpf_name = "ip_frag_tuner"
     tunables = (
-        Tunable(IPV4_HIGH_THRESH, "net.ipv4.ipfrag_high_thresh", 1, namespaced=True),
-        Tunable(IPV6_HIGH_THRESH, "net.ipv6.ip6frag_high_thresh", 1, namespaced=True, optional=True),
+        Tunable(IPV4_HIGH_THRESH, "net.ipv4.ipfrag_high_thresh", 1, namespaced=True, ceiling=thresh_cap),
+        Tunable(
+            IPV6_HIGH_THRESH, "net.ipv6.ip6frag_high_thresh", 1, namespaced=True, optional=True, ceiling=thresh_cap
+        ),
     )
     scenarios = (
         Scenario(
@@ -108,18 +117,36 @@ class IpFragTuner(Tuner):
 
     def __init__(self, ctx: TunerContext, tuner_id: int) -> None:
         super().__init__(ctx, tuner_id)
-        # Seams for unit tests: a namespace's counters and the memory size.
+        # Seams for unit tests: a namespace's counters (and mem_total below).
         self.counters: Callable[[int], Counters | None] = lambda cookie: counters_in(ctx.namespaces, cookie)
-        self.mem_total = mem_total_bytes()
         self._last: dict[tuple[int, int], tuple[int, int]] = {}  # (cookie, tunable) -> (reqds, fails)
         self._samples: dict[tuple[int, int], deque[tuple[float, float]]] = {}
         self._capped = SayOnce(log)
 
     @property
-    def ceiling(self) -> int:
-        """Never raise a threshold above 1/32 of RAM (or INT_MAX)."""
-        cap = self.mem_total // 32 if self.mem_total > 0 else 2**31 - 1
-        return min(cap, 2**31 - 1)
+    def mem_total(self) -> int:
+        return self.host_memory.total_bytes
+
+    @mem_total.setter
+    def mem_total(self, total: int) -> None:
+        """Pretend the host has ``total`` bytes (tests)."""
+        mem = self.host_memory
+        self.memory = HostMemory(total, 0, mem.page_size, mem.cpus)
+
+    @property
+    def total_budget(self) -> int:
+        """What the thresholds raised in all namespaces may add up to: 1/16 of RAM."""
+        return self.mem_total // TOTAL_SHARE
+
+    def raised_elsewhere(self, tunable: int, cookie: int) -> int:
+        """The thresholds this tuner set, added up over every namespace and
+        family but ``tunable`` in ``cookie`` (namespaces that are gone are
+        forgotten by the store)."""
+        return sum(
+            values[0]
+            for name, t, c, values in self.ctx.store.namespace_values()
+            if name == self.name and (t.id, c) != (tunable, cookie) and values
+        )
 
     def decide(self, event: Event) -> list[Proposal]:
         if event.scenario_id != OBS_NEAR_THRESH:
@@ -155,7 +182,7 @@ class IpFragTuner(Tuner):
         r = significant_correlation(samples)
         if r is not None:
             floor = max(self._floor(tunable, cookie), obs.low_thresh)
-            target = max(floor, steps.shrink(current))
+            target = min(self.highest(tunable), max(floor, steps.shrink(current)))
             samples.clear()  # judge the lower setting afresh
             if target >= current:
                 return []
@@ -165,15 +192,30 @@ class IpFragTuner(Tuner):
             )
             return [Proposal(tunable, DECREASE, cookie, (target,), reason)]
         new = steps.grow(current)
-        if new > self.ceiling:
-            new = max(current, self.ceiling)
-            if new == current:
+        ceiling = self.highest(tunable)
+        if new > ceiling:
+            new = ceiling
+            if new <= current:
                 self._capped.info(
                     key,
                     "%s in netns %d is at %d, 1/32 of memory; not increasing it further",
                     self.tunable(tunable).name,
                     cookie,
                     current,
+                )
+                return []
+        room = self.total_budget - self.raised_elsewhere(tunable, cookie)
+        if new > room:
+            new = room
+            if new <= current:
+                self._capped.info(
+                    ("total", key),
+                    "%s in netns %d stays at %d: the fragment thresholds raised in all namespaces add up to "
+                    "1/16 of memory (%d bytes)",
+                    self.tunable(tunable).name,
+                    cookie,
+                    current,
+                    self.total_budget,
                 )
                 return []
         if fail_pct is not None:
