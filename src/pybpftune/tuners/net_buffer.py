@@ -376,8 +376,10 @@ class NetBufferTuner(Tuner):
         usecs = self.current(BUDGET_USECS)[0]
         if budget >= self.highest(BUDGET):
             return []
-        new_budget = min(self.highest(BUDGET), self.steps.grow(budget))
-        new_usecs = self.steps.grow(usecs)
+        # One step up, at least by one (a value below the lower bound of 1,
+        # which the kernel refuses anyway, comes up to it).
+        new_budget = min(self.highest(BUDGET), max(1, budget + 1, self.steps.grow(budget)))
+        new_usecs = max(1, usecs + 1, self.steps.grow(usecs))
         wait = self.sched_wait.sample()
         if wait is not None:
             self._budget_samples.append((float(budget), wait))
@@ -387,7 +389,7 @@ class NetBufferTuner(Tuner):
             out = []
             for tunable, current in ((BUDGET, budget), (BUDGET_USECS, usecs)):
                 floor = self._original(tunable)
-                target = max(floor, self.steps.shrink(current))
+                target = min(self.highest(tunable), max(floor, 1, self.steps.shrink(current)))
                 if target < current:
                     reason = f"scheduler wait rising with the budget (correlation {r:.2f}, wait {wait or 0:.1f}%)"
                     out.append(Proposal(tunable, DECREASE_BUDGET, cookie, (target,), reason))

@@ -194,7 +194,7 @@ class UdpBufferTuner(Tuner):
             # socket that hit the cap can gain from a larger rmem_max.
             if not steps.nearly_full(obs.sk_rcvbuf, 2 * rmem_max):
                 return []
-            new_max = steps.grow(rmem_max)
+            new_max = max(RMEM_LOWER, steps.grow(rmem_max))
             if not self._within_bound(RMEM_MAX, new_max):
                 return []
             reason = (
@@ -205,7 +205,7 @@ class UdpBufferTuner(Tuner):
         else:
             if not steps.nearly_full(obs.sk_rcvbuf, rmem_default):
                 return []
-            new_default = steps.grow(rmem_default)
+            new_default = max(RMEM_LOWER, steps.grow(rmem_default))
             if not self._within_bound(RMEM_DEFAULT, new_default):
                 return []
             if new_default > rmem_max:
@@ -240,7 +240,7 @@ class UdpBufferTuner(Tuner):
             current = self.current(tunable)[0]
             initial = self.ctx.store.original(self, tunable)
             floor = max(RMEM_LOWER, initial[0] if initial else RMEM_LOWER)
-            target = max(floor, steps.shrink(current))
+            target = min(self.highest(tunable), max(floor, steps.shrink(current)))
             if target < current:
                 reason = f"UDP memory exhaustion with udp_mem at its limit ({used} pages in use)"
                 out.append(Proposal(tunable, DECREASE, cookie, (target,), reason))
