@@ -125,6 +125,15 @@ def test_bits_accumulate_in_the_kernel_cpumask_format() -> None:
     assert backend.text_writes[-1][2] == "2,00000001"  # bit already set: not rewritten
 
 
+def test_a_garbled_cpu_number_sets_no_bit() -> None:
+    """Found by the bounds property test: cpu 2**32 - 1 built a 4-billion-bit
+    mask and formatted it word by word (minutes of CPU)."""
+    tuner, backend, _ = make_tuner()
+    tuner.handle_event(drops(100, cpu=2**32 - 1).event(4))
+    assert backend.read(BACKLOG) == (1250,)
+    assert backend.text_writes == []
+
+
 def test_tiny_backlog_grows_on_a_single_drop() -> None:
     tuner, backend, _ = make_tuner(backlog=8)
     tuner.handle_event(drops(1, backlog=8).event(4))

@@ -47,6 +47,8 @@ INCREASE_BACKLOG, SET_FLOW_LIMIT, INCREASE_BUDGET, DECREASE_BUDGET, ENABLE_HIGH_
 OBS_BACKLOG_DROPS, OBS_TIME_SQUEEZE = 1, 2
 
 BUDGET_USECS_MAX = 50_000
+# The kernel's largest NR_CPUS (CONFIG_MAXSMP): no cpu number reaches it.
+MAX_CPUS = 8192
 # netdev_max_backlog's memory cap: packets queued on every cpu's backlog
 # (truesize of an MTU-sized skb: about 2 KiB) hold at most 1/16 of RAM,
 # and never less than the kernel's default of 1000.
@@ -353,6 +355,8 @@ class NetBufferTuner(Tuner):
         return [Proposal(MAX_BACKLOG, INCREASE_BACKLOG, cookie, (new,), reason)]
 
     def set_flow_limit(self, cpu: int, cookie: int) -> bool:
+        if not 0 <= cpu < MAX_CPUS:
+            return False  # no such cpu: a garbled event (1 << cpu would be a 4-billion-bit mask)
         try:
             text = self.ctx.store.backend.read_text(self.tunable(FLOW_LIMIT_CPU_BITMAP).name)
         except Exception:  # no CONFIG_NET_FLOW_LIMIT
