@@ -408,7 +408,7 @@ class NeighTableTuner(Tuner):
 
     def start(self) -> None:
         try:
-            self.ctx.store.backend.read(self.tunable(IPV4_GC_THRESH3).name)
+            self.current(IPV4_GC_THRESH3)
         except SysctlMissing:
             raise NotSupported(
                 self.name,

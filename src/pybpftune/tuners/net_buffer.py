@@ -358,7 +358,7 @@ class NetBufferTuner(Tuner):
         if not 0 <= cpu < MAX_CPUS:
             return False  # no such cpu: a garbled event (1 << cpu would be a 4-billion-bit mask)
         try:
-            text = self.ctx.store.backend.read_text(self.tunable(FLOW_LIMIT_CPU_BITMAP).name)
+            text = self.ctx.store.current_text(self, FLOW_LIMIT_CPU_BITMAP)
         except Exception:  # no CONFIG_NET_FLOW_LIMIT
             return False
         mask = parse_cpumask(text)

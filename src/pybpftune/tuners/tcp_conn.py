@@ -188,7 +188,7 @@ class TcpConnTuner(Tuner):
 
     def _read_text(self, tunable_id: int) -> str:
         try:
-            return self.ctx.store.backend.read_text(self.tunable(tunable_id).name)
+            return self.ctx.store.current_text(self, tunable_id)
         except SysctlMissing:
             return ""
 
