@@ -67,5 +67,5 @@ def test_a_child_that_dies_is_reported() -> None:
         os.kill(os.getpid(), signal.SIGKILL)
         raise AssertionError("unreachable")
 
-    with pytest.raises(isolate.IsolatedError, match="test: the loading process ended without an answer.*SIGKILL"):
+    with pytest.raises(isolate.IsolatedError, match=r"test: the loading process ended without an answer.*SIGKILL"):
         isolate.run(job, "test")
