@@ -34,7 +34,6 @@ through ctypes and the C library, as :mod:`pybpftune.netns` does for setns
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 from collections.abc import Iterable
 from pathlib import Path
@@ -95,7 +94,10 @@ PR_SET_NO_NEW_PRIVS = 38
 PR_CAP_AMBIENT = 47
 PR_CAP_AMBIENT_CLEAR_ALL = 4
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+# The C library is already in the process (CDLL(None)); ctypes.util.find_library
+# would run ldconfig in a subprocess and keep a megabyte of imports (subprocess,
+# shutil, tempfile, bz2, lzma) in the daemon for good.
+_libc = ctypes.CDLL(None, use_errno=True)
 
 
 class _CapHeader(ctypes.Structure):

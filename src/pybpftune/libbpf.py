@@ -71,6 +71,8 @@ NAME_PREFIX = "bpftune_"
 
 _HISTORY: collections.deque[str] = collections.deque(maxlen=400)
 _capture = threading.local()
+# In a child that loads for the daemon (isolate.py): every line, to send back.
+_child_lines: collections.deque[str] | None = None
 
 
 @ffi.def_extern()  # type: ignore[untyped-decorator]
@@ -80,6 +82,8 @@ def pybpftune_libbpf_log(level: int, line: CData) -> None:
     lines = getattr(_capture, "lines", None)
     if lines is not None:
         lines.append(text)
+    if _child_lines is not None:
+        _child_lines.append(text)
     log.debug("%s", text)
 
 
@@ -96,6 +100,21 @@ def capture_log() -> Iterator[list[str]]:
         yield lines
     finally:
         _capture.lines = previous
+
+
+def keep_log_in_child() -> collections.deque[str]:
+    """In a forked loading child: keep what libbpf prints (the last lines)
+    for the parent, which logs them with :func:`replay_log`."""
+    global _child_lines
+    _child_lines = collections.deque(maxlen=_HISTORY.maxlen)
+    return _child_lines
+
+
+def replay_log(lines: list[str]) -> None:
+    """What libbpf printed in a loading child, as if printed here."""
+    for text in lines:
+        _HISTORY.append(text)
+        log.debug("%s", text)
 
 
 def version() -> str:
@@ -210,6 +229,12 @@ def program_attach(prog: CData) -> CData:
 
 def program_attach_cgroup(prog: CData, cgroup_fd: int) -> CData:
     return _check_ptr(lib.bpf_program__attach_cgroup(prog, cgroup_fd), f"attaching {program_name(prog)} to cgroup")
+
+
+def link_fd(link: CData) -> int:
+    """The fd that keeps an attachment alive (a BPF link, or the perf event
+    of an ioctl-attached kprobe or tracepoint): closing it detaches."""
+    return int(lib.bpf_link__fd(link))
 
 
 def link_destroy(link: CData) -> None:

@@ -12,11 +12,13 @@ has no form left, and the error names the signal and every reason.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 
+from . import isolate
 from .errors import AttachError, BpfLoadError, NotSupported
 from .objects import CGROUP_KINDS, BpfObject, ProgramInfo, check_object_bytes, read_object_file
 from .ringbuf import RingBuffer
@@ -28,6 +30,8 @@ log = logging.getLogger("pybpftune.loader")
 # then trampolines, then kprobes (slowest, and most exposed to inlining).
 FORM_PREFERENCE = ("tp_btf", "raw_tp", "tracepoint", "fentry", "kprobe", "iter")
 MAX_ATTEMPTS = 16
+# Load objects in a forked child by default (see load_object and isolate.py).
+ISOLATED = True
 # Kinds libbpf attaches from the section name alone; others (cgroup kinds,
 # XDP, tc) need a target, and their owner attaches them.
 AUTO_ATTACH_KINDS = frozenset({"tp_btf", "raw_tp", "tracepoint", "fentry", "fexit", "kprobe", "kretprobe", "iter"})
@@ -100,6 +104,7 @@ def load_object(
     optional_signals: Iterable[str] = (),
     cgroup_fd: int | None = None,
     configure: Callable[[BpfObject], None] | None = None,
+    isolated: bool | None = None,
 ) -> LoadedObject:
     """Open, configure, load and attach ``source`` with the best forms.
 
@@ -107,6 +112,12 @@ def load_object(
     ``configure`` may adjust the object further before each load attempt.
     Raises NotSupported when a required signal has no working form, and
     BpfLoadError/AttachError for failures no fallback can explain.
+
+    ``isolated`` (default :data:`ISOLATED`): do the loading in a forked child
+    that hands the fds back (isolate.py), so that libbpf's copies of the
+    kernel BTF never count in this process's peak memory.  The object is then
+    opened again here, with the child's choices, and adopts the fds; it cannot
+    attach more programs afterwards.
     """
     if isinstance(source, Path):
         data = read_object_file(source)
@@ -114,6 +125,56 @@ def load_object(
         data = source
         check_object_bytes(data, name)
     optional = set(optional_signals)
+    if not (ISOLATED if isolated is None else isolated):
+        return _load_here(data, name, support, ring, globals_, optional, cgroup_fd, configure)
+
+    def job() -> tuple[object, list[int]]:
+        loaded = _load_here(data, name, support, ring, globals_, optional, cgroup_fd, configure, adopt=False)
+        obj = loaded.obj
+        autoload = {program: obj.autoload(program) for program in obj.programs}
+        choices = [(c.signal, c.forms, c.chosen, c.rejected) for c in loaded.choices.values()]
+        names, fds = obj.handover()
+        return (autoload, choices, names), fds
+
+    value, fds = isolate.run(job, f"loading {name}")
+    autoload, frozen_choices, names = value
+    try:
+        obj = BpfObject(data, name)
+    except BaseException:
+        for fd in fds:
+            os.close(fd)
+        raise
+    try:
+        for program, on in autoload.items():
+            obj.set_autoload(program, on)
+        obj.adopt(names, fds)
+        if ring is not None:
+            ring.adopt(obj)
+    except BaseException:
+        obj.close()
+        raise
+    choices = {
+        sig: SignalChoice(sig, list(forms), chosen, dict(rejected)) for sig, forms, chosen, rejected in frozen_choices
+    }
+    for choice in choices.values():
+        if choice.rejected:
+            log.debug("%s: %s", name, choice.describe())
+    return LoadedObject(obj, choices)
+
+
+def _load_here(
+    data: bytes,
+    name: str,
+    support: Support,
+    ring: RingBuffer | None,
+    globals_: Mapping[str, int] | None,
+    optional: set[str],
+    cgroup_fd: int | None,
+    configure: Callable[[BpfObject], None] | None,
+    adopt: bool = True,
+) -> LoadedObject:
+    """The form chain in this process.  ``adopt``: let ``ring`` keep the
+    shared maps this object created (not in a loading child: the parent does)."""
     dead: dict[tuple[str, str], str] = {}
 
     for _attempt in range(MAX_ATTEMPTS):
@@ -142,7 +203,7 @@ def load_object(
                 log.debug("%s: %s form of %s rejected at load, trying the next form", name, key[1], key[0])
                 obj.close()
                 continue
-            if ring is not None:
+            if ring is not None and adopt:
                 ring.adopt(obj)
             failed = _attach_all(obj, cgroup_fd)
             if failed is not None:

@@ -19,13 +19,15 @@ carry tuner, scenario, tunable, netns_cookie, old, new, reason).
 from __future__ import annotations
 
 import logging
-import logging.handlers
 import os
 import re
 import sys
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import logging.handlers
 
 ROOT_LOGGER = "pybpftune"
 IDENT = "bpftune"
@@ -91,16 +93,36 @@ class JournalHandler(logging.Handler):
             super().close()
 
 
-class SyslogHandler(logging.handlers.SysLogHandler):
-    """/dev/log with ``bpftune[PID]: `` taken when the record is sent (after -D's fork)."""
+def _syslog_handler_class() -> type[logging.handlers.SysLogHandler]:
+    """SyslogHandler, defined on first use: logging.handlers (and the pickle,
+    queue and struct it imports) costs half a megabyte of a daemon that logs
+    to stderr or journald."""
+    global _syslog_class
+    if _syslog_class is None:
+        import logging.handlers
 
-    @property
-    def ident(self) -> str:
-        return f"{IDENT}[{os.getpid()}]: "
+        class SyslogHandler(logging.handlers.SysLogHandler):
+            """/dev/log with ``bpftune[PID]: `` taken when the record is sent (after -D's fork)."""
 
-    @ident.setter
-    def ident(self, value: str) -> None:
-        pass
+            @property
+            def ident(self) -> str:
+                return f"{IDENT}[{os.getpid()}]: "
+
+            @ident.setter
+            def ident(self, value: str) -> None:
+                pass
+
+        _syslog_class = SyslogHandler
+    return _syslog_class
+
+
+_syslog_class: type[logging.handlers.SysLogHandler] | None = None
+
+
+def __getattr__(name: str) -> Any:
+    if name == "SyslogHandler":
+        return _syslog_handler_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _sink(to_stderr: bool) -> logging.Handler:
@@ -111,7 +133,8 @@ def _sink(to_stderr: bool) -> logging.Handler:
             pass  # journald not listening: try syslog
     if not to_stderr and SYSLOG_SOCKET.exists():
         try:
-            handler = SyslogHandler(address=str(SYSLOG_SOCKET), facility=logging.handlers.SysLogHandler.LOG_DAEMON)
+            cls = _syslog_handler_class()
+            handler = cls(address=str(SYSLOG_SOCKET), facility=cls.LOG_DAEMON)
             handler.setFormatter(logging.Formatter("%(message)s"))
             return handler
         except OSError:
@@ -125,7 +148,7 @@ def sink_name() -> str:
     """Where the logs go now: "journald", "syslog" or "stderr"."""
     if isinstance(_handler, JournalHandler):
         return "journald"
-    if isinstance(_handler, logging.handlers.SysLogHandler):
+    if _syslog_class is not None and isinstance(_handler, _syslog_class):
         return "syslog"
     return "stderr"
 

@@ -10,6 +10,7 @@ mmaps, object.
 from __future__ import annotations
 
 import mmap
+import os
 from collections.abc import Iterator, MutableMapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -83,20 +84,33 @@ class ProgramInfo:
 
 
 class Link:
-    """An attached program; ``close()`` detaches it."""
+    """An attached program; ``close()`` detaches it.  Either libbpf's handle
+    (attached here) or the fd a loading child handed over (see isolate.py)."""
 
-    def __init__(self, handle: libbpf.CData, program: str) -> None:
+    def __init__(self, handle: libbpf.CData | None, program: str, fd: int | None = None) -> None:
         self._handle: libbpf.CData | None = handle
+        self._fd = fd
         self.program = program
 
     @property
     def attached(self) -> bool:
-        return self._handle is not None
+        return self._handle is not None or self._fd is not None
+
+    @property
+    def fd(self) -> int:
+        if self._fd is not None:
+            return self._fd
+        if self._handle is None:
+            raise PybpftuneError(f"link of {self.program} is closed")
+        return libbpf.link_fd(self._handle)
 
     def close(self) -> None:
         handle, self._handle = self._handle, None
+        fd, self._fd = self._fd, None
         if handle is not None:
             libbpf.link_destroy(handle)
+        if fd is not None:
+            os.close(fd)
 
     def __enter__(self) -> Link:
         return self
@@ -190,6 +204,9 @@ class BpfObject:
         self.links: list[Link] = []
         self._mmaps: dict[str, mmap.mmap] = {}
         self._closed = False
+        # Loaded in a child (adopt()): the fds it handed over, by name.
+        self._adopted: dict[str, int] | None = None
+        self._adopted_progs: dict[str, int] = {}
 
     @classmethod
     def from_path(cls, path: Path, name: str | None = None) -> BpfObject:
@@ -260,7 +277,7 @@ class BpfObject:
         if map_name not in self._mmaps:
             writable = not map_name.endswith(".rodata")
             prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
-            self._mmaps[map_name] = mmap.mmap(libbpf.map_fd(m), libbpf.map_value_size(m), mmap.MAP_SHARED, prot)
+            self._mmaps[map_name] = mmap.mmap(self.map_fd(map_name), libbpf.map_value_size(m), mmap.MAP_SHARED, prot)
         return memoryview(self._mmaps[map_name])
 
     def has_global(self, name: str) -> bool:
@@ -292,6 +309,9 @@ class BpfObject:
             err = libbpf.object_load(self._obj)
         if err < 0:
             raise BpfLoadError(self.name, err, lines[-40:], failed_program(lines))
+        self._loaded()
+
+    def _loaded(self) -> None:
         self.loaded = True
         # Map the writable globals now: Python's mmap dups the map's fd, and an
         # object should hold every fd it will ever hold from load on (a later,
@@ -303,22 +323,78 @@ class BpfObject:
                 except (OSError, ValueError):
                     pass  # not mmapable on this kernel: set_global reports it when used
 
+    # --- loading in a child (isolate.py) ---------------------------------------
+
+    def handover(self) -> tuple[list[tuple[str, str]], list[int]]:
+        """In the child that loaded and attached this object: what to send the
+        parent's :meth:`adopt` (which kind and name each fd is) and the fds."""
+        if not self.loaded:
+            raise PybpftuneError(f"{self.name}: hand-over before load")
+        names: list[tuple[str, str]] = []
+        fds: list[int] = []
+        for name, prog in self._progs.items():
+            fd = libbpf.program_fd(prog)
+            if fd >= 0:
+                names.append(("prog", name))
+                fds.append(fd)
+        for name, m in self._maps.items():
+            fd = libbpf.map_fd(m)
+            if fd >= 0:
+                names.append(("map", name))
+                fds.append(fd)
+        for link in self.links:
+            if link.attached:
+                names.append(("link", link.program))
+                fds.append(link.fd)
+        return names, fds
+
+    def adopt(self, names: list[tuple[str, str]], fds: list[int]) -> None:
+        """Take over what a child loaded and attached from this same object
+        (opened here, with the child's autoload settings): from now on the
+        programs, maps and links are these fds, which this object closes
+        (on an error here too)."""
+        try:
+            self._require_open()
+            if len(names) != len(fds):
+                raise PybpftuneError(f"{self.name}: {len(fds)} fds handed over for {len(names)} names")
+        except BaseException:
+            for fd in fds:
+                os.close(fd)
+            raise
+        self._adopted = {}
+        for (kind, name), fd in zip(names, fds, strict=True):
+            if kind == "link":
+                self.links.append(Link(None, name, fd=fd))
+            elif kind == "prog":
+                self._adopted_progs[name] = fd
+            else:
+                self._adopted[name] = fd
+        self._loaded()
+
     def map(self, name: str) -> MapView:
         if not self.loaded:
             raise PybpftuneError(f"{self.name}: maps are usable only after load")
         m = self._map(name)
-        return MapView(name, libbpf.map_fd(m), libbpf.map_key_size(m), libbpf.map_value_size(m))
+        return MapView(name, self.map_fd(name), libbpf.map_key_size(m), libbpf.map_value_size(m))
 
     def map_fd(self, name: str) -> int:
-        return libbpf.map_fd(self._map(name))
+        m = self._map(name)
+        if self._adopted is not None:
+            return self._adopted.get(name, -1)
+        return libbpf.map_fd(m)
 
     def program_fd(self, name: str) -> int:
-        return libbpf.program_fd(self._prog(name))
+        prog = self._prog(name)
+        if self._adopted is not None:
+            return self._adopted_progs.get(name, -1)
+        return libbpf.program_fd(prog)
 
     def attach(self, program: str, cgroup_fd: int | None = None) -> Link:
         """Attach one loaded program; cgroup kinds need ``cgroup_fd``."""
         if not self.loaded:
             raise PybpftuneError(f"{self.name}: attach before load")
+        if self._adopted is not None:
+            raise PybpftuneError(f"{self.name} was loaded in a child process: attach there")
         info = self.programs.get(program)
         prog = self._prog(program)
         with libbpf.capture_log() as lines:
@@ -349,6 +425,11 @@ class BpfObject:
         for mm in self._mmaps.values():
             mm.close()
         self._mmaps.clear()
+        for fd in [*(self._adopted or {}).values(), *self._adopted_progs.values()]:
+            os.close(fd)
+        self._adopted_progs.clear()
+        if self._adopted is not None:
+            self._adopted.clear()
         libbpf.object_close(self._obj)
         self._obj = None
         self._keepalive = None

@@ -28,7 +28,7 @@ import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import libbpf
+from . import isolate, libbpf
 from .bpf import object_path
 from .errors import BpfError, PybpftuneError
 from .objects import CGROUP_KINDS, BpfObject
@@ -224,10 +224,21 @@ def probe_kinds() -> dict[str, KindSupport]:
     return {k: kinds[k] for k in PROBE_PROGRAMS}
 
 
+def probe_kinds_isolated() -> dict[str, KindSupport]:
+    """:func:`probe_kinds` in a forked child (isolate.py): the probe parses the
+    kernel's BTF like any load, and that must not count in the daemon's memory."""
+
+    def job() -> tuple[object, list[int]]:
+        return [(k.kind, k.loads, k.attaches, k.reason) for k in probe_kinds().values()], []
+
+    value, _ = isolate.run(job, "probing the kernel")
+    return {kind: KindSupport(kind, loads, attaches, reason) for kind, loads, attaches, reason in value}
+
+
 @functools.cache
 def probe_support() -> Support:
     """Probe once per process; later calls return the cached answer."""
-    return assemble(probe_kinds())
+    return assemble(probe_kinds_isolated())
 
 
 # --- the per-boot cache of probed kinds --------------------------------------------

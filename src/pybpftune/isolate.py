@@ -1,0 +1,185 @@
+"""Run a BPF load in a short-lived child process and take its fds back.
+
+libbpf 1.1 reads the kernel's BTF for every object it loads (4.4 MB on
+Debian's 6.1, 5.5 MB on 6.18) and holds two copies of it while it relocates:
+each load lifts the process by 9-11 MB for a few hundred milliseconds.  It is
+all freed afterwards, but a daemon's peak RSS (VmHWM) is set by that moment,
+not by the 20 MB it lives in.  So the support probe and every object load run
+in a child forked for the purpose: it shares the daemon's pages copy-on-write
+(the configured object, the shared maps' fds, the cgroup fd), does the load
+and the attaches, sends back a small ``marshal``-able answer and the fds of
+what it created (programs, maps, links) over a socketpair with SCM_RIGHTS,
+and exits.  The kernel objects live on through the daemon's copies of the fds;
+the child's memory is never the daemon's.
+
+The child is forked from whichever thread asks (the daemon's load thread), so
+it must only run code whose modules are already imported (another thread may
+hold an import lock that no thread in the child will ever release), must not
+log (libbpf's lines and the job's debug notes come back with the answer and
+are logged by the parent), and ends with ``os._exit``: it never returns into
+the caller's stack.  Errors come back typed (:func:`freeze`/:func:`thaw`).
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import marshal
+import os
+import signal
+import socket
+import struct
+import time
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+from . import libbpf
+from .errors import AttachError, BpfError, BpfLoadError, BpfObjectError, NotSupported, PybpftuneError
+
+log = logging.getLogger("pybpftune.isolate")
+
+# What a job returns: a marshal-able value and the fds to hand over.
+Job = Callable[[], tuple[Any, list[int]]]
+_HEADER = struct.Struct("=Q")
+_MAX_FDS = 253  # SCM_MAX_FD: what one message may carry
+_BLOCKED = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2}
+
+
+class IsolatedError(PybpftuneError):
+    """The child died, or failed in a way that is a bug (its traceback is the message)."""
+
+
+def freeze(exc: BaseException) -> tuple[Any, ...]:
+    """An exception as marshal-able fields (:func:`thaw` rebuilds it)."""
+    if isinstance(exc, BpfLoadError):
+        return ("load", exc.object_name, exc.errno, list(exc.log_tail), exc.program)
+    if isinstance(exc, AttachError):
+        return ("attach", exc.what, exc.errno)
+    if isinstance(exc, BpfError):
+        return ("bpf", exc.what, exc.errno)
+    if isinstance(exc, NotSupported):
+        return ("notsup", exc.feature, exc.reason)
+    if isinstance(exc, BpfObjectError):
+        return ("object", str(exc))
+    if isinstance(exc, PybpftuneError):
+        return ("pybpftune", str(exc))
+    return ("bug", "".join(traceback.format_exception(exc)).rstrip())
+
+
+def thaw(frozen: tuple[Any, ...]) -> PybpftuneError:
+    kind, *fields = frozen
+    if kind == "load":
+        return BpfLoadError(fields[0], fields[1], fields[2], fields[3])
+    if kind == "attach":
+        return AttachError(fields[0], fields[1])
+    if kind == "bpf":
+        return BpfError(fields[0], fields[1])
+    if kind == "notsup":
+        return NotSupported(fields[0], fields[1])
+    if kind == "object":
+        return BpfObjectError(fields[0])
+    if kind == "pybpftune":
+        return PybpftuneError(fields[0])
+    return IsolatedError(f"the loading process failed:\n{fields[0]}")
+
+
+def run(job: Job, what: str) -> tuple[Any, list[int]]:
+    """Run ``job`` in a forked child; return its value and the fds it handed
+    over (now the caller's to close).  Its errors are raised here, typed."""
+    parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    started = time.monotonic()
+    try:
+        pid = os.fork()
+    except BaseException:
+        parent.close()
+        child.close()
+        raise
+    if pid == 0:  # pragma: no cover - the child; its work is checked through the parent
+        _child(job, child, parent)
+    child.close()
+    try:
+        frozen, fds = _receive(parent)
+    finally:
+        parent.close()
+        _, status = os.waitpid(pid, 0)
+    if frozen is None:
+        raise IsolatedError(f"{what}: the loading process ended without an answer ({_describe(status)})")
+    try:
+        ok, value, lines, busy = frozen
+        libbpf.replay_log(lines)
+        log.debug(
+            "%s in a child: %.0f ms, %.0f ms of it its own work", what, (time.monotonic() - started) * 1e3, busy * 1e3
+        )
+        if not ok:
+            raise thaw(value)
+    except BaseException:
+        for fd in fds:
+            os.close(fd)
+        raise
+    return value, fds
+
+
+def _child(job: Job, sock: socket.socket, other: socket.socket) -> None:  # pragma: no cover
+    code = 1
+    try:
+        signal.pthread_sigmask(signal.SIG_BLOCK, _BLOCKED)
+        other.close()
+        gc.disable()  # a collection would touch (and copy) every page of the parent's heap
+        logging.disable(logging.CRITICAL)
+        lines = libbpf.keep_log_in_child()
+        fds: list[int] = []
+        started = time.monotonic()
+        try:
+            value, fds = job()
+            if len(fds) > _MAX_FDS:
+                raise PybpftuneError(f"{len(fds)} fds to hand over, at most {_MAX_FDS}")
+            answer: tuple[Any, ...] = (True, value, list(lines), time.monotonic() - started)
+        except BaseException as exc:
+            answer, fds = (False, freeze(exc), list(lines), time.monotonic() - started), []
+        payload = marshal.dumps(answer)
+        socket.send_fds(sock, [_HEADER.pack(len(payload))], fds)
+        sock.sendall(payload)
+        code = 0
+    finally:
+        os._exit(code)
+
+
+def _receive(sock: socket.socket) -> tuple[Any, list[int]]:
+    """(answer, fds), or (None, []) when the child sent nothing."""
+    data, fds, flags, _ = socket.recv_fds(sock, _HEADER.size, _MAX_FDS)
+    try:
+        if not data:
+            for fd in fds:
+                os.close(fd)
+            return None, []
+        if flags & socket.MSG_CTRUNC:
+            raise IsolatedError("the loading process handed over more fds than fit")
+        while len(data) < _HEADER.size:
+            more = sock.recv(_HEADER.size - len(data))
+            if not more:
+                raise IsolatedError("the loading process's answer was cut short")
+            data += more
+        (size,) = _HEADER.unpack(data)
+        chunks = bytearray()
+        while len(chunks) < size:
+            more = sock.recv(min(size - len(chunks), 1 << 20))
+            if not more:
+                raise IsolatedError("the loading process's answer was cut short")
+            chunks += more
+        return marshal.loads(bytes(chunks)), fds
+    except BaseException:
+        for fd in fds:
+            os.close(fd)
+        raise
+
+
+def _describe(status: int) -> str:
+    if os.WIFSIGNALED(status):
+        sig = os.WTERMSIG(status)
+        try:
+            name = signal.Signals(sig).name
+        except ValueError:
+            name = str(sig)
+        return f"killed by {name}"
+    return f"exit status {os.waitstatus_to_exitcode(status)}"
