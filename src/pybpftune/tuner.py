@@ -218,6 +218,19 @@ class Tuner:
     def host_memory(self) -> HostMemory:
         return self.memory if self.memory is not None else hostmem.host_memory()
 
+    @property
+    def free_pages(self) -> int:
+        """F, the buffer-usable pages tcp_mem and udp_mem are capped by (never
+        0: estimated from MemTotal when /proc/zoneinfo has no usable zone)."""
+        return self.host_memory.buffer_pages
+
+    @free_pages.setter
+    def free_pages(self, pages: int) -> None:
+        """Pretend the zones give ``pages`` (tests); 0: no usable zone."""
+        mem = self.host_memory
+        total = pages * mem.page_size if pages > 0 else mem.total_bytes
+        self.memory = HostMemory(total, pages, mem.page_size, mem.cpus)
+
     def ceiling(self, tunable_id: int) -> int | None:
         """The memory cap of a tunable on this host (never below its lower
         bound); None when it declares none."""

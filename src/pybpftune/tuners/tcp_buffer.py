@@ -633,19 +633,6 @@ class TcpBufferTuner(Tuner):
         self.holds: OrderedDict[tuple[int, int, int], Hold] = OrderedDict()
         self._enough: OrderedDict[tuple[int, int, int], int] = OrderedDict()
 
-    @property
-    def free_pages(self) -> int:
-        """F, the buffer-usable pages tcp_mem is capped by (never 0: estimated
-        from MemTotal when /proc/zoneinfo has no usable zone)."""
-        return self.host_memory.buffer_pages
-
-    @free_pages.setter
-    def free_pages(self, pages: int) -> None:
-        """Pretend the zones give ``pages`` (tests); 0: no usable zone."""
-        mem = self.host_memory
-        total = pages * mem.page_size if pages > 0 else mem.total_bytes
-        self.memory = HostMemory(total, pages, mem.page_size, mem.cpus)
-
     # --- hooks --------------------------------------------------------------------------
 
     def bpf_globals(self) -> dict[str, int]:

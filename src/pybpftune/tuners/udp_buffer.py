@@ -124,22 +124,9 @@ class UdpBufferTuner(Tuner):
 
     def __init__(self, ctx: TunerContext, tuner_id: int) -> None:
         super().__init__(ctx, tuner_id)
-        # Seam for unit tests: a namespace's counters (and free_pages below).
+        # Seam for unit tests: a namespace's counters (free_pages is the base class's).
         self.counters: Callable[[int], Counters | None] = lambda cookie: counters_in(ctx.namespaces, cookie)
         self._refused = SayOnce(log)
-
-    @property
-    def free_pages(self) -> int:
-        """Buffer-usable pages (never 0: estimated from MemTotal when
-        /proc/zoneinfo has no usable zone)."""
-        return self.host_memory.buffer_pages
-
-    @free_pages.setter
-    def free_pages(self, pages: int) -> None:
-        """Pretend the zones give ``pages`` (tests); 0: no usable zone."""
-        mem = self.host_memory
-        total = pages * mem.page_size if pages > 0 else mem.total_bytes
-        self.memory = HostMemory(total, pages, mem.page_size, mem.cpus)
 
     # --- setup -------------------------------------------------------------------------
 
