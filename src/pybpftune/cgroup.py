@@ -17,6 +17,7 @@ from types import TracebackType
 
 from . import libbpf
 from .errors import BpfError, PybpftuneError
+from .procfs import mounts
 from .state import StateDir
 from .support import find_cgroup2
 
@@ -26,25 +27,11 @@ _libc = ctypes.CDLL(None, use_errno=True)  # libc is in the process already (see
 MNT_DETACH = 2
 
 
-def _unescape(field: str) -> str:
-    """A /proc/self/mounts field: space, tab, newline and backslash are octal escapes."""
-    for code in ("\\040", "\\011", "\\012", "\\134"):
-        field = field.replace(code, chr(int(code[1:], 8)))
-    return field
-
-
 def _is_cgroup2_mount(path: Path) -> bool:
     """Is ``path`` (resolved: /proc/self/mounts names real paths, and
     /var/run is a symbolic link to /run) a cgroup2 mount point?"""
     real = Path(os.path.realpath(path))
-    try:
-        for line in Path("/proc/self/mounts").read_text().splitlines():
-            parts = line.split()
-            if len(parts) > 2 and parts[2] == "cgroup2" and Path(_unescape(parts[1])) == real:
-                return True
-    except OSError:
-        pass
-    return False
+    return any(m.fstype == "cgroup2" and Path(m.target) == real for m in mounts())
 
 
 class CgroupRoot:

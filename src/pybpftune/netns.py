@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import PybpftuneError
+from .procfs import mounts
 
 log = logging.getLogger("pybpftune.netns")
 
@@ -85,6 +86,13 @@ def current_cookie() -> int | None:
     try:
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
             return int.from_bytes(s.getsockopt(socket.SOL_SOCKET, SO_NETNS_COOKIE, 8), "little")
+    except OSError:
+        return None
+
+
+def _inode_of(path: str) -> int | None:
+    try:
+        return os.stat(path).st_ino
     except OSError:
         return None
 
@@ -148,6 +156,7 @@ class Namespaces:
         self._clock = clock
         self._by_cookie: dict[int, NetnsRef] = {}
         self._cookie_by_inode: dict[int, int] = {self.global_inode: self.global_cookie}
+        self._path_by_inode: dict[int, str] = {}  # namespaces without cookies, found by inode
         self._gone: dict[int, None] = {}
         self._last_mount_scan = float("-inf")
         self._last_process_scan = float("-inf")
@@ -267,13 +276,9 @@ class Namespaces:
             for p in RUN_NETNS.iterdir():
                 seen.add(str(p))
                 yield str(p)
-        try:
-            for line in Path("/proc/self/mounts").read_text().splitlines():
-                parts = line.split()
-                if len(parts) > 2 and parts[2] == "nsfs" and "net:" not in parts[1] and parts[1] not in seen:
-                    yield parts[1]
-        except OSError:
-            pass
+        for m in mounts():
+            if m.fstype == "nsfs" and "net:" not in m.target and m.target not in seen:
+                yield m.target
 
     @staticmethod
     def _process_candidates() -> Iterator[str]:
@@ -337,6 +342,35 @@ class Namespaces:
             if ref is not None and ref.valid():
                 return ref
         return None
+
+    def path_of_inode(self, inode: int) -> str | None:
+        """A path that leads to the namespace with this inode (kernels without
+        cookies name namespaces only by inode): a known one, else a scan whose
+        find is cached."""
+        for ref in list(self._by_cookie.values()):
+            if ref.inode == inode and ref.valid():
+                return ref.path
+        cached = self._path_by_inode.get(inode)
+        if cached is not None and _inode_of(cached) == inode:
+            return cached
+        for path in (*self._mount_candidates(), *self._process_candidates()):
+            if _inode_of(path) == inode:
+                self._path_by_inode[inode] = path
+                return path
+        self._path_by_inode.pop(inode, None)
+        return None
+
+    @contextmanager
+    def enter_inode(self, inode: int) -> Iterator[None]:
+        """Run the block in the namespace with this inode (ours or 0: no switch)."""
+        if inode in (0, self.global_inode):
+            yield
+            return
+        path = self.path_of_inode(inode)
+        if path is None:
+            raise NetnsGone(f"network namespace with inode {inode} is gone")
+        with entered(path):
+            yield
 
     @contextmanager
     def enter(self, cookie: int) -> Iterator[None]:

@@ -24,14 +24,15 @@ from __future__ import annotations
 import functools
 import os
 import resource
-import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import isolate, libbpf
 from .bpf import object_path
 from .errors import BpfError, PybpftuneError
+from .netns import current_cookie
 from .objects import CGROUP_KINDS, BpfObject
+from .procfs import mounts
 
 SO_NETNS_COOKIE = 71
 KERNEL_BTF = Path("/sys/kernel/btf/vmlinux")
@@ -117,11 +118,7 @@ class Support:
 
 def find_cgroup2() -> str | None:
     """Mount point of a cgroup v2 hierarchy, preferring /sys/fs/cgroup."""
-    try:
-        mounts = Path("/proc/mounts").read_text().splitlines()
-    except OSError:
-        return None
-    found = [line.split()[1] for line in mounts if len(line.split()) > 2 and line.split()[2] == "cgroup2"]
+    found = [m.target for m in mounts() if m.fstype == "cgroup2"]
     for preferred in ("/sys/fs/cgroup", "/sys/fs/cgroup/unified"):
         if preferred in found:
             return preferred
@@ -137,15 +134,6 @@ def raise_memlock() -> str:
         soft, _ = resource.getrlimit(resource.RLIMIT_MEMLOCK)
         limit = "unlimited" if soft == resource.RLIM_INFINITY else f"{soft // 1024} KiB"
         return f"{limit} (could not raise; fine on Linux 5.11+, which charges BPF memory to the cgroup)"
-
-
-def netns_cookie_of_current() -> int | None:
-    """This thread's network-namespace cookie, or None without SO_NETNS_COOKIE."""
-    try:
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-            return int.from_bytes(s.getsockopt(socket.SOL_SOCKET, SO_NETNS_COOKIE, 8), "little")
-    except OSError:
-        return None
 
 
 def _attach_probe(obj: BpfObject, kind: str, program: str, cgroup2: str | None) -> KindSupport:
@@ -199,7 +187,7 @@ def assemble(kinds: dict[str, KindSupport]) -> Support:
         kinds={k: kinds[k] for k in PROBE_PROGRAMS},
         kernel_btf=KERNEL_BTF.exists(),
         ringbuf=libbpf.probe_map_type(libbpf.MAP_TYPE_RINGBUF),
-        netns_cookie=netns_cookie_of_current() is not None,
+        netns_cookie=current_cookie() is not None,
         cgroup2=find_cgroup2(),
         memlock=raise_memlock(),
     )

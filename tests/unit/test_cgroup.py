@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from pybpftune import cgroup
-from pybpftune.cgroup import CgroupRoot, _is_cgroup2_mount, _unescape
+from pybpftune.cgroup import CgroupRoot, _is_cgroup2_mount
+from pybpftune.procfs import _unescape
 from pybpftune.state import StateDir
 from pybpftune.support import find_cgroup2
 

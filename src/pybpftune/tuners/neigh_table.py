@@ -28,7 +28,6 @@ threshold changed by anyone else (sysctl or netlink) makes the tuner back off.
 from __future__ import annotations
 
 import logging
-import os
 import socket
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -39,7 +38,7 @@ from .. import libbpf
 from ..errors import NotSupported
 from ..events import Event
 from ..hostmem import HostMemory
-from ..netns import RUN_NETNS, Namespaces, NetnsGone, entered
+from ..netns import Namespaces, NetnsGone
 from ..store import ACTIVE
 from ..sysctl import SysctlMissing
 from ..tuner import INT_MAX, Proposal, Scenario, Steps, Tunable, Tuner
@@ -187,27 +186,6 @@ class NeighBackend(Protocol):
     def set_thresholds(self, table: Table, new: Thresholds, ifindex: int | None) -> None: ...
 
 
-def _netns_paths() -> Iterator[str]:
-    if RUN_NETNS.is_dir():
-        for p in RUN_NETNS.iterdir():
-            yield str(p)
-    for pid in os.listdir("/proc"):
-        if pid.isdigit():
-            yield f"/proc/{pid}/ns/net"
-
-
-def path_of_netns_inode(inum: int) -> str | None:
-    """A path that leads to the namespace with this inode (kernels without
-    cookies name namespaces only by inode)."""
-    for path in _netns_paths():
-        try:
-            if os.stat(path).st_ino == inum:
-                return path
-        except OSError:
-            continue
-    return None
-
-
 class RtnlNeigh:
     """The real tables and addresses, over rtnetlink (pyroute2)."""
 
@@ -239,13 +217,7 @@ class RtnlNeigh:
             with ns.enter(device.netns_cookie):
                 yield
             return
-        if device.netns_inum in (0, ns.global_inode):
-            yield
-            return
-        path = path_of_netns_inode(device.netns_inum)
-        if path is None:
-            raise NetnsGone(f"network namespace with inode {device.netns_inum} is gone")
-        with entered(path):
+        with ns.enter_inode(device.netns_inum):
             yield
 
     def prefixes(self, device: Device, family: int) -> list[int] | None:
