@@ -113,6 +113,7 @@ def test_on_signal_runs_on_the_loop_and_the_loop_goes_on() -> None:
     """SIGHUP (reload): the callback runs from the loop, which keeps running
     (until its timer stops it); close() puts the old disposition back."""
     seen: list[int] = []
+    before = signal.getsignal(signal.SIGHUP)  # SIG_IGN under nohup
     with EventLoop() as loop:
         loop.on_signal(signal.SIGHUP, seen.append)
         threading.Timer(0.05, os.kill, (os.getpid(), signal.SIGHUP)).start()
@@ -121,7 +122,7 @@ def test_on_signal_runs_on_the_loop_and_the_loop_goes_on() -> None:
         loop.run()
         assert time.monotonic() - t0 >= 0.45
     assert seen == [signal.SIGHUP]
-    assert signal.getsignal(signal.SIGHUP) == signal.SIG_DFL
+    assert signal.getsignal(signal.SIGHUP) == before
 
 
 def test_a_writer_runs_while_its_fd_takes_data() -> None:
