@@ -49,6 +49,7 @@ def find_bpftune() -> Path:
 
 
 HOME_DIRS = ("/home", "/root", "/run/user")
+TMP_DIRS = ("/tmp", "/var/tmp")
 
 
 def _interpreter(script: Path) -> Path | None:
@@ -64,10 +65,8 @@ def _interpreter(script: Path) -> Path | None:
     return Path(words[0]) if words else None
 
 
-def protect_home(bpftune: Path) -> str:
-    """ProtectHome= for this installation: "yes" hides /home, /root and
-    /run/user from the service, which would stop it from running at all if
-    its interpreter or package lives there; "read-only" then."""
+def _lives_under(bpftune: Path, dirs: tuple[str, ...]) -> bool:
+    """Do this installation's command, package or interpreter live under one of ``dirs``?"""
     import pybpftune
 
     used = [bpftune, Path(pybpftune.__file__)]
@@ -76,9 +75,22 @@ def protect_home(bpftune: Path) -> str:
         used.append(interpreter)
     for path in used:
         real = str(path.resolve())
-        if any(real == d or real.startswith(d + "/") for d in HOME_DIRS):
-            return "read-only"
-    return "yes"
+        if any(real == d or real.startswith(d + "/") for d in dirs):
+            return True
+    return False
+
+
+def protect_home(bpftune: Path) -> str:
+    """ProtectHome= for this installation: "yes" hides /home, /root and
+    /run/user from the service, which would stop it from running at all if
+    its interpreter or package lives there; "read-only" then."""
+    return "read-only" if _lives_under(bpftune, HOME_DIRS) else "yes"
+
+
+def private_tmp(bpftune: Path) -> str:
+    """PrivateTmp= for this installation: a private /tmp would hide an
+    installation that lives in /tmp or /var/tmp (a checkout there, say)."""
+    return "no" if _lives_under(bpftune, TMP_DIRS) else "yes"
 
 
 def render_unit(bpftune: Path, env_file: Path) -> str:
@@ -90,6 +102,7 @@ def render_unit(bpftune: Path, env_file: Path) -> str:
         .replace("@BPFTUNE@", str(bpftune))
         .replace("@ENV_FILE@", str(env_file))
         .replace("@PROTECT_HOME@", protect_home(bpftune))
+        .replace("@PRIVATE_TMP@", private_tmp(bpftune))
     )
 
 

@@ -350,8 +350,10 @@ def test_installer_writes_a_unit_systemd_accepts(tmp_path: Path) -> None:
     unit = (units / "pybpftune.service").read_text()
     assert f"ExecStart={fake} $PYBPFTUNE_OPTS" in unit and f"EnvironmentFile=-{env}" in unit
     for line in ("Type=notify", "WatchdogSec=", "Restart=on-failure", "NoNewPrivileges=yes", "ProtectHome=yes\n",
-                 "ProtectSystem=strict", "PrivateTmp=yes", "RuntimeDirectory=pybpftune"):  # fmt: skip
+                 "ProtectSystem=strict", "RuntimeDirectory=pybpftune"):  # fmt: skip
         assert line in unit
+    # A private /tmp would hide this fake bpftune: it lives in pytest's tmp_path.
+    assert str(fake.resolve()).startswith("/tmp/") and "PrivateTmp=no\n" in unit
     bounding = re.search(r"^CapabilityBoundingSet=(.*)$", unit, re.M)
     assert bounding is not None and set(bounding.group(1).split()) >= caps.RUNTIME_CAPS
     assert 'PYBPFTUNE_OPTS=""' in env.read_text()
@@ -379,3 +381,14 @@ def test_bad_metrics_address_is_one_line_exit_2() -> None:
         result.output.strip()
         == "bpftune: bad metrics port 'http' in 'localhost:http': expected 0-65535 (0: any free port)"
     )
+
+
+def test_private_tmp_only_where_the_installation_is_not_in_tmp() -> None:
+    from pybpftune import install
+
+    assert install.private_tmp(Path("/tmp/checkout/.venv/bin/bpftune")) == "no"
+    assert install.private_tmp(Path("/var/tmp/x/bin/bpftune")) == "no"
+    import pybpftune
+
+    in_tmp = str(Path(pybpftune.__file__).resolve()).startswith(("/tmp/", "/var/tmp/"))
+    assert install.private_tmp(Path("/usr/local/bin/bpftune")) == ("no" if in_tmp else "yes")
