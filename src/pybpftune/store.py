@@ -364,7 +364,7 @@ class TunableStore:
 
     def _entries_of(self, tuner: Tuner) -> list[Entry]:
         names = {t.name for t in tuner.tunables}
-        return [e for e in self._entries.values() if e.tunable.name in names and (tuner.name in e.tuners)]
+        return [e for e in self._entries.values() if e.tunable.name in names and _changed_by(e, tuner)]
 
     def changed_values(self, tuner: Tuner) -> list[tuple[Tunable, int, tuple[int | str, ...], tuple[int | str, ...]]]:
         """(tunable, namespace cookie, original, last written) of every
@@ -632,7 +632,7 @@ class TunableStore:
                 head = f"# Summary: scenario '{s.name}' occurred {n} times for tunable '{t.name}'"
                 lines.append(f"{head} in {where}. {s.description}")
             entry = self._entries.get((t.name, glob))
-            if not t.is_sysctl or entry is None or entry.written is None or tuner.name not in entry.tuners:
+            if not t.is_sysctl or entry is None or entry.written is None or not _changed_by(entry, tuner):
                 continue
             lines.append(
                 f"# sysctl '{t.name}' changed from ({describe(entry.original)}) -> ({describe(entry.written)})"
@@ -873,6 +873,12 @@ class TunableStore:
 
     def changed(self, tuner: Tuner) -> bool:
         return bool(self._entries_of(tuner))
+
+
+def _changed_by(entry: Entry, tuner: Tuner) -> bool:
+    """Is the change this tuner's: it wrote it, or an earlier daemon's same
+    tuner did and nobody has written it since (adopted from the journal)?"""
+    return tuner.name in entry.tuners or (not entry.tuners and entry.owner == tuner.name)
 
 
 def _journal_kind(t: Tunable) -> str:

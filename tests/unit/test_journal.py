@@ -459,3 +459,18 @@ def test_a_typo_in_a_tuner_name_leaves_the_journal_alone(tmp_path: Path) -> None
     assert out.returncode == 2, out.stderr
     assert "tcp_bufer" in out.stderr and "Traceback" not in out.stderr
     assert path.read_bytes() == before
+
+
+def test_adopted_changes_are_the_tuners_own_in_queries_and_rollback(backend: MemorySysctl, tmp_path: Path) -> None:
+    """After a restart without -R, `-q rollback` and the summary still show
+    what the dead daemon's tuner changed, and that tuner's -R stop restores it."""
+    a = Life(backend, tmp_path)
+    a.set(80)
+    b = Life(backend, tmp_path)
+    b.recover(restore=False)
+    glob = b.ns.global_cookie
+    assert [(t.name, c, o, w) for t, c, o, w in b.store.changed_values(b.demo)] == [(FIN, glob, (60,), (80,))]
+    assert "# sysctl 'net.ipv4.tcp_fin_timeout' changed from (60) -> (80)" in b.store.summary(b.demo)
+    assert b.store.changed_values(b.other) == []
+    assert b.store.rollback(b.demo) == 1
+    assert backend.values[(glob, FIN)] == (60,)
