@@ -58,7 +58,7 @@ from .events import Event, cookie_text
 from .history import History
 from .inotify import ADDED, GONE, OVERFLOW, REMOVED, DirEvent, DirWatcher
 from .libbpf import MAX_TUNERS
-from .loader import LoadedObject, load_object
+from .loader import LoadBatch, LoadedObject, LoadRequest, load_object
 from .log import setup_logging, sink_name
 from .loss import EventLoss
 from .netns import Namespaces, current_inode
@@ -172,6 +172,8 @@ class Daemon:
         self._loading_plugins: dict[int, Plugin] = {}  # tuner id -> plugin of a tuner being loaded
         self._loaded: collections.deque[tuple[Tuner, LoadedObject | None, BaseException | None]]
         self._loaded = collections.deque()  # load results handed over by the load thread
+        # The start-up's loads, done by one loading child (loader.LoadBatch).
+        self._batch: LoadBatch | None = None
         self._tick_timers: dict[int, Timer] = {}
         self._fatal: PybpftuneError | None = None
         self.t_start = time.monotonic()
@@ -260,10 +262,14 @@ class Daemon:
         if needs_cgroup:
             self.cgroup.open()
         self._ctx = self._context(support)
-        for plugin in plugins:
-            if self.loop.stopping:
-                break
-            self._prepare_tuner(plugin)
+        self._batch = LoadBatch()
+        try:
+            for plugin in plugins:
+                if self.loop.stopping:
+                    break
+                self._prepare_tuner(plugin)
+        finally:
+            self._batch.seal()  # its first load may start
         if self.loop.stopping:
             log.info("asked to stop during start-up: %d tuner(s) not started", len(plugins) - len(self.tuners))
             return
@@ -400,9 +406,16 @@ class Daemon:
         self._loading_plugins[tuner.id] = plugin
         loading = tuner
 
+        batch = self._batch
+        take: Callable[[], LoadedObject]
+        if batch is not None and not batch.sealed:
+            take = batch.add(lambda: self._load_request(loading, support, globals_))
+        else:
+            take = lambda: self._load(loading, support, globals_)  # noqa: E731
+
         def load() -> LoadedObject:
             t0 = time.monotonic()
-            loaded = self._load(loading, support, globals_)
+            loaded = take()
             log.debug("tuner %s: object loaded and attached in %.0f ms", loading.name, 1000 * (time.monotonic() - t0))
             return loaded
 
@@ -497,6 +510,8 @@ class Daemon:
         # The load thread has no more work: let it end before anything drops
         # capabilities (they are per thread; no thread may keep the full set).
         self._loader.close()
+        if self._batch is not None:
+            self._batch.close()
         if not self.tuners:
             self._fatal = PybpftuneError(
                 "no tuner could be started: "
@@ -556,7 +571,21 @@ class Daemon:
         }
 
     def _load(self, tuner: Tuner, support: Support, globals_: dict[str, int]) -> LoadedObject:
-        """Open, load and attach one tuner's object (on the load thread at start)."""
+        """Open, load and attach one tuner's object (in its own loading child)."""
+        r = self._load_request(tuner, support, globals_)
+        return load_object(
+            r.source,
+            r.name,
+            r.support,
+            ring=r.ring,
+            globals_=r.globals_,
+            optional_signals=r.optional_signals,
+            cgroup_fd=r.cgroup_fd,
+        )
+
+    def _load_request(self, tuner: Tuner, support: Support, globals_: dict[str, int]) -> LoadRequest:
+        """What to load for a tuner; stale cgroup programs of its names are
+        detached first (on the load thread at start)."""
         assert tuner.bpf_name is not None
         path = object_path(tuner.bpf_name, legacy=self.variant == "legacy", directory=tuner.bpf_dir)
         cgroup_fd = self.cgroup.fd
@@ -566,7 +595,7 @@ class Daemon:
             names = set(tuner.cgroup_programs)
             for attach_type in (ATTACH_CGROUP_SYSCTL, ATTACH_CGROUP_SOCK_OPS):
                 self.cgroup.detach_stale(attach_type, names, keep=set())
-        return load_object(
+        return LoadRequest(
             path,
             tuner.bpf_name,
             support,
@@ -1046,6 +1075,8 @@ class Daemon:
             self.server.close()
             self.state.remove_socket(self.config.socket_path)
         self._loader.close()  # waits for a load in progress
+        if self._batch is not None:
+            self._batch.close()  # the loads not taken end with their child
         while self._loaded:
             tuner, loaded, _exc = self._loaded.popleft()
             if loaded is not None:

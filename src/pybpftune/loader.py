@@ -13,13 +13,15 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 from . import isolate
-from .errors import AttachError, BpfLoadError, NotSupported
+from .errors import AttachError, BpfLoadError, NotSupported, PybpftuneError
 from .objects import CGROUP_KINDS, BpfObject, ProgramInfo, check_object_bytes, read_object_file
 from .ringbuf import RingBuffer
 from .support import Support
@@ -117,28 +119,56 @@ def load_object(
     that hands the fds back (isolate.py), so that libbpf's copies of the
     kernel BTF never count in this process's peak memory.  The object is then
     opened again here, with the child's choices, and adopts the fds; it cannot
-    attach more programs afterwards.
+    attach more programs afterwards.  :class:`LoadBatch` does several loads
+    in one child.
     """
-    if isinstance(source, Path):
-        data = read_object_file(source)
-    else:
-        data = source
-        check_object_bytes(data, name)
+    data = _object_bytes(source, name)
     optional = set(optional_signals)
     if not (ISOLATED if isolated is None else isolated):
         return _load_here(data, name, support, ring, globals_, optional, cgroup_fd, configure)
+    job = _child_job(data, name, support, ring, globals_, optional, cgroup_fd, configure, batched=False)
+    value, fds = isolate.run(job, f"loading {name}")
+    return _adopt(data, name, ring, value, fds)
+
+
+def _object_bytes(source: Path | bytes, name: str) -> bytes:
+    if isinstance(source, Path):
+        return read_object_file(source)
+    check_object_bytes(source, name)
+    return source
+
+
+def _child_job(
+    data: bytes,
+    name: str,
+    support: Support,
+    ring: RingBuffer | None,
+    globals_: Mapping[str, int] | None,
+    optional: set[str],
+    cgroup_fd: int | None,
+    configure: Callable[[BpfObject], None] | None,
+    batched: bool,
+) -> isolate.Job:
+    """The form chain as a loading child's job: its answer is what
+    :func:`_adopt` needs.  ``batched``: later jobs of the same child load
+    after this one, so the child's ``ring`` keeps the shared maps this
+    object created for them (the parent adopts them again from the answer)."""
 
     def job() -> tuple[object, list[int]]:
-        loaded = _load_here(data, name, support, ring, globals_, optional, cgroup_fd, configure, adopt=False)
+        loaded = _load_here(data, name, support, ring, globals_, optional, cgroup_fd, configure, adopt=batched)
         obj = loaded.obj
         autoload = {program: obj.autoload(program) for program in obj.programs}
         choices = [(c.signal, c.forms, c.chosen, c.rejected) for c in loaded.choices.values()]
         names, fds = obj.handover()
         return (autoload, choices, names), fds
 
-    value, fds = isolate.run(job, f"loading {name}")
-    autoload, frozen_choices, names = value
+    return job
+
+
+def _adopt(data: bytes, name: str, ring: RingBuffer | None, value: Any, fds: list[int]) -> LoadedObject:
+    """Open the object here and take over what a loading child made of it."""
     try:
+        autoload, frozen_choices, names = value
         obj = BpfObject(data, name)
     except BaseException:
         for fd in fds:
@@ -160,6 +190,130 @@ def load_object(
         if choice.rejected:
             log.debug("%s: %s", name, choice.describe())
     return LoadedObject(obj, choices)
+
+
+@dataclass
+class LoadRequest:
+    """What :func:`load_object` is given, for a load in a :class:`LoadBatch`."""
+
+    source: Path | bytes
+    name: str
+    support: Support
+    ring: RingBuffer | None = None
+    globals_: Mapping[str, int] | None = None
+    optional_signals: Iterable[str] = ()
+    cgroup_fd: int | None = None
+    configure: Callable[[BpfObject], None] | None = None
+
+
+class LoadBatch:
+    """Loads prepared together, done by one loading child.
+
+    Forking a child per object costs 60-160 ms each in an emulated guest (the
+    page tables of a 20 MB daemon), and a start-up loads nine.  Requests are
+    :meth:`add`-ed (each a function that says what to load, called on the
+    thread that takes the first result); once :meth:`seal`-ed, the first
+    :meth:`take` forks one child that loads and attaches every request in
+    order, and sends each object's answer and fds as soon as it is attached:
+    each ``take`` returns its object while the child loads the next.  The
+    requests must be taken in the order they were added.  Not isolated
+    (:data:`ISOLATED` false): each ``take`` loads its object here.
+
+    ``close()`` (idempotent) ends the child: objects not taken yet are
+    released with it (their programs never stay attached)."""
+
+    def __init__(self) -> None:
+        self._requests: list[Callable[[], LoadRequest]] = []
+        self._sealed = threading.Event()
+        self._lock = threading.Lock()
+        self._started = False
+        self._closed = False
+        self._stream: isolate.Stream | None = None
+        # per request: (bytes, request) to adopt from the child's answer, or the error it met here
+        self._prepared: list[tuple[bytes, LoadRequest] | BaseException] = []
+        self._next = 0
+
+    @property
+    def sealed(self) -> bool:
+        return self._sealed.is_set()
+
+    def add(self, request: Callable[[], LoadRequest]) -> Callable[[], LoadedObject]:
+        """Queue a load (before :meth:`seal`); the function returned takes its result."""
+        if self.sealed:
+            raise PybpftuneError("the load batch is sealed: load on your own")
+        index = len(self._requests)
+        self._requests.append(request)
+        return lambda: self.take(index)
+
+    def seal(self) -> None:
+        """No more requests: the first :meth:`take` may start."""
+        self._sealed.set()
+
+    def take(self, index: int) -> LoadedObject:
+        """The loaded object of request ``index`` (waits for :meth:`seal`)."""
+        self._sealed.wait()
+        with self._lock:
+            if self._closed:
+                raise isolate.IsolatedError("the load batch was closed before this object was loaded")
+            if index != self._next:
+                raise PybpftuneError(f"load batch: request {index} taken out of order (next is {self._next})")
+            self._next += 1
+            if not self._started:
+                self._start()
+            prepared = self._prepared[index]
+            if isinstance(prepared, BaseException):
+                raise prepared
+            data, request = prepared
+            if self._stream is None:
+                return _load_here(
+                    data,
+                    request.name,
+                    request.support,
+                    request.ring,
+                    request.globals_,
+                    set(request.optional_signals),
+                    request.cgroup_fd,
+                    request.configure,
+                )
+            value, fds = self._stream.next()
+            return _adopt(data, request.name, request.ring, value, fds)
+
+    def _start(self) -> None:
+        self._started = True
+        jobs: list[tuple[isolate.Job, str]] = []
+        for make in self._requests:
+            try:
+                request = make()
+                data = _object_bytes(request.source, request.name)
+            except BaseException as exc:  # that request's failure, raised by its take()
+                self._prepared.append(exc)
+                continue
+            self._prepared.append((data, request))
+            if ISOLATED:
+                job = _child_job(
+                    data,
+                    request.name,
+                    request.support,
+                    request.ring,
+                    request.globals_,
+                    set(request.optional_signals),
+                    request.cgroup_fd,
+                    request.configure,
+                    batched=True,
+                )
+                jobs.append((job, f"loading {request.name}"))
+        if jobs:
+            self._stream = isolate.Stream(jobs)
+
+    def close(self) -> None:
+        """End the loading child (if any): what it has not handed over yet
+        dies with it.  Idempotent."""
+        self._sealed.set()
+        with self._lock:
+            self._closed = True
+            stream, self._stream = self._stream, None
+        if stream is not None:
+            stream.close()
 
 
 def _load_here(

@@ -6,14 +6,15 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from pybpftune import libbpf
-from pybpftune.errors import BpfLoadError, NotSupported
+from pybpftune.errors import BpfLoadError, BpfObjectError, NotSupported
 from pybpftune.events import Event
-from pybpftune.loader import load_object
+from pybpftune.loader import LoadBatch, LoadedObject, LoadRequest, load_object
 from pybpftune.objects import BpfObject
 from pybpftune.registry import builtin_tuners
 from pybpftune.ringbuf import RingBuffer
@@ -158,6 +159,77 @@ def test_two_objects_feed_one_ring_buffer(variant: Path) -> None:
             assert {p.magic for p in payloads} == {magic}
         assert [ev.payload("struct pybpftune_test_payload").value for ev in got[2]] == [0, 0, 0, 99]
     assert settled_program_ids("bpftune_syscall", before) <= before, "programs left loaded after close"
+
+
+@pytest.mark.guest
+def test_a_batch_loads_in_one_child_and_shares_the_ring_buffer(test_object: Path) -> None:
+    support = probe_support()
+    got: dict[int, list[Event]] = {1: [], 2: [], 3: []}
+    before = our_program_ids("bpftune_syscall")
+    with RingBuffer() as ring:
+        for tuner_id, events in got.items():
+            ring.register(tuner_id, events.append)
+        batch = LoadBatch()
+
+        def request(i: int) -> Callable[[], LoadRequest]:
+            source = test_object if i != 2 else test_object.with_name("missing.bpf.o")
+            return lambda: LoadRequest(
+                source,
+                f"batch{i}",
+                support,
+                ring=ring,
+                globals_={"tuner_id": i, "bpftune_pid": os.getpid(), "magic": i},
+            )
+
+        takes = [batch.add(request(i)) for i in (1, 2, 3)]
+        batch.seal()
+        loaded: list[LoadedObject] = []
+        try:
+            loaded.append(takes[0]())
+            with pytest.raises(BpfObjectError, match=r"missing\.bpf\.o"):
+                takes[1]()  # its own failure, met before the fork
+            loaded.append(takes[2]())
+            ring_ino = os.fstat(ring.map_fd("bpftune_ringbuf")).st_ino
+            for one in loaded:
+                assert os.fstat(one.obj.map_fd("bpftune_ringbuf")).st_ino == ring_ino
+                assert one.obj.links, "attached in the child, adopted here"
+            _getppid_events(ring, 2)
+        finally:
+            batch.close()
+            batch.close()
+            for one in loaded:
+                one.close()
+    assert len(got[1]) == 2 and len(got[3]) == 2
+    assert {ev.payload("struct pybpftune_test_payload").magic for ev in got[3]} == {3}
+    assert settled_program_ids("bpftune_syscall", before) <= before, "programs left loaded after close"
+
+
+@pytest.mark.guest
+def test_a_batch_closed_early_leaks_nothing(test_object: Path) -> None:
+    support = probe_support()
+
+    def cycle(take: int) -> None:
+        with RingBuffer() as ring:
+            batch = LoadBatch()
+
+            def request(i: int) -> Callable[[], LoadRequest]:
+                return lambda: LoadRequest(test_object, f"early{i}", support, ring=ring, globals_={"tuner_id": i})
+
+            takes = [batch.add(request(i)) for i in range(3)]
+            batch.seal()
+            loaded = [t() for t in takes[:take]]
+            batch.close()  # the rest end with the child
+            for one in loaded:
+                one.close()
+                one.close()
+
+    before_ids = our_program_ids("bpftune_syscall")
+    cycle(3)  # warm caches
+    before = len(list(Path("/proc/self/fd").iterdir()))
+    for take in (0, 1, 3):
+        cycle(take)
+    assert len(list(Path("/proc/self/fd").iterdir())) == before
+    assert settled_program_ids("bpftune_syscall", before_ids) <= before_ids, "programs left loaded after close"
 
 
 @pytest.mark.guest
