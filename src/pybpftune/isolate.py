@@ -24,6 +24,7 @@ the caller's stack.  Errors come back typed (:func:`freeze`/:func:`thaw`).
 
 from __future__ import annotations
 
+import ctypes
 import gc
 import logging
 import marshal
@@ -45,7 +46,20 @@ log = logging.getLogger("pybpftune.isolate")
 Job = Callable[[], tuple[Any, list[int]]]
 _HEADER = struct.Struct("=Q")
 _MAX_FDS = 253  # SCM_MAX_FD: what one message may carry
+PR_SET_PDEATHSIG = 1
 _BLOCKED = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2}
+
+
+def _find_prctl() -> Any:
+    try:
+        return ctypes.CDLL(None).prctl
+    except (OSError, AttributeError):
+        return None
+
+
+# Looked up here: a forked child must not dlopen or dlsym (another thread
+# may have held the dynamic loader's lock when it was forked).
+_PRCTL = _find_prctl()
 
 
 class IsolatedError(PybpftuneError):
@@ -107,6 +121,7 @@ class Stream:
         self._status: int | None = None
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         self._started = time.monotonic()
+        ppid = os.getpid()
         try:
             pid = os.fork()
         except BaseException:
@@ -114,7 +129,7 @@ class Stream:
             child.close()
             raise
         if pid == 0:  # pragma: no cover - the child; its work is checked through the parent
-            _child([job for job, _ in jobs], child, parent)
+            _child([job for job, _ in jobs], child, parent, ppid)
         child.close()
         self._sock: socket.socket | None = parent
         self._pid = pid
@@ -184,10 +199,17 @@ class Stream:
         self.close()
 
 
-def _child(jobs: list[Job], sock: socket.socket, other: socket.socket) -> None:  # pragma: no cover
+def _child(jobs: list[Job], sock: socket.socket, other: socket.socket, ppid: int) -> None:  # pragma: no cover
     code = 1
     try:
         signal.pthread_sigmask(signal.SIG_BLOCK, _BLOCKED)
+        # A daemon killed during its start-up takes its loading child along
+        # (sent when the forking thread ends: the load thread outlives every
+        # load it waits for), rather than leave it attaching programs.
+        if _PRCTL is not None:
+            _PRCTL(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+        if os.getppid() != ppid:
+            return
         other.close()
         gc.disable()  # a collection would touch (and copy) every page of the parent's heap
         logging.disable(logging.CRITICAL)
