@@ -512,6 +512,7 @@ class Daemon:
         self._loader.close()
         if self._batch is not None:
             self._batch.close()
+            self._batch = None
         if not self.tuners:
             self._fatal = PybpftuneError(
                 "no tuner could be started: "

@@ -139,7 +139,7 @@ def _object_bytes(source: Path | bytes, name: str) -> bytes:
 
 
 def _child_job(
-    data: bytes,
+    source: Path | bytes,
     name: str,
     support: Support,
     ring: RingBuffer | None,
@@ -152,9 +152,12 @@ def _child_job(
     """The form chain as a loading child's job: its answer is what
     :func:`_adopt` needs.  ``batched``: later jobs of the same child load
     after this one, so the child's ``ring`` keeps the shared maps this
-    object created for them (the parent adopts them again from the answer)."""
+    object created for them (the parent adopts them again from the answer).
+    A file is read in the child: its bytes never count in the parent's memory
+    before the parent adopts the object."""
 
     def job() -> tuple[object, list[int]]:
+        data = _object_bytes(source, name)
         loaded = _load_here(data, name, support, ring, globals_, optional, cgroup_fd, configure, adopt=batched)
         obj = loaded.obj
         autoload = {program: obj.autoload(program) for program in obj.programs}
@@ -165,11 +168,11 @@ def _child_job(
     return job
 
 
-def _adopt(data: bytes, name: str, ring: RingBuffer | None, value: Any, fds: list[int]) -> LoadedObject:
+def _adopt(source: Path | bytes, name: str, ring: RingBuffer | None, value: Any, fds: list[int]) -> LoadedObject:
     """Open the object here and take over what a loading child made of it."""
     try:
         autoload, frozen_choices, names = value
-        obj = BpfObject(data, name)
+        obj = BpfObject(_object_bytes(source, name), name)
     except BaseException:
         for fd in fds:
             os.close(fd)
@@ -230,7 +233,7 @@ class LoadBatch:
         self._closed = False
         self._stream: isolate.Stream | None = None
         # per request: (bytes, request) to adopt from the child's answer, or the error it met here
-        self._prepared: list[tuple[bytes, LoadRequest] | BaseException] = []
+        self._prepared: list[LoadRequest | BaseException | None] = []
         self._next = 0
 
     @property
@@ -260,13 +263,13 @@ class LoadBatch:
             self._next += 1
             if not self._started:
                 self._start()
-            prepared = self._prepared[index]
-            if isinstance(prepared, BaseException):
-                raise prepared
-            data, request = prepared
+            request, self._prepared[index] = self._prepared[index], None
+            if isinstance(request, BaseException):
+                raise request
+            assert request is not None
             if self._stream is None:
                 return _load_here(
-                    data,
+                    _object_bytes(request.source, request.name),
                     request.name,
                     request.support,
                     request.ring,
@@ -276,22 +279,22 @@ class LoadBatch:
                     request.configure,
                 )
             value, fds = self._stream.next()
-            return _adopt(data, request.name, request.ring, value, fds)
+            return _adopt(request.source, request.name, request.ring, value, fds)
 
     def _start(self) -> None:
         self._started = True
         jobs: list[tuple[isolate.Job, str]] = []
-        for make in self._requests:
+        makes, self._requests = self._requests, []
+        for make in makes:
             try:
                 request = make()
-                data = _object_bytes(request.source, request.name)
             except BaseException as exc:  # that request's failure, raised by its take()
                 self._prepared.append(exc)
                 continue
-            self._prepared.append((data, request))
+            self._prepared.append(request)
             if ISOLATED:
                 job = _child_job(
-                    data,
+                    request.source,
                     request.name,
                     request.support,
                     request.ring,
@@ -311,6 +314,7 @@ class LoadBatch:
         self._sealed.set()
         with self._lock:
             self._closed = True
+            self._prepared.clear()
             stream, self._stream = self._stream, None
         if stream is not None:
             stream.close()

@@ -187,7 +187,7 @@ def test_a_batch_loads_in_one_child_and_shares_the_ring_buffer(test_object: Path
         try:
             loaded.append(takes[0]())
             with pytest.raises(BpfObjectError, match=r"missing\.bpf\.o"):
-                takes[1]()  # its own failure, met before the fork
+                takes[1]()  # its own failure: the child goes on with the next
             loaded.append(takes[2]())
             ring_ino = os.fstat(ring.map_fd("bpftune_ringbuf")).st_ino
             for one in loaded:
