@@ -5,11 +5,12 @@
  * kernel drops every new fragment; user space then raises the threshold in
  * that namespace (fqdir is per netns, and so are the sysctls).
  *
- * One signal, "frag", in these forms, best first:
- *   tp_btf / raw_tp  net:netif_receive_skb: every received IP packet, sampled;
- *                    works on every kernel, including the development host;
+ * One signal, "frag", in these forms, best first (the tuner asks for the
+ * defrag path before the loader's usual tracepoints-first order):
  *   fentry           ip_defrag (IPv4) and ipv6_frag_rcv (IPv6): fragments only;
- *   kprobe           the same two functions.
+ *   kprobe           the same two functions;
+ *   tp_btf / raw_tp  net:netif_receive_skb: every received IP packet, sampled;
+ *                    works on every kernel, including the development host.
  * The check is the same in every form: read the receiving namespace's fqdir
  * and report it when mem is within one step of high_thresh.
  */

@@ -582,6 +582,7 @@ class Daemon:
             globals_=r.globals_,
             optional_signals=r.optional_signals,
             cgroup_fd=r.cgroup_fd,
+            prefer=r.prefer,
         )
 
     def _load_request(self, tuner: Tuner, support: Support, globals_: dict[str, int]) -> LoadRequest:
@@ -604,6 +605,7 @@ class Daemon:
             globals_=globals_,
             optional_signals=tuner.optional_signals,
             cgroup_fd=cgroup_fd,
+            prefer=tuner.preferred_forms,
         )
 
     def _recover_journal(self, classes: list[type[Tuner]]) -> None:

@@ -39,8 +39,19 @@ ISOLATED = True
 AUTO_ATTACH_KINDS = frozenset({"tp_btf", "raw_tp", "tracepoint", "fentry", "fexit", "kprobe", "kretprobe", "iter"})
 
 
-def _rank(family: str) -> int:
-    return FORM_PREFERENCE.index(family) if family in FORM_PREFERENCE else len(FORM_PREFERENCE)
+def _rank(family: str, prefer: tuple[str, ...] = ()) -> tuple[int, int]:
+    """A family's place: the object's own preference first, then ours."""
+    first = prefer.index(family) if family in prefer else len(prefer)
+    return first, FORM_PREFERENCE.index(family) if family in FORM_PREFERENCE else len(FORM_PREFERENCE)
+
+
+@dataclass(frozen=True)
+class SignalPolicy:
+    """Which signals a tuner can live without, and which form families it
+    would rather have tried first (e.g. a hook that fires less often)."""
+
+    optional: frozenset[str] = frozenset()
+    prefer: tuple[str, ...] = ()
 
 
 @dataclass
@@ -86,14 +97,14 @@ class LoadedObject:
         self.close()
 
 
-def _signals(programs: Iterable[ProgramInfo]) -> dict[str, dict[str, list[str]]]:
+def _signals(programs: Iterable[ProgramInfo], prefer: tuple[str, ...] = ()) -> dict[str, dict[str, list[str]]]:
     """signal -> form family -> program names, families in preference order."""
     out: dict[str, dict[str, list[str]]] = {}
     for info in programs:
         if info.signal is None:
             continue
         out.setdefault(info.signal, {}).setdefault(info.family, []).append(info.name)
-    return {sig: dict(sorted(fams.items(), key=lambda kv: _rank(kv[0]))) for sig, fams in out.items()}
+    return {sig: dict(sorted(fams.items(), key=lambda kv: _rank(kv[0], prefer))) for sig, fams in out.items()}
 
 
 def load_object(
@@ -107,6 +118,7 @@ def load_object(
     cgroup_fd: int | None = None,
     configure: Callable[[BpfObject], None] | None = None,
     isolated: bool | None = None,
+    prefer: Iterable[str] = (),
 ) -> LoadedObject:
     """Open, configure, load and attach ``source`` with the best forms.
 
@@ -123,7 +135,7 @@ def load_object(
     in one child.
     """
     data = _object_bytes(source, name)
-    optional = set(optional_signals)
+    optional = SignalPolicy(frozenset(optional_signals), tuple(prefer))
     if not (ISOLATED if isolated is None else isolated):
         return _load_here(data, name, support, ring, globals_, optional, cgroup_fd, configure)
     job = _child_job(data, name, support, ring, globals_, optional, cgroup_fd, configure, batched=False)
@@ -144,7 +156,7 @@ def _child_job(
     support: Support,
     ring: RingBuffer | None,
     globals_: Mapping[str, int] | None,
-    optional: set[str],
+    optional: SignalPolicy,
     cgroup_fd: int | None,
     configure: Callable[[BpfObject], None] | None,
     batched: bool,
@@ -207,6 +219,10 @@ class LoadRequest:
     optional_signals: Iterable[str] = ()
     cgroup_fd: int | None = None
     configure: Callable[[BpfObject], None] | None = None
+    prefer: Iterable[str] = ()
+
+    def policy(self) -> SignalPolicy:
+        return SignalPolicy(frozenset(self.optional_signals), tuple(self.prefer))
 
 
 class LoadBatch:
@@ -274,7 +290,7 @@ class LoadBatch:
                     request.support,
                     request.ring,
                     request.globals_,
-                    set(request.optional_signals),
+                    request.policy(),
                     request.cgroup_fd,
                     request.configure,
                 )
@@ -299,7 +315,7 @@ class LoadBatch:
                     request.support,
                     request.ring,
                     request.globals_,
-                    set(request.optional_signals),
+                    request.policy(),
                     request.cgroup_fd,
                     request.configure,
                     batched=True,
@@ -326,7 +342,7 @@ def _load_here(
     support: Support,
     ring: RingBuffer | None,
     globals_: Mapping[str, int] | None,
-    optional: set[str],
+    optional: SignalPolicy,
     cgroup_fd: int | None,
     configure: Callable[[BpfObject], None] | None,
     adopt: bool = True,
@@ -338,8 +354,8 @@ def _load_here(
     for _attempt in range(MAX_ATTEMPTS):
         obj = BpfObject(data, name)
         try:
-            choices = _plan(obj, support, dead)
-            missing = [c for c in choices.values() if c.chosen is None and c.signal not in optional]
+            choices = _plan(obj, support, dead, optional.prefer)
+            missing = [c for c in choices.values() if c.chosen is None and c.signal not in optional.optional]
             if missing:
                 raise NotSupported(f"{name} signal {missing[0].signal}", missing[0].describe())
             for info in obj.programs.values():
@@ -409,10 +425,12 @@ def _form_of(obj: BpfObject, program: str | None) -> tuple[str, str] | None:
     return None if info.signal is None else (info.signal, info.family)
 
 
-def _plan(obj: BpfObject, support: Support, dead: Mapping[tuple[str, str], str]) -> dict[str, SignalChoice]:
+def _plan(
+    obj: BpfObject, support: Support, dead: Mapping[tuple[str, str], str], prefer: tuple[str, ...] = ()
+) -> dict[str, SignalChoice]:
     """Choose a form per signal and set every program's autoload to match."""
     choices: dict[str, SignalChoice] = {}
-    for signal, families in _signals(obj.programs.values()).items():
+    for signal, families in _signals(obj.programs.values(), prefer).items():
         choice = SignalChoice(signal, list(families))
         for family, programs in families.items():
             unsupported = [k for k in {obj.programs[p].kind for p in programs} if not support.works(k)]

@@ -177,6 +177,9 @@ class Tuner:
     scenarios: ClassVar[tuple[Scenario, ...]] = ()
     # Signals the tuner can live without (the rest must have a working form).
     optional_signals: ClassVar[frozenset[str]] = frozenset()
+    # Form families to try before the loader's own order (tracepoints first):
+    # for a tuner whose trampoline or kprobe form fires far less often.
+    preferred_forms: ClassVar[tuple[str, ...]] = ()
     # Forms the kernel may refuse for more than their program kind: a missing
     # tracepoint argument, enum value or kernel symbol.  Program name -> what
     # it needs.  The loader falls back from them like from any refused form;

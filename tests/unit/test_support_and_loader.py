@@ -79,6 +79,16 @@ def test_plan_prefers_tracepoints_and_switches_others_off(test_object: Path) -> 
         assert obj.autoload("bpftune_syscall__tp_btf") and not obj.autoload("bpftune_syscall__kprobe")
 
 
+def test_a_tuner_may_prefer_a_form_that_fires_less_often(test_object: Path) -> None:
+    """ip_frag asks for its defrag-path forms first; where they do not work
+    the usual order still finds the tracepoint."""
+    with BpfObject.from_path(test_object) as obj:
+        assert list(_signals(obj.programs.values(), ("kprobe",))["syscall"]) == ["kprobe", "tp_btf"]
+        assert _plan(obj, make_support(), {}, ("kprobe",))["syscall"].chosen == "kprobe"
+        refused = make_support({"kprobe": "load refused: EPERM"})
+        assert _plan(obj, refused, {}, ("kprobe",))["syscall"].chosen == "tp_btf"
+
+
 def test_plan_falls_back_and_explains(test_object: Path) -> None:
     with BpfObject.from_path(test_object) as obj:
         choices = _plan(obj, make_support({"tp_btf": "needs kernel BTF"}), {})

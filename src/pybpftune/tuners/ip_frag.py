@@ -96,6 +96,10 @@ class IpFragTuner(Tuner):
     name = "ip_frag"
     description = "raises IPv4/IPv6 fragment reassembly thresholds per namespace when fragment memory nears them"
     bpf_name = "ip_frag_tuner"
+    # The defrag path (ip_defrag, ipv6_frag_rcv) runs for fragments only; the
+    # tracepoint form runs for every received packet, which costs a
+    # request/response workload measurably under emulation.
+    preferred_forms = ("fentry", "kprobe")
     tunables = (
         Tunable(IPV4_HIGH_THRESH, "net.ipv4.ipfrag_high_thresh", 1, namespaced=True, ceiling=thresh_cap),
         Tunable(
