@@ -135,11 +135,10 @@ def load_object(
     in one child.
     """
     data = _object_bytes(source, name)
-    optional = SignalPolicy(frozenset(optional_signals), tuple(prefer))
+    request = LoadRequest(data, name, support, ring, globals_, optional_signals, cgroup_fd, configure, prefer)
     if not (ISOLATED if isolated is None else isolated):
-        return _load_here(data, name, support, ring, globals_, optional, cgroup_fd, configure)
-    job = _child_job(data, name, support, ring, globals_, optional, cgroup_fd, configure, batched=False)
-    value, fds = isolate.run(job, f"loading {name}")
+        return _load_here(data, request)
+    value, fds = isolate.run(_child_job(request, batched=False), f"loading {name}")
     return _adopt(data, name, ring, value, fds)
 
 
@@ -150,17 +149,7 @@ def _object_bytes(source: Path | bytes, name: str) -> bytes:
     return source
 
 
-def _child_job(
-    source: Path | bytes,
-    name: str,
-    support: Support,
-    ring: RingBuffer | None,
-    globals_: Mapping[str, int] | None,
-    optional: SignalPolicy,
-    cgroup_fd: int | None,
-    configure: Callable[[BpfObject], None] | None,
-    batched: bool,
-) -> isolate.Job:
+def _child_job(request: LoadRequest, batched: bool) -> isolate.Job:
     """The form chain as a loading child's job: its answer is what
     :func:`_adopt` needs.  ``batched``: later jobs of the same child load
     after this one, so the child's ``ring`` keeps the shared maps this
@@ -169,8 +158,7 @@ def _child_job(
     before the parent adopts the object."""
 
     def job() -> tuple[object, list[int]]:
-        data = _object_bytes(source, name)
-        loaded = _load_here(data, name, support, ring, globals_, optional, cgroup_fd, configure, adopt=batched)
+        loaded = _load_here(_object_bytes(request.source, request.name), request, adopt=batched)
         obj = loaded.obj
         autoload = {program: obj.autoload(program) for program in obj.programs}
         choices = [(c.signal, c.forms, c.chosen, c.rejected) for c in loaded.choices.values()]
@@ -284,16 +272,7 @@ class LoadBatch:
                 raise request
             assert request is not None
             if self._stream is None:
-                return _load_here(
-                    _object_bytes(request.source, request.name),
-                    request.name,
-                    request.support,
-                    request.ring,
-                    request.globals_,
-                    request.policy(),
-                    request.cgroup_fd,
-                    request.configure,
-                )
+                return _load_here(_object_bytes(request.source, request.name), request)
             value, fds = self._stream.next()
             return _adopt(request.source, request.name, request.ring, value, fds)
 
@@ -309,17 +288,7 @@ class LoadBatch:
                 continue
             self._prepared.append(request)
             if ISOLATED:
-                job = _child_job(
-                    request.source,
-                    request.name,
-                    request.support,
-                    request.ring,
-                    request.globals_,
-                    request.policy(),
-                    request.cgroup_fd,
-                    request.configure,
-                    batched=True,
-                )
+                job = _child_job(request, batched=True)
                 jobs.append((job, f"loading {request.name}"))
         if jobs:
             self._stream = isolate.Stream(jobs)
@@ -336,26 +305,18 @@ class LoadBatch:
             stream.close()
 
 
-def _load_here(
-    data: bytes,
-    name: str,
-    support: Support,
-    ring: RingBuffer | None,
-    globals_: Mapping[str, int] | None,
-    optional: SignalPolicy,
-    cgroup_fd: int | None,
-    configure: Callable[[BpfObject], None] | None,
-    adopt: bool = True,
-) -> LoadedObject:
-    """The form chain in this process.  ``adopt``: let ``ring`` keep the
-    shared maps this object created (not in a loading child: the parent does)."""
+def _load_here(data: bytes, request: LoadRequest, adopt: bool = True) -> LoadedObject:
+    """The form chain in this process, for ``request`` (whose object is
+    ``data``).  ``adopt``: let the ring keep the shared maps this object
+    created (not in a loading child: the parent does)."""
     dead: dict[tuple[str, str], str] = {}
+    name, support, ring, policy = request.name, request.support, request.ring, request.policy()
 
     for _attempt in range(MAX_ATTEMPTS):
         obj = BpfObject(data, name)
         try:
-            choices = _plan(obj, support, dead, optional.prefer)
-            missing = [c for c in choices.values() if c.chosen is None and c.signal not in optional.optional]
+            choices = _plan(obj, support, dead, policy.prefer)
+            missing = [c for c in choices.values() if c.chosen is None and c.signal not in policy.optional]
             if missing:
                 raise NotSupported(f"{name} signal {missing[0].signal}", missing[0].describe())
             for info in obj.programs.values():
@@ -363,10 +324,10 @@ def _load_here(
                     raise NotSupported(f"{name} program {info.name}", f"{info.kind}: {support.why_not(info.kind)}")
             if ring is not None:
                 ring.prepare(obj)
-            for gname, value in (globals_ or {}).items():
+            for gname, value in (request.globals_ or {}).items():
                 obj.set_global(gname, value)
-            if configure is not None:
-                configure(obj)
+            if request.configure is not None:
+                request.configure(obj)
             try:
                 obj.load()
             except BpfLoadError as exc:
@@ -379,7 +340,7 @@ def _load_here(
                 continue
             if ring is not None and adopt:
                 ring.adopt(obj)
-            failed = _attach_all(obj, cgroup_fd)
+            failed = _attach_all(obj, request.cgroup_fd)
             if failed is not None:
                 program, error = failed
                 key = _form_of(obj, program)
