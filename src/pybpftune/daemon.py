@@ -615,14 +615,15 @@ class Daemon:
             if self.state.journal_path.exists():
                 log.info("advice mode: the journal %s is left as it is", self.state.journal_path)
             return
-        pending = self.store.load_journal(known_tunables(classes))
+        known = known_tunables(classes)
+        pending = self.store.load_journal(known)
         if pending:
             log.warning(
                 "a previous daemon left %d original value(s) journaled; %s",
                 len(pending),
                 "restoring them (-R)" if self.config.rollback else "adopting them: they stay the originals for -R",
             )
-        self.store.recover(pending, known_tunables(classes).get, restore=self.config.rollback)
+        self.store.recover(pending, known.get, restore=self.config.rollback)
 
     # --- plugins added and removed while running -------------------------------------------
 

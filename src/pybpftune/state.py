@@ -122,9 +122,6 @@ class StateDir:
         self._pid_fd = fd
         return self.pid_path
 
-    # The pid file of -D is the lock: the names callers have always used.
-    write_pid = lock
-
     @property
     def locked(self) -> bool:
         return self._pid_fd is not None
@@ -138,8 +135,6 @@ class StateDir:
             pass
         os.close(self._pid_fd)
         self._pid_fd = None
-
-    remove_pid = unlock
 
     # --- the journal (format: journal.py) ----------------------------------------------
 

@@ -373,7 +373,7 @@ class TunableStore:
         for e in self._entries_of(tuner):
             if e.written is None or self.netns_state(tuner, e.cookie) == GONE:
                 continue
-            t = tuner.tunables[[d.name for d in tuner.tunables].index(e.tunable.name)]
+            t = next(d for d in tuner.tunables if d.name == e.tunable.name)  # this tuner's declaration
             out.append((t, e.cookie, _tuple(e.original), _tuple(e.written)))
         return out
 

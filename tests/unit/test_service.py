@@ -207,18 +207,18 @@ def test_syslog_ident_is_the_logging_process(tmp_path: Path) -> None:
 
 def test_pid_file_is_locked_and_removed(tmp_path: Path) -> None:
     first = StateDir(tmp_path / "state")
-    path = first.write_pid()
+    path = first.lock()
     assert path.read_text() == f"{os.getpid()}\n"
     second = StateDir(tmp_path / "state")
     with pytest.raises(PybpftuneError, match=rf"another pybpftune daemon \(pid {os.getpid()}\) is running"):
-        second.write_pid()
-    first.remove_pid()
+        second.lock()
+    first.unlock()
     assert not path.exists()
     # A stale file (its daemon died: no lock held) is taken over.
     path.write_text("999999\n")
-    second.write_pid()
+    second.lock()
     assert path.read_text() == f"{os.getpid()}\n"
-    second.remove_pid()
+    second.unlock()
 
 
 # --- capabilities ---------------------------------------------------------------------------
