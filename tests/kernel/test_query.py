@@ -28,6 +28,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,8 +41,10 @@ from .harness import (
     BPFTUNE,
     Daemon,
     NetnsPair,
+    Sysctls,
     demo_tuners_dir,
     iperf3_retrying,
+    iperf3_server,
     journaled,
     netns_pair,
     run,
@@ -69,6 +72,16 @@ def iperf(pair: NetnsPair, port: int, seconds: float = 2) -> None:
     """One iperf3 run from the client side into the starved server side."""
     cmd = ["ip", "netns", "exec", pair.client, "iperf3", "-c", pair.server_addr, "-p", str(port), "-t", str(seconds)]
     iperf3_retrying(cmd, seconds)
+
+
+@contextmanager
+def starved_server(s: Sysctls, pair: NetnsPair, port: int) -> Iterator[None]:
+    """The server's namespace with small receive buffers and no receive
+    autotuning, and an iperf3 server listening there."""
+    s.set("net.ipv4.tcp_rmem", STARVED, pair.server)
+    s.set("net.ipv4.tcp_moderate_rcvbuf", 0, pair.server)
+    with iperf3_server(pair.server, port):
+        yield
 
 
 def config_text(cap: int) -> str:
@@ -165,57 +178,49 @@ def test_starved_buffers_under_traffic_produce_advice_and_no_changes() -> None:
         for name in SAVED:
             s.save(name)
         before = {name: sysctl_get(name) for name in SAVED}
-        s.set("net.ipv4.tcp_rmem", STARVED, pair.server)
-        s.set("net.ipv4.tcp_moderate_rcvbuf", 0, pair.server)
-        server = subprocess.Popen(
-            ["ip", "netns", "exec", pair.server, "iperf3", "-s", "-p", "5472"],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        try:
-            with Daemon(["-s", "--advise", "-a", "sysctl", "-a", "tcp_buffer", "--state-dir", str(state)]) as d:
-                d.started()
-                assert "advice mode: nothing will be written" in d.output
-                advice = rf'Advice: ip netns exec {pair.server} sysctl -w net\.ipv4\.tcp_rmem="4096 131072 (\d+)"'
-                deadline = time.monotonic() + 90
-                while not re.search(advice, d.output):
-                    assert time.monotonic() < deadline, d.output
-                    iperf(pair, 5472)
-                for _ in range(2):  # more of the same traffic: the same advice again, not a new entry
-                    iperf(pair, 5472)
-                assert "would change net.ipv4.tcp_rmem(min default max) from (4096 131072 131072)" in d.output
-                assert sysctl_get("net.ipv4.tcp_rmem", pair.server) == STARVED
-                assert sysctl_get("net.ipv4.tcp_moderate_rcvbuf", pair.server) == "0"
-                assert journaled(state) == {}, "advice journals nothing: nothing to restore"
+        with starved_server(s, pair, 5472):
+            try:
+                with Daemon(["-s", "--advise", "-a", "sysctl", "-a", "tcp_buffer", "--state-dir", str(state)]) as d:
+                    d.started()
+                    assert "advice mode: nothing will be written" in d.output
+                    advice = rf'Advice: ip netns exec {pair.server} sysctl -w net\.ipv4\.tcp_rmem="4096 131072 (\d+)"'
+                    deadline = time.monotonic() + 90
+                    while not re.search(advice, d.output):
+                        assert time.monotonic() < deadline, d.output
+                        iperf(pair, 5472)
+                    for _ in range(2):  # more of the same traffic: the same advice again, not a new entry
+                        iperf(pair, 5472)
+                    assert "would change net.ipv4.tcp_rmem(min default max) from (4096 131072 131072)" in d.output
+                    assert sysctl_get("net.ipv4.tcp_rmem", pair.server) == STARVED
+                    assert sysctl_get("net.ipv4.tcp_moderate_rcvbuf", pair.server) == "0"
+                    assert journaled(state) == {}, "advice journals nothing: nothing to restore"
 
-                text = bpftune_q("advice", "--state-dir", str(state))
-                assert text.returncode == 0, text.stderr
-                commands = [
-                    line for line in text.stdout.splitlines() if "tcp_rmem" in line and not line.startswith("#")
-                ]
-                # The latest advice is listed; later traffic may have refined
-                # the first one (in the VMs the need is measured a byte apart).
-                assert len(commands) == 1, text.stdout
-                listed = re.fullmatch(advice.removeprefix("Advice: "), commands[0])
-                assert listed is not None, commands
-                new = int(listed.group(1))
-                assert new > 131072
-                d.wait_for(advice.replace(r"(\d+)", str(new)))  # listed as it was logged
-                entries = json.loads(bpftune_q("jadvice", "--state-dir", str(state)).stdout)
-                assert entries["advice_mode"] is True
-                keys = [(e["tunable"], e["netns_cookie"]) for e in entries["advice"]]
-                assert len(keys) == len(set(keys)), "one entry per tunable and namespace"
-                rmem = next(e for e in entries["advice"] if e["tunable"] == "net.ipv4.tcp_rmem")
-                assert rmem["new"] == [4096, 131072, new] and rmem["count"] >= 1 and rmem["reason"]
-                # The advice is exact: running it does what the daemon would have done.
-                subprocess.run(rmem["command"], shell=True, check=True, capture_output=True)
-                assert sysctl_get("net.ipv4.tcp_rmem", pair.server) == f"4096 131072 {new}"
-                assert d.stop() == 0
-        finally:
-            server.kill()
-            server.wait()
-            shutil.rmtree(state, ignore_errors=True)
-        assert {name: sysctl_get(name) for name in SAVED} == before
+                    text = bpftune_q("advice", "--state-dir", str(state))
+                    assert text.returncode == 0, text.stderr
+                    commands = [
+                        line for line in text.stdout.splitlines() if "tcp_rmem" in line and not line.startswith("#")
+                    ]
+                    # The latest advice is listed; later traffic may have refined
+                    # the first one (in the VMs the need is measured a byte apart).
+                    assert len(commands) == 1, text.stdout
+                    listed = re.fullmatch(advice.removeprefix("Advice: "), commands[0])
+                    assert listed is not None, commands
+                    new = int(listed.group(1))
+                    assert new > 131072
+                    d.wait_for(advice.replace(r"(\d+)", str(new)))  # listed as it was logged
+                    entries = json.loads(bpftune_q("jadvice", "--state-dir", str(state)).stdout)
+                    assert entries["advice_mode"] is True
+                    keys = [(e["tunable"], e["netns_cookie"]) for e in entries["advice"]]
+                    assert len(keys) == len(set(keys)), "one entry per tunable and namespace"
+                    rmem = next(e for e in entries["advice"] if e["tunable"] == "net.ipv4.tcp_rmem")
+                    assert rmem["new"] == [4096, 131072, new] and rmem["count"] >= 1 and rmem["reason"]
+                    # The advice is exact: running it does what the daemon would have done.
+                    subprocess.run(rmem["command"], shell=True, check=True, capture_output=True)
+                    assert sysctl_get("net.ipv4.tcp_rmem", pair.server) == f"4096 131072 {new}"
+                    assert d.stop() == 0
+            finally:
+                shutil.rmtree(state, ignore_errors=True)
+            assert {name: sysctl_get(name) for name in SAVED} == before
 
 
 # --- the examples `bpftune --help` gives ---------------------------------------------------------
@@ -269,25 +274,17 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     with sysctls() as s, netns_pair("pbtq") as pair:
         for name in SAVED:
             s.save(name)
-        s.set("net.ipv4.tcp_rmem", STARVED, pair.server)
-        s.set("net.ipv4.tcp_moderate_rcvbuf", 0, pair.server)
-        server = subprocess.Popen(
-            ["ip", "netns", "exec", pair.server, "iperf3", "-s", "-p", "5471"],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        args = ["-s", "-R", "-a", "sysctl", "-a", "tcp_buffer", "-a", "demo", "-l", str(demo_tuners_dir())]
-        args += ["--state-dir", str(state), "--config", str(config), "-p", str(port)]
-        d = Daemon(args, env={"PYBPFTUNE_DEMO_STEPS": "100000"})
-        try:
-            d.started()
-            yield Served(d, pair, state, config, port)
-            assert d.stop() == 0, d.output
-        finally:
-            d.stop()
-            server.kill()
-            server.wait()
-            shutil.rmtree(state, ignore_errors=True)
+        with starved_server(s, pair, 5471):
+            args = ["-s", "-R", "-a", "sysctl", "-a", "tcp_buffer", "-a", "demo", "-l", str(demo_tuners_dir())]
+            args += ["--state-dir", str(state), "--config", str(config), "-p", str(port)]
+            d = Daemon(args, env={"PYBPFTUNE_DEMO_STEPS": "100000"})
+            try:
+                d.started()
+                yield Served(d, pair, state, config, port)
+                assert d.stop() == 0, d.output
+            finally:
+                d.stop()
+                shutil.rmtree(state, ignore_errors=True)
 
 
 def _flood(port: int, stop: threading.Event) -> None:
