@@ -157,6 +157,7 @@ class Namespaces:
         self._by_cookie: dict[int, NetnsRef] = {}
         self._cookie_by_inode: dict[int, int] = {self.global_inode: self.global_cookie}
         self._path_by_inode: dict[int, str] = {}  # namespaces without cookies, found by inode
+        self._inode_missed: dict[int, float] = {}  # inode -> when a scan last failed to find it
         self._gone: dict[int, None] = {}
         self._last_mount_scan = float("-inf")
         self._last_process_scan = float("-inf")
@@ -353,11 +354,20 @@ class Namespaces:
         cached = self._path_by_inode.get(inode)
         if cached is not None and _inode_of(cached) == inode:
             return cached
+        # Not a scan of every process per event: a namespace not found is
+        # looked for again only after PROCESS_SCAN_INTERVAL.
+        missed = self._inode_missed.get(inode)
+        if missed is not None and self._clock() - missed < PROCESS_SCAN_INTERVAL:
+            return None
         for path in (*self._mount_candidates(), *self._process_candidates()):
             if _inode_of(path) == inode:
                 self._path_by_inode[inode] = path
+                self._inode_missed.pop(inode, None)
                 return path
         self._path_by_inode.pop(inode, None)
+        if len(self._inode_missed) >= 4096:
+            self._inode_missed.clear()  # bounded: dead namespaces' inodes are never asked for again
+        self._inode_missed[inode] = self._clock()
         return None
 
     @contextmanager

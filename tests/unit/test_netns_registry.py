@@ -130,3 +130,16 @@ def test_a_namespace_vanishing_mid_write_is_marked_gone_and_logged_once(caplog: 
     # Other namespaces and the global one are still tuned.
     assert store.apply(tuner, Proposal(0, 0, 4343, (61,), "step"))
     assert store.apply(tuner, Proposal(0, 0, ns.global_cookie, (61,), "step"))
+
+
+def test_a_namespace_not_found_by_inode_is_not_searched_for_on_every_event() -> None:
+    clock = [100.0]
+    ns = netns_mod.Namespaces(clock=lambda: clock[0])
+    scans: list[int] = []
+    ns._process_candidates = lambda: (scans.append(1), iter(()))[1]  # type: ignore[method-assign]
+    gone = 2**40 + 7  # no namespace has this inode
+    assert ns.path_of_inode(gone) is None and ns.path_of_inode(gone) is None
+    assert len(scans) == 1
+    clock[0] += netns_mod.PROCESS_SCAN_INTERVAL
+    assert ns.path_of_inode(gone) is None
+    assert len(scans) == 2
