@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import struct
+from collections.abc import Iterator
 
 import pytest
 
@@ -136,7 +137,12 @@ def test_a_namespace_not_found_by_inode_is_not_searched_for_on_every_event() -> 
     clock = [100.0]
     ns = netns_mod.Namespaces(clock=lambda: clock[0])
     scans: list[int] = []
-    ns._process_candidates = lambda: (scans.append(1), iter(()))[1]  # type: ignore[method-assign]
+
+    def no_processes() -> Iterator[str]:
+        scans.append(1)
+        return iter(())
+
+    ns._process_candidates = no_processes  # type: ignore[method-assign]
     gone = 2**40 + 7  # no namespace has this inode
     assert ns.path_of_inode(gone) is None and ns.path_of_inode(gone) is None
     assert len(scans) == 1
