@@ -47,7 +47,7 @@ from .errors import UsageError
 from .state import DEFAULT_STATE_DIR, QUERY_SOCKET
 
 if TYPE_CHECKING:
-    from .tuner import Tunable, Tuner
+    from .declarations import NamedDeclaration, Tunable
 
 DEFAULT_CONFIG = Path("/etc/pybpftune/config.toml")
 # Far beyond any real configuration; bounds what a hostile file can cost.
@@ -75,6 +75,14 @@ def show(text: object, limit: int = 60) -> str:
 
 Bound = int | tuple[int, ...]
 
+
+
+def normalize(name: str) -> str:
+    """'tcp_buffer_tuner.so' and 'tcp_buffer' name the same tuner."""
+    name = os.path.basename(name)
+    for suffix in (".so", ".py"):
+        name = name.removesuffix(suffix)
+    return name.removesuffix("_tuner")
 
 @dataclass(frozen=True)
 class Limits:
@@ -213,7 +221,7 @@ class DaemonConfig:
 
 def read_config(
     path: Path | None,
-    known: Iterable[type[Tuner]] | Callable[[], Iterable[type[Tuner]]] | None = None,
+    known: Iterable[NamedDeclaration] | Callable[[], Iterable[NamedDeclaration]] | None = None,
     trusted: bool = False,
 ) -> Config:
     """Load and validate the file at ``path`` (None: the default, if it exists).
@@ -258,7 +266,7 @@ def _check_trusted(path: Path, st: os.stat_result) -> None:
         )
 
 
-def parse_config(data: bytes, path: Path, known: Iterable[type[Tuner]] | None = None) -> Config:
+def parse_config(data: bytes, path: Path, known: Iterable[NamedDeclaration] | None = None) -> Config:
     """Validate the bytes of a configuration file (see the module docstring)."""
     import tomllib
 
@@ -279,10 +287,10 @@ def parse_config(data: bytes, path: Path, known: Iterable[type[Tuner]] | None = 
 
 
 class _Validator:
-    def __init__(self, where: str, path: Path, known: Iterable[type[Tuner]] | None) -> None:
+    def __init__(self, where: str, path: Path, known: Iterable[NamedDeclaration] | None) -> None:
         self.where = where
         self.path = path
-        self.tuners: dict[str, type[Tuner]] | None = None
+        self.tuners: dict[str, NamedDeclaration] | None = None
         self.tunables: dict[str, list[Tunable]] | None = None
         if known is not None:
             self.tuners = {cls.name: cls for cls in known}
@@ -352,8 +360,6 @@ class _Validator:
         return Path(value)
 
     def tuner_switches(self, raw: dict[str, Any]) -> dict[str, bool]:
-        from .registry import normalize
-
         out: dict[str, bool] = {}
         for name, body in raw.items():
             key = f"tuners.{show(name)}"

@@ -51,7 +51,7 @@ from typing import TYPE_CHECKING
 from . import __version__
 from .bpf import object_path
 from .cgroup import CgroupRoot
-from .config import ConfigError, DaemonConfig, Overrides, TunableLimits, read_config
+from .config import ConfigError, DaemonConfig, Overrides, TunableLimits, normalize, read_config
 from .errors import NotSupported, PybpftuneError
 from .eventloop import EventLoop, Timer
 from .events import Event, cookie_text
@@ -71,7 +71,6 @@ from .registry import (
     file_stamp,
     is_plugin_file,
     load_plugin,
-    normalize,
     plugin_directories,
     select,
     unload_plugin,
@@ -320,7 +319,7 @@ class Daemon:
             support,
             self.variant,
             self.config.debug,
-            lambda: [*self.tuners, *self._loading],
+            admin_wrote=lambda write: self.store.back_off([*self.tuners, *self._loading], write),
             rollback=self.config.rollback,
             loop=self.loop,
             request_tick=self._request_tick,

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 
+from .config import normalize
 from .errors import PybpftuneError, UsageError
 from .tuner import Scenario, Tunable, Tuner
 
@@ -90,14 +91,6 @@ def file_stamp(path: Path) -> tuple[int, ...] | None:
         return _stamp_of(os.lstat(path))
     except OSError:
         return None
-
-
-def normalize(name: str) -> str:
-    """'tcp_buffer_tuner.so' and 'tcp_buffer' name the same tuner."""
-    name = os.path.basename(name)
-    for suffix in (".so", ".py"):
-        name = name.removesuffix(suffix)
-    return name.removesuffix("_tuner")
 
 
 def is_plugin_file(path: Path) -> bool:

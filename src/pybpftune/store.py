@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
 from .config import Limits, TunableLimits
+from .declarations import Proposal, Scenario, Setter, Tunable
 from .errors import PybpftuneError, TunerError
 from .history import Change, History, now
 from .journal import Key, Pending, Record, Value, boot_id, compacted, describe, same
@@ -32,21 +33,38 @@ from .state import StateDir
 from .sysctl import SysctlBackend, SysctlMissing, format_values
 
 if TYPE_CHECKING:
-    from .tuner import Proposal, Tunable, Tuner
+    from .declarations import AdminWrite
 
 log = logging.getLogger("pybpftune")
 
 ACTIVE, MANUAL, GONE = "active", "manual", "gone"
+GONE_LOGGED_MAX = 4096
 REPLICATE = "# To replicate this change on another system, run the following as a privileged user in a terminal:"
 Values = tuple[int, ...]
 
 
-class Setter(Protocol):
-    """How one kind of tunable is read and written in a namespace."""
+class Tuner(Protocol):
+    """What the store needs of a tuner (tuner.Tuner is one; the store does
+    not import the framework, which depends on it)."""
 
-    def read(self, name: str, cookie: int) -> Value: ...
+    @property
+    def name(self) -> str: ...
 
-    def write(self, name: str, value: Value, cookie: int) -> None: ...
+    @property
+    def tunables(self) -> tuple[Tunable, ...]: ...
+
+    def tunable(self, tunable_id: int) -> Tunable: ...
+
+    def scenario(self, scenario_id: int) -> Scenario: ...
+
+    def ceiling(self, tunable_id: int) -> int | None: ...
+
+    def command(self, tunable: Tunable, values: tuple[int | str, ...]) -> str | None: ...
+
+    def netns_disabled(self, netns_cookie: int) -> None: ...
+
+
+__all__ = ["Setter", "Tuner", "TunableStore"]
 
 
 class SysctlSetter:
@@ -203,7 +221,8 @@ class TunableStore:
         self._entries: dict[Key, Entry] = {}  # (tunable name, cookie) -> what we changed, journal order
         self._counts: dict[tuple[str, int], Counter[tuple[int, bool]]] = {}
         self._netns_state: dict[tuple[str, int], str] = {}
-        self._gone_logged: set[int] = set()
+        # Bounded: namespaces come and go for as long as the daemon runs.
+        self._gone_logged: dict[int, None] = {}
         self._setters: dict[object, Setter] = {}
         self._left_said: set[Key] = set()
         # Journaled by an earlier daemon for tunables no tuner we know
@@ -408,19 +427,29 @@ class TunableStore:
         )
         tuner.netns_disabled(netns_cookie)
 
-    def mark_gone(self, netns_cookie: int, why: str) -> None:
-        """A namespace vanished: forget it for every tuner, say so once."""
+    def mark_gone(self, netns_cookie: int, why: str) -> bool:
+        """A namespace vanished: forget it for every tuner and close what we
+        held there; said once (at info only if we held something there).
+        True if the namespace registry still knew it."""
+        held = False
         for (tuner_name, cookie), _state in list(self._netns_state.items()):
             if cookie == netns_cookie:
                 self._netns_state[(tuner_name, cookie)] = GONE
-        self.namespaces.mark_gone(netns_cookie)
+                held = True
+        known = self.namespaces.mark_gone(netns_cookie)
         for entry in list(self._entries.values()):
             if entry.cookie == netns_cookie:
                 self._close(entry, "gone")
+                held = True
         self.history.forget_namespace(netns_cookie)
         if netns_cookie not in self._gone_logged:
-            self._gone_logged.add(netns_cookie)
-            log.info("network namespace (cookie %d) is gone: %s", netns_cookie, why)
+            self._gone_logged[netns_cookie] = None
+            while len(self._gone_logged) > GONE_LOGGED_MAX:
+                del self._gone_logged[next(iter(self._gone_logged))]
+            log.log(
+                logging.INFO if held else logging.DEBUG, "network namespace (cookie %d) is gone: %s", netns_cookie, why
+            )
+        return known
 
     # --- the write path --------------------------------------------------------------
 
@@ -619,6 +648,35 @@ class TunableStore:
     def matches_sysctl(self, tuner: Tuner, path: str) -> list[Tunable]:
         """Tunables of ``tuner`` whose /proc/sys path ends with ``path``."""
         return [t for t in tuner.tunables if t.is_sysctl and (t.path == path or t.path.endswith("/" + path))]
+
+    def back_off(self, tuners: Iterable[Tuner], write: AdminWrite) -> None:
+        """An administrator wrote a sysctl: every tuner managing it stops in
+        the writer's namespace (or, the writer gone, wherever the value is no
+        longer what we wrote)."""
+        for tuner in tuners:
+            for tunable in self.matches_sysctl(tuner, write.path):
+                cookies = (
+                    [write.netns_cookie] if write.netns_cookie is not None else self._changed_outside(tuner, tunable)
+                )
+                for cookie in cookies:
+                    self.disable(
+                        tuner,
+                        cookie,
+                        f"pid {write.pid}, cmd '{write.command}' modified sysctl '{tunable.name}' "
+                        f"that tuner '{tuner.name}' uses",
+                    )
+
+    def _changed_outside(self, tuner: Tuner, t: Tunable) -> list[int]:
+        out = []
+        for cookie in self.changed_here(tuner, t.id):
+            try:
+                if self.current(tuner, t.id, cookie) != self.written(tuner, t.id, cookie):
+                    out.append(cookie)
+            except Exception:  # the namespace went away meanwhile
+                continue
+        if not out:
+            log.debug("could not tell where %s was written; its writer is gone", t.name)
+        return out
 
     # --- summary ----------------------------------------------------------------------
 

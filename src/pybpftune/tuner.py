@@ -1,31 +1,54 @@
-"""The tuner framework: declarations, step arithmetic, and the Tuner base.
+"""The tuner framework: the Tuner base and the one event pipeline.
 
 A tuner reads as a declaration::
 
-    class TcpBufferTuner(Tuner):
-        name = "tcp_buffer"
-        bpf_name = "tcp_buffer_tuner"
-        tunables = (Tunable(0, "net.ipv4.tcp_wmem", 3, namespaced=True, ...), ...)
-        scenarios = (Scenario(0, "need to increase TCP buffer size(s)", "..."), ...)
+    class RouteTableTuner(Tuner):
+        name = "route_table"
+        bpf_name = "route_table_tuner"
+        tunables = (Tunable(Ids.MAX_SIZE, "net.ipv6.route.max_size", ...),)
+        scenarios = (Scenario(Ids.FULL, "destination table nearly full", "..."),)
 
-        def decide(self, event): -> list[Proposal]   # plain rules, unit-testable
+        def decide(self, event: Event) -> Decision:   # plain rules, unit-testable
 
-Rules return :class:`Proposal` objects; the framework hands each to the
-tunable store's single write path, which knows the original value, the
-bounds, the namespace and the reason, logs the "what" and "why", counts it
-for the summary, journals the original and honours advice mode.
+Every event goes the same way (:meth:`Tuner.handle_event`, never
+overridden): ``decide`` returns a :class:`Decision`, and the framework
+carries it out: the effects (BPF globals and maps, backing off), then each
+proposal through the tunable store's single write path (which knows the
+original value, the bounds, the namespace and the reason, logs the "what"
+and "why", counts it for the summary, journals the original and honours
+advice mode), then the tick it asks for.  docs/writing-a-tuner.md walks through one.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, ClassVar, final
 
 from . import hostmem
-from .errors import TunerError
+from .declarations import (
+    INT_MAX,
+    NOTHING,
+    AdminWrite,
+    Decision,
+    Disable,
+    Effect,
+    MapUpdate,
+    NamespaceGone,
+    Noted,
+    Proposal,
+    Scenario,
+    SetGlobal,
+    Setter,
+    Steps,
+    TextProposal,
+    Tunable,
+    known_tunables,
+)
+from .errors import PybpftuneError, TunerError
 from .hostmem import HostMemory
 
 if TYPE_CHECKING:
@@ -33,113 +56,31 @@ if TYPE_CHECKING:
     from .events import Event
     from .loader import LoadedObject
     from .netns import Namespaces
-    from .store import Setter, TunableStore
+    from .store import TunableStore
     from .support import Support
 
-INT_MAX = 2**31 - 1
-
-
-@dataclass(frozen=True)
-class Tunable:
-    """One thing a tuner may change.
-
-    ``kind`` is "sysctl" (read/written under /proc/sys), "string" (a sysctl
-    holding text), "custom" (read and written by ``setter``, e.g. over
-    netlink: journaled and restored like a sysctl) or "other" (per-socket
-    settings BPF makes; only logged and counted).  ``lower``/``upper`` are
-    hard bounds applied to every value of a proposal; ``ceiling`` is a hard
-    cap computed from the host's memory (a function of
-    :class:`~pybpftune.hostmem.HostMemory`), for tunables whose values the
-    host must be able to back with memory; ``labels`` names the values in
-    log lines ("min default max").  ``restore_on_stop``: put back whenever
-    the tuner stops, -R or not (state that only makes sense while the tuner
-    runs).
-    """
-
-    id: int
-    name: str
-    num_values: int = 1
-    namespaced: bool = False
-    optional: bool = False
-    kind: str = "sysctl"
-    lower: int | None = None
-    upper: int | None = INT_MAX
-    labels: str = ""
-    setter: Callable[[Namespaces], Setter] | None = None
-    restore_on_stop: bool = False
-    ceiling: Callable[[HostMemory], int] | None = field(default=None, compare=False)
-
-    @property
-    def is_sysctl(self) -> bool:
-        return self.kind in ("sysctl", "string")
-
-    @property
-    def path(self) -> str:
-        """The /proc/sys-relative path ("net/ipv4/tcp_rmem")."""
-        return self.name.replace(".", "/")
-
-    def display(self) -> str:
-        return f"{self.name}({self.labels})" if self.labels else self.name
-
-
-def known_tunables(classes: Iterable[type[Tuner]]) -> dict[str, Tunable]:
-    """Name -> declaration of every tunable these tuners can change (the
-    journal may name nothing else); the first declaration of a shared one."""
-    out: dict[str, Tunable] = {}
-    for cls in classes:
-        for t in cls.tunables:
-            if t.kind != "other":
-                out.setdefault(t.name, t)
-    return out
-
-
-@dataclass(frozen=True)
-class Scenario:
-    id: int
-    name: str
-    description: str = ""
-
-
-@dataclass(frozen=True)
-class Proposal:
-    """A rule's decision: set ``tunable`` to ``new`` in namespace ``netns_cookie``."""
-
-    tunable: int
-    scenario: int
-    netns_cookie: int
-    new: tuple[int, ...]
-    reason: str
-
-
-class Steps:
-    """bpftune's learning-rate arithmetic: steps of 2**-(6 - rate)."""
-
-    def __init__(self, rate: int = 4) -> None:
-        self.set_rate(rate)
-
-    def set_rate(self, rate: int) -> None:
-        """Change the step (a reload); every tuner shares this object."""
-        if not 0 <= rate <= 4:
-            raise TunerError(f"learning rate {rate} is out of range: values 0-4 are supported")
-        self.rate = rate
-        self.shift = 6 - rate
-
-    def grow(self, v: int) -> int:
-        return v + (v >> self.shift)
-
-    def shrink(self, v: int) -> int:
-        return v - (v >> self.shift)
-
-    def nearly_full(self, v: int, limit: int) -> bool:
-        return v >= limit or v + (limit >> self.shift) >= limit
-
-    def nearly_empty(self, v: int, limit: int) -> bool:
-        return v <= (limit >> self.shift)
-
-    @property
-    def fraction(self) -> float:
-        """One step as a fraction (0.25 at the default rate)."""
-        return 1.0 / (1 << self.shift)
+# Re-exported: outside tuners import their vocabulary from here.
+__all__ = [
+    "INT_MAX",
+    "NOTHING",
+    "AdminWrite",
+    "Decision",
+    "Disable",
+    "Effect",
+    "MapUpdate",
+    "NamespaceGone",
+    "Noted",
+    "Proposal",
+    "Scenario",
+    "SetGlobal",
+    "Setter",
+    "Steps",
+    "TextProposal",
+    "Tunable",
+    "Tuner",
+    "TunerContext",
+    "known_tunables",
+]
 
 
 @dataclass
@@ -152,14 +93,17 @@ class TunerContext:
     support: Support | None = None
     variant: str = "full"
     debug: bool = False
-    # The other running tuners (the sysctl tuner disables them on admin writes).
-    peers: Callable[[], Sequence[Tuner]] = lambda: ()
+    # An administrator wrote a sysctl: the daemon backs off every tuner that
+    # manages it (tuners never walk each other).
+    admin_wrote: Callable[[AdminWrite], None] = lambda write: None
     # -R: tuners that change things outside the store (netlink) restore them in stop().
     rollback: bool = False
     # The daemon's event loop (None in unit tests): a tuner may watch an fd there.
     loop: EventLoop | None = None
     # Ask for a tick at this monotonic time (earlier than the one planned); see Tuner.tick.
     request_tick: Callable[[Tuner, float], None] = lambda tuner, when: None
+    # The rules' clock (monotonic seconds); tests give a synthetic one.
+    clock: Callable[[], float] = time.monotonic
 
 
 class Tuner:
@@ -258,15 +202,62 @@ class Tuner:
     def start(self) -> None:
         """After the object is loaded and attached (and tunables read)."""
 
-    def decide(self, event: Event) -> list[Proposal]:
-        """Turn one event into proposals.  Pure rules: no I/O but reads."""
-        return []
+    def decide(self, event: Event) -> Decision:
+        """Turn one event into a decision.  Rules read (sysctls, counters,
+        their own model of what they saw) and may update that model; every
+        effect outside the tuner goes in the decision."""
+        return NOTHING
 
+    @final
     def handle_event(self, event: Event) -> None:
-        """Default handling: decide, then apply each proposal."""
-        for proposal in self.decide(event):
-            self.apply(proposal)
+        """The one pipeline: decide, then carry the decision out."""
+        self.carry_out(self.decide(event))
 
+    @final
+    def carry_out(self, decision: Decision | Sequence[Proposal]) -> None:
+        """Effects (they describe the world the rules saw), then proposals
+        through the store (whose :meth:`applied` sees what was written),
+        then the tick asked for.  (A plain list of proposals is taken too: older outside tuners.)"""
+        if not isinstance(decision, Decision):
+            decision = Decision(tuple(decision))
+        for effect in decision.effects:
+            self._carry_out_effect(effect)
+        for proposal in decision.proposals:
+            if self.apply(proposal) and proposal.announce:
+                self.log.info("%s", proposal.announce)
+        for text in decision.texts:
+            self.apply_text(text.tunable, text.scenario, text.netns_cookie, text.text, text.reason)
+        if decision.check_at is not None:
+            self.tick_at(decision.check_at)
+
+    def _carry_out_effect(self, effect: Effect) -> None:
+        if isinstance(effect, SetGlobal):
+            self.set_bpf_global(effect.name, effect.value)
+        elif isinstance(effect, MapUpdate):
+            self._update_map(effect)
+        elif isinstance(effect, Disable):
+            self.ctx.store.disable(self, effect.netns_cookie, effect.reason)
+        elif isinstance(effect, AdminWrite):
+            self.ctx.admin_wrote(effect)
+        elif isinstance(effect, NamespaceGone):
+            self.ctx.store.mark_gone(effect.netns_cookie, effect.why)
+        elif isinstance(effect, Noted):
+            e = effect
+            self.ctx.store.note_text(self, e.tunable, e.scenario, e.netns_cookie, e.old, e.new, e.reason)
+
+    def _update_map(self, update: MapUpdate) -> None:
+        if self.loaded is None:
+            return
+        bpf_map = self.loaded.obj.map(update.map)
+        if update.value is not None:
+            bpf_map[update.key] = update.value
+            return
+        try:
+            del bpf_map[update.key]
+        except (KeyError, PybpftuneError):
+            pass  # already gone: the BPF side deletes stale elements too
+
+    @final
     def apply(self, proposal: Proposal) -> bool:
         applied = self.ctx.store.apply(self, proposal)
         if applied:

@@ -16,7 +16,7 @@ from pybpftune.loss import EventLoss
 from pybpftune.query import Request, answer
 from pybpftune.registry import Plugin
 from pybpftune.sysctl import MemorySysctl
-from pybpftune.tuner import Tunable, Tuner, TunerContext
+from pybpftune.tuner import NOTHING, Decision, Tunable, Tuner, TunerContext
 from tests.unit.test_plugins import Lines, lines
 
 __all__ = ["lines"]  # the fixture, shared with test_plugins
@@ -98,8 +98,8 @@ class Quiet(Tuner):
     name = "quiet"
     tunables = (Tunable(0, "net.core.somaxconn", 1),)
 
-    def handle_event(self, event: Event) -> None:
-        pass
+    def decide(self, event: Event) -> Decision:
+        return NOTHING
 
 
 @pytest.fixture

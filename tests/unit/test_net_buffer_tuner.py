@@ -160,7 +160,7 @@ def test_backlog_growth_stops_at_its_memory_cap(caplog: pytest.LogCaptureFixture
 
 def test_drops_counted_against_an_older_setting_are_ignored() -> None:
     tuner, _backend, _ = make_tuner(backlog=1250)
-    assert tuner.decide(drops(500, backlog=1000).event(4)) == []
+    assert tuner.decide(drops(500, backlog=1000).event(4)).proposals == ()
 
 
 def test_time_squeeze_grows_budget_and_usecs_once_a_second(caplog: pytest.LogCaptureFixture) -> None:
@@ -207,7 +207,7 @@ def test_backing_off_never_goes_below_the_original_budget() -> None:
     tuner.sched_wait = Waits([10.0])  # type: ignore[assignment]
     tuner._budget_samples.extend((30.0 * i, float(i)) for i in range(CORR_MIN_SAMPLES))
     props = tuner.decide(squeeze().event(4))
-    assert props == []  # shrink would go below 300 / 8000: nothing to do
+    assert props.proposals == ()  # shrink would go below 300 / 8000: nothing to do
     assert backend.writes == []
 
 

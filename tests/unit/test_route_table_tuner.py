@@ -77,7 +77,7 @@ def test_stale_event_changes_nothing() -> None:
 
 def test_unknown_namespace_is_ignored() -> None:
     tuner, _ = make_tuner()
-    assert tuner.decide(full_event(32, 40, cookie=libbpf.NETNS_UNKNOWN)) == []
+    assert not tuner.decide(full_event(32, 40, cookie=libbpf.NETNS_UNKNOWN))
 
 
 def test_ipv6_off_the_tuner_runs_idle(caplog: pytest.LogCaptureFixture) -> None:

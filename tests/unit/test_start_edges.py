@@ -19,7 +19,7 @@ from pybpftune.registry import Plugin
 from pybpftune.startup import EarlyProbe
 from pybpftune.support import PROBE_PROGRAMS, KindSupport, Support
 from pybpftune.sysctl import MemorySysctl
-from pybpftune.tuner import Proposal, Scenario, Tunable, Tuner, TunerContext
+from pybpftune.tuner import NOTHING, Decision, Proposal, Scenario, Tunable, Tuner, TunerContext
 from tests.unit.test_plugins import Lines, lines
 
 __all__ = ["lines"]  # the fixture, shared with test_plugins
@@ -50,7 +50,7 @@ class Writer(Tuner):
         if self.fail is not None:
             raise self.fail
 
-    def handle_event(self, event: Event) -> None:
+    def decide(self, event: Event) -> Decision:
         glob = self.ctx.namespaces.global_cookie
         self.apply(Proposal(0, 0, glob, (70,), "step"))
         raise ValueError(f"rule bug {event.scenario_id}")
@@ -60,8 +60,8 @@ class Keep(Tuner):
     name = "keep"
     tunables = (Tunable(0, SOMAXCONN, 1),)
 
-    def handle_event(self, event: Event) -> None:
-        pass
+    def decide(self, event: Event) -> Decision:
+        return NOTHING
 
 
 @pytest.fixture

@@ -20,7 +20,6 @@ import importlib
 import os
 import pkgutil
 from collections import deque
-from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -29,6 +28,7 @@ from hypothesis import strategies as st
 
 import pybpftune.tuners
 from pybpftune import libbpf
+from pybpftune import store as store_mod
 from pybpftune._libbpf import ffi
 from pybpftune.corr import CorrSums
 from pybpftune.events import Event
@@ -194,13 +194,13 @@ class RecordingStore(TunableStore):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.proposals: list[tuple[Tuner, Proposal]] = []
+        self.proposals: list[tuple[store_mod.Tuner, Proposal]] = []
 
-    def apply(self, tuner: Tuner, proposal: Proposal) -> bool:
+    def apply(self, tuner: store_mod.Tuner, proposal: Proposal) -> bool:
         self.proposals.append((tuner, proposal))
         return super().apply(tuner, proposal)
 
-    def note(self, tuner: Tuner, proposal: Proposal, old: tuple[int, ...]) -> None:
+    def note(self, tuner: store_mod.Tuner, proposal: Proposal, old: tuple[int, ...]) -> None:
         self.proposals.append((tuner, proposal))
         super().note(tuner, proposal, old)
 
@@ -322,11 +322,8 @@ def drive(name: str, data: st.DataObject) -> None:
     ns = Namespaces()
     evs = data.draw(events(cls, [ns.global_cookie, NS]))
     tuner, store, clock = build(cls, data, evs, ns)
-    decide: Callable[[Event], list[Proposal]] = tuner.decide
-    if isinstance(tuner, NeighTableTuner):
-        decide = lambda ev: [p.proposal for p in tuner.plan(ev)]  # noqa: E731
     for ev in evs:
-        for proposal in decide(ev):
+        for proposal in tuner.decide(ev):
             within_bounds(tuner, proposal)
         if name not in DECIDE_ONLY:
             tuner.handle_event(ev)
@@ -336,4 +333,5 @@ def drive(name: str, data: st.DataObject) -> None:
             tuner.tick(clock.now)
             clock.now += 2.0
     for t, proposal in store.proposals:
+        assert isinstance(t, Tuner)
         within_bounds(t, proposal)

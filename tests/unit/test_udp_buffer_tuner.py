@@ -100,7 +100,7 @@ def test_rmem_max_already_above_the_new_default_is_left_alone() -> None:
 
 def test_socket_created_before_the_last_increase_does_not_push_further() -> None:
     tuner, backend = make_tuner(rmem_max=64 * KIB, rmem_default=64 * KIB)
-    assert tuner.decide(rcvbuf_full(16 * KIB).event(3)) == []
+    assert tuner.decide(rcvbuf_full(16 * KIB).event(3)).proposals == ()
     assert backend.writes == []
 
 
@@ -113,7 +113,7 @@ def test_locked_socket_capped_by_rmem_max_grows_only_rmem_max() -> None:
 def test_locked_socket_below_the_cap_changes_nothing() -> None:
     """It chose its size: neither a larger rmem_max nor rmem_default helps it."""
     tuner, _ = make_tuner()
-    assert tuner.decide(rcvbuf_full(8 * KIB, locked=True).event(3)) == []
+    assert tuner.decide(rcvbuf_full(8 * KIB, locked=True).event(3)).proposals == ()
 
 
 def test_values_stay_below_256_mib(caplog: pytest.LogCaptureFixture) -> None:
@@ -166,13 +166,13 @@ def test_exhaustion_at_the_cap_gives_back_receive_buffer_growth() -> None:
 def test_shrinking_stops_at_the_original_values() -> None:
     mem = (100000, 200000, 400000)
     tuner, _backend = make_tuner(rmem_max=16 * KIB, rmem_default=16 * KIB, udp_mem=mem)
-    assert tuner.decide(mem_limit(400000, mem).event(3)) == []
+    assert tuner.decide(mem_limit(400000, mem).event(3)).proposals == ()
 
 
 def test_pressure_at_the_cap_does_nothing() -> None:
     mem = (100000, 200000, 400000)
     tuner, _ = make_tuner(udp_mem=mem)
-    assert tuner.decide(mem_limit(200000, mem).event(3)) == []
+    assert tuner.decide(mem_limit(200000, mem).event(3)).proposals == ()
 
 
 def test_udp_mem_beyond_what_memory_can_back_comes_down_to_a_quarter() -> None:
@@ -204,12 +204,12 @@ def test_refusal_just_above_udp_mem_min_is_pressure() -> None:
 def test_refusal_below_udp_mem_min_is_not_udp_mem() -> None:
     """A memory cgroup's limit refuses too; a larger udp_mem cannot help."""
     tuner, _ = make_tuner(udp_mem=(20000, 40000, 80000))
-    assert tuner.decide(mem_limit(19000, (20000, 40000, 80000)).event(3)) == []
+    assert tuner.decide(mem_limit(19000, (20000, 40000, 80000)).event(3)).proposals == ()
 
 
 def test_memory_well_below_pressure_is_ignored() -> None:
     tuner, _ = make_tuner()
-    assert tuner.decide(mem_limit(100, (20000, 40000, 80000)).event(3)) == []
+    assert tuner.decide(mem_limit(100, (20000, 40000, 80000)).event(3)).proposals == ()
 
 
 def test_unknown_memory_size_grows_nothing() -> None:

@@ -19,7 +19,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from pybpftune.events import Event
-from pybpftune.tuner import Proposal, Scenario, Tuner
+from pybpftune.tuner import NOTHING, Decision, Scenario, Tuner
 
 RENAMED = 0  # SAMPLE_SCENARIO_RENAMED in sample_tuner.bpf.c
 
@@ -34,11 +34,11 @@ class SampleTuner(Tuner):
     def start(self) -> None:
         self.renames = 0
 
-    def decide(self, event: Event) -> list[Proposal]:
+    def decide(self, event: Event) -> Decision:
         if event.scenario_id == RENAMED:
             self.renames += 1
             self.log.info("sample: pid %d renamed a task to '%s'", event.pid, event.text)
-        return []
+        return NOTHING
 
     def summary_lines(self) -> list[str]:
         return [f"# sample: {self.renames} rename event(s) seen"]

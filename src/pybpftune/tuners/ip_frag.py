@@ -27,7 +27,7 @@ from .. import hostmem, libbpf
 from ..events import Event
 from ..hostmem import HostMemory
 from ..procnet import Counters, counters_in, ratio
-from ..tuner import INT_MAX, Proposal, Scenario, Tunable, Tuner, TunerContext
+from ..tuner import INT_MAX, NOTHING, Decision, Proposal, Scenario, Tunable, Tuner, TunerContext
 from .common import SayOnce, sample_lines, significant_correlation
 
 log = logging.getLogger("pybpftune")
@@ -152,10 +152,10 @@ class IpFragTuner(Tuner):
             if name == self.name and (t.id, c) != (tunable, cookie) and values
         )
 
-    def decide(self, event: Event) -> list[Proposal]:
+    def decide(self, event: Event) -> Decision:
         if event.scenario_id != OBS_NEAR_THRESH:
-            return []
-        return self.near_threshold(FragObservation.from_event(event), event.netns_cookie)
+            return NOTHING
+        return Decision(tuple(self.near_threshold(FragObservation.from_event(event), event.netns_cookie)))
 
     def failure_percent(self, cookie: int, tunable: int) -> float | None:
         """Failed reassemblies as a percentage of those requested since the

@@ -31,7 +31,7 @@ import logging
 import socket
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Protocol
 
 from .. import libbpf
@@ -41,7 +41,7 @@ from ..hostmem import HostMemory
 from ..netns import Namespaces, NetnsGone
 from ..store import ACTIVE
 from ..sysctl import SysctlMissing
-from ..tuner import INT_MAX, Proposal, Scenario, Steps, Tunable, Tuner
+from ..tuner import INT_MAX, Decision, Proposal, Scenario, Steps, Tunable, Tuner
 from .common import SayOnce
 
 if TYPE_CHECKING:
@@ -507,8 +507,8 @@ class NeighTableTuner(Tuner):
         )
         return True
 
-    def decide(self, event: Event) -> list[Proposal]:
-        return [p.proposal for p in self.plan(event)]
+    def decide(self, event: Event) -> Decision:
+        return Decision(tuple(replace(p.proposal, announce=p.message) for p in self.plan(event)))
 
     def command(self, tunable: Tunable, values: tuple[int | str, ...]) -> str | None:
         if tunable.id in (ARP_THRESHOLDS, NDISC_THRESHOLDS):
@@ -516,19 +516,6 @@ class NeighTableTuner(Tuner):
             t1, t2, t3 = values
             return f"ip ntable change name {table} thresh1 {t1} thresh2 {t2} thresh3 {t3}"
         return super().command(tunable, values)
-
-    # --- acting ----------------------------------------------------------------------------
-
-    def handle_event(self, event: Event) -> None:
-        for plan in self.plan(event):
-            self.carry_out(plan)
-
-    def carry_out(self, plan: Plan) -> bool:
-        """The store journals, writes (through NeighThresholds), logs and counts."""
-        if not self.apply(plan.proposal):
-            return False
-        log.info("%s", plan.message)
-        return True
 
 
 def _fmt(values: Iterable[int]) -> str:

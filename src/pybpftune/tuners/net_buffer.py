@@ -36,7 +36,7 @@ from types import MappingProxyType
 from .. import libbpf
 from ..events import Event
 from ..hostmem import HostMemory
-from ..tuner import INT_MAX, Proposal, Scenario, Tunable, Tuner, TunerContext
+from ..tuner import INT_MAX, NOTHING, Decision, Proposal, Scenario, TextProposal, Tunable, Tuner, TunerContext
 from .common import SayOnce, sample_lines, significant_correlation
 
 log = logging.getLogger("pybpftune")
@@ -313,23 +313,18 @@ class NetBufferTuner(Tuner):
 
     # --- events -------------------------------------------------------------------------------
 
-    def decide(self, event: Event) -> list[Proposal]:
-        obs = NetBufferObservation.from_event(event)
+    def decide(self, event: Event) -> Decision:
+        return self.observe(NetBufferObservation.from_event(event), event.netns_cookie)
+
+    def observe(self, obs: NetBufferObservation, cookie: int) -> Decision:
+        """One observation, from an event or from polling /proc/net/softnet_stat."""
         if obs.kind == OBS_BACKLOG_DROPS:
-            return self.on_backlog_drops(obs, event.netns_cookie)
+            proposals = self.on_backlog_drops(obs, cookie)
+            flow_limit = self.flow_limit(obs.cpu, cookie) if proposals else None
+            return Decision(tuple(proposals), texts=(flow_limit,) if flow_limit is not None else ())
         if obs.kind == OBS_TIME_SQUEEZE:
-            return self.on_time_squeeze(obs, event.netns_cookie)
-        return []
-
-    def handle_event(self, event: Event) -> None:
-        obs = NetBufferObservation.from_event(event)
-        self._act(obs, self.decide(event), event.netns_cookie)
-
-    def _act(self, obs: NetBufferObservation, proposals: list[Proposal], cookie: int) -> None:
-        for proposal in proposals:
-            self.apply(proposal)
-        if obs.kind == OBS_BACKLOG_DROPS and proposals:
-            self.set_flow_limit(obs.cpu, cookie)
+            return Decision(tuple(self.on_time_squeeze(obs, cookie)))
+        return NOTHING
 
     # --- rules ----------------------------------------------------------------------------------
 
@@ -354,17 +349,18 @@ class NetBufferTuner(Tuner):
         reason = f"{obs.drops} packet(s) dropped from full per-cpu backlog queues"
         return [Proposal(MAX_BACKLOG, INCREASE_BACKLOG, cookie, (new,), reason)]
 
-    def set_flow_limit(self, cpu: int, cookie: int) -> bool:
+    def flow_limit(self, cpu: int, cookie: int) -> TextProposal | None:
+        """Flow limits on for the cpu that dropped (None: on already, or none here)."""
         if not 0 <= cpu < MAX_CPUS:
-            return False  # no such cpu: a garbled event (1 << cpu would be a 4-billion-bit mask)
+            return None  # no such cpu: a garbled event (1 << cpu would be a 4-billion-bit mask)
         try:
             text = self.ctx.store.current_text(self, FLOW_LIMIT_CPU_BITMAP)
         except Exception:  # no CONFIG_NET_FLOW_LIMIT
-            return False
+            return None
         mask = parse_cpumask(text)
         if mask & (1 << cpu):
-            return False
-        return self.apply_text(
+            return None
+        return TextProposal(
             FLOW_LIMIT_CPU_BITMAP,
             SET_FLOW_LIMIT,
             cookie,
@@ -445,12 +441,12 @@ class NetBufferTuner(Tuner):
                 window = int((t - self._poll_drops[0][0]) * 1e9)
                 cpu = max(drops, key=lambda d: d[1])[0]
                 obs = NetBufferObservation(OBS_BACKLOG_DROPS, cpu, total, window, 0)
-                self._act(obs, self.on_backlog_drops(obs, glob), glob)
+                self.carry_out(self.observe(obs, glob))
         if self.poll_squeeze:
             for cpu, (s, p) in enumerate(zip(stats, last, strict=True)):
                 if s[2] > p[2]:
                     obs = NetBufferObservation(OBS_TIME_SQUEEZE, cpu, time_squeeze=s[2], prev_time_squeeze=p[2])
-                    self._act(obs, self.on_time_squeeze(obs, glob), glob)
+                    self.carry_out(self.observe(obs, glob))
                     break
 
     # --- reporting ----------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ from __future__ import annotations
 import time
 
 from ..events import Event
-from ..tuner import Scenario, Tunable, Tuner, TunerContext
+from ..tuner import NOTHING, Decision, NamespaceGone, Scenario, Tunable, Tuner, TunerContext
 
 SCENARIO_CREATE, SCENARIO_DESTROY = 0, 1
 TUNABLE_NAMESPACE = 0
@@ -94,18 +94,20 @@ class NetnsTuner(Tuner):
             self.created_watch += 1
         self.log.debug("netns created (cookie %d) [%s]", cookie, via)
 
-    def handle_event(self, event: Event) -> None:
+    def decide(self, event: Event) -> Decision:
         e = event.payload("struct netns_event")
         cookie, inode = int(e.cookie), int(e.inum)
         ns = self.ctx.namespaces
         if event.scenario_id == SCENARIO_CREATE:
             ns.learn(cookie, inode, f"/proc/{event.pid}/ns/net" if event.pid > 0 else None)
             self._created(cookie, "bpf")
-        elif event.scenario_id == SCENARIO_DESTROY:
-            if ns.mark_gone(cookie):
-                self.destroyed += 1
-                self.log.debug("netns destroyed (cookie %d)", cookie)
+        elif event.scenario_id == SCENARIO_DESTROY and not ns.is_gone(cookie):
+            # The store alone decides "gone" (it closes what it held there).
+            self.destroyed += 1
             self.seen.discard(cookie)
+            self.log.debug("netns destroyed (cookie %d)", cookie)
+            return Decision(effects=(NamespaceGone(cookie, "freed (reported by BPF)"),))
+        return NOTHING
 
     def _on_watch(self) -> None:
         self._poll_watch(time.monotonic())

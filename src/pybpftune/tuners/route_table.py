@@ -22,7 +22,7 @@ from ..errors import NotSupported
 from ..events import Event
 from ..netns import NetnsGone
 from ..sysctl import SysctlMissing
-from ..tuner import INT_MAX, Proposal, Scenario, Steps, Tunable, Tuner
+from ..tuner import INT_MAX, Decision, Proposal, Scenario, Steps, Tunable, Tuner
 
 MAX_SIZE = 0  # enum route_table_tunable: ROUTE_TABLE_IPV6_MAX_SIZE
 FULL = 0  # enum route_table_scenario: ROUTE_TABLE_FULL
@@ -61,7 +61,10 @@ class RouteTableTuner(Tuner):
         except SysctlMissing:
             self.log.info("tuner %s: net.ipv6.route.max_size is absent (IPv6 is off): nothing to tune", self.name)
 
-    def decide(self, event: Event) -> list[Proposal]:
+    def decide(self, event: Event) -> Decision:
+        return Decision(tuple(self._rules(event)))
+
+    def _rules(self, event: Event) -> list[Proposal]:
         if event.scenario_id != FULL or event.netns_cookie == libbpf.NETNS_UNKNOWN:
             return []
         update = event.update(0)

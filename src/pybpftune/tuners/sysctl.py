@@ -2,7 +2,8 @@
 
 Any write by a process other than the daemon to a sysctl that another tuner
 manages turns that tuner off in the writer's namespace only (bpftune's
-"modified sysctl" line).  It changes nothing itself.
+"modified sysctl" line).  It changes nothing itself: its decision names the
+write, and the daemon has the store back off every tuner that manages it.
 
 Every event names a namespace: a net sysctl's own, or for a sysctl of no
 network namespace (kernel.core_pattern, vm.*) the writer's; where the BPF
@@ -17,7 +18,7 @@ from types import MappingProxyType
 
 from .. import libbpf
 from ..events import Event, cookie_text
-from ..tuner import Tuner
+from ..tuner import AdminWrite, Decision, Tuner
 
 
 def _cmdline(pid: int, comm: str) -> str:
@@ -42,10 +43,9 @@ class SysctlTuner(Tuner):
 
     def _writer_cookie(self, pid: int) -> int | None:
         """Namespace of the writing process, if it is still there."""
-        cookie = self.ctx.namespaces.add(f"/proc/{pid}/ns/net") if pid > 0 else None
-        return cookie
+        return self.ctx.namespaces.add(f"/proc/{pid}/ns/net") if pid > 0 else None
 
-    def handle_event(self, event: Event) -> None:
+    def decide(self, event: Event) -> Decision:
         payload = event.payload("struct sysctl_write_event")
         path = libbpf.c_string(payload.path)
         command = _cmdline(event.pid, libbpf.c_string(payload.comm))
@@ -55,33 +55,8 @@ class SysctlTuner(Tuner):
         )
         if cookie == libbpf.NETNS_UNKNOWN:
             cookie = self._writer_cookie(event.pid)
-        store = self.ctx.store
-        for tuner in self.ctx.peers():
-            if tuner is self:
-                continue
-            for tunable in store.matches_sysctl(tuner, path):
-                cookies = [cookie] if cookie is not None else self._changed_where(tuner, tunable.id)
-                for c in cookies:
-                    store.disable(
-                        tuner,
-                        c,
-                        f"pid {event.pid}, cmd '{command}' modified sysctl '{tunable.name}' "
-                        f"that tuner '{tuner.name}' uses",
-                    )
-
-    def _changed_where(self, tuner: Tuner, tunable_id: int) -> list[int]:
-        """The writer is gone: find namespaces whose value is no longer ours."""
-        store = self.ctx.store
-        out = []
-        for c in store.changed_here(tuner, tunable_id):
-            try:
-                if store.current(tuner, tunable_id, c) != store.written(tuner, tunable_id, c):
-                    out.append(c)
-            except Exception:  # the namespace went away meanwhile
-                continue
-        if not out:
-            self.log.debug("could not tell where %s was written; its writer is gone", tuner.tunable(tunable_id).name)
-        return out
+        # The daemon backs off every tuner managing that sysctl (AdminWrite).
+        return Decision(effects=(AdminWrite(path, cookie, event.pid, command),))
 
 
 TUNER = SysctlTuner

@@ -59,7 +59,7 @@ from ..errors import PybpftuneError
 from ..events import Event
 from ..hostmem import PAGE_SIZE, HostMemory
 from ..sysctl import SysctlMissing
-from ..tuner import INT_MAX, Proposal, Scenario, Steps, Tunable, Tuner, TunerContext
+from ..tuner import INT_MAX, Decision, Proposal, Scenario, Steps, Tunable, Tuner, TunerContext
 from .common import SayOnce
 
 Values = tuple[int, ...]
@@ -641,14 +641,6 @@ class TcpBufferTuner(Tuner):
     def start(self) -> None:
         self.log.debug("tcp_buffer: %s (page size %d)", self.host_memory.describe(), self.page_size)
 
-    def handle_event(self, event: Event) -> None:
-        t0 = time.perf_counter()
-        for proposal in self.decide(event):
-            self.apply(proposal)
-        if self._low_mem:
-            self.tick_at(time.monotonic() + LOW_MEMORY_CHECK_S)  # ticks are off outside that state
-        self.handler_s += time.perf_counter() - t0
-
     def applied(self, proposal: Proposal) -> None:
         key = (proposal.netns_cookie, proposal.tunable)
         self._last_change[key] = self.clock()
@@ -758,7 +750,16 @@ class TcpBufferTuner(Tuner):
 
     # --- decisions ------------------------------------------------------------------------
 
-    def decide(self, event: Event) -> list[Proposal]:
+    def decide(self, event: Event) -> Decision:
+        t0 = time.perf_counter()
+        decision = Decision(tuple(self._rules(event)))
+        if self._low_mem:
+            # Ticks are off outside the low-memory state.
+            decision = Decision(decision.proposals, decision.effects, time.monotonic() + LOW_MEMORY_CHECK_S)
+        self.handler_s += time.perf_counter() - t0
+        return decision
+
+    def _rules(self, event: Event) -> list[Proposal]:
         update = event.update(0)
         if event.scenario_id in (MEM_PRESSURE, MEM_EXHAUSTION) and update.id == TCP_MEM:
             return self._decide_memory(event)

@@ -29,7 +29,7 @@ from .. import libbpf
 from ..errors import PybpftuneError
 from ..events import Event
 from ..sysctl import SysctlMissing
-from ..tuner import Scenario, Tunable, Tuner, TunerContext
+from ..tuner import Decision, Noted, Scenario, Tunable, Tuner, TunerContext
 
 log = logging.getLogger("pybpftune.tuner.tcp_conn")
 
@@ -259,7 +259,7 @@ class TcpConnTuner(Tuner):
 
     # --- events ---------------------------------------------------------------------------
 
-    def handle_event(self, event: Event) -> None:
+    def decide(self, event: Event) -> Decision:
         e = event.payload("struct tcp_conn_event")
         self.events += 1
         old = ALGS[e.old_alg] if e.old_alg < len(ALGS) else "other"
@@ -275,7 +275,8 @@ class TcpConnTuner(Tuner):
         else:
             why = f"exploring congestion controls for {host} (1 connection in {EPSILON})"
         scenario = SCENARIO_LOSS if event.scenario_id == SCENARIO_LOSS else SCENARIO_SPECIFY
-        self.ctx.store.note_text(self, TUNABLE_CONG, scenario, event.netns_cookie, old, new, why)
+        # The BPF side already switched the connection: the store only tells.
+        return Decision(effects=(Noted(TUNABLE_CONG, scenario, event.netns_cookie, old, new, why),))
 
     # --- summary --------------------------------------------------------------------------
 

@@ -28,7 +28,7 @@ from .. import hostmem, libbpf
 from ..events import Event
 from ..hostmem import HostMemory
 from ..procnet import Counters, counters_in
-from ..tuner import Proposal, Scenario, Tunable, Tuner, TunerContext
+from ..tuner import Decision, Proposal, Scenario, SetGlobal, Tunable, Tuner, TunerContext
 from .common import SayOnce, sample_lines
 
 log = logging.getLogger("pybpftune")
@@ -133,31 +133,33 @@ class UdpBufferTuner(Tuner):
     def bpf_globals(self) -> dict[str, int]:
         return {"rmem_max": self.current(RMEM_MAX)[0], "rmem_default": self.current(RMEM_DEFAULT)[0]}
 
-    def handle_event(self, event: Event) -> None:
+    def _mirror(self) -> tuple[SetGlobal, SetGlobal]:
+        """The limits as they are now, for the BPF pre-filter."""
+        return (
+            SetGlobal("rmem_max", self.current(RMEM_MAX)[0]),
+            SetGlobal("rmem_default", self.current(RMEM_DEFAULT)[0]),
+        )
+
+    def applied(self, proposal: Proposal) -> None:
+        # The framework calls this with what the store wrote: mirror it.
+        if proposal.tunable in (RMEM_MAX, RMEM_DEFAULT):
+            for effect in self._mirror():
+                self.set_bpf_global(effect.name, effect.value)
+
+    # --- rules -----------------------------------------------------------------------------
+
+    def decide(self, event: Event) -> Decision:
+        obs = UdpObservation.from_event(event)
         # Follow changes made behind our back (the sysctl tuner disables us
         # then, but the BPF pre-filter should still see true values): a raised
         # limit makes the stale pre-filter send events, and each event
         # refreshes it, so no periodic re-read is needed.
-        self._mirror()
-        super().handle_event(event)
-
-    def _mirror(self) -> None:
-        self.set_bpf_global("rmem_max", self.current(RMEM_MAX)[0])
-        self.set_bpf_global("rmem_default", self.current(RMEM_DEFAULT)[0])
-
-    def applied(self, proposal: Proposal) -> None:
-        if proposal.tunable in (RMEM_MAX, RMEM_DEFAULT):
-            self._mirror()
-
-    # --- rules -----------------------------------------------------------------------------
-
-    def decide(self, event: Event) -> list[Proposal]:
-        obs = UdpObservation.from_event(event)
+        mirror = self._mirror()
         if obs.kind == OBS_RCVBUF_FULL:
-            return self.on_rcvbuf_full(obs, event.netns_cookie)
+            return Decision.of(self.on_rcvbuf_full(obs, event.netns_cookie), mirror)
         if obs.kind == OBS_MEM_LIMIT:
-            return self.on_memory_limit(obs, event.netns_cookie)
-        return []
+            return Decision.of(self.on_memory_limit(obs, event.netns_cookie), mirror)
+        return Decision.of((), mirror)
 
     def _within_bound(self, tunable: int, value: int) -> bool:
         if value < RMEM_BOUND:
