@@ -76,13 +76,13 @@ def show(text: object, limit: int = 60) -> str:
 Bound = int | tuple[int, ...]
 
 
-
 def normalize(name: str) -> str:
     """'tcp_buffer_tuner.so' and 'tcp_buffer' name the same tuner."""
     name = os.path.basename(name)
     for suffix in (".so", ".py"):
         name = name.removesuffix(suffix)
     return name.removesuffix("_tuner")
+
 
 @dataclass(frozen=True)
 class Limits:
