@@ -10,6 +10,7 @@ hold the returned handles but never touch ``lib`` themselves.
 from __future__ import annotations
 
 import collections
+import enum
 import logging
 import os
 import threading
@@ -426,6 +427,25 @@ def c_string(chars: CData) -> str:
 
 def struct_size(type_name: str) -> int:
     return int(ffi.sizeof(type_name))
+
+
+def enum_members(c_enum: str) -> dict[str, int]:
+    """Name -> value of an enum of the shared header ("enum tcp_buffer_tunable")."""
+    return {str(k): int(v) for k, v in ffi.typeof(c_enum).relements.items()}
+
+
+def header_enum(class_name: str, c_enum: str, prefix: str, drop: tuple[str, ...] = ()) -> type[enum.IntEnum]:
+    """An IntEnum of a shared-header enum, its members named without
+    ``prefix`` ("TCP_BUFFER_TCP_WMEM" -> TCP_WMEM); ``drop``: members that
+    are counts, not ids ("NUM_TUNABLES")."""
+    members = {
+        name.removeprefix(prefix): value
+        for name, value in sorted(enum_members(c_enum).items(), key=lambda kv: kv[1])
+        if name.removeprefix(prefix) not in drop
+    }
+    if not members or any(not n.isidentifier() for n in members):
+        raise ValueError(f"{c_enum}: no members named {prefix}*")
+    return enum.IntEnum(class_name, members)  # type: ignore[return-value]
 
 
 RingCallback = Callable[[bytes], int]
