@@ -41,6 +41,7 @@ from typing import Any
 
 from .errors import PybpftuneError
 from .procfs import mounts
+from .procnet import Counters, read_counters
 
 log = logging.getLogger("pybpftune.netns")
 
@@ -381,6 +382,15 @@ class Namespaces:
             raise NetnsGone(f"network namespace with inode {inode} is gone")
         with entered(path):
             yield
+
+    def counters(self, cookie: int, files: tuple[str, ...] = ("snmp", "snmp6")) -> Counters | None:
+        """Protocol counters (/proc/net/snmp, snmp6, netstat) of the namespace
+        with ``cookie``; None if it cannot be entered."""
+        try:
+            with self.enter(cookie):
+                return read_counters(files)
+        except NetnsGone:
+            return None
 
     @contextmanager
     def enter(self, cookie: int) -> Iterator[None]:

@@ -4,14 +4,14 @@ The kernel prints /proc/net/snmp and /proc/net/netstat as pairs of lines
 ("Ip: Forwarding DefaultTTL ..." then "Ip: 1 64 ...") and /proc/net/snmp6 as
 one "Ip6ReasmReqds 12" pair per line.  Both become one flat dict:
 ``{"Ip.ReasmReqds": 12, "Ip6ReasmReqds": 3, ...}``.  Reads go through
-/proc/thread-self so they see the namespace the calling thread entered.
+/proc/thread-self so they see the namespace the calling thread entered
+(netns.Namespaces.counters enters it).  Every /proc/net text format pybpftune
+reads is parsed here.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-
-from .netns import Namespaces, NetnsGone
 
 PROC_NET = Path("/proc/thread-self/net")
 Counters = dict[str, int]
@@ -53,15 +53,6 @@ def read_counters(files: tuple[str, ...] = ("snmp", "snmp6")) -> Counters:
         except OSError:
             continue
     return out
-
-
-def counters_in(namespaces: Namespaces, cookie: int, files: tuple[str, ...] = ("snmp", "snmp6")) -> Counters | None:
-    """Counters of the namespace with ``cookie``; None if it cannot be entered."""
-    try:
-        with namespaces.enter(cookie):
-            return read_counters(files)
-    except NetnsGone:
-        return None
 
 
 def ratio(part: int, whole: int) -> float:

@@ -257,6 +257,11 @@ class Tuner:
         except (KeyError, PybpftuneError):
             pass  # already gone: the BPF side deletes stale elements too
 
+    @property
+    def clock(self) -> Callable[[], float]:
+        """The rules' clock: monotonic seconds (synthetic in unit tests)."""
+        return self.ctx.clock
+
     @final
     def apply(self, proposal: Proposal) -> bool:
         applied = self.ctx.store.apply(self, proposal)

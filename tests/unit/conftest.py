@@ -5,11 +5,13 @@ then do not depend on the machine the tests run on."""
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
 from pybpftune import hostmem
 from pybpftune.hostmem import HostMemory
+from pybpftune.testing import TunerHarness
 
 UNIT_HOST = HostMemory(total_bytes=8 << 30, zone_pages=2_000_000, page_size=4096, cpus=4)
 
@@ -18,3 +20,10 @@ UNIT_HOST = HostMemory(total_bytes=8 << 30, zone_pages=2_000_000, page_size=4096
 def _fixed_host_memory() -> Iterator[HostMemory]:
     with hostmem.override(UNIT_HOST) as memory:
         yield memory
+
+
+@pytest.fixture
+def harness() -> type[TunerHarness[Any]]:
+    """``harness.build(TunerClass, sysctls={...})``: any tuner over in-memory
+    sysctls, a synthetic clock and synthetic namespace counters."""
+    return TunerHarness

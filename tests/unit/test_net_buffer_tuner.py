@@ -57,7 +57,7 @@ def make_tuner(
     tuner = NetBufferTuner(TunerContext(store, ns, Steps(4)), 4)
     store.register(tuner)
     clock = Clock()
-    tuner.clock = clock
+    tuner.ctx.clock = clock
     tuner.sched_wait = Waits([])  # type: ignore[assignment]
     return tuner, backend, clock
 

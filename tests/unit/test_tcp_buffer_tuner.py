@@ -60,7 +60,7 @@ def make_tuner(
     store.register(tuner)
     tuner.free_pages = F
     clock = Clock()
-    tuner.clock = clock
+    tuner.ctx.clock = clock
     tuner.netstat_reader = lambda cookie: {}
     return tuner, backend, clock
 

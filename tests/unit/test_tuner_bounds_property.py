@@ -225,7 +225,7 @@ def within_bounds(tuner: Tuner, proposal: Proposal) -> None:
 def seams(tuner: Tuner, data: st.DataObject, clock: Clock) -> None:
     """Random inputs where each tuner reads the world."""
     if hasattr(tuner, "clock"):
-        tuner.clock = clock
+        tuner.ctx.clock = clock
     counters = data.draw(st.dictionaries(st.sampled_from(COUNTER_NAMES), ints(0, 1 << 40), max_size=8))
     if hasattr(tuner, "counters"):
         tuner.counters = lambda cookie: counters

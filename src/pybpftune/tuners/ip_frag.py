@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from .. import hostmem, libbpf
 from ..events import Event
 from ..hostmem import HostMemory
-from ..procnet import Counters, counters_in, ratio
+from ..procnet import Counters, ratio
 from ..tuner import INT_MAX, NOTHING, Decision, Proposal, Scenario, Tunable, Tuner, TunerContext
 from .common import SayOnce, sample_lines, significant_correlation
 
@@ -122,7 +122,7 @@ class IpFragTuner(Tuner):
     def __init__(self, ctx: TunerContext, tuner_id: int) -> None:
         super().__init__(ctx, tuner_id)
         # Seams for unit tests: a namespace's counters (and mem_total below).
-        self.counters: Callable[[int], Counters | None] = lambda cookie: counters_in(ctx.namespaces, cookie)
+        self.counters: Callable[[int], Counters | None] = ctx.namespaces.counters
         self._last: dict[tuple[int, int], tuple[int, int]] = {}  # (cookie, tunable) -> (reqds, fails)
         self._samples: dict[tuple[int, int], deque[tuple[float, float]]] = {}
         self._capped = SayOnce(log)

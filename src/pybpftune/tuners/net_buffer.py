@@ -256,7 +256,6 @@ class NetBufferTuner(Tuner):
     def __init__(self, ctx: TunerContext, tuner_id: int) -> None:
         super().__init__(ctx, tuner_id)
         # Seams for unit tests.
-        self.clock: Callable[[], float] = time.monotonic
         self.sched_wait = SchedWait()
         self.read_softnet: Callable[[], str | None] = lambda: _read_text("/proc/net/softnet_stat")
         self.kernel_release = os.uname().release

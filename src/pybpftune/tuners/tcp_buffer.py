@@ -605,7 +605,6 @@ class TcpBufferTuner(Tuner):
 
     def __init__(self, ctx: TunerContext, tuner_id: int) -> None:
         super().__init__(ctx, tuner_id)
-        self.clock: Callable[[], float] = time.monotonic
         self.page_size = PAGE_SIZE
         self._capped = SayOnce(self.log)
         # Where the memory flags come from when no BPF object is loaded (tests).

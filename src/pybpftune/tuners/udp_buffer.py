@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from .. import hostmem, libbpf
 from ..events import Event
 from ..hostmem import HostMemory
-from ..procnet import Counters, counters_in
+from ..procnet import Counters
 from ..tuner import Decision, Proposal, Scenario, SetGlobal, Tunable, Tuner, TunerContext
 from .common import SayOnce, sample_lines
 
@@ -125,7 +125,7 @@ class UdpBufferTuner(Tuner):
     def __init__(self, ctx: TunerContext, tuner_id: int) -> None:
         super().__init__(ctx, tuner_id)
         # Seam for unit tests: a namespace's counters (free_pages is the base class's).
-        self.counters: Callable[[int], Counters | None] = lambda cookie: counters_in(ctx.namespaces, cookie)
+        self.counters: Callable[[int], Counters | None] = ctx.namespaces.counters
         self._refused = SayOnce(log)
 
     # --- setup -------------------------------------------------------------------------
