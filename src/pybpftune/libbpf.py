@@ -10,7 +10,6 @@ hold the returned handles but never touch ``lib`` themselves.
 from __future__ import annotations
 
 import collections
-import enum
 import logging
 import os
 import threading
@@ -429,23 +428,43 @@ def struct_size(type_name: str) -> int:
     return int(ffi.sizeof(type_name))
 
 
+def header_constant(name: str) -> int:
+    """An enum member or integer #define of the shared header, by C name."""
+    return int(getattr(lib, name))
+
+
+def fit(data: bytes | bytearray, size: int) -> bytes | bytearray:
+    """``data`` padded with zeros to at least ``size`` bytes (a short record
+    reads as zeros, never past its end)."""
+    return data if len(data) >= size else bytes(data) + bytes(size - len(data))
+
+
+def array_bytes(array: CData) -> bytes:
+    """The bytes of an array field of a struct view."""
+    return bytes(ffi.buffer(array))
+
+
+def set_array(array: CData, values: bytes | tuple[int, ...]) -> None:
+    """Fill an array field from its start (at most its length); the rest stays."""
+    n = min(len(array), len(values))
+    for i in range(n):
+        array[i] = values[i]
+
+
+def set_c_string(array: CData, text: str) -> None:
+    """A char array field: ``text``, truncated to leave its NUL."""
+    raw = text.encode()[: len(array) - 1]
+    ffi.memmove(array, raw + b"\0", len(raw) + 1)
+
+
+def struct_field_names(type_name: str) -> list[str]:
+    """The fields of a shared-header struct, in layout order."""
+    return [str(name) for name, _field in ffi.typeof(type_name).fields]
+
+
 def enum_members(c_enum: str) -> dict[str, int]:
     """Name -> value of an enum of the shared header ("enum tcp_buffer_tunable")."""
     return {str(k): int(v) for k, v in ffi.typeof(c_enum).relements.items()}
-
-
-def header_enum(class_name: str, c_enum: str, prefix: str, drop: tuple[str, ...] = ()) -> type[enum.IntEnum]:
-    """An IntEnum of a shared-header enum, its members named without
-    ``prefix`` ("TCP_BUFFER_TCP_WMEM" -> TCP_WMEM); ``drop``: members that
-    are counts, not ids ("NUM_TUNABLES")."""
-    members = {
-        name.removeprefix(prefix): value
-        for name, value in sorted(enum_members(c_enum).items(), key=lambda kv: kv[1])
-        if name.removeprefix(prefix) not in drop
-    }
-    if not members or any(not n.isidentifier() for n in members):
-        raise ValueError(f"{c_enum}: no members named {prefix}*")
-    return enum.IntEnum(class_name, members)  # type: ignore[return-value]
 
 
 RingCallback = Callable[[bytes], int]
