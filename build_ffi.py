@@ -197,7 +197,7 @@ def render_bindings() -> str:
         "import builtins",
         "import enum",
         "from dataclasses import dataclass, field, fields",
-        "from typing import Any, ClassVar",
+        "from typing import Any, ClassVar, Self",
         "",
         "from . import libbpf",
         "",
@@ -224,14 +224,14 @@ def render_bindings() -> str:
         out += ["", "", "@dataclass(frozen=True)", f"class {cls}:", f'    """struct {sname}."""', ""]
         out += [f'    C_TYPE: ClassVar[str] = "struct {sname}"', "    SIZE: ClassVar[int] = libbpf.struct_size(C_TYPE)"]
         out += [f"    {decl}" for _f, decl, _r, _w, _k in codes]
-        out += ["", "    @classmethod", f"    def from_view(cls, v: Any) -> {cls}:", "        return cls("]
+        out += ["", "    @classmethod", "    def from_view(cls, v: Any) -> Self:", "        return cls("]
         out += [f"            {f}={read}," for f, _d, read, _w, _k in codes]
         out += ["        )", "", "    def fill(self, v: Any) -> None:"]
         out += [f"        {write}" for _f, _d, _r, write, _k in codes]
         out += [
             "",
             "    @classmethod",
-            f"    def unpack(cls, data: builtins.bytes) -> {cls}:",
+            "    def unpack(cls, data: builtins.bytes) -> Self:",
             '        """From a record\'s bytes (at least SIZE of them)."""',
             "        return cls.from_view(libbpf.struct_view(cls.C_TYPE, libbpf.fit(data, cls.SIZE)))",
             "",

@@ -12,7 +12,7 @@ from __future__ import annotations
 import builtins
 import enum
 from dataclasses import dataclass, field, fields
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Self
 
 from . import libbpf
 
@@ -257,7 +257,7 @@ class BpftunableUpdate:
     new: tuple[int, ...] = ()
 
     @classmethod
-    def from_view(cls, v: Any) -> BpftunableUpdate:
+    def from_view(cls, v: Any) -> Self:
         return cls(
             id=int(v.id),
             pad=int(v.pad),
@@ -272,7 +272,7 @@ class BpftunableUpdate:
         libbpf.set_array(v.new, self.new)
 
     @classmethod
-    def unpack(cls, data: builtins.bytes) -> BpftunableUpdate:
+    def unpack(cls, data: builtins.bytes) -> Self:
         """From a record's bytes (at least SIZE of them)."""
         return cls.from_view(libbpf.struct_view(cls.C_TYPE, libbpf.fit(data, cls.SIZE)))
 
@@ -298,7 +298,7 @@ class BpftuneEvent:
     raw_data: bytes = b""
 
     @classmethod
-    def from_view(cls, v: Any) -> BpftuneEvent:
+    def from_view(cls, v: Any) -> Self:
         return cls(
             tuner_id=int(v.tuner_id),
             scenario_id=int(v.scenario_id),
@@ -322,7 +322,7 @@ class BpftuneEvent:
         libbpf.set_array(v.raw_data, self.raw_data)
 
     @classmethod
-    def unpack(cls, data: builtins.bytes) -> BpftuneEvent:
+    def unpack(cls, data: builtins.bytes) -> Self:
         """From a record's bytes (at least SIZE of them)."""
         return cls.from_view(libbpf.struct_view(cls.C_TYPE, libbpf.fit(data, cls.SIZE)))
 
@@ -343,7 +343,7 @@ class BpftuneSample:
     rate: int = 0
 
     @classmethod
-    def from_view(cls, v: Any) -> BpftuneSample:
+    def from_view(cls, v: Any) -> Self:
         return cls(
             count=int(v.count),
             ts=int(v.ts),
@@ -356,7 +356,7 @@ class BpftuneSample:
         v.rate = self.rate
 
     @classmethod
-    def unpack(cls, data: builtins.bytes) -> BpftuneSample:
+    def unpack(cls, data: builtins.bytes) -> Self:
         """From a record's bytes (at least SIZE of them)."""
         return cls.from_view(libbpf.struct_view(cls.C_TYPE, libbpf.fit(data, cls.SIZE)))
 
@@ -377,7 +377,7 @@ class CorrKey:
     netns_cookie: int = 0
 
     @classmethod
-    def from_view(cls, v: Any) -> CorrKey:
+    def from_view(cls, v: Any) -> Self:
         return cls(
             tuner_id=int(v.tuner_id),
             id=int(v.id),
@@ -390,7 +390,7 @@ class CorrKey:
         v.netns_cookie = self.netns_cookie
 
     @classmethod
-    def unpack(cls, data: builtins.bytes) -> CorrKey:
+    def unpack(cls, data: builtins.bytes) -> Self:
         """From a record's bytes (at least SIZE of them)."""
         return cls.from_view(libbpf.struct_view(cls.C_TYPE, libbpf.fit(data, cls.SIZE)))
 
@@ -414,7 +414,7 @@ class Corr:
     sum_xy: int = 0
 
     @classmethod
-    def from_view(cls, v: Any) -> Corr:
+    def from_view(cls, v: Any) -> Self:
         return cls(
             n=int(v.n),
             sum_x=int(v.sum_x),
@@ -433,7 +433,7 @@ class Corr:
         v.sum_xy = self.sum_xy
 
     @classmethod
-    def unpack(cls, data: builtins.bytes) -> Corr:
+    def unpack(cls, data: builtins.bytes) -> Self:
         """From a record's bytes (at least SIZE of them)."""
         return cls.from_view(libbpf.struct_view(cls.C_TYPE, libbpf.fit(data, cls.SIZE)))
 
@@ -453,7 +453,7 @@ class SysctlWriteEvent:
     comm: str = ""
 
     @classmethod
-    def from_view(cls, v: Any) -> SysctlWriteEvent:
+    def from_view(cls, v: Any) -> Self:
         return cls(
             path=libbpf.c_string(v.path),
             comm=libbpf.c_string(v.comm),
@@ -464,7 +464,7 @@ class SysctlWriteEvent:
         libbpf.set_c_string(v.comm, self.comm)
 
     @classmethod
-    def unpack(cls, data: builtins.bytes) -> SysctlWriteEvent:
+    def unpack(cls, data: builtins.bytes) -> Self:
         """From a record's bytes (at least SIZE of them)."""
         return cls.from_view(libbpf.struct_view(cls.C_TYPE, libbpf.fit(data, cls.SIZE)))
 
@@ -484,7 +484,7 @@ class TcpConnHostKey:
     addr: bytes = b""
 
     @classmethod
-    def from_view(cls, v: Any) -> TcpConnHostKey:
+    def from_view(cls, v: Any) -> Self:
         return cls(
             netns_cookie=int(v.netns_cookie),
             addr=libbpf.array_bytes(v.addr),
@@ -495,7 +495,7 @@ class TcpConnHostKey:
         libbpf.set_array(v.addr, self.addr)
 
     @classmethod
-    def unpack(cls, data: builtins.bytes) -> TcpConnHostKey:
+    def unpack(cls, data: builtins.bytes) -> Self:
         """From a record's bytes (at least SIZE of them)."""
         return cls.from_view(libbpf.struct_view(cls.C_TYPE, libbpf.fit(data, cls.SIZE)))
 
@@ -519,7 +519,7 @@ class TcpConnAlgStats:
     max_rate: int = 0
 
     @classmethod
-    def from_view(cls, v: Any) -> TcpConnAlgStats:
+    def from_view(cls, v: Any) -> Self:
         return cls(
             metric=int(v.metric),
             samples=int(v.samples),
@@ -538,7 +538,7 @@ class TcpConnAlgStats:
         v.max_rate = self.max_rate
 
     @classmethod
-    def unpack(cls, data: builtins.bytes) -> TcpConnAlgStats:
+    def unpack(cls, data: builtins.bytes) -> Self:
         """From a record's bytes (at least SIZE of them)."""
         return cls.from_view(libbpf.struct_view(cls.C_TYPE, libbpf.fit(data, cls.SIZE)))
 
@@ -560,7 +560,7 @@ class TcpConnHost:
     alg: tuple[TcpConnAlgStats, ...] = ()
 
     @classmethod
-    def from_view(cls, v: Any) -> TcpConnHost:
+    def from_view(cls, v: Any) -> Self:
         return cls(
             instances=int(v.instances),
             min_rtt_us=int(v.min_rtt_us),
@@ -576,7 +576,7 @@ class TcpConnHost:
             value.fill(view)
 
     @classmethod
-    def unpack(cls, data: builtins.bytes) -> TcpConnHost:
+    def unpack(cls, data: builtins.bytes) -> Self:
         """From a record's bytes (at least SIZE of them)."""
         return cls.from_view(libbpf.struct_view(cls.C_TYPE, libbpf.fit(data, cls.SIZE)))
 
@@ -600,7 +600,7 @@ class TcpConnCounts:
     skipped_netns: int = 0
 
     @classmethod
-    def from_view(cls, v: Any) -> TcpConnCounts:
+    def from_view(cls, v: Any) -> Self:
         return cls(
             chosen=tuple(tuple(int(x) for x in row) for row in v.chosen),
             connections=int(v.connections),
@@ -620,7 +620,7 @@ class TcpConnCounts:
         v.skipped_netns = self.skipped_netns
 
     @classmethod
-    def unpack(cls, data: builtins.bytes) -> TcpConnCounts:
+    def unpack(cls, data: builtins.bytes) -> Self:
         """From a record's bytes (at least SIZE of them)."""
         return cls.from_view(libbpf.struct_view(cls.C_TYPE, libbpf.fit(data, cls.SIZE)))
 
@@ -646,7 +646,7 @@ class TcpConnEvent:
     addr: bytes = b""
 
     @classmethod
-    def from_view(cls, v: Any) -> TcpConnEvent:
+    def from_view(cls, v: Any) -> Self:
         return cls(
             reason=int(v.reason),
             old_alg=int(v.old_alg),
@@ -669,7 +669,7 @@ class TcpConnEvent:
         libbpf.set_array(v.addr, self.addr)
 
     @classmethod
-    def unpack(cls, data: builtins.bytes) -> TcpConnEvent:
+    def unpack(cls, data: builtins.bytes) -> Self:
         """From a record's bytes (at least SIZE of them)."""
         return cls.from_view(libbpf.struct_view(cls.C_TYPE, libbpf.fit(data, cls.SIZE)))
 
@@ -689,7 +689,7 @@ class NetnsEvent:
     cookie: int = 0
 
     @classmethod
-    def from_view(cls, v: Any) -> NetnsEvent:
+    def from_view(cls, v: Any) -> Self:
         return cls(
             inum=int(v.inum),
             cookie=int(v.cookie),
@@ -700,7 +700,7 @@ class NetnsEvent:
         v.cookie = self.cookie
 
     @classmethod
-    def unpack(cls, data: builtins.bytes) -> NetnsEvent:
+    def unpack(cls, data: builtins.bytes) -> Self:
         """From a record's bytes (at least SIZE of them)."""
         return cls.from_view(libbpf.struct_view(cls.C_TYPE, libbpf.fit(data, cls.SIZE)))
 
@@ -725,7 +725,7 @@ class NetBufferObs:
     prev_time_squeeze: int = 0
 
     @classmethod
-    def from_view(cls, v: Any) -> NetBufferObs:
+    def from_view(cls, v: Any) -> Self:
         return cls(
             cpu=int(v.cpu),
             pad=int(v.pad),
@@ -746,7 +746,7 @@ class NetBufferObs:
         v.prev_time_squeeze = self.prev_time_squeeze
 
     @classmethod
-    def unpack(cls, data: builtins.bytes) -> NetBufferObs:
+    def unpack(cls, data: builtins.bytes) -> Self:
         """From a record's bytes (at least SIZE of them)."""
         return cls.from_view(libbpf.struct_view(cls.C_TYPE, libbpf.fit(data, cls.SIZE)))
 
@@ -769,7 +769,7 @@ class IpFragObs:
     low_thresh: int = 0
 
     @classmethod
-    def from_view(cls, v: Any) -> IpFragObs:
+    def from_view(cls, v: Any) -> Self:
         return cls(
             family=int(v.family),
             pad=int(v.pad),
@@ -786,7 +786,7 @@ class IpFragObs:
         v.low_thresh = self.low_thresh
 
     @classmethod
-    def unpack(cls, data: builtins.bytes) -> IpFragObs:
+    def unpack(cls, data: builtins.bytes) -> Self:
         """From a record's bytes (at least SIZE of them)."""
         return cls.from_view(libbpf.struct_view(cls.C_TYPE, libbpf.fit(data, cls.SIZE)))
 
@@ -812,7 +812,7 @@ class UdpBufferObs:
     mem: tuple[int, ...] = ()
 
     @classmethod
-    def from_view(cls, v: Any) -> UdpBufferObs:
+    def from_view(cls, v: Any) -> Self:
         return cls(
             source=int(v.source),
             error=int(v.error),
@@ -835,7 +835,7 @@ class UdpBufferObs:
         libbpf.set_array(v.mem, self.mem)
 
     @classmethod
-    def unpack(cls, data: builtins.bytes) -> UdpBufferObs:
+    def unpack(cls, data: builtins.bytes) -> Self:
         """From a record's bytes (at least SIZE of them)."""
         return cls.from_view(libbpf.struct_view(cls.C_TYPE, libbpf.fit(data, cls.SIZE)))
 
@@ -863,7 +863,7 @@ class NeighTableStats:
     netns_inum: int = 0
 
     @classmethod
-    def from_view(cls, v: Any) -> NeighTableStats:
+    def from_view(cls, v: Any) -> Self:
         return cls(
             family=int(v.family),
             entries=int(v.entries),
@@ -890,7 +890,7 @@ class NeighTableStats:
         v.netns_inum = self.netns_inum
 
     @classmethod
-    def unpack(cls, data: builtins.bytes) -> NeighTableStats:
+    def unpack(cls, data: builtins.bytes) -> Self:
         """From a record's bytes (at least SIZE of them)."""
         return cls.from_view(libbpf.struct_view(cls.C_TYPE, libbpf.fit(data, cls.SIZE)))
 
@@ -911,7 +911,7 @@ class PybpftuneTestPayload:
     value: int = 0
 
     @classmethod
-    def from_view(cls, v: Any) -> PybpftuneTestPayload:
+    def from_view(cls, v: Any) -> Self:
         return cls(
             seq=int(v.seq),
             magic=int(v.magic),
@@ -924,7 +924,7 @@ class PybpftuneTestPayload:
         v.value = self.value
 
     @classmethod
-    def unpack(cls, data: builtins.bytes) -> PybpftuneTestPayload:
+    def unpack(cls, data: builtins.bytes) -> Self:
         """From a record's bytes (at least SIZE of them)."""
         return cls.from_view(libbpf.struct_view(cls.C_TYPE, libbpf.fit(data, cls.SIZE)))
 
@@ -958,7 +958,7 @@ class TcpBufferConn:
     reserved: int = 0
 
     @classmethod
-    def from_view(cls, v: Any) -> TcpBufferConn:
+    def from_view(cls, v: Any) -> Self:
         return cls(
             flags=int(v.flags),
             rtt_us=int(v.rtt_us),
@@ -997,7 +997,7 @@ class TcpBufferConn:
         v.reserved = self.reserved
 
     @classmethod
-    def unpack(cls, data: builtins.bytes) -> TcpBufferConn:
+    def unpack(cls, data: builtins.bytes) -> Self:
         """From a record's bytes (at least SIZE of them)."""
         return cls.from_view(libbpf.struct_view(cls.C_TYPE, libbpf.fit(data, cls.SIZE)))
 
@@ -1017,7 +1017,7 @@ class TcpBufferEvent:
     conn: TcpBufferConn = field(default_factory=lambda: TcpBufferConn())
 
     @classmethod
-    def from_view(cls, v: Any) -> TcpBufferEvent:
+    def from_view(cls, v: Any) -> Self:
         return cls(
             update=BpftunableUpdate.from_view(v.update),
             conn=TcpBufferConn.from_view(v.conn),
@@ -1028,7 +1028,7 @@ class TcpBufferEvent:
         self.conn.fill(v.conn)
 
     @classmethod
-    def unpack(cls, data: builtins.bytes) -> TcpBufferEvent:
+    def unpack(cls, data: builtins.bytes) -> Self:
         """From a record's bytes (at least SIZE of them)."""
         return cls.from_view(libbpf.struct_view(cls.C_TYPE, libbpf.fit(data, cls.SIZE)))
 
@@ -1049,7 +1049,7 @@ class TcpBufferHoldKey:
     conn: int = 0
 
     @classmethod
-    def from_view(cls, v: Any) -> TcpBufferHoldKey:
+    def from_view(cls, v: Any) -> Self:
         return cls(
             netns_cookie=int(v.netns_cookie),
             tunable=int(v.tunable),
@@ -1062,7 +1062,7 @@ class TcpBufferHoldKey:
         v.conn = self.conn
 
     @classmethod
-    def unpack(cls, data: builtins.bytes) -> TcpBufferHoldKey:
+    def unpack(cls, data: builtins.bytes) -> Self:
         """From a record's bytes (at least SIZE of them)."""
         return cls.from_view(libbpf.struct_view(cls.C_TYPE, libbpf.fit(data, cls.SIZE)))
 
@@ -1083,7 +1083,7 @@ class TcpBufferHold:
     metric: int = 0
 
     @classmethod
-    def from_view(cls, v: Any) -> TcpBufferHold:
+    def from_view(cls, v: Any) -> Self:
         return cls(
             until_ns=int(v.until_ns),
             limit=int(v.limit),
@@ -1096,7 +1096,7 @@ class TcpBufferHold:
         v.metric = self.metric
 
     @classmethod
-    def unpack(cls, data: builtins.bytes) -> TcpBufferHold:
+    def unpack(cls, data: builtins.bytes) -> Self:
         """From a record's bytes (at least SIZE of them)."""
         return cls.from_view(libbpf.struct_view(cls.C_TYPE, libbpf.fit(data, cls.SIZE)))
 

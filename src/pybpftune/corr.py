@@ -13,20 +13,16 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from . import libbpf
+from . import bindings
 
 CORR_MIN_SAMPLES = 10
 CORR_THRESHOLD = 0.75
 
 
 @dataclass(frozen=True)
-class CorrSums:
-    n: int = 0
-    sum_x: int = 0
-    sum_x_sq: int = 0
-    sum_y: int = 0
-    sum_y_sq: int = 0
-    sum_xy: int = 0
+class CorrSums(bindings.Corr):
+    """The running sums of ``struct corr`` (its fields: n, sum_x, ...), with
+    the coefficient computed from them."""
 
     @classmethod
     def of(cls, samples: list[tuple[int, int]]) -> CorrSums:
@@ -59,26 +55,16 @@ class CorrSums:
 
 def corr_key(tuner_id: int, tunable_id: int, netns_cookie: int) -> bytes:
     """The bytes of ``struct corr_key`` for one tuner, tunable and namespace."""
-    size = libbpf.struct_size("struct corr_key")
-    view = libbpf.struct_view("struct corr_key", bytearray(size))
-    view.tuner_id = tuner_id
-    view.id = tunable_id
-    view.netns_cookie = netns_cookie
-    return libbpf.struct_bytes(view, size)
+    return bindings.CorrKey(tuner_id=tuner_id, id=tunable_id, netns_cookie=netns_cookie).pack()
 
 
 def parse_corr(data: bytes) -> CorrSums:
-    v = libbpf.struct_view("struct corr", data)
-    return CorrSums(int(v.n), int(v.sum_x), int(v.sum_x_sq), int(v.sum_y), int(v.sum_y_sq), int(v.sum_xy))
+    return CorrSums.unpack(data)
 
 
 def corr_value(sums: CorrSums) -> bytes:
     """The bytes of ``struct corr`` holding ``sums`` (tests, replays)."""
-    size = libbpf.struct_size("struct corr")
-    view = libbpf.struct_view("struct corr", bytearray(size))
-    for name in ("n", "sum_x", "sum_x_sq", "sum_y", "sum_y_sq", "sum_xy"):
-        setattr(view, name, getattr(sums, name))
-    return libbpf.struct_bytes(view, size)
+    return sums.pack()
 
 
 def read_corr(corr_map: Mapping[bytes, bytes], tuner_id: int, tunable_id: int, netns_cookie: int) -> CorrSums:
