@@ -77,12 +77,14 @@ $(VENV)/.stamp: pyproject.toml setup.py build_ffi.py
 venv: $(VENV)/.stamp bpf ext
 	$(Q)$(VPY) -m pip install -q --no-build-isolation -e .
 
-ext: $(VENV)/.stamp $(BPF_HDRS)
+ext: $(VENV)/.stamp $(BPF_HDRS) bindings
 	$(Q)cd src && ../$(VPY) ../build_ffi.py
 
-# src/pybpftune/bindings.py is generated from the shared header and committed
-# (a unit test fails when it is stale): regenerate after changing the header.
-bindings: $(VENV)/.stamp
+# src/pybpftune/bindings.py: the shared header's enums and structs for Python,
+# generated (like _libbpf.c; setup.py's build_py generates it for wheels).
+bindings: src/pybpftune/bindings.py
+
+src/pybpftune/bindings.py: $(VENV)/.stamp $(BPF_HDRS) build_ffi.py
 	$(Q)cd src && ../$(VPY) ../build_ffi.py --bindings
 
 vmlinux:

@@ -25,7 +25,7 @@ def _build_ffi() -> object:
 
 
 def test_bindings_are_current() -> None:
-    """Regenerate with `make bindings` after changing src/bpf/bpftune_shared.h."""
+    """`make` regenerates it when src/bpf/bpftune_shared.h changes."""
     if not (ROOT / "build_ffi.py").exists():
         pytest.skip("not a source checkout")
     rendered = _build_ffi().render_bindings()  # type: ignore[attr-defined]
