@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
-from .errors import BpfError, LayoutError, PybpftuneError
+from .errors import BpfError, BpfLoadError, LayoutError, PybpftuneError
 
 try:
     from ._libbpf import ffi, lib
@@ -154,9 +154,26 @@ def object_open(data: bytes, name: str) -> tuple[CData, CData]:
     return obj, (buf, cname, data)
 
 
-def object_load(obj: CData) -> int:
-    """Load; returns 0 or the negative errno (callers build BpfLoadError)."""
-    return int(lib.bpf_object__load(obj))
+def object_load(obj: CData, name: str) -> None:
+    """Load every autoloaded program and create the maps.  BpfLoadError
+    carries the last lines libbpf printed (the verifier's log of the program
+    that failed, which it names)."""
+    with capture_log() as lines:
+        err = int(lib.bpf_object__load(obj))
+    if err < 0:
+        raise BpfLoadError(name, err, lines[-40:], failed_program(lines))
+
+
+def failed_program(lines: list[str]) -> str | None:
+    """Name of the program libbpf says failed to load, from its log."""
+    for line in reversed(lines):
+        marker = "prog '"
+        start = line.find(marker)
+        if start >= 0 and ("failed to load" in line or "load failed" in line or "failed to find" in line):
+            end = line.find("'", start + len(marker))
+            if end > start:
+                return line[start + len(marker) : end]
+    return None
 
 
 def object_close(obj: CData) -> None:

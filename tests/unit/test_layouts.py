@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import pytest
 
 from pybpftune import libbpf
 from pybpftune._libbpf import ffi, lib
+from pybpftune.bpf import object_path
 from pybpftune.errors import LayoutError
+from pybpftune.objects import MapView, OpenObject, TypedMap
 
 SHARED_TYPES = [
     "struct bpftune_event",
@@ -89,3 +93,49 @@ def test_enum_members_are_the_headers() -> None:
     assert algs["TCP_CONN_ALG_BBR"] == lib.TCP_CONN_ALG_BBR
     assert algs["TCP_CONN_ALG_OTHER"] == lib.TCP_CONN_ALG_OTHER
     assert list(algs.values()) == sorted(algs.values())
+
+
+class DictMap(MapView):
+    """A MapView over a dict: what TypedMap does, without a kernel map."""
+
+    def __init__(self, key_size: int, value_size: int) -> None:
+        super().__init__("bpftune_test", -1, key_size, value_size)
+        self.data: dict[bytes, bytes] = {}
+
+    def __getitem__(self, key: bytes) -> bytes:
+        return self.data[self._key(key)]
+
+    def __setitem__(self, key: bytes, value: bytes) -> None:
+        assert len(value) == self.value_size
+        self.data[self._key(key)] = value
+
+    def __delitem__(self, key: bytes) -> None:
+        del self.data[self._key(key)]
+
+    def __iter__(self) -> Iterator[bytes]:
+        return iter(list(self.data))
+
+
+def test_typed_map_packs_keys_and_values() -> None:
+    raw = DictMap(libbpf.sizeof("struct corr_key"), libbpf.sizeof("struct corr"))
+    corr = TypedMap(raw, "struct corr_key", "struct corr")
+    key = {"tuner_id": 1, "id": 2, "netns_cookie": 3}
+    corr[key] = {"n": 4, "sum_x": 5}
+    assert raw.data == {libbpf.pack("struct corr_key", **key): libbpf.pack("struct corr", n=4, sum_x=5)}
+    assert corr[key]["n"] == 4 and corr[key]["sum_xy"] == 0
+    assert list(corr) == [key] and len(corr) == 1
+    del corr[key]
+    assert not raw.data
+
+
+def test_typed_map_sizes_must_match_the_map() -> None:
+    raw = DictMap(libbpf.sizeof("struct corr_key"), libbpf.sizeof("struct corr"))
+    with pytest.raises(LayoutError, match="value is 48 bytes, struct bpftune_sample is 24"):
+        TypedMap(raw, "struct corr_key", "struct bpftune_sample")
+
+
+def test_struct_globals_read_through_the_header() -> None:
+    with OpenObject.from_path(object_path("ip_frag_tuner")) as obj:
+        assert obj.global_struct("rx_sample", "struct bpftune_sample") == {"count": 0, "ts": 0, "rate": 0}
+        with pytest.raises(LayoutError, match="struct corr_key is 16 bytes, got 24"):
+            obj.global_struct("rx_sample", "struct corr_key")
