@@ -473,7 +473,7 @@ def sizeof(type_name: str) -> int:
         raise LayoutError(f"{type_name!r} has no size ({exc})") from None
 
 
-def field_names(type_name: str) -> list[str]:
+def struct_field_names(type_name: str) -> list[str]:
     """The fields of a struct or union, in declaration order (to check a
     dataclass that mirrors one, or to build one from it)."""
     ctype = _ctype(type_name)
@@ -482,12 +482,12 @@ def field_names(type_name: str) -> list[str]:
     return [name for name, _field in ctype.fields]
 
 
-def enum_members(enum_name: str) -> dict[str, int]:
-    """name -> value of a C enum of the shared header, e.g.
-    ``IntEnum("Alg", enum_members("enum tcp_conn_alg"))``."""
-    ctype = _ctype(enum_name)
+def enum_members(c_enum: str) -> dict[str, int]:
+    """Name -> value of an enum of the shared header ("enum tcp_buffer_tunable"),
+    in value order (see :func:`header_enum` for an IntEnum of it)."""
+    ctype = _ctype(c_enum)
     if ctype.kind != "enum":
-        raise LayoutError(f"{enum_name!r} is a {ctype.kind}, not an enum")
+        raise LayoutError(f"{c_enum!r} is a {ctype.kind}, not an enum")
     return {str(name): int(value) for name, value in sorted(ctype.relements.items(), key=lambda kv: kv[1])}
 
 
@@ -580,16 +580,6 @@ def set_c_string(array: CData, text: str) -> None:
     """A char array field: ``text``, truncated to leave its NUL."""
     raw = text.encode()[: len(array) - 1]
     ffi.memmove(array, raw + b"\0", len(raw) + 1)
-
-
-def struct_field_names(type_name: str) -> list[str]:
-    """The fields of a shared-header struct, in layout order."""
-    return [str(name) for name, _field in ffi.typeof(type_name).fields]
-
-
-def enum_members(c_enum: str) -> dict[str, int]:
-    """Name -> value of an enum of the shared header ("enum tcp_buffer_tunable")."""
-    return {str(k): int(v) for k, v in ffi.typeof(c_enum).relements.items()}
 
 
 RingCallback = Callable[[bytes], int]

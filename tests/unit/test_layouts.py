@@ -37,14 +37,14 @@ def test_unknown_types_are_named() -> None:
     with pytest.raises(LayoutError, match="not an enum"):
         libbpf.enum_members("struct corr")
     with pytest.raises(LayoutError, match="not a struct"):
-        libbpf.field_names("__u32")
+        libbpf.struct_field_names("__u32")
 
 
 def test_pack_and_unpack_round_trip() -> None:
     key = libbpf.pack("struct corr_key", tuner_id=3, id=1, netns_cookie=2**64 - 1)
     assert len(key) == libbpf.sizeof("struct corr_key")
     assert libbpf.unpack("struct corr_key", key) == {"tuner_id": 3, "id": 1, "netns_cookie": 2**64 - 1}
-    assert libbpf.field_names("struct corr_key") == ["tuner_id", "id", "netns_cookie"]
+    assert libbpf.struct_field_names("struct corr_key") == ["tuner_id", "id", "netns_cookie"]
 
 
 def test_nested_arrays_are_sequences() -> None:
