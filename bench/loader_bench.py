@@ -5,7 +5,7 @@ Prints numbers, not verdicts:
 
 1. the support probe, then open+load+attach time of every packaged BPF object
    (both variants where they load here) through ``loader.load_object`` with a
-   shared ``RingBuffer``, median of N runs, and the time to bring all of them
+   shared ``SharedMaps``, median of N runs, and the time to bring all of them
    up together on one ring buffer.  Objects from ``pybpftune.bpf.available()``
    are picked up automatically; the ring-buffer test object from tests/bpf is
    added as a labelled reference so the shared-ring path is measured even
@@ -13,7 +13,7 @@ Prints numbers, not verdicts:
 2. how fast the shared ring buffer drains into a Python handler: an XDP
    program (tests/bpf/ringbuf_burst.bpf.c) run through BPF_PROG_TEST_RUN with
    ``repeat`` produces a burst of events in a producer thread while this thread
-   polls the ``RingBuffer``, which dispatches each event by tuner id to a
+   polls the ``SharedMaps``, which dispatches each event by tuner id to a
    registered handler; repeated for several ring sizes to show the drops.
 """
 
@@ -36,9 +36,9 @@ from pathlib import Path
 from pybpftune import bpf, libbpf
 from pybpftune.errors import BpfError, BpfLoadError, BpfObjectError, NotSupported, PybpftuneError
 from pybpftune.events import Event
-from pybpftune.loader import LoadedObject, load_object, load_reason
-from pybpftune.objects import BpfObject
-from pybpftune.ringbuf import RingBuffer
+from pybpftune.loader import load_object, load_reason
+from pybpftune.objects import LoadedObject, OpenObject
+from pybpftune.ringbuf import SharedMaps
 from pybpftune.support import Support, probe_support
 
 REPO = Path(__file__).resolve().parent.parent
@@ -53,7 +53,7 @@ DEFAULT_RING_BYTES = 256 * 1024
 RING_SIZES: tuple[int | None, ...] = (None, 4 << 20, 64 << 20, 256 << 20)
 # One ring-buffer record: 8-byte header plus the 248-byte event, 8-aligned.
 RECORD_BYTES = 8 + ((libbpf.EVENT_SIZE + 7) & ~7)
-POLL_MS = 5  # timeout of each RingBuffer.poll() while the burst runs
+POLL_MS = 5  # timeout of each SharedMaps.poll() while the burst runs
 PACKET = bytes(64)  # XDP test runs need at least an Ethernet header
 
 
@@ -129,12 +129,12 @@ def brief(exc: PybpftuneError) -> str:
     return str(exc)
 
 
-def load(cand: Candidate, support: Support, ring: RingBuffer, cgroup_fd: int | None, tuner_id: int) -> LoadedObject:
-    def configure(obj: BpfObject) -> None:
+def load(cand: Candidate, support: Support, ring: SharedMaps, cgroup_fd: int | None, tuner_id: int) -> LoadedObject:
+    def configure(obj: OpenObject) -> None:
         if obj.has_global("tuner_id"):
             obj.set_global("tuner_id", tuner_id % libbpf.MAX_TUNERS)
 
-    return load_object(cand.path, cand.name, support, ring=ring, cgroup_fd=cgroup_fd, configure=configure)
+    return load_object(cand.path, cand.name, support, shared=ring, cgroup_fd=cgroup_fd, configure=configure)
 
 
 def bench_support(runs: int) -> Support:
@@ -154,10 +154,10 @@ def bench_support(runs: int) -> Support:
 
 
 def bench_loads(support: Support, runs: int, cgroup_fd: int | None) -> None:
-    print(f"\n== open+load+attach through loader.load_object, shared RingBuffer, median of {runs} (+1 warm-up)")
+    print(f"\n== open+load+attach through loader.load_object, shared SharedMaps, median of {runs} (+1 warm-up)")
     print(f"  {'object':<30} {'load+attach':>11} {'close':>11}  forms chosen")
     loadable: dict[Candidate, float] = {}
-    with RingBuffer() as ring:
+    with SharedMaps() as ring:
         for tuner_id, cand in enumerate(candidates()):
             up: list[float] = []
             down: list[float] = []
@@ -190,7 +190,7 @@ def bench_loads(support: Support, runs: int, cgroup_fd: int | None) -> None:
     totals = []
     for _ in range(runs):
         brought_up: list[LoadedObject] = []
-        with RingBuffer() as ring:
+        with SharedMaps() as ring:
             t0 = time.perf_counter()
             try:
                 for tuner_id, cand in enumerate(together):
@@ -203,7 +203,7 @@ def bench_loads(support: Support, runs: int, cgroup_fd: int | None) -> None:
     separate = sum(loadable[c] for c in together)
     names = ", ".join(c.label for c in together)
     print(
-        f"  all {len(together)} {support.default_variant}-variant objects on one fresh RingBuffer: {ms(total)}"
+        f"  all {len(together)} {support.default_variant}-variant objects on one fresh SharedMaps: {ms(total)}"
         f"   (sum of separate medians {ms(separate).strip()}, ratio {total / separate:.2f})"
     )
     print(f"    objects: {names}")
@@ -259,12 +259,12 @@ class DrainResult:
 
 
 def drain_once(path: Path, ring_size: int | None, events: int) -> DrainResult:
-    with RingBuffer(size=ring_size) as ring:
-        obj = BpfObject.from_path(path, "ringbuf_burst")
+    with SharedMaps(size=ring_size) as ring:
+        with OpenObject.from_path(path, "ringbuf_burst") as opened:
+            ring.prepare(opened)
+            opened.set_global("tuner_id", BURST_TUNER_ID)
+            obj = opened.load()
         try:
-            ring.prepare(obj)
-            obj.set_global("tuner_id", BURST_TUNER_ID)
-            obj.load()
             ring.adopt(obj)
             handler = CountingHandler()
             ring.register(BURST_TUNER_ID, handler)

@@ -3,8 +3,8 @@
 A daemon watches the kernel with BPF programs and tunes sysctls in response,
 explaining each change.  Import the pieces you need::
 
-    from pybpftune.objects import BpfObject
-    from pybpftune.ringbuf import RingBuffer
+    from pybpftune.objects import LoadedObject, OpenObject
+    from pybpftune.ringbuf import SharedMaps
     from pybpftune.support import probe_support
 """
 

@@ -58,10 +58,11 @@ from .events import Event, cookie_text
 from .history import History
 from .inotify import ADDED, GONE, OVERFLOW, REMOVED, DirEvent, DirWatcher
 from .libbpf import MAX_TUNERS
-from .loader import LoadBatch, LoadedObject, LoadRequest, load_object
+from .loader import LoadBatch, LoadRequest, load_object
 from .log import setup_logging, sink_name
 from .loss import EventLoss
 from .netns import Namespaces, current_inode
+from .objects import LoadedObject
 from .registry import (
     PLUGIN_SUFFIX,
     Plugin,
@@ -75,7 +76,7 @@ from .registry import (
     select,
     unload_plugin,
 )
-from .ringbuf import RingBuffer
+from .ringbuf import SharedMaps
 from .service import Detached, Notifier, detach, parse_metrics_address
 from .startup import EarlyProbe, Future, LoadThread, tune_malloc
 from .state import StateDir
@@ -148,7 +149,7 @@ class Daemon:
         # Lost events, counted here (the ring buffer feeds it) and said (_check_loss).
         self.loss = EventLoss()
         self._loss_timer: Timer | None = None
-        self.ring = RingBuffer(on_error=self._handler_failed, loss=self.loss)
+        self.ring = SharedMaps(on_error=self._handler_failed, loss=self.loss)
         self.loop = EventLoop(on_error=self._loop_failed)
         self.tuners: list[Tuner] = []
         self.disabled: dict[str, str] = {}
@@ -364,9 +365,9 @@ class Daemon:
         with self.objects_lock:
             for tuner in tuners:
                 loaded = tuner.loaded
-                if loaded is None or loaded.obj.closed or not loaded.obj.has_global("bpftune_ringbuf_drops"):
+                if loaded is None or loaded.closed or not loaded.has_global("bpftune_ringbuf_drops"):
                     continue
-                self.loss.bpf_count(tuner.id, loaded.obj.get_global("bpftune_ringbuf_drops"))
+                self.loss.bpf_count(tuner.id, loaded.get_global("bpftune_ringbuf_drops"))
 
     def _close_object(self, tuner: Tuner) -> None:
         """Close a tuner's object, its drop counter read one last time."""
@@ -375,8 +376,8 @@ class Daemon:
             return
         with self.objects_lock:
             try:
-                if not loaded.obj.closed and loaded.obj.has_global("bpftune_ringbuf_drops"):
-                    self.loss.bpf_count(tuner.id, loaded.obj.get_global("bpftune_ringbuf_drops"))
+                if not loaded.closed and loaded.has_global("bpftune_ringbuf_drops"):
+                    self.loss.bpf_count(tuner.id, loaded.get_global("bpftune_ringbuf_drops"))
             finally:
                 self.loss.forget(tuner.id)
                 loaded.close()
@@ -577,7 +578,7 @@ class Daemon:
             r.source,
             r.name,
             r.support,
-            ring=r.ring,
+            shared=r.shared,
             globals_=r.globals_,
             optional_signals=r.optional_signals,
             cgroup_fd=r.cgroup_fd,
@@ -600,7 +601,7 @@ class Daemon:
             path,
             tuner.bpf_name,
             support,
-            ring=self.ring,
+            shared=self.ring,
             globals_=globals_,
             optional_signals=tuner.optional_signals,
             cgroup_fd=cgroup_fd,
@@ -1162,8 +1163,8 @@ def _signals(tuner: Tuner) -> tuple[SignalState, ...]:
     # the tuner's way of seeing too.
     out.extend(
         SignalState(info.name, SIGNAL_KIND.get(info.kind, info.kind), info.kind)
-        for info in loaded.obj.programs.values()
-        if info.signal is None and loaded.obj.autoload(info.name)
+        for info in loaded.programs.values()
+        if info.signal is None and loaded.autoload(info.name)
     )
     return tuple(out)
 

@@ -55,6 +55,11 @@ class BpfLoadError(BpfError):
         return base + (": " + " | ".join(tail) if tail else "")
 
 
+class LayoutError(PybpftuneError, ValueError):
+    """Bytes or values that do not fit a layout of the shared header (wrong
+    size, unknown field, a value out of range), or a name it does not define."""
+
+
 class AttachError(BpfError):
     """A loaded program could not be attached to its hook."""
 

@@ -15,15 +15,22 @@ import logging
 import os
 import threading
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 from . import isolate
 from .errors import AttachError, BpfLoadError, NotSupported, PybpftuneError
-from .objects import CGROUP_KINDS, BpfObject, ProgramInfo, check_object_bytes, read_object_file
-from .ringbuf import RingBuffer
+from .objects import (
+    CGROUP_KINDS,
+    LoadedObject,
+    OpenObject,
+    ProgramInfo,
+    SignalChoice,
+    check_object_bytes,
+    read_object_file,
+)
+from .ringbuf import SharedMaps
 from .support import Support
 
 log = logging.getLogger("pybpftune.loader")
@@ -54,49 +61,6 @@ class SignalPolicy:
     prefer: tuple[str, ...] = ()
 
 
-@dataclass
-class SignalChoice:
-    """How one signal is observed here: the chosen form and why not others."""
-
-    signal: str
-    forms: list[str]
-    chosen: str | None = None
-    rejected: dict[str, str] = field(default_factory=dict)
-
-    def describe(self) -> str:
-        if self.chosen is None:
-            why = "; ".join(f"{f}: {r}" for f, r in self.rejected.items())
-            return f"{self.signal}: unavailable ({why})"
-        others = "".join(f", {f} unavailable: {r}" for f, r in self.rejected.items())
-        return f"{self.signal}: {self.chosen}{others}"
-
-
-class LoadedObject:
-    """An object loaded and attached through the form chain."""
-
-    def __init__(self, obj: BpfObject, choices: dict[str, SignalChoice]) -> None:
-        self.obj = obj
-        self.choices = choices
-
-    @property
-    def name(self) -> str:
-        return self.obj.name
-
-    def unavailable(self) -> list[SignalChoice]:
-        return [c for c in self.choices.values() if c.chosen is None]
-
-    def close(self) -> None:
-        self.obj.close()
-
-    def __enter__(self) -> LoadedObject:
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
-
-
 def _signals(programs: Iterable[ProgramInfo], prefer: tuple[str, ...] = ()) -> dict[str, dict[str, list[str]]]:
     """signal -> form family -> program names, families in preference order."""
     out: dict[str, dict[str, list[str]]] = {}
@@ -112,17 +76,19 @@ def load_object(
     name: str,
     support: Support,
     *,
-    ring: RingBuffer | None = None,
+    shared: SharedMaps | None = None,
     globals_: Mapping[str, int] | None = None,
     optional_signals: Iterable[str] = (),
     cgroup_fd: int | None = None,
-    configure: Callable[[BpfObject], None] | None = None,
+    configure: Callable[[OpenObject], None] | None = None,
     isolated: bool | None = None,
     prefer: Iterable[str] = (),
 ) -> LoadedObject:
     """Open, configure, load and attach ``source`` with the best forms.
 
-    ``globals_`` are set before load (missing names are an error);
+    ``shared``: the maps every object shares (the ring buffer's among them),
+    reused by this one or created by it.  ``globals_`` are set before load
+    (missing names are an error);
     ``configure`` may adjust the object further before each load attempt.
     Raises NotSupported when a required signal has no working form, and
     BpfLoadError/AttachError for failures no fallback can explain.
@@ -135,11 +101,11 @@ def load_object(
     in one child.
     """
     data = _object_bytes(source, name)
-    request = LoadRequest(data, name, support, ring, globals_, optional_signals, cgroup_fd, configure, prefer)
+    request = LoadRequest(data, name, support, shared, globals_, optional_signals, cgroup_fd, configure, prefer)
     if not (ISOLATED if isolated is None else isolated):
         return _load_here(data, request)
     value, fds = isolate.run(_child_job(request, batched=False), f"loading {name}")
-    return _adopt(data, name, ring, value, fds)
+    return _adopt(data, name, shared, value, fds)
 
 
 def _object_bytes(source: Path | bytes, name: str) -> bytes:
@@ -152,27 +118,26 @@ def _object_bytes(source: Path | bytes, name: str) -> bytes:
 def _child_job(request: LoadRequest, batched: bool) -> isolate.Job:
     """The form chain as a loading child's job: its answer is what
     :func:`_adopt` needs.  ``batched``: later jobs of the same child load
-    after this one, so the child's ``ring`` keeps the shared maps this
+    after this one, so the child's ``shared`` keeps the shared maps this
     object created for them (the parent adopts them again from the answer).
     A file is read in the child: its bytes never count in the parent's memory
     before the parent adopts the object."""
 
     def job() -> tuple[object, list[int]]:
         loaded = _load_here(_object_bytes(request.source, request.name), request, adopt=batched)
-        obj = loaded.obj
-        autoload = {program: obj.autoload(program) for program in obj.programs}
+        autoload = {program: loaded.autoload(program) for program in loaded.programs}
         choices = [(c.signal, c.forms, c.chosen, c.rejected) for c in loaded.choices.values()]
-        names, fds = obj.handover()
+        names, fds = loaded.handover()
         return (autoload, choices, names), fds
 
     return job
 
 
-def _adopt(source: Path | bytes, name: str, ring: RingBuffer | None, value: Any, fds: list[int]) -> LoadedObject:
+def _adopt(source: Path | bytes, name: str, shared: SharedMaps | None, value: Any, fds: list[int]) -> LoadedObject:
     """Open the object here and take over what a loading child made of it."""
     try:
         autoload, frozen_choices, names = value
-        obj = BpfObject(_object_bytes(source, name), name)
+        obj = OpenObject(_object_bytes(source, name), name)
     except BaseException:
         for fd in fds:
             os.close(fd)
@@ -180,19 +145,25 @@ def _adopt(source: Path | bytes, name: str, ring: RingBuffer | None, value: Any,
     try:
         for program, on in autoload.items():
             obj.set_autoload(program, on)
-        obj.adopt(names, fds)
-        if ring is not None:
-            ring.adopt(obj)
     except BaseException:
         obj.close()
+        for fd in fds:
+            os.close(fd)
         raise
-    choices = {
+    loaded = obj.adopt(names, fds)
+    try:
+        if shared is not None:
+            shared.adopt(loaded)
+    except BaseException:
+        loaded.close()
+        raise
+    loaded.choices = {
         sig: SignalChoice(sig, list(forms), chosen, dict(rejected)) for sig, forms, chosen, rejected in frozen_choices
     }
-    for choice in choices.values():
+    for choice in loaded.choices.values():
         if choice.rejected:
             log.debug("%s: %s", name, choice.describe())
-    return LoadedObject(obj, choices)
+    return loaded
 
 
 @dataclass
@@ -202,11 +173,11 @@ class LoadRequest:
     source: Path | bytes
     name: str
     support: Support
-    ring: RingBuffer | None = None
+    shared: SharedMaps | None = None
     globals_: Mapping[str, int] | None = None
     optional_signals: Iterable[str] = ()
     cgroup_fd: int | None = None
-    configure: Callable[[BpfObject], None] | None = None
+    configure: Callable[[OpenObject], None] | None = None
     prefer: Iterable[str] = ()
 
     def policy(self) -> SignalPolicy:
@@ -274,7 +245,7 @@ class LoadBatch:
             if self._stream is None:
                 return _load_here(_object_bytes(request.source, request.name), request)
             value, fds = self._stream.next()
-            return _adopt(request.source, request.name, request.ring, value, fds)
+            return _adopt(request.source, request.name, request.shared, value, fds)
 
     def _start(self) -> None:
         self._started = True
@@ -307,14 +278,13 @@ class LoadBatch:
 
 def _load_here(data: bytes, request: LoadRequest, adopt: bool = True) -> LoadedObject:
     """The form chain in this process, for ``request`` (whose object is
-    ``data``).  ``adopt``: let the ring keep the shared maps this object
+    ``data``).  ``adopt``: let the shared maps keep those this object
     created (not in a loading child: the parent does)."""
     dead: dict[tuple[str, str], str] = {}
-    name, support, ring, policy = request.name, request.support, request.ring, request.policy()
+    name, support, shared, policy = request.name, request.support, request.shared, request.policy()
 
     for _attempt in range(MAX_ATTEMPTS):
-        obj = BpfObject(data, name)
-        try:
+        with OpenObject(data, name) as obj:
             choices = _plan(obj, support, dead, policy.prefer)
             missing = [c for c in choices.values() if c.chosen is None and c.signal not in policy.optional]
             if missing:
@@ -322,40 +292,41 @@ def _load_here(data: bytes, request: LoadRequest, adopt: bool = True) -> LoadedO
             for info in obj.programs.values():
                 if info.signal is None and not support.works(info.kind):
                     raise NotSupported(f"{name} program {info.name}", f"{info.kind}: {support.why_not(info.kind)}")
-            if ring is not None:
-                ring.prepare(obj)
+            if shared is not None:
+                shared.prepare(obj)
             for gname, value in (request.globals_ or {}).items():
                 obj.set_global(gname, value)
             if request.configure is not None:
                 request.configure(obj)
             try:
-                obj.load()
+                loaded = obj.load()
             except BpfLoadError as exc:
-                key = _form_of(obj, exc.program)
+                key = _form_of(obj.programs, exc.program)
                 if key is None:
                     raise
                 dead[key] = "rejected at load: " + load_reason(exc)
                 log.debug("%s: %s form of %s rejected at load, trying the next form", name, key[1], key[0])
-                obj.close()
                 continue
-            if ring is not None and adopt:
-                ring.adopt(obj)
-            failed = _attach_all(obj, request.cgroup_fd)
+        try:
+            loaded.choices = choices
+            if shared is not None and adopt:
+                shared.adopt(loaded)
+            failed = _attach_all(loaded, request.cgroup_fd)
             if failed is not None:
                 program, error = failed
-                key = _form_of(obj, program)
+                key = _form_of(loaded.programs, program)
                 if key is None:
                     raise error
                 dead[key] = f"attach refused: {error.short()}"
                 log.debug("%s: %s form of %s cannot attach, trying the next form", name, key[1], key[0])
-                obj.close()
+                loaded.close()
                 continue
             for choice in choices.values():
                 if choice.chosen is None:
                     log.debug("%s: optional signal %s", name, choice.describe())
-            return LoadedObject(obj, choices)
+            return loaded
         except BaseException:
-            obj.close()
+            loaded.close()
             raise
     raise NotSupported(name, f"no working combination of program forms after {MAX_ATTEMPTS} attempts")
 
@@ -379,15 +350,15 @@ def load_reason(exc: BpfLoadError) -> str:
     return tail[-1] if tail else exc.short()
 
 
-def _form_of(obj: BpfObject, program: str | None) -> tuple[str, str] | None:
-    if program is None or program not in obj.programs:
+def _form_of(programs: Mapping[str, ProgramInfo], program: str | None) -> tuple[str, str] | None:
+    if program is None or program not in programs:
         return None
-    info = obj.programs[program]
+    info = programs[program]
     return None if info.signal is None else (info.signal, info.family)
 
 
 def _plan(
-    obj: BpfObject, support: Support, dead: Mapping[tuple[str, str], str], prefer: tuple[str, ...] = ()
+    obj: OpenObject, support: Support, dead: Mapping[tuple[str, str], str], prefer: tuple[str, ...] = ()
 ) -> dict[str, SignalChoice]:
     """Choose a form per signal and set every program's autoload to match."""
     choices: dict[str, SignalChoice] = {}
@@ -408,7 +379,7 @@ def _plan(
     return choices
 
 
-def _attach_all(obj: BpfObject, cgroup_fd: int | None) -> tuple[str, AttachError] | None:
+def _attach_all(obj: LoadedObject, cgroup_fd: int | None) -> tuple[str, AttachError] | None:
     """Attach every autoloaded program; the first failure is returned."""
     for name, info in obj.programs.items():
         if not obj.autoload(name):

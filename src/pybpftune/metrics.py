@@ -135,7 +135,7 @@ class DaemonCollector:
         with d.objects_lock:  # no object is closed while we read its globals
             for t in tuners:
                 loaded = t.loaded
-                if loaded is None or loaded.obj.closed:
+                if loaded is None or loaded.closed:
                     continue
                 for signal, count, rate in samples(t):
                     calls.add_metric([t.name, signal], count)

@@ -1,10 +1,14 @@
-"""BPF objects: open -> configure -> load -> attach -> close.
+"""BPF objects in two states: an :class:`OpenObject` is configured, a
+:class:`LoadedObject` is attached and read.
 
-A :class:`BpfObject` owns one libbpf ``bpf_object`` and everything derived
-from it (links, mmaps of its global-data maps).  Configure it between open and
-load (share a map's fd, switch programs off, set globals), then load and
-attach.  ``close()`` is idempotent and tears down in reverse order: links,
-mmaps, object.
+``OpenObject(data, name)`` parses an object: switch programs off, share a
+map's fd, size a map, set globals' initial values.  Its :meth:`~OpenObject.load`
+(or :meth:`~OpenObject.adopt`, for what a loading child made of it) consumes
+it and returns the :class:`LoadedObject`, which owns the libbpf ``bpf_object``
+from then on with everything derived from it: links, maps (raw or typed
+through the shared header), live globals, the loader's per-signal choices.
+Both are context managers; ``close()`` is idempotent and tears down in
+reverse order: links, mmaps, handed-over fds, object.
 """
 
 from __future__ import annotations
@@ -12,12 +16,13 @@ from __future__ import annotations
 import mmap
 import os
 from collections.abc import Iterator, MutableMapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
+from typing import Any, overload
 
 from . import libbpf
-from .errors import AttachError, BpfError, BpfLoadError, BpfObjectError, PybpftuneError
+from .errors import AttachError, BpfError, BpfObjectError, LayoutError, PybpftuneError
 
 ELF_MAGIC = b"\x7fELF"
 EM_BPF = 247
@@ -119,8 +124,27 @@ class Link:
         self.close()
 
 
+@dataclass
+class SignalChoice:
+    """How one signal is observed here: the chosen form and why not others
+    (the loader's plan, carried by the :class:`LoadedObject`)."""
+
+    signal: str
+    forms: list[str]
+    chosen: str | None = None
+    rejected: dict[str, str] = field(default_factory=dict)
+
+    def describe(self) -> str:
+        if self.chosen is None:
+            why = "; ".join(f"{f}: {r}" for f, r in self.rejected.items())
+            return f"{self.signal}: unavailable ({why})"
+        others = "".join(f", {f} unavailable: {r}" for f, r in self.rejected.items())
+        return f"{self.signal}: {self.chosen}{others}"
+
+
 class MapView(MutableMapping[bytes, bytes]):
-    """A loaded map as a dict of raw bytes; sizes are checked."""
+    """A loaded map as a dict of raw bytes; sizes are checked (LayoutError,
+    a ValueError)."""
 
     def __init__(self, name: str, fd: int, key_size: int, value_size: int) -> None:
         self.name = name
@@ -130,7 +154,7 @@ class MapView(MutableMapping[bytes, bytes]):
 
     def _key(self, key: bytes) -> bytes:
         if len(key) != self.key_size:
-            raise ValueError(f"map {self.name}: key is {len(key)} bytes, expected {self.key_size}")
+            raise LayoutError(f"map {self.name}: key is {len(key)} bytes, expected {self.key_size}")
         return key
 
     def __getitem__(self, key: bytes) -> bytes:
@@ -141,7 +165,7 @@ class MapView(MutableMapping[bytes, bytes]):
 
     def __setitem__(self, key: bytes, value: bytes) -> None:
         if len(value) != self.value_size:
-            raise ValueError(f"map {self.name}: value is {len(value)} bytes, expected {self.value_size}")
+            raise LayoutError(f"map {self.name}: value is {len(value)} bytes, expected {self.value_size}")
         libbpf.map_update(self.fd, self._key(key), value)
 
     def __delitem__(self, key: bytes) -> None:
@@ -156,6 +180,40 @@ class MapView(MutableMapping[bytes, bytes]):
 
     def __len__(self) -> int:
         return sum(1 for _ in self)
+
+
+class TypedMap(MutableMapping[Any, Any]):
+    """A loaded map whose keys and values are types of the shared header:
+    each is packed and read through it (:func:`libbpf.encode` /
+    :func:`libbpf.decode`), so a struct is a dict of its fields and a scalar
+    an int.  Built by ``loaded.map(name, key="struct x", value="struct y")``,
+    which checks both sizes against the map's."""
+
+    def __init__(self, raw: MapView, key: str, value: str) -> None:
+        for what, type_name, size in (("key", key, raw.key_size), ("value", value, raw.value_size)):
+            if libbpf.sizeof(type_name) != size:
+                raise LayoutError(f"map {raw.name}: {what} is {size} bytes, {type_name} is {libbpf.sizeof(type_name)}")
+        self.raw = raw
+        self.key_type = key
+        self.value_type = value
+
+    def __getitem__(self, key: Any) -> Any:
+        return libbpf.decode(self.value_type, self.raw[libbpf.encode(self.key_type, key)])
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        self.raw[libbpf.encode(self.key_type, key)] = libbpf.encode(self.value_type, value)
+
+    def __delitem__(self, key: Any) -> None:
+        del self.raw[libbpf.encode(self.key_type, key)]
+
+    def __iter__(self) -> Iterator[Any]:
+        """Keys as read (dicts for struct keys: not hashable, but each can
+        index the map again)."""
+        for key in self.raw:
+            yield libbpf.decode(self.key_type, key)
+
+    def __len__(self) -> int:
+        return len(self.raw)
 
 
 def read_object_file(path: Path) -> bytes:
@@ -180,223 +238,325 @@ def check_object_bytes(data: bytes, name: str) -> None:
         raise BpfObjectError(f"{name} is an ELF file but not a BPF object")
 
 
-class BpfObject:
-    """One BPF object file through its whole life."""
+class _Opened:
+    """The libbpf ``bpf_object`` and what was read of it at open time; an
+    OpenObject holds it until load, the LoadedObject from then on."""
 
     def __init__(self, data: bytes, name: str) -> None:
         check_object_bytes(data, name)
         self.name = name
         try:
-            self._obj, self._keepalive = libbpf.object_open(data, kernel_object_name(name))
+            self.handle, _keepalive = libbpf.object_open(data, kernel_object_name(name))
         except BpfError as exc:
             raise BpfObjectError(f"{name}: libbpf cannot parse it ({exc}); truncated or corrupt BPF object") from exc
         # libbpf copies what it needs while opening and forgets the buffer
         # (bpf_object__elf_finish): nothing must keep the ELF bytes alive after.
-        self._keepalive = None
-        self._progs = {libbpf.program_name(p): p for p in libbpf.object_programs(self._obj)}
-        self._maps = {libbpf.map_name(m): m for m in libbpf.object_maps(self._obj)}
+        del _keepalive
+        self.progs = {libbpf.program_name(p): p for p in libbpf.object_programs(self.handle)}
+        self.maps = {libbpf.map_name(m): m for m in libbpf.object_maps(self.handle)}
         self.programs = {
             name: ProgramInfo(name, sec, program_kind(sec))
-            for name, prog in self._progs.items()
+            for name, prog in self.progs.items()
             for sec in [libbpf.program_section(prog)]
         }
-        self.loaded = False
-        self.links: list[Link] = []
-        self._mmaps: dict[str, mmap.mmap] = {}
-        self._closed = False
-        # Loaded in a child (adopt()): the fds it handed over, by name.
-        self._adopted: dict[str, int] | None = None
-        self._adopted_progs: dict[str, int] = {}
 
-    @classmethod
-    def from_path(cls, path: Path, name: str | None = None) -> BpfObject:
-        return cls(read_object_file(path), name or path.name.split(".", 1)[0])
-
-    # --- configuration (before load) ---------------------------------------
-
-    def _prog(self, name: str) -> libbpf.CData:
+    def prog(self, name: str) -> libbpf.CData:
         try:
-            return self._progs[name]
+            return self.progs[name]
         except KeyError:
             raise PybpftuneError(f"{self.name} has no program {name!r}") from None
 
-    def _map(self, name: str) -> libbpf.CData:
+    def map(self, name: str) -> libbpf.CData:
         try:
-            return self._maps[name]
+            return self.maps[name]
         except KeyError:
             raise PybpftuneError(f"{self.name} has no map {name!r}") from None
 
-    def set_autoload(self, program: str, autoload: bool) -> None:
-        self._require_open()
-        libbpf.program_set_autoload(self._prog(program), autoload)
+    def has_global(self, name: str) -> bool:
+        return libbpf.find_global(self.handle, name) is not None
 
-    def autoload(self, program: str) -> bool:
-        return libbpf.program_autoload(self._prog(program))
-
-    def has_map(self, name: str) -> bool:
-        return name in self._maps
-
-    @property
-    def map_names(self) -> list[str]:
-        """Names of the object's maps, as libbpf opened them."""
-        return list(self._maps)
-
-    def reuse_map(self, name: str, fd: int) -> None:
-        """Make this object use an existing map (shared across objects)."""
-        self._require_open()
-        libbpf.map_reuse_fd(self._map(name), fd)
-
-    def set_map_max_entries(self, name: str, n: int) -> None:
-        self._require_open()
-        libbpf.map_set_max_entries(self._map(name), n)
-
-    def _require_open(self) -> None:
-        if self._closed:
-            raise PybpftuneError(f"BPF object {self.name} is closed")
-        if self.loaded:
-            raise PybpftuneError(f"BPF object {self.name} is already loaded")
-
-    # --- globals ---------------------------------------------------------------
-
-    def _global_location(self, name: str) -> tuple[libbpf.CData, str, int, int]:
-        found = libbpf.find_global(self._obj, name)
+    def global_location(self, name: str) -> tuple[libbpf.CData, str, int, int]:
+        """(data map, its name, offset, size) of a global, from the BTF."""
+        found = libbpf.find_global(self.handle, name)
         if found is None:
             raise PybpftuneError(f"{self.name} has no global variable {name!r}")
         section, offset, size = found
-        for map_name, m in self._maps.items():
+        for map_name, m in self.maps.items():
             if libbpf.map_is_internal(m) and map_name.endswith(section):
                 return m, map_name, offset, size
         raise PybpftuneError(f"{self.name}: no data map for section {section}")
 
+    def close(self) -> None:
+        if self.handle is not None:
+            libbpf.object_close(self.handle)
+            self.handle = None
+
+
+class _Globals:
+    """Integer and struct globals over a buffer source (initial images before
+    load, the mmapped data maps after)."""
+
+    name: str
+
+    def _opened(self) -> _Opened:
+        raise NotImplementedError
+
     def _global_buffer(self, m: libbpf.CData, map_name: str) -> memoryview:
-        if not self.loaded:
-            buf = libbpf.map_initial_value(m)
-            if buf is None:
-                raise PybpftuneError(f"{self.name}: map {map_name} has no initial value")
-            return memoryview(buf)
-        if map_name not in self._mmaps:
-            writable = not map_name.endswith(".rodata")
-            prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
-            self._mmaps[map_name] = mmap.mmap(self.map_fd(map_name), libbpf.map_value_size(m), mmap.MAP_SHARED, prot)
-        return memoryview(self._mmaps[map_name])
+        raise NotImplementedError
 
     def has_global(self, name: str) -> bool:
-        return libbpf.find_global(self._obj, name) is not None
+        return self._opened().has_global(name)
 
     def set_global(self, name: str, value: int) -> None:
-        """Set an integer global: initial value before load, live after."""
-        m, map_name, offset, size = self._global_location(name)
+        """Set an integer global (the initial value before load, live after)."""
+        m, map_name, offset, size = self._opened().global_location(name)
         buf = self._global_buffer(m, map_name)
-        signed = value < 0
-        buf[offset : offset + size] = value.to_bytes(size, "little", signed=signed)
-
-    def global_bytes(self, name: str) -> bytes:
-        """A copy of a global's bytes (a struct: read it with libbpf.struct_view)."""
-        m, map_name, offset, size = self._global_location(name)
-        return bytes(self._global_buffer(m, map_name)[offset : offset + size])
+        buf[offset : offset + size] = value.to_bytes(size, "little", signed=value < 0)
 
     def get_global(self, name: str, signed: bool = False) -> int:
-        m, map_name, offset, size = self._global_location(name)
+        m, map_name, offset, size = self._opened().global_location(name)
         buf = self._global_buffer(m, map_name)
         return int.from_bytes(buf[offset : offset + size], "little", signed=signed)
 
-    # --- load and attach ----------------------------------------------------------
+    def global_bytes(self, name: str) -> bytes:
+        """A copy of a global's bytes (a struct: see :meth:`global_struct`)."""
+        m, map_name, offset, size = self._opened().global_location(name)
+        return bytes(self._global_buffer(m, map_name)[offset : offset + size])
 
-    def load(self) -> None:
-        """Load every autoloaded program; BpfLoadError names the culprit."""
-        self._require_open()
-        with libbpf.capture_log() as lines:
-            err = libbpf.object_load(self._obj)
-        if err < 0:
-            raise BpfLoadError(self.name, err, lines[-40:], failed_program(lines))
-        self._loaded()
+    def global_struct(self, name: str, type_name: str) -> dict[str, Any]:
+        """A struct-typed global read through the shared header, e.g.
+        ``global_struct("rcv_space_sample", "struct bpftune_sample")`` ->
+        ``{"count": .., "ts": .., "rate": ..}`` (a copy); LayoutError if the
+        global's size is not the type's."""
+        return libbpf.unpack(type_name, self.global_bytes(name))
 
-    def _loaded(self) -> None:
-        self.loaded = True
+
+class OpenObject(_Globals):
+    """A BPF object opened and not loaded yet: configure it, then
+    :meth:`load` it (which consumes it and returns the :class:`LoadedObject`)."""
+
+    def __init__(self, data: bytes, name: str) -> None:
+        self.name = name
+        self._handle: _Opened | None = _Opened(data, name)
+        self.programs: dict[str, ProgramInfo] = self._handle.programs
+        self._map_names = list(self._handle.maps)
+        self._state = "open"
+
+    @classmethod
+    def from_path(cls, path: Path, name: str | None = None) -> OpenObject:
+        return cls(read_object_file(path), name or path.name.split(".", 1)[0])
+
+    def _opened(self) -> _Opened:
+        if self._handle is None:
+            raise PybpftuneError(f"BPF object {self.name} is {self._state}")
+        return self._handle
+
+    def _global_buffer(self, m: libbpf.CData, map_name: str) -> memoryview:
+        buf = libbpf.map_initial_value(m)
+        if buf is None:
+            raise PybpftuneError(f"{self.name}: map {map_name} has no initial value")
+        return memoryview(buf)
+
+    # --- configuration ----------------------------------------------------------
+
+    def set_autoload(self, program: str, autoload: bool) -> None:
+        opened = self._opened()
+        libbpf.program_set_autoload(opened.prog(program), autoload)
+
+    def autoload(self, program: str) -> bool:
+        return libbpf.program_autoload(self._opened().prog(program))
+
+    def has_map(self, name: str) -> bool:
+        return name in self._map_names
+
+    @property
+    def map_names(self) -> list[str]:
+        """Names of the object's maps, as libbpf opened them."""
+        return list(self._map_names)
+
+    def reuse_map(self, name: str, fd: int) -> None:
+        """Make this object use an existing map (shared across objects)."""
+        opened = self._opened()
+        libbpf.map_reuse_fd(opened.map(name), fd)
+
+    def set_map_max_entries(self, name: str, n: int) -> None:
+        opened = self._opened()
+        libbpf.map_set_max_entries(opened.map(name), n)
+
+    # --- to the loaded state ----------------------------------------------------
+
+    def _take(self) -> _Opened:
+        opened = self._opened()
+        self._handle, self._state = None, "loaded (use what load() returned)"
+        return opened
+
+    def load(self) -> LoadedObject:
+        """Load every autoloaded program; BpfLoadError names the culprit.
+        This object is spent either way: on success the returned object owns
+        everything, on failure the libbpf object is freed."""
+        opened = self._take()
+        try:
+            libbpf.object_load(opened.handle, self.name)
+            return LoadedObject(opened)
+        except BaseException:
+            opened.close()
+            self._state = "closed (its load failed)"
+            raise
+
+    def adopt(self, names: list[tuple[str, str]], fds: list[int]) -> LoadedObject:
+        """Take over what a child loaded and attached from this same object
+        (opened here with the child's autoload settings, see isolate.py): the
+        returned object's programs, maps and links are these fds, which it
+        closes (they are closed here on an error too)."""
+        try:
+            if len(names) != len(fds):
+                raise PybpftuneError(f"{self.name}: {len(fds)} fds handed over for {len(names)} names")
+            opened = self._take()
+        except BaseException:
+            for fd in fds:
+                os.close(fd)
+            raise
+        maps: dict[str, int] = {}
+        progs: dict[str, int] = {}
+        links: list[Link] = []
+        for (kind, name), fd in zip(names, fds, strict=True):
+            if kind == "link":
+                links.append(Link(None, name, fd=fd))
+            elif kind == "prog":
+                progs[name] = fd
+            else:
+                maps[name] = fd
+        try:
+            return LoadedObject(opened, adopted=(maps, progs, links))
+        except BaseException:
+            for fd in fds:
+                os.close(fd)
+            opened.close()
+            raise
+
+    def close(self) -> None:
+        """Free the libbpf object (not after load: the loaded object owns it).
+        Safe to repeat."""
+        if self._handle is not None:
+            self._handle.close()
+            self._handle, self._state = None, "closed"
+
+    @property
+    def closed(self) -> bool:
+        return self._handle is None
+
+    def __enter__(self) -> OpenObject:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+
+class LoadedObject(_Globals):
+    """A loaded BPF object: attach its programs, use its maps and globals,
+    hand it over to a parent process.  Loaded here (:meth:`OpenObject.load`)
+    or in a loading child and adopted (:meth:`OpenObject.adopt`): then its
+    fds are the child's, and it attaches nothing more.  ``choices`` is the
+    loader's plan (which form observes each signal, why not the others)."""
+
+    def __init__(
+        self,
+        opened: _Opened,
+        *,
+        adopted: tuple[dict[str, int], dict[str, int], list[Link]] | None = None,
+        choices: dict[str, SignalChoice] | None = None,
+    ) -> None:
+        self._handle: _Opened | None = opened
+        self.name = opened.name
+        self.programs: dict[str, ProgramInfo] = opened.programs
+        self.choices: dict[str, SignalChoice] = choices or {}
+        self.links: list[Link] = []
+        self._mmaps: dict[str, mmap.mmap] = {}
+        # Loaded in a child: the fds it handed over, by name.
+        self._adopted_maps: dict[str, int] | None = None
+        self._adopted_progs: dict[str, int] = {}
+        if adopted is not None:
+            self._adopted_maps, self._adopted_progs, self.links = adopted
         # Map the writable globals now: Python's mmap dups the map's fd, and an
         # object should hold every fd it will ever hold from load on (a later,
         # lazy one would look like a load still going on from outside).
-        for map_name, m in self._maps.items():
+        for map_name, m in opened.maps.items():
             if libbpf.map_is_internal(m) and map_name.endswith((".bss", ".data")):
                 try:
                     self._global_buffer(m, map_name)
                 except (OSError, ValueError):
                     pass  # not mmapable on this kernel: set_global reports it when used
 
-    # --- loading in a child (isolate.py) ---------------------------------------
+    @property
+    def obj(self) -> LoadedObject:
+        """This object (tuners once reached it as ``loaded.obj``); kept while
+        branches written against that are merged, to be removed after."""
+        return self
 
-    def handover(self) -> tuple[list[tuple[str, str]], list[int]]:
-        """In the child that loaded and attached this object: what to send the
-        parent's :meth:`adopt` (which kind and name each fd is) and the fds."""
-        if not self.loaded:
-            raise PybpftuneError(f"{self.name}: hand-over before load")
-        names: list[tuple[str, str]] = []
-        fds: list[int] = []
-        for name, prog in self._progs.items():
-            fd = libbpf.program_fd(prog)
-            if fd >= 0:
-                names.append(("prog", name))
-                fds.append(fd)
-        for name, m in self._maps.items():
-            fd = libbpf.map_fd(m)
-            if fd >= 0:
-                names.append(("map", name))
-                fds.append(fd)
-        for link in self.links:
-            if link.attached:
-                names.append(("link", link.program))
-                fds.append(link.fd)
-        return names, fds
+    def _opened(self) -> _Opened:
+        if self._handle is None:
+            raise PybpftuneError(f"BPF object {self.name} is closed")
+        return self._handle
 
-    def adopt(self, names: list[tuple[str, str]], fds: list[int]) -> None:
-        """Take over what a child loaded and attached from this same object
-        (opened here, with the child's autoload settings): from now on the
-        programs, maps and links are these fds, which this object closes
-        (on an error here too)."""
-        try:
-            self._require_open()
-            if len(names) != len(fds):
-                raise PybpftuneError(f"{self.name}: {len(fds)} fds handed over for {len(names)} names")
-        except BaseException:
-            for fd in fds:
-                os.close(fd)
-            raise
-        self._adopted = {}
-        for (kind, name), fd in zip(names, fds, strict=True):
-            if kind == "link":
-                self.links.append(Link(None, name, fd=fd))
-            elif kind == "prog":
-                self._adopted_progs[name] = fd
-            else:
-                self._adopted[name] = fd
-        self._loaded()
+    def _global_buffer(self, m: libbpf.CData, map_name: str) -> memoryview:
+        if map_name not in self._mmaps:
+            writable = not map_name.endswith(".rodata")
+            prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
+            self._mmaps[map_name] = mmap.mmap(self.map_fd(map_name), libbpf.map_value_size(m), mmap.MAP_SHARED, prot)
+        return memoryview(self._mmaps[map_name])
 
-    def map(self, name: str) -> MapView:
-        if not self.loaded:
-            raise PybpftuneError(f"{self.name}: maps are usable only after load")
-        m = self._map(name)
-        return MapView(name, self.map_fd(name), libbpf.map_key_size(m), libbpf.map_value_size(m))
+    def unavailable(self) -> list[SignalChoice]:
+        """The signals no form of which works here (optional ones only)."""
+        return [c for c in self.choices.values() if c.chosen is None]
+
+    def autoload(self, program: str) -> bool:
+        """Whether ``program`` was loaded (the loader switches other forms off)."""
+        return libbpf.program_autoload(self._opened().prog(program))
+
+    def has_map(self, name: str) -> bool:
+        return name in self._opened().maps
+
+    # --- maps and programs ---------------------------------------------------------
+
+    @overload
+    def map(self, name: str) -> MapView: ...
+
+    @overload
+    def map(self, name: str, key: str, value: str) -> TypedMap: ...
+
+    def map(self, name: str, key: str | None = None, value: str | None = None) -> MapView | TypedMap:
+        """The map as raw bytes (:class:`MapView`), or with ``key`` and
+        ``value`` type names of the shared header, as a :class:`TypedMap`:
+        ``loaded.map("bpftune_corr", key="struct corr_key", value="struct corr")``."""
+        m = self._opened().map(name)
+        raw = MapView(name, self.map_fd(name), libbpf.map_key_size(m), libbpf.map_value_size(m))
+        if key is None and value is None:
+            return raw
+        if key is None or value is None:
+            raise LayoutError(f"map {name}: a typed view needs both a key and a value type")
+        return TypedMap(raw, key, value)
 
     def map_fd(self, name: str) -> int:
-        m = self._map(name)
-        if self._adopted is not None:
-            return self._adopted.get(name, -1)
+        m = self._opened().map(name)
+        if self._adopted_maps is not None:
+            return self._adopted_maps.get(name, -1)
         return libbpf.map_fd(m)
 
     def program_fd(self, name: str) -> int:
-        prog = self._prog(name)
-        if self._adopted is not None:
+        prog = self._opened().prog(name)
+        if self._adopted_maps is not None:
             return self._adopted_progs.get(name, -1)
         return libbpf.program_fd(prog)
 
     def attach(self, program: str, cgroup_fd: int | None = None) -> Link:
         """Attach one loaded program; cgroup kinds need ``cgroup_fd``."""
-        if not self.loaded:
-            raise PybpftuneError(f"{self.name}: attach before load")
-        if self._adopted is not None:
+        opened = self._opened()
+        if self._adopted_maps is not None:
             raise PybpftuneError(f"{self.name} was loaded in a child process: attach there")
         info = self.programs.get(program)
-        prog = self._prog(program)
+        prog = opened.prog(program)
         with libbpf.capture_log() as lines:
             try:
                 if info is not None and info.kind in CGROUP_KINDS:
@@ -414,46 +574,60 @@ class BpfObject:
         self.links.append(link)
         return link
 
+    # --- loading in a child (isolate.py) ---------------------------------------
+
+    def handover(self) -> tuple[list[tuple[str, str]], list[int]]:
+        """In the child that loaded and attached this object: what to send the
+        parent's :meth:`OpenObject.adopt` (which kind and name each fd is) and
+        the fds."""
+        opened = self._opened()
+        names: list[tuple[str, str]] = []
+        fds: list[int] = []
+        for name, prog in opened.progs.items():
+            fd = libbpf.program_fd(prog)
+            if fd >= 0:
+                names.append(("prog", name))
+                fds.append(fd)
+        for name, m in opened.maps.items():
+            fd = libbpf.map_fd(m)
+            if fd >= 0:
+                names.append(("map", name))
+                fds.append(fd)
+        for link in self.links:
+            if link.attached:
+                names.append(("link", link.program))
+                fds.append(link.fd)
+        return names, fds
+
+    # --- lifecycle -------------------------------------------------------------
+
     def close(self) -> None:
-        """Detach links, unmap globals, free the object.  Safe to repeat."""
-        if self._closed:
+        """Detach links, unmap globals, close handed-over fds, free the
+        object.  Safe to repeat."""
+        opened, self._handle = self._handle, None
+        if opened is None:
             return
-        self._closed = True
         for link in reversed(self.links):
             link.close()
         self.links.clear()
         for mm in self._mmaps.values():
             mm.close()
         self._mmaps.clear()
-        for fd in [*(self._adopted or {}).values(), *self._adopted_progs.values()]:
+        for fd in [*(self._adopted_maps or {}).values(), *self._adopted_progs.values()]:
             os.close(fd)
         self._adopted_progs.clear()
-        if self._adopted is not None:
-            self._adopted.clear()
-        libbpf.object_close(self._obj)
-        self._obj = None
-        self._keepalive = None
+        if self._adopted_maps is not None:
+            self._adopted_maps.clear()
+        opened.close()
 
     @property
     def closed(self) -> bool:
-        return self._closed
+        return self._handle is None
 
-    def __enter__(self) -> BpfObject:
+    def __enter__(self) -> LoadedObject:
         return self
 
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.close()
-
-
-def failed_program(lines: list[str]) -> str | None:
-    """Name of the program libbpf says failed to load, from its log."""
-    for line in reversed(lines):
-        marker = "prog '"
-        start = line.find(marker)
-        if start >= 0 and ("failed to load" in line or "load failed" in line or "failed to find" in line):
-            end = line.find("'", start + len(marker))
-            if end > start:
-                return line[start + len(marker) : end]
-    return None

@@ -1,10 +1,11 @@
-"""The one ring buffer every tuner object writes to, and its one consumer.
+"""The maps every tuner object shares, and the one consumer of the ring buffer.
 
-:class:`RingBuffer` owns the maps all objects share: the ring buffer itself
-and the correlation map.  The first object loaded creates them; the hub keeps
-a dup of each fd so they outlive any object, and every later object reuses
-them (``bpf_map__reuse_fd``) before its load.  One libbpf consumer polls the
-ring and dispatches each event to the handler registered for its tuner id.
+:class:`SharedMaps` owns the maps all objects share: the ring buffer every
+object writes its events to and the correlation map.  The first object loaded
+creates them; the hub keeps a dup of each fd so they outlive any object, and
+every later object reuses them (``bpf_map__reuse_fd``) before its load.  Inside
+it, one libbpf consumer polls the ring buffer and dispatches each event to the
+handler registered for its tuner id: one object owns the ring-buffer fd.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from . import libbpf
 from .errors import PybpftuneError
 from .events import HEADER_SIZE, Event
 from .loss import EventLoss
-from .objects import BpfObject
+from .objects import LoadedObject, OpenObject
 
 log = logging.getLogger("pybpftune.ringbuf")
 
@@ -29,8 +30,8 @@ Handler = Callable[[Event], None]
 ErrorHandler = Callable[[int, BaseException], None]
 
 
-class RingBuffer:
-    """Shared maps plus the single consumer of the shared ring buffer."""
+class SharedMaps:
+    """The shared maps' fds, plus the single consumer of the ring buffer."""
 
     def __init__(
         self,
@@ -66,7 +67,7 @@ class RingBuffer:
 
     # --- sharing ------------------------------------------------------------
 
-    def prepare(self, obj: BpfObject) -> None:
+    def prepare(self, obj: OpenObject) -> None:
         """Before ``obj.load()``: make it reuse the shared maps we already hold."""
         self._require_open()
         for name in SHARED_MAPS:
@@ -77,8 +78,8 @@ class RingBuffer:
             elif name == RING_MAP and self._size:
                 obj.set_map_max_entries(name, self._size)
 
-    def adopt(self, obj: BpfObject) -> None:
-        """After ``obj.load()``: keep the shared maps it created alive."""
+    def adopt(self, obj: LoadedObject) -> None:
+        """After load: keep the shared maps ``obj`` created alive."""
         self._require_open()
         for name in SHARED_MAPS:
             if obj.has_map(name) and name not in self._fds:
@@ -205,7 +206,7 @@ class RingBuffer:
         self._fds.clear()
         self._handlers.clear()
 
-    def __enter__(self) -> RingBuffer:
+    def __enter__(self) -> SharedMaps:
         return self
 
     def __exit__(

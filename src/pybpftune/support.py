@@ -31,7 +31,7 @@ from . import isolate, libbpf
 from .bpf import object_path
 from .errors import BpfError, PybpftuneError
 from .netns import current_cookie
-from .objects import CGROUP_KINDS, BpfObject
+from .objects import CGROUP_KINDS, LoadedObject, OpenObject
 from .procfs import mounts
 
 SO_NETNS_COOKIE = 71
@@ -136,7 +136,7 @@ def raise_memlock() -> str:
         return f"{limit} (could not raise; fine on Linux 5.11+, which charges BPF memory to the cgroup)"
 
 
-def _attach_probe(obj: BpfObject, kind: str, program: str, cgroup2: str | None) -> KindSupport:
+def _attach_probe(obj: LoadedObject, kind: str, program: str, cgroup2: str | None) -> KindSupport:
     """Attach one loaded probe program and detach it at once."""
     try:
         if kind in CGROUP_KINDS:
@@ -157,26 +157,28 @@ def _attach_probe(obj: BpfObject, kind: str, program: str, cgroup2: str | None) 
 def _probe_kinds(data: bytes, kinds: dict[str, str], cgroup2: str | None) -> dict[str, KindSupport]:
     """Load every probe program at once (one BTF parse: slow kernels and VMs
     care); only if the kernel refuses that, load them one by one."""
-    with BpfObject(data, "probe") as obj:
+    with OpenObject(data, "probe") as obj:
         for name in obj.programs:
             obj.set_autoload(name, name in kinds.values())
         try:
-            obj.load()
+            loaded = obj.load()
         except BpfError:
             pass
         else:
-            return {kind: _attach_probe(obj, kind, prog, cgroup2) for kind, prog in kinds.items()}
+            with loaded:
+                return {kind: _attach_probe(loaded, kind, prog, cgroup2) for kind, prog in kinds.items()}
     out = {}
     for kind, program in kinds.items():
-        with BpfObject(data, "probe") as obj:
+        with OpenObject(data, "probe") as obj:
             for name in obj.programs:
                 obj.set_autoload(name, name == program)
             try:
-                obj.load()
+                loaded = obj.load()
             except BpfError as exc:
                 out[kind] = KindSupport(kind, False, False, f"load refused: {exc.short()}")
                 continue
-            out[kind] = _attach_probe(obj, kind, program, cgroup2)
+        with loaded:
+            out[kind] = _attach_probe(loaded, kind, program, cgroup2)
     return out
 
 

@@ -54,8 +54,8 @@ from .hostmem import HostMemory
 if TYPE_CHECKING:
     from .eventloop import EventLoop
     from .events import Event
-    from .loader import LoadedObject
     from .netns import Namespaces
+    from .objects import LoadedObject
     from .store import TunableStore
     from .support import Support
 
@@ -248,7 +248,7 @@ class Tuner:
     def _update_map(self, update: MapUpdate) -> None:
         if self.loaded is None:
             return
-        bpf_map = self.loaded.obj.map(update.map)
+        bpf_map = self.loaded.map(update.map)
         if update.value is not None:
             bpf_map[update.key] = update.value
             return
@@ -323,7 +323,7 @@ class Tuner:
     def set_bpf_global(self, name: str, value: int) -> None:
         """Update a global in the loaded object (no-op without one)."""
         if self.loaded is not None:
-            self.loaded.obj.set_global(name, value)
+            self.loaded.set_global(name, value)
 
     def apply_text(self, tunable_id: int, scenario: int, netns_cookie: int | None, text: str, reason: str) -> bool:
         """Set a string sysctl through the store's write path."""

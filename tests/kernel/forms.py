@@ -20,9 +20,10 @@ from pathlib import Path
 from pybpftune.bpf import object_path
 from pybpftune.errors import NotSupported
 from pybpftune.events import Event
-from pybpftune.loader import LoadedObject, load_object
+from pybpftune.loader import load_object
 from pybpftune.netns import current_cookie, current_inode
-from pybpftune.ringbuf import RingBuffer
+from pybpftune.objects import LoadedObject
+from pybpftune.ringbuf import SharedMaps
 from pybpftune.support import KindSupport, Support, probe_support
 
 from .harness import SLOW
@@ -44,7 +45,7 @@ class FallbackForms:
     the events it sent (with a ``tuner_id``) and the ring they came through."""
 
     real: Support
-    ring: RingBuffer
+    ring: SharedMaps
     loaded: LoadedObject | None = None
     why: str = ""
     events: list[Event] = field(default_factory=list)
@@ -103,7 +104,7 @@ def fallback_forms(
             "bpftune_netns_cookie_supported": int(current_cookie() is not None),
             "bpftune_init_netns_inum": current_inode(),
         }
-    with RingBuffer() as ring:
+    with SharedMaps() as ring:
         forms = FallbackForms(real, ring)
         if tuner_id is not None:
             ring.register(tuner_id, forms.events.append)
@@ -113,7 +114,7 @@ def fallback_forms(
                 object_path(tuner, legacy=variant == "legacy", directory=directory),
                 tuner,
                 without_tracepoints(real),
-                ring=ring,
+                shared=ring,
                 globals_=values,
                 optional_signals=optional_signals,
             )

@@ -22,7 +22,7 @@ import pytest
 
 from pybpftune import libbpf
 from pybpftune.bpf import object_path
-from pybpftune.objects import BpfObject
+from pybpftune.objects import OpenObject
 from pybpftune.support import find_cgroup2
 
 from .harness import BPFTUNE, SLOW, Daemon, Sysctls, demo_tuners_dir, journaled, sysctl_get, sysctls
@@ -177,13 +177,13 @@ def left_attached(program: str, variant: str) -> Iterator[int]:
     cgroup = find_cgroup2()
     assert cgroup, "no cgroup v2 mount"
     before = {pid for pid, _n, _t in libbpf.loaded_programs()}
-    with BpfObject.from_path(object_path("sysctl_tuner", legacy=variant == "legacy")) as obj:
+    with OpenObject.from_path(object_path("sysctl_tuner", legacy=variant == "legacy")) as obj:
         for name in obj.programs:
             obj.set_autoload(name, name == program)
-        obj.load()
-        new = libbpf.loaded_programs(full_names=True)
-        (prog_id,) = [pid for pid, name, _t in new if name == program and pid not in before]
-        bpftool("cgroup", "attach", cgroup, "sysctl", "id", str(prog_id), "multi")
+        with obj.load():
+            new = libbpf.loaded_programs(full_names=True)
+            (prog_id,) = [pid for pid, name, _t in new if name == program and pid not in before]
+            bpftool("cgroup", "attach", cgroup, "sysctl", "id", str(prog_id), "multi")
     try:
         yield prog_id
     finally:

@@ -14,10 +14,10 @@ import pytest
 from pybpftune import libbpf
 from pybpftune.errors import BpfLoadError, BpfObjectError, NotSupported
 from pybpftune.events import Event
-from pybpftune.loader import LoadBatch, LoadedObject, LoadRequest, load_object
-from pybpftune.objects import BpfObject
+from pybpftune.loader import LoadBatch, LoadRequest, load_object
+from pybpftune.objects import LoadedObject, OpenObject
 from pybpftune.registry import builtin_tuners
-from pybpftune.ringbuf import RingBuffer
+from pybpftune.ringbuf import SharedMaps
 from pybpftune.support import KindSupport, Support, probe_support, variant_line
 
 pytestmark = pytest.mark.kernel
@@ -52,7 +52,7 @@ def kernel_dependent_forms(path: Path) -> dict[str, str]:
 
 
 def programs_of(path: Path) -> list[str]:
-    with BpfObject.from_path(path) as obj:
+    with OpenObject.from_path(path) as obj:
         return list(obj.programs)
 
 
@@ -64,7 +64,7 @@ def programs_of(path: Path) -> list[str]:
 def test_every_program_whose_kind_loads_passes_the_verifier(path: Path, program: str) -> None:
     """One load per program, so a rejection names exactly one (host stage)."""
     support = probe_support()
-    with BpfObject.from_path(path) as obj:
+    with OpenObject.from_path(path) as obj:
         kind = obj.programs[program].kind
         for name in obj.programs:
             obj.set_autoload(name, name == program)
@@ -78,13 +78,14 @@ def test_every_program_whose_kind_loads_passes_the_verifier(path: Path, program:
             # Declared by its tuner: this kernel may lack what the form needs;
             # the loader then uses another form or reports the signal.
             try:
-                obj.load()
+                loaded = obj.load()
             except BpfLoadError as exc:
                 print(f"{program} refused here ({needs}): {exc}")
                 return
         else:
-            obj.load()  # raises BpfLoadError with the verifier log on rejection
-        assert obj.program_fd(program) >= 0
+            loaded = obj.load()  # raises BpfLoadError with the verifier log on rejection
+    with loaded:
+        assert loaded.program_fd(program) >= 0
 
 
 @pytest.mark.guest
@@ -95,7 +96,7 @@ def test_every_object_passes_the_verifier_in_one_load(path: Path) -> None:
     keeps the VM stages short; BpfLoadError names the program that failed."""
     support = probe_support()
     dependent = kernel_dependent_forms(path)
-    with BpfObject.from_path(path) as obj:
+    with OpenObject.from_path(path) as obj:
         loadable = [
             name
             for name, info in obj.programs.items()
@@ -103,11 +104,11 @@ def test_every_object_passes_the_verifier_in_one_load(path: Path) -> None:
         ]
         for name in obj.programs:
             obj.set_autoload(name, name in loadable)
-        obj.load()
-        assert all(obj.program_fd(name) >= 0 for name in loadable)
+        with obj.load() as loaded:
+            assert all(loaded.program_fd(name) >= 0 for name in loadable)
 
 
-def _getppid_events(ring: RingBuffer, want: int) -> None:
+def _getppid_events(ring: SharedMaps, want: int) -> None:
     for _ in range(want):
         os.getppid()
     for _ in range(20):
@@ -121,35 +122,33 @@ def test_two_objects_feed_one_ring_buffer(variant: Path) -> None:
     support = probe_support()
     got: dict[int, list[Event]] = {1: [], 2: []}
     before = our_program_ids("bpftune_syscall")
-    with RingBuffer() as ring:
+    with SharedMaps() as ring:
         ring.register(1, got[1].append)
         ring.register(2, got[2].append)
         first = load_object(
             variant,
             "first",
             support,
-            ring=ring,
+            shared=ring,
             globals_={"tuner_id": 1, "bpftune_pid": os.getpid(), "magic": 0x1111},
         )
         second = load_object(
             variant,
             "second",
             support,
-            ring=ring,
+            shared=ring,
             globals_={"tuner_id": 2, "bpftune_pid": os.getpid(), "magic": 0x2222},
         )
         with first, second:
             # Both objects write through the same kernel map.
-            assert first.obj.map_fd("bpftune_ringbuf") != second.obj.map_fd("bpftune_ringbuf")
-            assert (
-                os.fstat(ring.map_fd("bpftune_ringbuf")).st_ino == os.fstat(second.obj.map_fd("bpftune_ringbuf")).st_ino
-            )
+            assert first.map_fd("bpftune_ringbuf") != second.map_fd("bpftune_ringbuf")
+            assert os.fstat(ring.map_fd("bpftune_ringbuf")).st_ino == os.fstat(second.map_fd("bpftune_ringbuf")).st_ino
             _getppid_events(ring, 3)
             # A global written after load through the mmap is seen by the BPF side.
-            second.obj.set_global("value", 99)
+            second.set_global("value", 99)
             _getppid_events(ring, 1)
-            assert second.obj.get_global("bpftune_events_sent") == 4
-            assert second.obj.get_global("bpftune_ringbuf_drops") == 0
+            assert second.get_global("bpftune_events_sent") == 4
+            assert second.get_global("bpftune_ringbuf_drops") == 0
         assert len(got[1]) == 4 and len(got[2]) == 4
         for tuner_id, magic in ((1, 0x1111), (2, 0x2222)):
             payloads = [ev.payload("struct pybpftune_test_payload") for ev in got[tuner_id]]
@@ -166,7 +165,7 @@ def test_a_batch_loads_in_one_child_and_shares_the_ring_buffer(test_object: Path
     support = probe_support()
     got: dict[int, list[Event]] = {1: [], 2: [], 3: []}
     before = our_program_ids("bpftune_syscall")
-    with RingBuffer() as ring:
+    with SharedMaps() as ring:
         for tuner_id, events in got.items():
             ring.register(tuner_id, events.append)
         batch = LoadBatch()
@@ -177,7 +176,7 @@ def test_a_batch_loads_in_one_child_and_shares_the_ring_buffer(test_object: Path
                 source,
                 f"batch{i}",
                 support,
-                ring=ring,
+                shared=ring,
                 globals_={"tuner_id": i, "bpftune_pid": os.getpid(), "magic": i},
             )
 
@@ -191,8 +190,8 @@ def test_a_batch_loads_in_one_child_and_shares_the_ring_buffer(test_object: Path
             loaded.append(takes[2]())
             ring_ino = os.fstat(ring.map_fd("bpftune_ringbuf")).st_ino
             for one in loaded:
-                assert os.fstat(one.obj.map_fd("bpftune_ringbuf")).st_ino == ring_ino
-                assert one.obj.links, "attached in the child, adopted here"
+                assert os.fstat(one.map_fd("bpftune_ringbuf")).st_ino == ring_ino
+                assert one.links, "attached in the child, adopted here"
             _getppid_events(ring, 2)
         finally:
             batch.close()
@@ -209,11 +208,11 @@ def test_a_batch_closed_early_leaks_nothing(test_object: Path) -> None:
     support = probe_support()
 
     def cycle(take: int) -> None:
-        with RingBuffer() as ring:
+        with SharedMaps() as ring:
             batch = LoadBatch()
 
             def request(i: int) -> Callable[[], LoadRequest]:
-                return lambda: LoadRequest(test_object, f"early{i}", support, ring=ring, globals_={"tuner_id": i})
+                return lambda: LoadRequest(test_object, f"early{i}", support, shared=ring, globals_={"tuner_id": i})
 
             takes = [batch.add(request(i)) for i in range(3)]
             batch.seal()
@@ -235,12 +234,12 @@ def test_a_batch_closed_early_leaks_nothing(test_object: Path) -> None:
 @pytest.mark.guest
 def test_unknown_tuner_events_are_dropped_not_fatal(test_object: Path) -> None:
     with (
-        RingBuffer() as ring,
+        SharedMaps() as ring,
         load_object(
             test_object,
             "orphan",
             probe_support(),
-            ring=ring,
+            shared=ring,
             globals_={"tuner_id": 9, "bpftune_pid": os.getpid()},
         ),
     ):
@@ -256,9 +255,9 @@ def test_handler_errors_reach_the_error_callback(test_object: Path) -> None:
         raise ValueError("tuner bug")
 
     with (
-        RingBuffer(on_error=lambda tid, exc: errors.append((tid, exc))) as ring,
+        SharedMaps(on_error=lambda tid, exc: errors.append((tid, exc))) as ring,
         load_object(
-            test_object, "buggy", probe_support(), ring=ring, globals_={"tuner_id": 4, "bpftune_pid": os.getpid()}
+            test_object, "buggy", probe_support(), shared=ring, globals_={"tuner_id": 4, "bpftune_pid": os.getpid()}
         ),
     ):
         ring.register(4, bad_handler)
@@ -275,10 +274,10 @@ def test_attach_chain_falls_back_or_explains(test_object: Path) -> None:
     kinds["tp_btf"] = KindSupport("tp_btf", False, False, "ruled out by the test")
     support = Support(kinds, real.kernel_btf, real.ringbuf, real.netns_cookie, real.cgroup2, real.memlock)
     got: list[Event] = []
-    with RingBuffer() as ring:
+    with SharedMaps() as ring:
         ring.register(0, got.append)
         try:
-            loaded = load_object(test_object, "chain", support, ring=ring, globals_={"bpftune_pid": os.getpid()})
+            loaded = load_object(test_object, "chain", support, shared=ring, globals_={"bpftune_pid": os.getpid()})
         except NotSupported as exc:
             assert not real.works("kprobe")
             assert "syscall" in str(exc) and "ruled out by the test" in str(exc) and "kprobe" in str(exc)
@@ -294,7 +293,7 @@ def test_attach_chain_falls_back_or_explains(test_object: Path) -> None:
 def test_broken_program_fails_with_verifier_log() -> None:
     path = ROOT / "tests" / "bpf" / "broken_fentry.bpf.o"
     support = probe_support()
-    with BpfObject.from_path(path) as obj, pytest.raises(BpfLoadError) as info:
+    with OpenObject.from_path(path) as obj, pytest.raises(BpfLoadError) as info:
         obj.load()
     err = info.value
     assert err.program == "bpftune_connect__fentry"
@@ -310,10 +309,10 @@ def test_no_fd_leak_across_load_and_close(test_object: Path) -> None:
     support = probe_support()
 
     def cycle() -> None:
-        with RingBuffer() as ring:
+        with SharedMaps() as ring:
             for i in range(3):
-                loaded = load_object(test_object, f"leak{i}", support, ring=ring, globals_={"tuner_id": i})
-                loaded.obj.set_global("value", i)  # maps the .bss too
+                loaded = load_object(test_object, f"leak{i}", support, shared=ring, globals_={"tuner_id": i})
+                loaded.set_global("value", i)  # maps the .bss too
                 loaded.close()
                 loaded.close()
 
@@ -357,9 +356,9 @@ def test_support_cli_leaves_nothing_behind() -> None:
 def test_one_poll_dispatches_at_most_max_batch(test_object: Path) -> None:
     got: list[Event] = []
     with (
-        RingBuffer(max_batch=2) as ring,
+        SharedMaps(max_batch=2) as ring,
         load_object(
-            test_object, "batch", probe_support(), ring=ring, globals_={"tuner_id": 3, "bpftune_pid": os.getpid()}
+            test_object, "batch", probe_support(), shared=ring, globals_={"tuner_id": 3, "bpftune_pid": os.getpid()}
         ),
     ):
         ring.register(3, got.append)
@@ -377,9 +376,9 @@ def test_interrupt_in_a_handler_is_not_swallowed(test_object: Path) -> None:
         raise KeyboardInterrupt
 
     with (
-        RingBuffer(on_error=lambda tid, exc: None) as ring,
+        SharedMaps(on_error=lambda tid, exc: None) as ring,
         load_object(
-            test_object, "intr", probe_support(), ring=ring, globals_={"tuner_id": 5, "bpftune_pid": os.getpid()}
+            test_object, "intr", probe_support(), shared=ring, globals_={"tuner_id": 5, "bpftune_pid": os.getpid()}
         ),
     ):
         ring.register(5, interrupted)

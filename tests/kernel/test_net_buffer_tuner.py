@@ -23,8 +23,9 @@ from pathlib import Path
 import pytest
 
 from pybpftune.bpf import object_path
-from pybpftune.loader import LoadedObject, load_object
-from pybpftune.ringbuf import RingBuffer
+from pybpftune.loader import load_object
+from pybpftune.objects import LoadedObject
+from pybpftune.ringbuf import SharedMaps
 from pybpftune.support import probe_support
 from pybpftune.tuners import net_buffer as nb
 
@@ -163,7 +164,7 @@ def assert_counts_backlog_drops_once(loaded: LoadedObject, saved: Sysctls, pair:
     before = softnet_drops()
     burst(pair, 20)
     dropped = softnet_drops() - before
-    counted = loaded.obj.get_global("backlog_drops")
+    counted = loaded.get_global("backlog_drops")
     assert dropped > 0
     # Other traffic on the host may drop too; both counters see it alike.
     assert abs(counted - dropped) <= max(2, dropped // 20), (counted, dropped)
@@ -174,12 +175,12 @@ def test_each_backlog_drop_is_counted_once(saved: Sysctls, gso_pair: NetnsPair, 
     again in its shared helper), halving the effective threshold.  The BPF
     counter must match the kernel's own count in /proc/net/softnet_stat."""
     with (
-        RingBuffer() as ring,
+        SharedMaps() as ring,
         load_object(
             object_path("net_buffer_tuner", legacy=variant == "legacy"),
             "net_buffer_tuner",
             probe_support(),
-            ring=ring,
+            shared=ring,
             optional_signals={"squeeze"},
             globals_={"max_backlog": 1 << 40},  # never report: only count
         ) as loaded,

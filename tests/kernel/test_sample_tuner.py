@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from pybpftune import libbpf
-from pybpftune.objects import BpfObject, read_object_file
+from pybpftune.objects import OpenObject, read_object_file
 
 from .forms import fallback_forms
 from .harness import IN_VM, SLOW, Daemon, repeat_until_logged, trusted_dir
@@ -54,7 +54,7 @@ def program_names() -> set[str]:
     bpftune_<signal>__<form>, so an outside tuner's are recognisable too)."""
     names: set[str] = set()
     for f in OBJECTS:
-        with BpfObject(read_object_file(SAMPLE / f), "sample_tuner") as obj:
+        with OpenObject(read_object_file(SAMPLE / f), "sample_tuner") as obj:
             names |= set(obj.programs)
     assert names and all(n.startswith("bpftune_") for n in names), names
     return names

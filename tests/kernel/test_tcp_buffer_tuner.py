@@ -36,9 +36,10 @@ import pytest
 
 from pybpftune.bpf import object_path
 from pybpftune.events import Event
-from pybpftune.loader import LoadedObject, load_object
+from pybpftune.loader import load_object
 from pybpftune.netns import current_cookie, current_inode
-from pybpftune.ringbuf import RingBuffer
+from pybpftune.objects import LoadedObject
+from pybpftune.ringbuf import SharedMaps
 from pybpftune.support import probe_support
 
 from .harness import (
@@ -409,10 +410,15 @@ def connect_and_accept(where: Site, n: int, port: int) -> None:
         server.wait()
 
 
-def loaded(variant: str, ring: RingBuffer) -> LoadedObject:
+def loaded(variant: str, ring: SharedMaps) -> LoadedObject:
     path = object_path("tcp_buffer_tuner", legacy=variant == "legacy")
     return load_object(
-        path, "tcp_buffer_tuner", probe_support(), ring=ring, globals_=bpf_globals(), optional_signals=OPTIONAL_SIGNALS
+        path,
+        "tcp_buffer_tuner",
+        probe_support(),
+        shared=ring,
+        globals_=bpf_globals(),
+        optional_signals=OPTIONAL_SIGNALS,
     )
 
 
@@ -421,10 +427,10 @@ def test_established_connections_are_counted_per_namespace(variant: str) -> None
     Upstream's counter compared the sockops op with BPF_TCP_ESTABLISHED and
     stayed 0; ours counts every transition to ESTABLISHED, per namespace."""
     n, port = 7, 5411
-    with site() as where, RingBuffer() as ring, loaded(variant, ring) as lo:
+    with site() as where, SharedMaps() as ring, loaded(variant, ring) as lo:
         assert lo.choices["conn_state"].chosen is not None
         connect_and_accept(where, n, port)
-        stats = lo.obj.map("bpftune_synstat")
+        stats = lo.map("bpftune_synstat")
         # Both ends count where they live; over loopback both are global.
         expected = n if where.server != where.client else 2 * n
         for ns in {where.server, where.client}:
@@ -461,7 +467,7 @@ def rmem_events(where: Site, variant: str, locked: bool, port: int) -> int:
     """tcp_rmem proposals the BPF side sends while a receiver on the server
     side (its buffer at tcp_rmem[2]) reads a bulk transfer."""
     events: list[Event] = []
-    with RingBuffer() as ring, loaded(variant, ring):
+    with SharedMaps() as ring, loaded(variant, ring):
         ring.register(1, events.append)
         server = subprocess.Popen(
             where.cmd(where.server, [sys.executable, "-c", RECEIVER, where.addr, str(port), str(int(locked))]),

@@ -22,7 +22,7 @@ import pytest
 
 from pybpftune import libbpf
 from pybpftune.netns import Namespaces
-from pybpftune.objects import BpfObject
+from pybpftune.objects import OpenObject
 from pybpftune.tuners import tcp_conn as tc
 
 from .harness import IN_VM, Daemon, NetnsPair, iperf3, iperf3_server, netns_pair, run
@@ -247,8 +247,7 @@ def test_allowed_list_gains_the_algorithms_while_running(variant_args: tuple[str
 @pytest.mark.parametrize("name", ["conn_cost_test.bpf.o", "conn_cost_test.bpf.legacy.o"])
 def test_bpf_cost_arithmetic_matches_python(name: str) -> None:
     rng = random.Random(5)
-    with BpfObject.from_path(ROOT / "tests" / "bpf" / name) as obj:
-        obj.load()
+    with OpenObject.from_path(ROOT / "tests" / "bpf" / name).load() as obj:
         fd = obj.program_fd("bpftune_conn_cost_test")
         packet = bytes(64)
         for _ in range(300):

@@ -73,7 +73,9 @@ def test_object_counters_are_read_as_deltas_and_outlive_their_object() -> None:
     assert loss.counts().total == 13
 
 
-class FakeObject:
+class FakeLoaded:
+    """A loaded object's ring-buffer drop counter, as the daemon reads it."""
+
     def __init__(self) -> None:
         self.closed = False
         self.drops = 0
@@ -85,13 +87,8 @@ class FakeObject:
         assert not self.closed, "read after close"
         return self.drops
 
-
-class FakeLoaded:
-    def __init__(self) -> None:
-        self.obj = FakeObject()
-
     def close(self) -> None:
-        self.obj.closed = True
+        self.closed = True
 
 
 class Quiet(Tuner):
@@ -115,12 +112,12 @@ def daemon(tmp_path: Path) -> Iterator[Daemon]:
         d.close()
 
 
-def with_object(d: Daemon) -> tuple[Tuner, FakeObject]:
+def with_object(d: Daemon) -> tuple[Tuner, FakeLoaded]:
     tuner = d._start_tuner(Plugin(Quiet))
     assert tuner is not None
     loaded = FakeLoaded()
     tuner.loaded = loaded  # type: ignore[assignment]
-    return tuner, loaded.obj
+    return tuner, loaded
 
 
 def status(d: Daemon) -> tuple[str, dict[str, int]]:

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
 from pybpftune.bpf import available, object_path
 from pybpftune.errors import BpfObjectError, PybpftuneError
-from pybpftune.objects import BpfObject, ProgramInfo, failed_program, program_kind
+from pybpftune.libbpf import failed_program
+from pybpftune.objects import OpenObject, ProgramInfo, program_kind
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -36,7 +38,7 @@ def test_every_packaged_object_has_both_variants() -> None:
 
 @pytest.mark.parametrize("path", packaged_objects(), ids=lambda p: p.name)
 def test_every_object_opens(path: Path) -> None:
-    with BpfObject.from_path(path) as obj:
+    with OpenObject.from_path(path) as obj:
         assert obj.programs
         for info in obj.programs.values():
             assert info.kind != "other", f"{info.name}: unknown section {info.section}"
@@ -46,7 +48,7 @@ def test_legacy_variant_has_no_btf_typed_programs() -> None:
     for path in (ROOT / "src" / "pybpftune" / "bpf").glob("*.bpf.legacy.o"):
         if path.name.startswith("probe."):
             continue  # the probe holds one program of every kind on purpose
-        with BpfObject.from_path(path) as obj:
+        with OpenObject.from_path(path) as obj:
             kinds = {info.kind for info in obj.programs.values()}
             assert not kinds & {"tp_btf", "fentry", "fexit", "iter"}, f"{path.name}: {kinds}"
 
@@ -56,20 +58,20 @@ def test_truncated_object_is_named(tmp_path: Path) -> None:
     bad = tmp_path / "cut.bpf.o"
     bad.write_bytes(data[: len(data) // 3])
     with pytest.raises(BpfObjectError, match="cut"):
-        BpfObject.from_path(bad)
+        OpenObject.from_path(bad)
 
 
 def test_garbage_and_missing_objects(tmp_path: Path) -> None:
     junk = tmp_path / "junk.bpf.o"
     junk.write_bytes(b"not an elf file at all" * 10)
     with pytest.raises(BpfObjectError, match="not an ELF"):
-        BpfObject.from_path(junk)
+        OpenObject.from_path(junk)
     with pytest.raises(BpfObjectError, match="cannot read"):
-        BpfObject.from_path(tmp_path / "absent.bpf.o")
+        OpenObject.from_path(tmp_path / "absent.bpf.o")
 
 
 def test_globals_set_before_load_are_in_the_initial_image(test_object: Path) -> None:
-    with BpfObject.from_path(test_object) as obj:
+    with OpenObject.from_path(test_object) as obj:
         obj.set_global("magic", 0xDEADBEEF)
         obj.set_global("bpftune_pid", 1234)
         assert obj.get_global("magic") == 0xDEADBEEF
@@ -79,7 +81,7 @@ def test_globals_set_before_load_are_in_the_initial_image(test_object: Path) -> 
 
 
 def test_program_metadata(test_object: Path) -> None:
-    with BpfObject.from_path(test_object) as obj:
+    with OpenObject.from_path(test_object) as obj:
         tp = obj.programs["bpftune_syscall__tp_btf"]
         assert (tp.kind, tp.signal, tp.family, tp.target) == ("tp_btf", "syscall", "tp_btf", "sys_enter")
         kp = obj.programs["bpftune_syscall__kprobe"]
@@ -91,7 +93,7 @@ def test_every_program_and_map_is_named_bpftune(path: Path) -> None:
     """Operators find ours with `bpftool prog | grep bpftune` (bpftool prints a
     program's full name) and `bpftool map | grep bpftune` (maps show the
     kernel's name: the first 15 characters, so ours fit in 15)."""
-    with BpfObject.from_path(path) as obj:
+    with OpenObject.from_path(path) as obj:
         assert obj.programs and all(name.startswith("bpftune_") for name in obj.programs), list(obj.programs)
         maps = obj.map_names
         assert all(name.startswith("bpftune") and len(name) <= 15 for name in maps), maps
@@ -111,7 +113,7 @@ def test_signal_is_read_after_the_prefix(name: str, signal: str | None) -> None:
 
 
 def test_configuring_after_close_is_refused(test_object: Path) -> None:
-    obj = BpfObject.from_path(test_object)
+    obj = OpenObject.from_path(test_object)
     obj.close()
     obj.close()  # idempotent
     with pytest.raises(PybpftuneError, match="closed"):
@@ -147,3 +149,21 @@ def test_failed_program_is_found_in_libbpf_log() -> None:
     ]
     assert failed_program(log) == "rcv__fentry"
     assert failed_program(["libbpf: failed to load object 'x'"]) is None
+
+
+def test_loading_spends_the_open_object(test_object: Path) -> None:
+    """What a load (here: an empty hand-over) returns owns the object; the
+    open object configures nothing more, and both close idempotently."""
+    obj = OpenObject.from_path(test_object)
+    with pytest.raises(PybpftuneError, match="2 fds handed over for 0 names"):
+        obj.adopt([], [os.dup(0), os.dup(0)])
+    assert not obj.closed, "a refused hand-over leaves the object open"
+    with obj.adopt([], []) as loaded:
+        with pytest.raises(PybpftuneError, match="loaded"):
+            obj.set_autoload("bpftune_syscall__kprobe", False)
+        assert loaded.programs == obj.programs and loaded.name == obj.name
+        assert loaded.obj is loaded
+        assert loaded.unavailable() == []
+    assert loaded.closed
+    loaded.close()
+    obj.close()

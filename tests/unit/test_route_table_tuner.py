@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from types import SimpleNamespace
 
 import pytest
 
@@ -10,8 +11,8 @@ from pybpftune import libbpf
 from pybpftune._libbpf import lib
 from pybpftune.errors import NotSupported
 from pybpftune.events import Event, Update
-from pybpftune.loader import LoadedObject, SignalChoice
 from pybpftune.netns import Namespaces
+from pybpftune.objects import SignalChoice
 from pybpftune.store import TunableStore
 from pybpftune.sysctl import MemorySysctl
 from pybpftune.tuner import INT_MAX, Steps, TunerContext
@@ -98,13 +99,13 @@ def test_either_signal_suffices_but_one_is_needed() -> None:
         "dst_table": SignalChoice("dst_table", ["tp_btf"], None, {"tp_btf": "no such tracepoint"}),
         "dst_gc": SignalChoice("dst_gc", ["fentry", "kprobe"], "fentry"),
     }
-    tuner.loaded = LoadedObject(None, gc_only)  # type: ignore[arg-type]
+    tuner.loaded = SimpleNamespace(choices=gc_only)  # type: ignore[assignment]
     tuner.start()
     neither = {
         "dst_table": gc_only["dst_table"],
         "dst_gc": SignalChoice("dst_gc", ["fentry", "kprobe"], None, {"fentry": "EPERM", "kprobe": "ENOENT"}),
     }
-    tuner.loaded = LoadedObject(None, neither)  # type: ignore[arg-type]
+    tuner.loaded = SimpleNamespace(choices=neither)  # type: ignore[assignment]
     with pytest.raises(NotSupported) as err:
         tuner.start()
     assert "dst_table: unavailable (tp_btf: no such tracepoint)" in str(err.value)

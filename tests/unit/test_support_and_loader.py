@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from pybpftune.loader import _plan, _signals
-from pybpftune.objects import BpfObject
+from pybpftune.objects import OpenObject
 from pybpftune.support import KindSupport, Support, support_report, variant_line
 
 ALL_KINDS = ("fentry", "fexit", "tp_btf", "raw_tp", "kprobe", "kretprobe", "iter", "cgroup_sysctl", "sockops")
@@ -70,7 +70,7 @@ def test_variant_line_says_which_variant_runs_and_why() -> None:
 
 
 def test_plan_prefers_tracepoints_and_switches_others_off(test_object: Path) -> None:
-    with BpfObject.from_path(test_object) as obj:
+    with OpenObject.from_path(test_object) as obj:
         assert _signals(obj.programs.values()) == {
             "syscall": {"tp_btf": ["bpftune_syscall__tp_btf"], "kprobe": ["bpftune_syscall__kprobe"]}
         }
@@ -82,7 +82,7 @@ def test_plan_prefers_tracepoints_and_switches_others_off(test_object: Path) -> 
 def test_a_tuner_may_prefer_a_form_that_fires_less_often(test_object: Path) -> None:
     """ip_frag asks for its defrag-path forms first; where they do not work
     the usual order still finds the tracepoint."""
-    with BpfObject.from_path(test_object) as obj:
+    with OpenObject.from_path(test_object) as obj:
         assert list(_signals(obj.programs.values(), ("kprobe",))["syscall"]) == ["kprobe", "tp_btf"]
         assert _plan(obj, make_support(), {}, ("kprobe",))["syscall"].chosen == "kprobe"
         refused = make_support({"kprobe": "load refused: EPERM"})
@@ -90,7 +90,7 @@ def test_a_tuner_may_prefer_a_form_that_fires_less_often(test_object: Path) -> N
 
 
 def test_plan_falls_back_and_explains(test_object: Path) -> None:
-    with BpfObject.from_path(test_object) as obj:
+    with OpenObject.from_path(test_object) as obj:
         choices = _plan(obj, make_support({"tp_btf": "needs kernel BTF"}), {})
         assert choices["syscall"].chosen == "kprobe"
         assert obj.autoload("bpftune_syscall__kprobe") and not obj.autoload("bpftune_syscall__tp_btf")
@@ -104,6 +104,6 @@ def test_plan_falls_back_and_explains(test_object: Path) -> None:
 def test_legacy_variant_uses_raw_tracepoint(legacy: bool) -> None:
     name = "ringbuf_test.bpf.legacy.o" if legacy else "ringbuf_test.bpf.o"
     path = Path(__file__).resolve().parents[1] / "bpf" / name
-    with BpfObject.from_path(path) as obj:
+    with OpenObject.from_path(path) as obj:
         choices = _plan(obj, make_support(), {})
         assert choices["syscall"].chosen == ("raw_tp" if legacy else "tp_btf")

@@ -55,9 +55,9 @@ def samples(tuner: Tuner, signals: Iterable[str] | None = None) -> list[tuple[st
     (struct bpftune_sample) of a tuner's loaded object; every signal of the
     object when ``signals`` is None."""
     out: list[tuple[str, int, int]] = []
-    if tuner.loaded is None or tuner.loaded.obj.closed:
+    if tuner.loaded is None or tuner.loaded.closed:
         return out
-    obj = tuner.loaded.obj
+    obj = tuner.loaded
     for signal in tuner.loaded.choices if signals is None else signals:
         name = f"{signal}_sample"
         if obj.has_global(name):

@@ -674,7 +674,7 @@ class TcpBufferTuner(Tuner):
             return lines
         for name in SAMPLES:
             gname = f"{name}_sample"
-            if not self.loaded.obj.has_global(gname):
+            if not self.loaded.has_global(gname):
                 continue
             count, rate = self._sample(gname)
             if count:
@@ -689,32 +689,32 @@ class TcpBufferTuner(Tuner):
     @property
     def near_pressure(self) -> bool:
         if self.loaded is not None:
-            return bool(self.loaded.obj.get_global("near_memory_pressure"))
+            return bool(self.loaded.get_global("near_memory_pressure"))
         return self.near_pressure_flag
 
     @property
     def near_exhaustion(self) -> bool:
         if self.loaded is not None:
-            return bool(self.loaded.obj.get_global("near_memory_exhaustion"))
+            return bool(self.loaded.get_global("near_memory_exhaustion"))
         return self.near_exhaustion_flag
 
     def _sample(self, gname: str) -> tuple[int, int]:
         """(count, rate) of a struct bpftune_sample global: three u64s."""
         assert self.loaded is not None
-        raw = self.loaded.obj.get_global(gname)
+        raw = self.loaded.get_global(gname)
         mask = (1 << 64) - 1
         return raw & mask, max((raw >> 128) & mask, 1)
 
     def _read_corr(self, tunable_id: int, cookie: int) -> CorrSums:
         if self.loaded is None:
             return CorrSums()
-        return read_corr(self.loaded.obj.map("bpftune_corr"), self.id, tunable_id, cookie)
+        return read_corr(self.loaded.map("bpftune_corr"), self.id, tunable_id, cookie)
 
     def _reset_corr(self, tunable_id: int, cookie: int) -> None:
         if self.loaded is None:
             return
         try:
-            del self.loaded.obj.map("bpftune_corr")[corr_key(self.id, tunable_id, cookie)]
+            del self.loaded.map("bpftune_corr")[corr_key(self.id, tunable_id, cookie)]
         except (KeyError, PybpftuneError):
             pass
 
@@ -874,7 +874,7 @@ class TcpBufferTuner(Tuner):
         v.limit = hold.limit
         v.metric = min(hold.metric, 2**64 - 1)
         try:
-            hold_map = self.loaded.obj.map("bpftune_hold")
+            hold_map = self.loaded.map("bpftune_hold")
             hold_map[libbpf.struct_bytes(k, HOLD_KEY_SIZE)] = libbpf.struct_bytes(v, HOLD_SIZE)
         except (KeyError, PybpftuneError):
             pass

@@ -255,7 +255,7 @@ class TcpConnTuner(Tuner):
         if self.loaded is None:
             return
         key = netns_cookie.to_bytes(8, "little")
-        self.loaded.obj.map("bpftune_ns_off")[key] = b"\x01"
+        self.loaded.map("bpftune_ns_off")[key] = b"\x01"
 
     # --- events ---------------------------------------------------------------------------
 
@@ -283,14 +283,14 @@ class TcpConnTuner(Tuner):
     def counts(self) -> libbpf.CData | None:
         if self.loaded is None:
             return None
-        raw = self.loaded.obj.map("bpftune_counts").get(bytes(4))
+        raw = self.loaded.map("bpftune_counts").get(bytes(4))
         return None if raw is None else libbpf.struct_view("struct tcp_conn_counts", raw)
 
     def hosts(self) -> list[HostStats]:
         if self.loaded is None:
             return []
         out = []
-        table = self.loaded.obj.map("bpftune_hosts")
+        table = self.loaded.map("bpftune_hosts")
         for key in list(table):
             raw = table.get(key)
             if raw is None:
