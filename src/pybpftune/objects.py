@@ -19,7 +19,7 @@ from collections.abc import Iterator, MutableMapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Any, overload
+from typing import ClassVar, Protocol, Self, TypeVar, overload
 
 from . import libbpf
 from .errors import AttachError, BpfError, BpfObjectError, LayoutError, PybpftuneError
@@ -182,35 +182,47 @@ class MapView(MutableMapping[bytes, bytes]):
         return sum(1 for _ in self)
 
 
-class TypedMap(MutableMapping[Any, Any]):
-    """A loaded map whose keys and values are types of the shared header:
-    each is packed and read through it (:func:`libbpf.encode` /
-    :func:`libbpf.decode`), so a struct is a dict of its fields and a scalar
-    an int.  Built by ``loaded.map(name, key="struct x", value="struct y")``,
-    which checks both sizes against the map's."""
+class Layout(Protocol):
+    """A generated binding of a shared-header struct (pybpftune.bindings)."""
 
-    def __init__(self, raw: MapView, key: str, value: str) -> None:
-        for what, type_name, size in (("key", key, raw.key_size), ("value", value, raw.value_size)):
-            if libbpf.sizeof(type_name) != size:
-                raise LayoutError(f"map {raw.name}: {what} is {size} bytes, {type_name} is {libbpf.sizeof(type_name)}")
+    SIZE: ClassVar[int]
+
+    def pack(self) -> bytes: ...
+
+    @classmethod
+    def unpack(cls, data: bytes) -> Self: ...
+
+
+K = TypeVar("K", bound=Layout)
+V = TypeVar("V", bound=Layout)
+
+
+class TypedMap(MutableMapping[K, V]):
+    """A loaded map whose keys and values are bindings of the shared header
+    (frozen dataclasses: hashable keys), packed and read through them.  Built
+    by ``loaded.map(name, bindings.CorrKey, bindings.Corr)``, which checks
+    both sizes against the map's."""
+
+    def __init__(self, raw: MapView, key: type[K], value: type[V]) -> None:
+        for what, layout, size in (("key", key, raw.key_size), ("value", value, raw.value_size)):
+            if size != layout.SIZE:
+                raise LayoutError(f"map {raw.name}: {what} is {size} bytes, {layout.__name__} is {layout.SIZE}")
         self.raw = raw
         self.key_type = key
         self.value_type = value
 
-    def __getitem__(self, key: Any) -> Any:
-        return libbpf.decode(self.value_type, self.raw[libbpf.encode(self.key_type, key)])
+    def __getitem__(self, key: K) -> V:
+        return self.value_type.unpack(self.raw[key.pack()])
 
-    def __setitem__(self, key: Any, value: Any) -> None:
-        self.raw[libbpf.encode(self.key_type, key)] = libbpf.encode(self.value_type, value)
+    def __setitem__(self, key: K, value: V) -> None:
+        self.raw[key.pack()] = value.pack()
 
-    def __delitem__(self, key: Any) -> None:
-        del self.raw[libbpf.encode(self.key_type, key)]
+    def __delitem__(self, key: K) -> None:
+        del self.raw[key.pack()]
 
-    def __iter__(self) -> Iterator[Any]:
-        """Keys as read (dicts for struct keys: not hashable, but each can
-        index the map again)."""
+    def __iter__(self) -> Iterator[K]:
         for key in self.raw:
-            yield libbpf.decode(self.key_type, key)
+            yield self.key_type.unpack(key)
 
     def __len__(self) -> int:
         return len(self.raw)
@@ -323,12 +335,14 @@ class _Globals:
         m, map_name, offset, size = self._opened().global_location(name)
         return bytes(self._global_buffer(m, map_name)[offset : offset + size])
 
-    def global_struct(self, name: str, type_name: str) -> dict[str, Any]:
-        """A struct-typed global read through the shared header, e.g.
-        ``global_struct("rcv_space_sample", "struct bpftune_sample")`` ->
-        ``{"count": .., "ts": .., "rate": ..}`` (a copy); LayoutError if the
-        global's size is not the type's."""
-        return libbpf.unpack(type_name, self.global_bytes(name))
+    def global_struct(self, name: str, layout: type[V]) -> V:
+        """A struct-typed global read through its binding, e.g.
+        ``global_struct("rcv_space_sample", bindings.BpftuneSample)`` (a copy);
+        LayoutError if the global's size is not the struct's."""
+        data = self.global_bytes(name)
+        if len(data) != layout.SIZE:
+            raise LayoutError(f"global {name} is {len(data)} bytes, {layout.__name__} is {layout.SIZE}")
+        return layout.unpack(data)
 
 
 class OpenObject(_Globals):
@@ -524,12 +538,12 @@ class LoadedObject(_Globals):
     def map(self, name: str) -> MapView: ...
 
     @overload
-    def map(self, name: str, key: str, value: str) -> TypedMap: ...
+    def map(self, name: str, key: type[K], value: type[V]) -> TypedMap[K, V]: ...
 
-    def map(self, name: str, key: str | None = None, value: str | None = None) -> MapView | TypedMap:
+    def map(self, name: str, key: type[K] | None = None, value: type[V] | None = None) -> MapView | TypedMap[K, V]:
         """The map as raw bytes (:class:`MapView`), or with ``key`` and
-        ``value`` type names of the shared header, as a :class:`TypedMap`:
-        ``loaded.map("bpftune_corr", key="struct corr_key", value="struct corr")``."""
+        ``value`` bindings of the shared header, as a :class:`TypedMap`:
+        ``loaded.map("bpftune_corr", bindings.CorrKey, bindings.Corr)``."""
         m = self._opened().map(name)
         raw = MapView(name, self.map_fd(name), libbpf.map_key_size(m), libbpf.map_value_size(m))
         if key is None and value is None:

@@ -6,7 +6,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from pybpftune import libbpf
+from pybpftune import bindings, libbpf
 from pybpftune._libbpf import ffi, lib
 from pybpftune.bpf import object_path
 from pybpftune.errors import LayoutError
@@ -117,25 +117,27 @@ class DictMap(MapView):
 
 
 def test_typed_map_packs_keys_and_values() -> None:
-    raw = DictMap(libbpf.sizeof("struct corr_key"), libbpf.sizeof("struct corr"))
-    corr = TypedMap(raw, "struct corr_key", "struct corr")
-    key = {"tuner_id": 1, "id": 2, "netns_cookie": 3}
-    corr[key] = {"n": 4, "sum_x": 5}
-    assert raw.data == {libbpf.pack("struct corr_key", **key): libbpf.pack("struct corr", n=4, sum_x=5)}
-    assert corr[key]["n"] == 4 and corr[key]["sum_xy"] == 0
+    raw = DictMap(bindings.CorrKey.SIZE, bindings.Corr.SIZE)
+    corr = TypedMap(raw, bindings.CorrKey, bindings.Corr)
+    key = bindings.CorrKey(tuner_id=1, id=2, netns_cookie=3)
+    corr[key] = bindings.Corr(n=4, sum_x=5)
+    assert raw.data == {
+        libbpf.pack("struct corr_key", tuner_id=1, id=2, netns_cookie=3): libbpf.pack("struct corr", n=4, sum_x=5)
+    }
+    assert corr[key].n == 4 and corr[key].sum_xy == 0
     assert list(corr) == [key] and len(corr) == 1
     del corr[key]
     assert not raw.data
 
 
 def test_typed_map_sizes_must_match_the_map() -> None:
-    raw = DictMap(libbpf.sizeof("struct corr_key"), libbpf.sizeof("struct corr"))
-    with pytest.raises(LayoutError, match="value is 48 bytes, struct bpftune_sample is 24"):
-        TypedMap(raw, "struct corr_key", "struct bpftune_sample")
+    raw = DictMap(bindings.CorrKey.SIZE, bindings.Corr.SIZE)
+    with pytest.raises(LayoutError, match="value is 48 bytes, BpftuneSample is 24"):
+        TypedMap(raw, bindings.CorrKey, bindings.BpftuneSample)
 
 
 def test_struct_globals_read_through_the_header() -> None:
     with OpenObject.from_path(object_path("ip_frag_tuner")) as obj:
-        assert obj.global_struct("rx_sample", "struct bpftune_sample") == {"count": 0, "ts": 0, "rate": 0}
-        with pytest.raises(LayoutError, match="struct corr_key is 16 bytes, got 24"):
-            obj.global_struct("rx_sample", "struct corr_key")
+        assert obj.global_struct("rx_sample", bindings.BpftuneSample) == bindings.BpftuneSample(count=0, ts=0, rate=0)
+        with pytest.raises(LayoutError, match="global rx_sample is 24 bytes, CorrKey is 16"):
+            obj.global_struct("rx_sample", bindings.CorrKey)

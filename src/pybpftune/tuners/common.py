@@ -7,7 +7,7 @@ import math
 from collections.abc import Hashable, Iterable, Sequence
 from typing import TYPE_CHECKING
 
-from .. import libbpf
+from .. import bindings
 from ..corr import CORR_MIN_SAMPLES, CORR_THRESHOLD
 
 if TYPE_CHECKING:
@@ -61,8 +61,8 @@ def samples(tuner: Tuner, signals: Iterable[str] | None = None) -> list[tuple[st
     for signal in tuner.loaded.choices if signals is None else signals:
         name = f"{signal}_sample"
         if obj.has_global(name):
-            view = libbpf.struct_view("struct bpftune_sample", obj.global_bytes(name))
-            out.append((signal, int(view.count), int(view.rate)))
+            sample = obj.global_struct(name, bindings.BpftuneSample)
+            out.append((signal, sample.count, sample.rate))
     return out
 
 
