@@ -45,7 +45,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from types import FrameType, TracebackType
+from types import FrameType
 from typing import TYPE_CHECKING
 
 from . import __version__
@@ -76,6 +76,7 @@ from .registry import (
     select,
     unload_plugin,
 )
+from .resource import Resource
 from .ringbuf import SharedMaps
 from .service import Detached, Notifier, detach, parse_metrics_address
 from .startup import EarlyProbe, Future, LoadThread, tune_malloc
@@ -117,7 +118,7 @@ LOSS_CHECK_S = 1.0
 TUNER_ERRORS = (Exception, SystemExit)
 
 
-class Daemon:
+class Daemon(Resource):
     """Owns every kernel resource of a running pybpftune, in start order."""
 
     def __init__(
@@ -1133,14 +1134,6 @@ class Daemon:
         self.state.unlock()
         if ours:
             log.info("bpftune stopped")
-
-    def __enter__(self) -> Daemon:
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
 
 
 def _signals(tuner: Tuner) -> tuple[SignalState, ...]:

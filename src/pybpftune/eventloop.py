@@ -29,7 +29,9 @@ import selectors
 import signal
 import time
 from collections.abc import Callable, Iterable
-from types import FrameType, TracebackType
+from types import FrameType
+
+from .resource import Resource
 
 log = logging.getLogger("pybpftune.loop")
 
@@ -53,7 +55,7 @@ class Timer:
         self.cancelled = True
 
 
-class EventLoop:
+class EventLoop(Resource):
     """One thread, one epoll; ``run()`` until ``stop()``."""
 
     def __init__(self, on_error: ErrorHandler | None = None, clock: Callable[[], float] = time.monotonic) -> None:
@@ -241,11 +243,3 @@ class EventLoop:
         self._selector.close()
         os.close(self._wake_r)
         os.close(self._wake_w)
-
-    def __enter__(self) -> EventLoop:
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()

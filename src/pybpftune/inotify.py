@@ -19,9 +19,9 @@ import struct
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
 
 from .errors import PybpftuneError
+from .resource import Resource
 
 # linux/inotify.h
 IN_CLOSE_WRITE = 0x00000008
@@ -78,7 +78,7 @@ def _complete_on_create(path: Path) -> bool:
     return not os.path.isfile(path) or os.path.islink(path) or st.st_nlink > 1
 
 
-class DirWatcher:
+class DirWatcher(Resource):
     """inotify watches on some directories; :meth:`read_events` is non-blocking,
     so an event loop can wait for :meth:`fileno` to become readable."""
 
@@ -167,11 +167,3 @@ class DirWatcher:
         except OSError as exc:
             if exc.errno != errno.EBADF:
                 raise
-
-    def __enter__(self) -> DirWatcher:
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()

@@ -39,6 +39,7 @@ from typing import Any
 
 from . import libbpf
 from .errors import AttachError, BpfError, BpfLoadError, BpfObjectError, NotSupported, PybpftuneError
+from .resource import Resource
 
 log = logging.getLogger("pybpftune.isolate")
 
@@ -107,7 +108,7 @@ def run(job: Job, what: str) -> tuple[Any, list[int]]:
         return stream.next()
 
 
-class Stream:
+class Stream(Resource):
     """Several jobs in one forked child, in order; :meth:`next` returns each
     one's answer as soon as the child has sent it (the child goes on with the
     next job meanwhile).  A job's error is that job's: the child carries on.
@@ -191,12 +192,6 @@ class Stream:
             except ProcessLookupError:
                 pass
         _, self._status = os.waitpid(pid, 0)
-
-    def __enter__(self) -> Stream:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 def _child(jobs: list[Job], sock: socket.socket, other: socket.socket, ppid: int) -> None:  # pragma: no cover

@@ -34,13 +34,14 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, ProcessCollector, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from . import __version__
 from .errors import PybpftuneError
+from .resource import Resource
 from .sysctl import PROC_SYS, SysctlMissing, parse_values
 
 if TYPE_CHECKING:
@@ -186,7 +187,7 @@ class DaemonCollector:
         return values
 
 
-class MetricsServer:
+class MetricsServer(Resource):
     """The HTTP endpoint: started after start-up (and after capabilities are
     dropped, so its threads inherit the reduced set), stopped first at exit."""
 
@@ -222,9 +223,3 @@ class MetricsServer:
         if self._thread is not None:
             self._thread.join(5)
             self._thread = None
-
-    def __enter__(self) -> MetricsServer:
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()

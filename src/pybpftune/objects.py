@@ -18,11 +18,11 @@ import os
 from collections.abc import Iterator, MutableMapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import TracebackType
 from typing import ClassVar, Protocol, Self, TypeVar, overload
 
 from . import libbpf
 from .errors import AttachError, BpfError, BpfObjectError, LayoutError, PybpftuneError
+from .resource import Resource
 
 ELF_MAGIC = b"\x7fELF"
 EM_BPF = 247
@@ -88,7 +88,7 @@ class ProgramInfo:
         return self.section.split("/", 1)[1] if "/" in self.section else ""
 
 
-class Link:
+class Link(Resource):
     """An attached program; ``close()`` detaches it.  Either libbpf's handle
     (attached here) or the fd a loading child handed over (see isolate.py)."""
 
@@ -116,12 +116,6 @@ class Link:
             libbpf.link_destroy(handle)
         if fd is not None:
             os.close(fd)
-
-    def __enter__(self) -> Link:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 @dataclass
@@ -345,7 +339,7 @@ class _Globals:
         return layout.unpack(data)
 
 
-class OpenObject(_Globals):
+class OpenObject(_Globals, Resource):
     """A BPF object opened and not loaded yet: configure it, then
     :meth:`load` it (which consumes it and returns the :class:`LoadedObject`)."""
 
@@ -459,16 +453,8 @@ class OpenObject(_Globals):
     def closed(self) -> bool:
         return self._handle is None
 
-    def __enter__(self) -> OpenObject:
-        return self
 
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
-
-
-class LoadedObject(_Globals):
+class LoadedObject(_Globals, Resource):
     """A loaded BPF object: attach its programs, use its maps and globals,
     hand it over to a parent process.  Loaded here (:meth:`OpenObject.load`)
     or in a loading child and adopted (:meth:`OpenObject.adopt`): then its
@@ -637,11 +623,3 @@ class LoadedObject(_Globals):
     @property
     def closed(self) -> bool:
         return self._handle is None
-
-    def __enter__(self) -> LoadedObject:
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()

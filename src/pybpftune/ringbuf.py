@@ -13,13 +13,13 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable
-from types import TracebackType
 
 from . import libbpf
 from .errors import PybpftuneError
 from .events import HEADER_SIZE, Event
 from .loss import EventLoss
 from .objects import LoadedObject, OpenObject
+from .resource import Resource
 
 log = logging.getLogger("pybpftune.ringbuf")
 
@@ -30,7 +30,7 @@ Handler = Callable[[Event], None]
 ErrorHandler = Callable[[int, BaseException], None]
 
 
-class SharedMaps:
+class SharedMaps(Resource):
     """The shared maps' fds, plus the single consumer of the ring buffer."""
 
     def __init__(
@@ -205,11 +205,3 @@ class SharedMaps:
             os.close(fd)
         self._fds.clear()
         self._handlers.clear()
-
-    def __enter__(self) -> SharedMaps:
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()

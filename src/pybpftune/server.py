@@ -25,10 +25,10 @@ import socket
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from types import TracebackType
 
 from .errors import PybpftuneError
 from .eventloop import EventLoop, Timer
+from .resource import Resource
 
 log = logging.getLogger("pybpftune.server")
 
@@ -68,7 +68,7 @@ class Counters:
     timed_out: int = 0
 
 
-class QueryServer:
+class QueryServer(Resource):
     """Listening sockets and their clients, all on one event loop."""
 
     def __init__(
@@ -246,14 +246,6 @@ class QueryServer:
             self._drop(c)
         for key in list(self._endpoints):
             self.stop_listening(key)
-
-    def __enter__(self) -> QueryServer:
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
 
 
 def _refuse(sock: socket.socket, why: bytes) -> None:
