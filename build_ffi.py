@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import cffi
 
@@ -118,58 +119,51 @@ def _enum_members(enum_name: str, members: dict[str, int]) -> tuple[dict[str, st
     return {c.removeprefix(base): c for c in ids}, counts
 
 
-def _field_code(ffi: cffi.FFI, name: str, ctype: object, classes: dict[str, str]) -> tuple[str, str, str, str]:
-    """(annotation and default, read from view ``v``, write into view ``v``, kind)."""
-    kind = ctype.kind  # type: ignore[attr-defined]
-    if kind in _INT_KINDS:
-        return f"{name}: int = 0", f"int(v.{name})", f"v.{name} = self.{name}", "int"
-    if kind == "struct":
-        cls = classes[ctype.cname]  # type: ignore[attr-defined]
-        return (
-            f"{name}: {cls} = field(default_factory=lambda: {cls}())",
-            f"{cls}.from_view(v.{name})",
-            f"self.{name}.fill(v.{name})",
-            "struct",
-        )
-    assert kind == "array", (name, kind)
-    item = ctype.item  # type: ignore[attr-defined]
-    if item.kind == "primitive" and item.cname == "char":
-        return (
-            f'{name}: str = ""',
-            f"libbpf.c_string(v.{name})",
-            f"libbpf.set_c_string(v.{name}, self.{name})",
-            "str",
-        )
-    if item.kind == "primitive" and item.cname == "unsigned char":
-        return (
-            f'{name}: bytes = b""',
-            f"libbpf.array_bytes(v.{name})",
-            f"libbpf.set_array(v.{name}, self.{name})",
-            "bytes",
-        )
-    if item.kind in _INT_KINDS:
-        return (
-            f"{name}: tuple[int, ...] = ()",
-            f"tuple(int(x) for x in v.{name})",
-            f"libbpf.set_array(v.{name}, self.{name})",
-            "ints",
-        )
-    if item.kind == "array" and item.item.kind in _INT_KINDS:
-        return (
-            f"{name}: tuple[tuple[int, ...], ...] = ()",
-            f"tuple(tuple(int(x) for x in row) for row in v.{name})",
-            f"for row, values in zip(v.{name}, self.{name}, strict=False):\n            libbpf.set_array(row, values)",
-            "rows",
-        )
-    if item.kind == "struct":
-        cls = classes[item.cname]
-        return (
-            f"{name}: tuple[{cls}, ...] = ()",
-            f"tuple({cls}.from_view(x) for x in v.{name})",
-            f"for view, value in zip(v.{name}, self.{name}, strict=False):\n            value.fill(view)",
-            "structs",
-        )
-    raise ValueError(f"{name}: no binding for {ctype.cname}")  # type: ignore[attr-defined]
+# How a field of each shape is declared, read from a cffi view ``v`` and
+# written into it; {n}: the field, {c}: the binding class of a struct element.
+_SHAPES = {
+    "int": ("int = 0", "int(v.{n})", "v.{n} = self.{n}"),
+    "struct": ("{c} = field(default_factory=lambda: {c}())", "{c}.from_view(v.{n})", "self.{n}.fill(v.{n})"),
+    "char[]": ('str = ""', "libbpf.c_string(v.{n})", "libbpf.set_c_string(v.{n}, self.{n})"),
+    "byte[]": ('builtins.bytes = b""', "libbpf.array_bytes(v.{n})", "libbpf.set_array(v.{n}, self.{n})"),
+    "int[]": ("tuple[int, ...] = ()", "tuple(int(x) for x in v.{n})", "libbpf.set_array(v.{n}, self.{n})"),
+    "int[][]": (
+        "tuple[tuple[int, ...], ...] = ()",
+        "tuple(tuple(int(x) for x in row) for row in v.{n})",
+        "for row, values in zip(v.{n}, self.{n}, strict=False):\n            libbpf.set_array(row, values)",
+    ),
+    "struct[]": (
+        "tuple[{c}, ...] = ()",
+        "tuple({c}.from_view(x) for x in v.{n})",
+        "for view, value in zip(v.{n}, self.{n}, strict=False):\n            value.fill(view)",
+    ),
+}
+
+
+def _shape(ctype: Any) -> tuple[str, str]:
+    """(shape, C name of the struct involved or "") of a field's C type."""
+    if ctype.kind in _INT_KINDS:
+        return "int", ""
+    if ctype.kind == "struct":
+        return "struct", ctype.cname
+    item = ctype.item if ctype.kind == "array" else None
+    if item is not None and item.kind == "primitive" and item.cname in ("char", "unsigned char"):
+        return ("char[]" if item.cname == "char" else "byte[]"), ""
+    if item is not None and item.kind in _INT_KINDS:
+        return "int[]", ""
+    if item is not None and item.kind == "array" and item.item.kind in _INT_KINDS:
+        return "int[][]", ""
+    if item is not None and item.kind == "struct":
+        return "struct[]", item.cname
+    raise ValueError(f"no binding for {ctype.cname}")
+
+
+def _field_code(name: str, ctype: Any, classes: dict[str, str]) -> tuple[str, str, str]:
+    """(annotation and default, read from view ``v``, write into view ``v``)."""
+    shape, struct = _shape(ctype)
+    decl, read, write = _SHAPES[shape]
+    fmt = {"n": name, "c": classes.get(struct, "")}
+    return f"{name}: {decl.format(**fmt)}", read.format(**fmt), write.format(**fmt)
 
 
 def render_bindings() -> str:
@@ -220,14 +214,14 @@ def render_bindings() -> str:
         cls = _camel(sname)
         classes[f"struct {sname}"] = cls
         ctype = ffi.typeof(f"struct {sname}")
-        codes = [(f, *_field_code(ffi, f, ft.type, classes)) for f, ft in ctype.fields]
+        codes = [(f, *_field_code(f, ft.type, classes)) for f, ft in ctype.fields]
         out += ["", "", "@dataclass(frozen=True)", f"class {cls}:", f'    """struct {sname}."""', ""]
         out += [f'    C_TYPE: ClassVar[str] = "struct {sname}"', "    SIZE: ClassVar[int] = libbpf.struct_size(C_TYPE)"]
-        out += [f"    {decl}" for _f, decl, _r, _w, _k in codes]
+        out += [f"    {decl}" for _f, decl, _r, _w in codes]
         out += ["", "    @classmethod", "    def from_view(cls, v: Any) -> Self:", "        return cls("]
-        out += [f"            {f}={read}," for f, _d, read, _w, _k in codes]
+        out += [f"            {f}={read}," for f, _d, read, _w in codes]
         out += ["        )", "", "    def fill(self, v: Any) -> None:"]
-        out += [f"        {write}" for _f, _d, _r, write, _k in codes]
+        out += [f"        {write}" for _f, _d, _r, write in codes]
         out += [
             "",
             "    @classmethod",

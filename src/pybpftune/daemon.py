@@ -393,9 +393,7 @@ class Daemon(Resource):
         tuner: Tuner | None = None
         try:
             tuner = cls(ctx, self._new_tuner_id())
-            if cls.requires_cookies and not self.namespaces.cookie_supported:
-                raise NotSupported(cls.name, "needs network-namespace cookies (Linux 5.14+)")
-            self.store.register(tuner)
+            self._admit(tuner)
             globals_ = self._globals(tuner) if cls.bpf_name is not None else {}
         except TUNER_ERRORS as exc:  # a tuner's own code (a plugin's) may raise anything
             self._start_failed(plugin, tuner, exc)
@@ -549,9 +547,7 @@ class Daemon(Resource):
         tuner: Tuner | None = None
         try:
             tuner = cls(ctx, self._new_tuner_id())
-            if cls.requires_cookies and not self.namespaces.cookie_supported:
-                raise NotSupported(cls.name, "needs network-namespace cookies (Linux 5.14+)")
-            self.store.register(tuner)
+            self._admit(tuner)
             if cls.bpf_name is not None:
                 tuner.loaded = self._load(tuner, ctx.support, self._globals(tuner))  # type: ignore[arg-type]
             tuner.start()
@@ -560,6 +556,12 @@ class Daemon(Resource):
             return None
         self._started(tuner)
         return tuner
+
+    def _admit(self, tuner: Tuner) -> None:
+        """A new tuner joins the store (once it can run here at all)."""
+        if tuner.requires_cookies and not self.namespaces.cookie_supported:
+            raise NotSupported(tuner.name, "needs network-namespace cookies (Linux 5.14+)")
+        self.store.register(tuner)
 
     def _globals(self, tuner: Tuner) -> dict[str, int]:
         return {
