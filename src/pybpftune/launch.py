@@ -233,7 +233,7 @@ def start_daemon(kwargs: dict[str, object], early_probe: bool = False) -> NoRetu
             from .startup import begin_probe
 
             early = begin_probe(config.cache_dir)
-        from .daemon import run_daemon
+        from .serve import run_daemon
 
         try:
             sys.exit(run_daemon(config, early))
