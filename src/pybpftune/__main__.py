@@ -1,5 +1,5 @@
 """python -m pybpftune: same as the `bpftune` command."""
 
-from .launch import entry
+from .console import entry
 
 entry()

@@ -186,7 +186,7 @@ def main(
             from .restore import restore_journaled
 
             sys.exit(restore_journaled(state_dir, libdirs, debug))
-        # The same path as a plain command line through launch.entry (no click).
+        # The same path as a plain command line through console.entry (no click).
         start_daemon(
             {
                 "allow": allow,

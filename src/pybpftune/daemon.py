@@ -5,8 +5,8 @@ Start-up is arranged so that events flow early and the slow parts overlap:
 * the query socket is bound first: a second daemon stops there, before it
   loads anything, and whoever waits for readiness can ask at once;
 * the support probe (or its per-boot cache) runs on the load thread while the
-  tuner modules are imported (launch.entry starts it before this module's
-  own imports);
+  tuner modules are imported (launch.start_daemon starts it before this
+  module's own imports);
 * every tuner object is then loaded and attached on that thread, in order
   (the sysctl tuner first), while the event loop already serves the ring
   buffer: an administrator's write is seen from the first attached tuner on.
@@ -29,9 +29,8 @@ every tuner is up, if it arrives during start-up).  The query server
 :class:`pybpftune.query.View` methods below; the renderers (query.py) are
 imported when the first request arrives.
 
-As a service (:func:`run_daemon`): capabilities are reduced once start-up is
-done, the metrics endpoint (``--metrics``) starts, and systemd hears READY=1
-(and watchdog pings from the event loop) through :mod:`pybpftune.service`.
+Running it as a service (detach, capabilities, metrics, systemd) is
+:mod:`pybpftune.serve`'s: this module knows neither metrics nor systemd.
 """
 
 from __future__ import annotations
@@ -59,7 +58,7 @@ from .history import History
 from .inotify import ADDED, GONE, OVERFLOW, REMOVED, DirEvent, DirWatcher
 from .libbpf import MAX_TUNERS
 from .loader import LoadBatch, LoadRequest, load_object
-from .log import setup_logging, sink_name
+from .log import setup_logging
 from .loss import EventLoss
 from .netns import Namespaces, current_inode
 from .objects import LoadedObject
@@ -78,7 +77,6 @@ from .registry import (
 )
 from .resource import Resource
 from .ringbuf import SharedMaps
-from .service import Detached, Notifier, detach, parse_metrics_address
 from .startup import EarlyProbe, Future, LoadThread, tune_malloc
 from .state import StateDir
 from .store import ACTIVE, MANUAL, TunableStore
@@ -102,7 +100,7 @@ if TYPE_CHECKING:
 
 # Where callers have always found them; they live in config.py so that the
 # launcher can build them before this module's imports.
-__all__ = ["Daemon", "DaemonConfig", "Overrides", "run_daemon"]
+__all__ = ["Daemon", "DaemonConfig", "Overrides"]
 
 log = logging.getLogger("pybpftune")
 
@@ -124,7 +122,7 @@ class Daemon(Resource):
     def __init__(
         self, config: DaemonConfig, backend: SysctlBackend | None = None, early: EarlyProbe | None = None
     ) -> None:
-        """``early``: the support probe launch.entry started before this
+        """``early``: the support probe launch.start_daemon started before this
         module's imports (it brings the load thread it runs on)."""
         self.config = config
         self._early = early
@@ -180,7 +178,7 @@ class Daemon(Resource):
         self.t_start = time.monotonic()
         self.startup_s: float | None = None  # from start() to the last tuner up
         self.started = False
-        # Run on the loop's thread once the last tuner is up (run_daemon's
+        # Run on the loop's thread once the last tuner is up (serve.run_daemon's
         # service steps: capabilities, metrics, READY=1).
         self.on_started: list[Callable[[], None]] = []
 
@@ -1176,77 +1174,3 @@ SIGNAL_KIND = {
     "tracepoint": "tracepoint",
     "cgroup_sysctl": "cgroup",
 }
-
-
-def run_daemon(config: DaemonConfig, early: EarlyProbe | None = None) -> int:
-    """Entry point used by the CLI: returns the process exit code.
-
-    Order: detach (-D) before logging is set up, so syslog names the daemon's
-    own pid; start; reduce capabilities; serve metrics; tell systemd READY=1
-    and ping its watchdog from the event loop; STOPPING=1 before the summary."""
-    metrics_at = None
-    if config.metrics is not None:
-        from .metrics import DEFAULT_PORT
-
-        metrics_at = parse_metrics_address(config.metrics, DEFAULT_PORT)
-    if config.daemonize:
-        assert early is None, "a thread must not be running across fork()"
-    detached = detach(keep_stderr=config.to_stderr) if config.daemonize else None
-    setup_logging(config.to_stderr, config.debug)
-    try:
-        return _serve(config, metrics_at, detached, early)
-    except PybpftuneError as exc:
-        if detached is not None and detached.pending:
-            log.error("%s", exc)
-            detached.failed(str(exc))
-        raise
-
-
-def _serve(
-    config: DaemonConfig, metrics_at: tuple[str, int] | None, detached: Detached | None, early: EarlyProbe | None
-) -> int:
-    notifier = Notifier()
-    metrics = None
-    try:
-        with Daemon(config, early=early) as daemon:
-
-            def started() -> None:
-                """Once the last tuner is up (the load thread has ended)."""
-                nonlocal metrics
-                if config.drop_capabilities:
-                    _drop_capabilities()
-                if metrics_at is not None:
-                    from .metrics import MetricsServer
-
-                    metrics = MetricsServer(daemon, *metrics_at, notifier=notifier)
-                    metrics.start()
-                names = ", ".join(t.name for t in daemon.tuners)
-                notifier.ready(f"tuning with {len(daemon.tuners)} tuners: {names}")
-                if notifier.watchdog is not None:
-                    daemon.loop.call_every(notifier.watchdog, notifier.ping, "systemd watchdog")
-                if detached is not None:
-                    detached.ready()
-                log.debug("logging to %s; systemd notify %s", sink_name(), "on" if notifier.enabled else "off")
-
-            daemon.on_started.append(started)
-            daemon.start()
-            try:
-                daemon.run()
-            finally:
-                notifier.stopping()
-                if metrics is not None:
-                    metrics.close()
-    finally:
-        notifier.close()
-    return 0
-
-
-def _drop_capabilities() -> None:
-    from . import caps
-
-    try:
-        kept = caps.drop_to(caps.RUNTIME_CAPS)
-    except caps.CapsError as exc:
-        log.warning("keeping every capability: %s", exc)
-        return
-    log.info("capabilities after start-up: %s", ", ".join(caps.names(kept)) or "none")

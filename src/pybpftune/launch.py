@@ -1,13 +1,15 @@
-"""The `bpftune` entry point: a daemon command line starts without click.
+"""A daemon command line without click, and the one way a daemon starts.
 
 Starting the daemon is the common case, and click's imports would stay in the
 daemon's memory for its whole life (about 1.5 MB, a sixth of the budget the
 peak-RSS goal leaves Python) and cost a tenth of a second of start-up in an
-emulated guest.  :func:`entry` parses the daemon's own options here;
-anything else (help, -V, -S, -P, -q, --json, an unknown option, a bad value,
-``--``, a positional argument) goes to the click command in cli.py, which
-owns every message and every check.  ``SHORT`` and ``LONG`` must name exactly
-the click command's daemon options: a unit test compares them.
+emulated guest.  :func:`parse_daemon_args` reads the daemon's own options
+for the console entry (:mod:`pybpftune.console`); anything else (help, -V,
+-S, -P, -q, --json, an unknown option, a bad value, ``--``, a positional
+argument) goes to the click command in cli.py, which owns every message and
+every check.  ``SHORT`` and ``LONG`` must name exactly the click command's
+daemon options: a unit test compares them.  This module never imports cli.py
+(cli.py imports it).
 
 Both paths end in :func:`start_daemon`, and the daemon's settings are built
 in one place, :func:`daemon_config` (the command line over the configuration
@@ -233,7 +235,7 @@ def start_daemon(kwargs: dict[str, object], early_probe: bool = False) -> NoRetu
             from .startup import begin_probe
 
             early = begin_probe(config.cache_dir)
-        from .daemon import run_daemon
+        from .serve import run_daemon
 
         try:
             sys.exit(run_daemon(config, early))
@@ -246,14 +248,3 @@ def start_daemon(kwargs: dict[str, object], early_probe: bool = False) -> NoRetu
         fail(str(exc))
     except PermissionError as exc:
         fail(f"permission denied ({exc.filename or exc}); pybpftune needs root (CAP_SYS_ADMIN, CAP_BPF, CAP_NET_ADMIN)")
-
-
-def entry(argv: Sequence[str] | None = None) -> None:
-    """Console-script entry (`bpftune`, `pybpftune`, `python -m pybpftune`)."""
-    args = sys.argv[1:] if argv is None else list(argv)
-    kwargs = parse_daemon_args(args)
-    if kwargs is not None:
-        start_daemon(kwargs, early_probe=True)
-    from .cli import main
-
-    main(args=args, prog_name="bpftune")

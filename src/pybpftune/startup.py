@@ -1,7 +1,7 @@
 """What the daemon starts before its own (heavy) imports: the load thread
 and the support probe on it.
 
-``launch.entry`` calls :func:`begin_probe` as soon as it knows a daemon is to
+``launch.start_daemon`` calls :func:`begin_probe` as soon as it knows a daemon is to
 run, so the probe (a kernel-BTF parse and nine verifications: about a second
 in an emulated guest, and the first daemon of a boot has no cache to skip it)
 overlaps the import of the daemon, the store, the registry and the tuners.

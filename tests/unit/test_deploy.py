@@ -90,7 +90,7 @@ def test_image_entry_point_is_the_cli() -> None:
     entry = re.findall(r"^ENTRYPOINT\s+(\[.*\])\s*$", text, re.M)
     assert len(entry) == 1 and json.loads(entry[0]) == ["bpftune"]
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
-    assert scripts["bpftune"] == "pybpftune.launch:entry"  # the CLI, with a click-free daemon path
+    assert scripts["bpftune"] == "pybpftune.console:entry"  # the CLI, with a click-free daemon path
     assert re.search(r"^RUN pip install .*pybpftune-\*manylinux\*", text, re.M), "the image installs the wheel"
     assert re.search(r"^FROM \S*python:3\.11", text, re.M), "the wheel is built for CPython 3.11"
 

@@ -140,9 +140,9 @@ def test_entry_does_not_import_click_for_a_daemon_line(tmp_path: Path) -> None:
     root, after the fast path, with the usual one line)."""
     code = (
         "import os, sys; os.geteuid = lambda: 1000\n"
-        "from pybpftune import launch\n"
+        "from pybpftune import console\n"
         "try:\n"
-        f"    launch.entry(['-s', '--state-dir', {str(tmp_path)!r}])\n"
+        f"    console.entry(['-s', '--state-dir', {str(tmp_path)!r}])\n"
         "except SystemExit as e:\n"
         "    print('exit', e.code, 'click' in sys.modules, 'importlib.metadata' in sys.modules)\n"
     )
@@ -152,16 +152,16 @@ def test_entry_does_not_import_click_for_a_daemon_line(tmp_path: Path) -> None:
 
 
 def test_a_bad_configuration_file_stops_the_fast_path_before_anything_starts(tmp_path: Path) -> None:
-    """Exit 2 and one line through launch.entry as through click, before the
+    """Exit 2 and one line through console.entry as through click, before the
     support probe or the daemon's imports (and nothing written)."""
     bad = tmp_path / "c.toml"
     bad.write_text("[tuners.no_such]\nenabled = false\n")
     state = tmp_path / "state"
     code = (
         "import os, sys; os.geteuid = lambda: 0\n"
-        "from pybpftune import launch\n"
+        "from pybpftune import console\n"
         "try:\n"
-        f"    launch.entry(['-s', '--config', {str(bad)!r}, '--state-dir', {str(state)!r}])\n"
+        f"    console.entry(['-s', '--config', {str(bad)!r}, '--state-dir', {str(state)!r}])\n"
         "except SystemExit as e:\n"
         "    print('exit', e.code, *(m in sys.modules for m in ('click', 'pybpftune.startup', 'pybpftune.daemon')))\n"
     )
