@@ -179,6 +179,7 @@ class MapView(MutableMapping[bytes, bytes]):
 class Layout(Protocol):
     """A generated binding of a shared-header struct (pybpftune.bindings)."""
 
+    C_TYPE: ClassVar[str]
     SIZE: ClassVar[int]
 
     def pack(self) -> bytes: ...

@@ -7,15 +7,18 @@ import enum
 import importlib.util
 import sys
 from pathlib import Path
+from types import ModuleType
+from typing import cast
 
 import pytest
 
 from pybpftune import bindings, libbpf
+from pybpftune.objects import Layout
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _build_ffi() -> object:
+def _build_ffi() -> ModuleType:
     spec = importlib.util.spec_from_file_location("build_ffi_for_test", ROOT / "build_ffi.py")
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
@@ -28,23 +31,25 @@ def test_bindings_are_current() -> None:
     """`make` regenerates it when src/bpf/bpftune_shared.h changes."""
     if not (ROOT / "build_ffi.py").exists():
         pytest.skip("not a source checkout")
-    rendered = _build_ffi().render_bindings()  # type: ignore[attr-defined]
+    rendered = _build_ffi().render_bindings()
     assert rendered == (ROOT / "src" / "pybpftune" / "bindings.py").read_text(), "run `make bindings`"
 
 
-def _structs() -> list[type]:
-    return [c for c in vars(bindings).values() if isinstance(c, type) and dataclasses.is_dataclass(c)]
+def _structs() -> list[type[Layout]]:
+    return [
+        cast(type[Layout], c) for c in vars(bindings).values() if isinstance(c, type) and dataclasses.is_dataclass(c)
+    ]
 
 
 def test_every_struct_matches_its_c_size_and_fields() -> None:
     structs = _structs()
     assert len(structs) >= 20
     for cls in structs:
-        c_type = cls.C_TYPE  # type: ignore[attr-defined]
-        assert libbpf.struct_size(c_type) == cls.SIZE  # type: ignore[attr-defined]
+        c_type = cls.C_TYPE
+        assert libbpf.struct_size(c_type) == cls.SIZE
         assert bindings.field_names(cls) == tuple(libbpf.struct_field_names(c_type))
         blank = cls()
-        assert blank.pack() == bytes(cls.SIZE)  # type: ignore[attr-defined]
+        assert blank.pack() == bytes(cls.SIZE)
 
 
 def test_values_round_trip_through_the_layout() -> None:
