@@ -7,22 +7,21 @@ import itertools
 import logging
 import math
 import random
-import time
 
 import pytest
 
-from pybpftune import _libbpf, libbpf
+from pybpftune import libbpf, procnet
 from pybpftune.corr import CorrSums, corr_key, corr_value, read_corr
+from pybpftune.declarations import MapUpdate
 from pybpftune.events import Event
 from pybpftune.hostmem import HostMemory, parse_zone_pages
-from pybpftune.netns import Namespaces
-from pybpftune.store import TunableStore
 from pybpftune.sysctl import MemorySysctl
-from pybpftune.tuner import INT_MAX, Proposal, Steps, TunerContext
+from pybpftune.testing import SyntheticClock, SyntheticNamespaces, TunerHarness
+from pybpftune.tuner import INT_MAX, Proposal, Steps
 from pybpftune.tuners import tcp_buffer as tb
 from pybpftune.tuners.tcp_buffer import Conn, TcpBufferTuner
+from pybpftune.tuners.tcp_buffer.conn import STRUCT_FIELDS
 
-lib = _libbpf.lib
 TUNER_ID = 2
 NS = 4242  # a non-global namespace cookie
 F = 1_000_000  # free buffer pages: tcp_mem caps 62500 / 125000 / 250000
@@ -42,27 +41,32 @@ DEFAULTS: dict[str, tuple[int, ...]] = {
 }
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
+# F buffer-usable pages of 4 KiB, MemTotal as much.
+HOST = HostMemory(F * 4096, F, 4096, 4)
+Clock = SyntheticClock
 
 
 def make_tuner(
     rate: int = 4, values: dict[str, tuple[int, ...]] | None = None
-) -> tuple[TcpBufferTuner, MemorySysctl, Clock]:
-    ns = Namespaces()
-    backend = MemorySysctl({**DEFAULTS, **(values or {})}, global_cookie=ns.global_cookie)
-    store = TunableStore(backend, ns)
-    tuner = TcpBufferTuner(TunerContext(store, ns, Steps(rate)), TUNER_ID)
-    store.register(tuner)
-    tuner.free_pages = F
-    clock = Clock()
-    tuner.ctx.clock = clock
-    tuner.netstat_reader = lambda cookie: {}
-    return tuner, backend, clock
+) -> tuple[TcpBufferTuner, MemorySysctl, SyntheticClock]:
+    h = TunerHarness.build(TcpBufferTuner, {**DEFAULTS, **(values or {})}, tuner_id=TUNER_ID, rate=rate, memory=HOST)
+    return h.tuner, h.sysctls, h.clock
+
+
+def namespaces(tuner: TcpBufferTuner) -> SyntheticNamespaces:
+    ns = tuner.ctx.namespaces
+    assert isinstance(ns, SyntheticNamespaces)
+    return ns
+
+
+def set_allocated(tuner: TcpBufferTuner, pages: int | None) -> None:
+    """TCP's allocated pages as /proc/net/sockstat gives them (None: unreadable)."""
+    ns = namespaces(tuner)
+    counters = ns.counter_values.setdefault(ns.global_cookie, {})
+    if pages is None:
+        counters.pop("TCP.mem", None)
+    else:
+        counters["TCP.mem"] = pages
 
 
 def conn_event(
@@ -79,9 +83,7 @@ def conn_event(
     for i in range(3):
         view.update.old[i] = old[i]
         view.update.new[i] = old[i] if i < 2 else old[2] + (old[2] >> 2)
-    for name in ("flags", "rtt_us", "min_rtt_us", "mss", "buf", "queued", "window", "window_cap"):
-        setattr(view.conn, name, getattr(conn, name))
-    for name in ("delivered", "interval_us", "cwnd", "conn", "unsent"):
+    for name in STRUCT_FIELDS:
         setattr(view.conn, name, getattr(conn, name))
     return Event.build(TUNER_ID, scenario, cookie, raw=libbpf.struct_bytes(view, size))
 
@@ -127,46 +129,10 @@ def sender(limit: int, *, rtt_us: int = 50_000, min_rtt_us: int = 50_000, inflig
 # --- declarations ---------------------------------------------------------------------------
 
 
-def test_ids_match_the_shared_header() -> None:
-    assert (tb.TCP_WMEM, tb.TCP_RMEM, tb.TCP_MEM, tb.TCP_MODERATE_RCVBUF) == (
-        lib.TCP_BUFFER_TCP_WMEM,
-        lib.TCP_BUFFER_TCP_RMEM,
-        lib.TCP_BUFFER_TCP_MEM,
-        lib.TCP_BUFFER_TCP_MODERATE_RCVBUF,
-    )
-    assert (tb.TCP_NO_METRICS_SAVE, tb.TCP_NO_SSTHRESH_METRICS_SAVE, tb.HIGH_ORDER_ALLOC_DISABLE) == (
-        lib.TCP_BUFFER_TCP_NO_METRICS_SAVE,
-        lib.TCP_BUFFER_TCP_NO_SSTHRESH_METRICS_SAVE,
-        lib.TCP_BUFFER_HIGH_ORDER_ALLOC_DISABLE,
-    )
-    assert (tb.TCP_SYNCOOKIES, tb.TCP_MAX_SYN_BACKLOG, tb.TCP_MAX_ORPHANS) == (
-        lib.TCP_BUFFER_TCP_SYNCOOKIES,
-        lib.TCP_BUFFER_TCP_MAX_SYN_BACKLOG,
-        lib.TCP_BUFFER_TCP_MAX_ORPHANS,
-    )
-    assert len(TcpBufferTuner.tunables) == lib.TCP_BUFFER_NUM_TUNABLES
-    scenarios = [
-        lib.TCP_BUFFER_INCREASE,
-        lib.TCP_BUFFER_DECREASE,
-        lib.TCP_BUFFER_DECREASE_LATENCY,
-        lib.TCP_BUFFER_MEM_PRESSURE,
-        lib.TCP_BUFFER_MEM_EXHAUSTION,
-        lib.TCP_BUFFER_MODERATE_RCVBUF,
-        lib.TCP_BUFFER_LOW_MEM_ENTER,
-        lib.TCP_BUFFER_LOW_MEM_LEAVE,
-        lib.TCP_BUFFER_SYN_BACKLOG_INCREASE,
-        lib.TCP_BUFFER_SYN_BACKLOG_DECREASE,
-        lib.TCP_BUFFER_SYNCOOKIES_ENABLE,
-        lib.TCP_BUFFER_SYNCOOKIES_DISABLE,
-        lib.TCP_BUFFER_MAX_ORPHANS_INCREASE,
-    ]
-    assert [s.id for s in TcpBufferTuner.scenarios] == scenarios == list(range(13))
-    assert (tb.F_RCV, tb.F_SND, tb.F_LIMIT, tb.F_WSCALE) == (
-        lib.TCP_BUFFER_F_RCV,
-        lib.TCP_BUFFER_F_SND,
-        lib.TCP_BUFFER_F_LIMIT,
-        lib.TCP_BUFFER_F_WSCALE,
-    )
+def test_every_id_of_the_header_is_declared() -> None:
+    assert [t.id for t in TcpBufferTuner.tunables] == list(range(tb.NUM_TUNABLES))
+    scenarios = sorted(libbpf.enum_members("enum tcp_buffer_scenario").values())
+    assert [s.id for s in TcpBufferTuner.scenarios] == scenarios
 
 
 def test_namespaced_tunables_follow_the_kernel() -> None:
@@ -512,16 +478,14 @@ def test_growth_holds_the_namespace_through_its_cooldown_and_restarts_the_hold_o
     assert hold.until == pytest.approx(clock.now + 0.15)
     # Sufficient at a larger limit three times in a row: 1 s hold-off.
     big = 8 * MB
-    backend.write("net.ipv4.tcp_rmem", (4096, 65536, big), NS)
-    tuner._written_max[(NS, tb.TCP_RMEM)] = big
+    assert tuner.apply(Proposal(tb.TCP_RMEM, tb.BUFFER_INCREASE, NS, (4096, 65536, big), "test"))
     settled = dataclasses.replace(receiver(big, rate=25e6, rtt_us=80_000), conn=5)
     for _ in range(3):
         clock.now += 5
         tuner.handle_event(conn_event(tb.TCP_RMEM, settled, (4096, 65536, big)))
     assert tuner.holds[(NS, tb.TCP_RMEM, 5)].until == pytest.approx(clock.now + 1.0)
     # A growth (here after an administrator-free shrink to 512 KiB) restarts it.
-    backend.write("net.ipv4.tcp_rmem", (4096, 65536, big // 16), NS)
-    tuner._written_max[(NS, tb.TCP_RMEM)] = big // 16
+    assert tuner.apply(Proposal(tb.TCP_RMEM, tb.BUFFER_DECREASE, NS, (4096, 65536, big // 16), "test"))
     clock.now += 5
     tuner.handle_event(
         conn_event(tb.TCP_RMEM, dataclasses.replace(receiver(big // 16), conn=5), (4096, 65536, big // 16))
@@ -533,9 +497,20 @@ def test_growth_holds_the_namespace_through_its_cooldown_and_restarts_the_hold_o
     assert tuner.holds[(NS, tb.TCP_RMEM, 5)].until == pytest.approx(clock.now + 0.25)
 
 
-def test_hold_layout_matches_the_shared_header() -> None:
-    assert libbpf.struct_size("struct tcp_buffer_hold_key") == tb.HOLD_KEY_SIZE
-    assert libbpf.struct_size("struct tcp_buffer_hold") == tb.HOLD_SIZE
+def test_a_hold_off_is_a_map_update_the_bpf_side_reads() -> None:
+    """decide writes no map: the hold comes back as an effect, laid out as
+    the shared header's struct tcp_buffer_hold_key / tcp_buffer_hold."""
+    tuner, _backend, clock = make_tuner(values={"net.ipv4.tcp_rmem": (4096, 65536, 8 * MB)})
+    conn = dataclasses.replace(receiver(8 * MB, rate=25e6, rtt_us=80_000), conn=77)
+    decision = tuner.decide(conn_event(tb.TCP_RMEM, conn, (4096, 65536, 8 * MB)))
+    assert not decision.proposals
+    (update,) = decision.effects
+    assert isinstance(update, MapUpdate) and update.map == "bpftune_hold" and update.value is not None
+    key = libbpf.struct_view("struct tcp_buffer_hold_key", bytearray(update.key))
+    assert (key.netns_cookie, key.tunable, key.conn) == (NS, tb.TCP_RMEM, 77)
+    value = libbpf.struct_view("struct tcp_buffer_hold", bytearray(update.value))
+    assert value.until_ns == int((clock.now + tb.HOLD_MIN_S) * 1e9)
+    assert (value.limit, value.metric) == (8 * MB, tuner.steps.grow(conn.delivered))
 
 
 def test_a_senders_hold_metric_is_its_flight_and_unsent_data() -> None:
@@ -587,6 +562,11 @@ def test_latency_correlated_growth_backs_off_toward_a_full_pipe() -> None:
         tuner.handle_event(conn_event(tb.TCP_RMEM, conn, limit))
     full = int(2 * 25e6 * 0.05 * 2)
     assert backend.read("net.ipv4.tcp_rmem", NS)[2] == full
+    # Acting on the correlation starts it over: its sums are deleted.
+    clock.now += 1
+    limit = backend.read("net.ipv4.tcp_rmem", NS)
+    decision = tuner.decide(conn_event(tb.TCP_RMEM, receiver(limit[2], rtt_us=80_000, rate=25e6), limit))
+    assert MapUpdate("bpftune_corr", corr_key(TUNER_ID, tb.TCP_RMEM, NS), None) in decision.effects
     counts = tuner.ctx.store.scenario_counts(tuner, tb.TCP_RMEM)
     assert counts[(tb.BUFFER_DECREASE_LATENCY, False)] == 2
 
@@ -733,13 +713,13 @@ def test_a_backlog_beyond_its_cap_is_not_restored_on_leaving_the_low_memory_stat
     tuner, backend, clock = make_tuner(values={"net.ipv4.tcp_max_syn_backlog": (10**9,)})
     cap = tuner.ceiling(tb.TCP_MAX_SYN_BACKLOG)
     assert cap is not None and cap < 10**9
-    tuner.allocated_reader = lambda: 0
+    set_allocated(tuner, 0)
     tuner.handle_event(update_event(tb.TCP_MEM, tb.MEM_EXHAUSTION, (40000, 60000, 90000)))
     assert backend.read("net.ipv4.tcp_max_syn_backlog", NS) == (cap,)
     tuner.tick(clock.now)
     clock.now += tb.RECOVERY_S
     tuner.tick(clock.now)
-    assert not tuner._low_mem
+    assert not tuner.low_memory.active
     assert backend.read("net.ipv4.tcp_max_syn_backlog", NS) == (cap,)
 
 
@@ -749,8 +729,7 @@ def test_exhaustion_grows_tcp_mem_and_enters_the_low_memory_state() -> None:
     once TCP's allocated pages have stayed clear of tcp_mem[1] for
     RECOVERY_S, whatever the BPF side's (stale) flags say."""
     tuner, backend, clock = make_tuner()
-    allocated: list[int | None] = [89000]
-    tuner.allocated_reader = lambda: allocated[0]
+    set_allocated(tuner, 89000)
     tuner.near_exhaustion_flag = tuner.near_pressure_flag = True
     tuner.handle_event(update_event(tb.TCP_MEM, tb.MEM_EXHAUSTION, (40000, 60000, 90000)))
     assert backend.read("net.ipv4.tcp_mem") == (40000, 60000, 112500)
@@ -766,11 +745,11 @@ def test_exhaustion_grows_tcp_mem_and_enters_the_low_memory_state() -> None:
     # Still short, or unknown: nothing changes, however long.
     for now in range(10):
         clock.now += 1
-        allocated[0] = 50000 if now % 2 else None  # nearly full of tcp_mem[1] (60000), or unreadable
+        set_allocated(tuner, 50000 if now % 2 else None)  # nearly full of tcp_mem[1] (60000), or unreadable
         tuner.tick(clock.now)
     assert backend.read("net.ipv4.tcp_no_metrics_save", NS) == (1,)
     # Memory recovers (the BPF flags still say short: they are not asked).
-    allocated[0] = 10000
+    set_allocated(tuner, 10000)
     tuner.tick(clock.now)
     clock.now += tb.RECOVERY_S - 0.5
     tuner.tick(clock.now)
@@ -806,14 +785,13 @@ def test_the_low_memory_state_keeps_its_ticks_and_stops_them_when_left() -> None
     requested: list[float] = []
     tuner, _backend, clock = make_tuner()
     tuner.ctx.request_tick = lambda _tuner, when: requested.append(when)
-    allocated = [89000]
-    tuner.allocated_reader = lambda: allocated[0]
+    set_allocated(tuner, 89000)
     assert tuner.tick(clock.now) == math.inf
-    before = time.monotonic()
+    before = clock.now
     tuner.handle_event(update_event(tb.TCP_MEM, tb.MEM_EXHAUSTION, (40000, 60000, 90000)))
-    assert requested and before < requested[-1] <= time.monotonic() + tb.LOW_MEMORY_CHECK_S
+    assert requested and before < requested[-1] <= clock.now + tb.LOW_MEMORY_CHECK_S
     assert tuner.tick(clock.now) == clock.now + tb.LOW_MEMORY_CHECK_S
-    allocated[0] = 10000
+    set_allocated(tuner, 10000)
     for _ in range(int(tb.RECOVERY_S / tb.LOW_MEMORY_CHECK_S)):  # recovered at the first, left RECOVERY_S later
         assert tuner.tick(clock.now) == clock.now + tb.LOW_MEMORY_CHECK_S
         clock.now += tb.LOW_MEMORY_CHECK_S
@@ -826,18 +804,17 @@ def test_no_buffer_growth_in_the_low_memory_state_and_the_first_growth_waits() -
     not even a namespace's first growth (room up to the window-scale cap);
     once the state is left, that first growth still gets the cap rule."""
     tuner, backend, clock = make_tuner()
-    allocated = [89000]
-    tuner.allocated_reader = lambda: allocated[0]
+    set_allocated(tuner, 89000)
     tuner.handle_event(update_event(tb.TCP_MEM, tb.MEM_EXHAUSTION, (40000, 60000, 90000)))
     assert not (tuner.near_pressure or tuner.near_exhaustion)  # the BPF flags say memory is fine
     first = receiver(131072, wscale_cap=262140, rate=4.3e6 / 8, first=True)
     tuner.handle_event(conn_event(tb.TCP_RMEM, first, (4096, 65536, 131072)))
     assert backend.read("net.ipv4.tcp_rmem", NS)[2] == 131072
-    allocated[0] = 10000
+    set_allocated(tuner, 10000)
     for _ in range(int(tb.RECOVERY_S) + 2):
         tuner.tick(clock.now)
         clock.now += 1
-    assert not tuner._low_mem
+    assert not tuner.low_memory.active
     tuner.handle_event(conn_event(tb.TCP_RMEM, first, (4096, 65536, 131072)))
     assert backend.read("net.ipv4.tcp_rmem", NS)[2] == 2 * 262140
 
@@ -855,7 +832,7 @@ def test_no_buffer_growth_in_the_low_memory_state_and_the_first_growth_waits() -
     ],
 )
 def test_tcp_allocated_pages_from_sockstat(text: str, pages: int | None) -> None:
-    assert tb.tcp_allocated_pages(text) == pages
+    assert procnet.parse_sockstat(text).get(tb.SOCKSTAT_TCP_PAGES) == pages
 
 
 def test_sockstat_garbage_is_never_an_error() -> None:
@@ -863,7 +840,7 @@ def test_sockstat_garbage_is_never_an_error() -> None:
     alphabet = "TCP: memin0123456789-\n\t x\x00"
     for _ in range(2000):
         text = "".join(rnd.choice(alphabet) for _ in range(rnd.randrange(60)))
-        got = tb.tcp_allocated_pages(text)
+        got = procnet.parse_sockstat(text).get(tb.SOCKSTAT_TCP_PAGES)
         assert got is None or got >= 0
 
 
@@ -954,10 +931,10 @@ def test_syn_flood_event_applies_the_backlog_rule() -> None:
 
 def test_syncookies_failing_without_valid_ones_are_switched_off() -> None:
     tuner, backend, _clock = make_tuner(values={"net.ipv4.tcp_syncookies": (1,)})
-    tuner.netstat_reader = lambda cookie: {"SyncookiesFailed": 5000, "SyncookiesRecv": 0}
+    namespaces(tuner).set_counters(NS, **{"TcpExt.SyncookiesFailed": 5000, "TcpExt.SyncookiesRecv": 0})
     tuner.handle_event(update_event(tb.TCP_MAX_SYN_BACKLOG, tb.SYN_BACKLOG_INCREASE, (1024, 0, 0)))
     assert backend.read("net.ipv4.tcp_syncookies", NS) == (0,)
-    assert tb.syncookies_rule(1, {"SyncookiesFailed": 5000, "SyncookiesRecv": 3}, False) is None
+    assert tb.syncookies_rule(1, {"TcpExt.SyncookiesFailed": 5000, "TcpExt.SyncookiesRecv": 3}, False) is None
 
 
 def test_syncookies_switched_on_when_memory_is_short() -> None:
@@ -969,7 +946,12 @@ def test_syncookies_switched_on_when_memory_is_short() -> None:
 
 def test_netstat_parsing() -> None:
     text = "TcpExt: SyncookiesSent SyncookiesRecv SyncookiesFailed\nTcpExt: 10 2 3\nIpExt: InNoRoutes\nIpExt: 0\n"
-    assert tb.parse_netstat(text) == {"SyncookiesSent": 10, "SyncookiesRecv": 2, "SyncookiesFailed": 3}
+    assert procnet.parse_counters(text) == {
+        "TcpExt.SyncookiesSent": 10,
+        "TcpExt.SyncookiesRecv": 2,
+        "TcpExt.SyncookiesFailed": 3,
+        "IpExt.InNoRoutes": 0,
+    }
 
 
 def test_unknown_events_are_ignored() -> None:

@@ -1,0 +1,75 @@
+"""What tcp_buffer's rules read besides the event: sysctls, the time of the
+tuner's last change, tcp_mem, and the BPF side's memory flags and latency
+correlation.  The rule modules take a :class:`TcpBufferBase`; the tuner
+(tuner.py) derives from it and wires them together."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from ...corr import CorrSums, corr_key, read_corr
+from ...declarations import MapUpdate
+from ...errors import PybpftuneError
+from ...hostmem import PAGE_SIZE
+from ...sysctl import SysctlMissing
+from ...tuner import Tuner, TunerContext
+from .ids import TCP_MEM, Values
+
+CORR_MAP = "bpftune_corr"
+
+
+class TcpBufferBase(Tuner):
+    def __init__(self, ctx: TunerContext, tuner_id: int) -> None:
+        super().__init__(ctx, tuner_id)
+        self.page_size = PAGE_SIZE
+        # Where the memory flags and correlation sums come from when no BPF
+        # object is loaded (unit tests).
+        self.near_pressure_flag = False
+        self.near_exhaustion_flag = False
+        self.corr_reader: Callable[[int, int], CorrSums] = self._read_corr
+        self.last_change: dict[tuple[int, int], float] = {}
+        self.tcp_mem_cache: tuple[float, Values | None] | None = None
+
+    @property
+    def near_pressure(self) -> bool:
+        if self.loaded is not None:
+            return bool(self.loaded.get_global("near_memory_pressure"))
+        return self.near_pressure_flag
+
+    @property
+    def near_exhaustion(self) -> bool:
+        if self.loaded is not None:
+            return bool(self.loaded.get_global("near_memory_exhaustion"))
+        return self.near_exhaustion_flag
+
+    def _read_corr(self, tunable_id: int, cookie: int) -> CorrSums:
+        if self.loaded is None:
+            return CorrSums()
+        return read_corr(self.loaded.map(CORR_MAP), self.id, tunable_id, cookie)
+
+    def reset_corr(self, tunable_id: int, cookie: int) -> MapUpdate:
+        """Start the correlation over (after acting on it)."""
+        return MapUpdate(CORR_MAP, corr_key(self.id, tunable_id, cookie), None)
+
+    def read(self, tunable_id: int, cookie: int) -> Values | None:
+        """A tunable's values; None when it cannot be read (gone, missing)."""
+        try:
+            return self.current(tunable_id, cookie)
+        except (SysctlMissing, PybpftuneError, OSError):
+            return None
+
+    def tcp_mem(self) -> Values | None:
+        """tcp_mem (global), read at most once a second for the buffer cap."""
+        now = self.clock()
+        if self.tcp_mem_cache is None or now - self.tcp_mem_cache[0] >= 1.0:
+            self.tcp_mem_cache = (now, self.read(TCP_MEM, self.ctx.namespaces.global_cookie))
+        return self.tcp_mem_cache[1]
+
+    def cooling(self, cookie: int, tunable_id: int, seconds: float) -> bool:
+        last = self.last_change.get((cookie, tunable_id))
+        return last is not None and self.clock() - last < seconds
+
+    def initial(self, tunable_id: int, cookie: int, current: Values) -> Values:
+        """The namespace's value before we first changed it."""
+        original = self.ctx.store.original(self, tunable_id, cookie, initial=False)
+        return current if original is None else original
