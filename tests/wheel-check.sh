@@ -23,6 +23,8 @@ wheel=$(ls "$work"/wheelhouse/pybpftune-*manylinux*.whl)
 unzip -l "$wheel" > "$work/wheel.list"
 grep -q "pybpftune.libs/libbpf-" "$work/wheel.list" || { echo "libbpf is not inside $wheel"; exit 1; }
 grep -q "pybpftune.libs/libelf-" "$work/wheel.list" || { echo "libelf is not inside $wheel"; exit 1; }
+# Tuners that are packages (tcp_buffer) come with all their modules.
+grep -q "pybpftune/tuners/tcp_buffer/tuner.py" "$work/wheel.list" || { echo "tuners/tcp_buffer is not inside $wheel"; exit 1; }
 python3 -m venv "$work/venv"
 "$work/venv/bin/pip" install -q "$wheel"
 cd "$work"

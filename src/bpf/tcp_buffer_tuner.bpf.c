@@ -20,7 +20,7 @@
  *                tcp_conn_request.                      (optional, sampled)
  *
  * Every buffer and memory proposal goes to user space, which decides the
- * size of the step (toward what the connection needs, see tcp_buffer.py).
+ * size of the step (toward what the connection needs, see tuners/tcp_buffer/).
  */
 #include "pybpftune.bpf.h"
 

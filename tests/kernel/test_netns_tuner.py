@@ -176,7 +176,7 @@ def test_many_namespaces_cost_no_fds_and_no_process_scans(tmp_path: Path, varian
 def test_sysctl_netns_tcp_rmem_changed_by_hand_is_left_alone(variant_args: tuple[str, ...]) -> None:
     """bpftune's sysctl_netns scenario with tcp_buffer: the namespace where
     tcp_rmem was changed by hand is left alone, another one is still tuned."""
-    if not (Path(__file__).resolve().parents[2] / "src/pybpftune/tuners/tcp_buffer.py").exists():
+    if not (Path(__file__).resolve().parents[2] / "src/pybpftune/tuners/tcp_buffer").is_dir():
         pytest.fail("tcp_buffer tuner missing")
     low = "4096 131072 131072"
     with netns_pair("pbtsa") as manual, netns_pair("pbtsb") as tuned, sysctls() as s:
