@@ -10,7 +10,15 @@ import random
 
 import pytest
 
-from pybpftune import libbpf, procnet
+from pybpftune import procnet
+from pybpftune.bindings import (
+    BpftunableUpdate,
+    TcpBufferConn,
+    TcpBufferEvent,
+    TcpBufferHold,
+    TcpBufferHoldKey,
+    TcpBufferScenario,
+)
 from pybpftune.corr import CorrSums, corr_key, corr_value, read_corr
 from pybpftune.declarations import MapUpdate
 from pybpftune.events import Event
@@ -77,15 +85,9 @@ def conn_event(
     scenario: int = tb.BUFFER_INCREASE,
 ) -> Event:
     """The event the BPF side sends for a pressing connection."""
-    size = libbpf.struct_size("struct tcp_buffer_event")
-    view = libbpf.struct_view("struct tcp_buffer_event", bytearray(size))
-    view.update.id = tunable
-    for i in range(3):
-        view.update.old[i] = old[i]
-        view.update.new[i] = old[i] if i < 2 else old[2] + (old[2] >> 2)
-    for name in STRUCT_FIELDS:
-        setattr(view.conn, name, getattr(conn, name))
-    return Event.build(TUNER_ID, scenario, cookie, raw=libbpf.struct_bytes(view, size))
+    update = BpftunableUpdate(id=tunable, old=tuple(old[:3]), new=(old[0], old[1], old[2] + (old[2] >> 2)))
+    payload = TcpBufferConn(**{name: getattr(conn, name) for name in STRUCT_FIELDS})
+    return Event.build(TUNER_ID, scenario, cookie, raw=TcpBufferEvent(update, payload).pack())
 
 
 def update_event(tunable: int, scenario: int, old: tuple[int, int, int], cookie: int = NS) -> Event:
@@ -131,8 +133,7 @@ def sender(limit: int, *, rtt_us: int = 50_000, min_rtt_us: int = 50_000, inflig
 
 def test_every_id_of_the_header_is_declared() -> None:
     assert [t.id for t in TcpBufferTuner.tunables] == list(range(tb.NUM_TUNABLES))
-    scenarios = sorted(libbpf.enum_members("enum tcp_buffer_scenario").values())
-    assert [s.id for s in TcpBufferTuner.scenarios] == scenarios
+    assert [s.id for s in TcpBufferTuner.scenarios] == sorted(TcpBufferScenario)
 
 
 def test_namespaced_tunables_follow_the_kernel() -> None:
@@ -506,11 +507,9 @@ def test_a_hold_off_is_a_map_update_the_bpf_side_reads() -> None:
     assert not decision.proposals
     (update,) = decision.effects
     assert isinstance(update, MapUpdate) and update.map == "bpftune_hold" and update.value is not None
-    key = libbpf.struct_view("struct tcp_buffer_hold_key", bytearray(update.key))
-    assert (key.netns_cookie, key.tunable, key.conn) == (NS, tb.TCP_RMEM, 77)
-    value = libbpf.struct_view("struct tcp_buffer_hold", bytearray(update.value))
-    assert value.until_ns == int((clock.now + tb.HOLD_MIN_S) * 1e9)
-    assert (value.limit, value.metric) == (8 * MB, tuner.steps.grow(conn.delivered))
+    assert TcpBufferHoldKey.unpack(update.key) == TcpBufferHoldKey(netns_cookie=NS, tunable=tb.TCP_RMEM, conn=77)
+    until_ns = int((clock.now + tb.HOLD_MIN_S) * 1e9)
+    assert TcpBufferHold.unpack(update.value) == TcpBufferHold(until_ns, 8 * MB, tuner.steps.grow(conn.delivered))
 
 
 def test_a_senders_hold_metric_is_its_flight_and_unsent_data() -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 
+from ...bindings import TcpBufferConn, TcpBufferEvent, field_names
 from ...declarations import Steps
 from ...events import Event
 from .ids import F_LIMIT, F_RCV, F_WSCALE
@@ -63,8 +64,8 @@ class Conn:
 
     @classmethod
     def from_event(cls, event: Event) -> Conn:
-        c = event.payload("struct tcp_buffer_event").conn
-        return cls(**{name: int(getattr(c, name)) for name in STRUCT_FIELDS})
+        c = TcpBufferConn.from_view(event.payload(TcpBufferEvent.C_TYPE).conn)
+        return cls(**{name: getattr(c, name) for name in STRUCT_FIELDS})
 
     @property
     def receive(self) -> bool:
@@ -186,8 +187,8 @@ class Conn:
         return text
 
 
-# The fields struct tcp_buffer_conn carries (measured_rate is ours).
-STRUCT_FIELDS = tuple(f.name for f in fields(Conn) if f.name != "measured_rate")
+# The fields of struct tcp_buffer_conn a Conn keeps (measured_rate is ours).
+STRUCT_FIELDS = tuple(f.name for f in fields(Conn) if f.name in field_names(TcpBufferConn))
 
 
 def _ms(us: int) -> str:

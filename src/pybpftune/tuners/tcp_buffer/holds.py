@@ -20,7 +20,7 @@ from collections import OrderedDict
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
-from ... import libbpf
+from ...bindings import TcpBufferHold, TcpBufferHoldKey
 from ...declarations import MapUpdate, Steps
 from .conn import Conn
 from .rates import CONN_MEMORY
@@ -57,17 +57,13 @@ def hold_seconds(verdicts: int) -> float:
 
 
 def hold_update(key: HoldKey, hold: Hold) -> MapUpdate:
-    """The bpftune_hold element for a hold, laid out by the shared header."""
-    key_size = libbpf.struct_size("struct tcp_buffer_hold_key")
-    k = libbpf.struct_view("struct tcp_buffer_hold_key", bytearray(key_size))
-    k.netns_cookie, k.tunable, k.conn = key
-    value_size = libbpf.struct_size("struct tcp_buffer_hold")
-    v = libbpf.struct_view("struct tcp_buffer_hold", bytearray(value_size))
-    # The clock is monotonic seconds; the BPF side compares bpf_ktime_get_ns.
-    v.until_ns = int(hold.until * 1e9)
-    v.limit = hold.limit
-    v.metric = min(hold.metric, U64_MAX)
-    return MapUpdate(HOLD_MAP, libbpf.struct_bytes(k, key_size), libbpf.struct_bytes(v, value_size))
+    """The bpftune_hold element for a hold (struct tcp_buffer_hold_key ->
+    struct tcp_buffer_hold); the clock is monotonic seconds and the BPF side
+    compares bpf_ktime_get_ns."""
+    cookie, tunable, conn = key
+    k = TcpBufferHoldKey(netns_cookie=cookie, tunable=tunable, conn=conn)
+    v = TcpBufferHold(until_ns=int(hold.until * 1e9), limit=hold.limit, metric=min(hold.metric, U64_MAX))
+    return MapUpdate(HOLD_MAP, k.pack(), v.pack())
 
 
 class HoldOffs(Mapping[HoldKey, Hold]):

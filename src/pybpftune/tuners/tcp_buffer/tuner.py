@@ -8,7 +8,7 @@ import math
 import time
 from collections import Counter
 
-from ... import libbpf
+from ...bindings import BpftuneSample
 from ...declarations import Decision, Proposal, Scenario, Tunable
 from ...events import Event
 from ...tuner import TunerContext
@@ -221,8 +221,8 @@ class TcpBufferTuner(TcpBufferBase):
             gname = f"{name}_sample"
             if not self.loaded.has_global(gname):
                 continue
-            sample = libbpf.struct_view("struct bpftune_sample", bytearray(self.loaded.global_bytes(gname)))
-            count, rate = int(sample.count), max(int(sample.rate), 1)
+            sample = self.loaded.global_struct(gname, BpftuneSample)
+            count, rate = sample.count, max(sample.rate, 1)
             if count:
                 lines.append(
                     f"Sample '{name}': associated program was called {count} times, "
