@@ -249,13 +249,18 @@ class Tuner:
         if self.loaded is None:
             return
         bpf_map = self.loaded.map(update.map)
-        if update.value is not None:
-            bpf_map[update.key] = update.value
-            return
         try:
-            del bpf_map[update.key]
-        except (KeyError, PybpftuneError):
+            if update.value is not None:
+                bpf_map[update.key] = update.value
+            else:
+                del bpf_map[update.key]
+        except KeyError:
             pass  # already gone: the BPF side deletes stale elements too
+        except PybpftuneError as exc:
+            # Maps tuners write from user space hold hints (hold-offs, per-namespace
+            # switches) the BPF side can live without: one lost write is not worth
+            # stopping the tuner for.
+            self.log.debug("%s: cannot update map %s: %s", self.name, update.map, exc)
 
     @property
     def clock(self) -> Callable[[], float]:
