@@ -291,8 +291,10 @@ enum neigh_table_scenario {
 	NEIGH_TABLE_EMPTY = 2,		/* a large table is nearly empty */
 };
 
-/* neigh_table_stats.flags */
-#define BPFTUNE_NEIGH_F_REFUSED 0x1	/* neigh_create could not allocate: table full */
+/* neigh_table_stats.flags (an enum, not #defines: user space reads it from the header) */
+enum neigh_table_flag {
+	NEIGH_TABLE_F_REFUSED = 0x1,	/* neigh_create could not allocate: table full */
+};
 
 /* Payload (raw_data) of a neigh_table event; the first 44 bytes as bpftune's tbl_stats. */
 struct neigh_table_stats {
@@ -304,7 +306,7 @@ struct neigh_table_stats {
 	__u32 thresh3;
 	__u32 ifindex;		/* device of the entry, in its own namespace */
 	char dev[16];
-	__u32 flags;		/* BPFTUNE_NEIGH_F_* */
+	__u32 flags;		/* enum neigh_table_flag */
 	__u32 netns_inum;	/* the device's namespace inode (found without cookies) */
 };
 

@@ -243,7 +243,9 @@ def test_neighbour_thresholds_are_journaled_and_restored_after_a_crash(backend: 
     neigh = MemoryNeigh({socket.AF_INET: Table("arp_cache", socket.AF_INET, (32, 64, 128), 252)})
     tuner, store = neigh_life(neigh, backend, tmp_path)
     glob = tuner.ctx.namespaces.global_cookie
-    assert store.apply(tuner, Proposal(nt.ARP_THRESHOLDS, nt.FULL, glob, (96, 195, 390), "a test"))
+    assert store.apply(
+        tuner, Proposal(nt.NeighTableTunable.ARP_THRESHOLDS, nt.NeighTableScenario.FULL, glob, (96, 195, 390), "a test")
+    )
     assert originals(tmp_path) == {("neigh.arp_cache.gc_thresh", glob): [32, 64, 128]}
     del tuner, store  # kill -9
     _tuner2, store2 = neigh_life(neigh, backend, tmp_path)
