@@ -112,6 +112,11 @@ enum tcp_conn_const {
 	TCP_CONN_MIN_RETRANS = 2,	/* ... and at least 2 retransmits */
 };
 
+/* Key of bpftune_ns_off: a namespace where an administrator took over. */
+struct tcp_conn_ns_key {
+	__u64 netns_cookie;
+};
+
 /* A remote host as the RL state is kept: its namespace and address (v4-mapped). */
 struct tcp_conn_host_key {
 	__u64 netns_cookie;
