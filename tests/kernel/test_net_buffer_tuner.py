@@ -240,5 +240,5 @@ def test_squeeze_fallback_forms_fire_or_say_why(saved: Sysctls, gso_pair: NetnsP
         got = forms.events
         forms.poll_until(lambda: bool(got), 30, between=lambda: burst(gso_pair), ms=200)
     assert got, "no time squeeze event from napi_complete_done"
-    obs = nb.NetBufferObservation.from_event(got[0])
-    assert obs.kind == nb.OBS_TIME_SQUEEZE and obs.time_squeeze > obs.prev_time_squeeze
+    obs = nb.NetBufferObs.of_event(got[0])
+    assert got[0].scenario_id == nb.NetBufferObservation.TIME_SQUEEZE and obs.time_squeeze > obs.prev_time_squeeze
