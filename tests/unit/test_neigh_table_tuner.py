@@ -7,7 +7,7 @@ import socket
 
 import pytest
 
-from pybpftune import libbpf
+from pybpftune.bindings import NeighTableFlag, NeighTableScenario, NeighTableStats, NeighTableTunable
 from pybpftune.errors import NotSupported
 from pybpftune.events import Event
 from pybpftune.hostmem import HostMemory
@@ -18,9 +18,6 @@ from pybpftune.tuner import INT_MAX, Steps
 from pybpftune.tuners import neigh_table as nt
 from pybpftune.tuners.neigh_table import (
     MemoryNeigh,
-    NeighTableFlag,
-    NeighTableScenario,
-    NeighTableTunable,
     NeighTableTuner,
     Table,
     address_bound,
@@ -66,17 +63,9 @@ def stats_event(
     flags: int = 0,
     inum: int = 0,
 ) -> Event:
-    view = libbpf.struct_view("struct neigh_table_stats", bytearray(libbpf.struct_size("struct neigh_table_stats")))
-    view.family = family
-    view.entries = entries
-    view.gc_entries = entries
-    view.thresh1, view.thresh2, view.thresh3 = thresholds
-    view.ifindex = ifindex
-    view.dev = dev.encode()
-    view.flags = flags
-    view.netns_inum = inum
-    raw = libbpf.struct_bytes(view, libbpf.struct_size("struct neigh_table_stats"))
-    return Event.build(3, scenario, netns_cookie=cookie, raw=raw)
+    t1, t2, t3 = thresholds
+    stats = NeighTableStats(family, entries, entries, t1, t2, t3, ifindex, dev, flags, inum)
+    return Event.build(3, scenario, netns_cookie=cookie, raw=stats.pack())
 
 
 def arp(thresholds: tuple[int, int, int], entries: int) -> Table:
@@ -235,7 +224,7 @@ def test_stale_event_is_rechecked_against_the_live_table() -> None:
 def test_refused_entry_grows_even_if_the_count_looks_fine() -> None:
     neigh = MemoryNeigh({V4: arp((128, 512, 1024), 300)}, {(OTHER_NS, 2, V4): [16]})
     tuner = make_tuner(neigh)
-    tuner.handle_event(stats_event(NeighTableScenario.FULL, entries=300, flags=NeighTableFlag.REFUSED))
+    tuner.handle_event(stats_event(NeighTableScenario.FULL, entries=300, flags=NeighTableFlag.F_REFUSED))
     assert neigh.writes == [("arp_cache", (160, 640, 1280), None)]
 
 

@@ -7,13 +7,14 @@ from collections.abc import Callable
 
 import pytest
 
+from pybpftune.bindings import NetBufferObs, NetBufferObservation, NetBufferTunable
 from pybpftune.corr import CORR_MIN_SAMPLES
 from pybpftune.events import Event
 from pybpftune.hostmem import HostMemory
 from pybpftune.sysctl import MemorySysctl
 from pybpftune.testing import SyntheticClock, TunerHarness
 from pybpftune.tuners import net_buffer as nb
-from pybpftune.tuners.net_buffer import NetBufferObs, NetBufferObservation, NetBufferTuner, SchedWait
+from pybpftune.tuners.net_buffer import NetBufferTuner, SchedWait
 
 BACKLOG, BITMAP, BUDGET, USECS, HIGH_ORDER = (
     "net.core.netdev_max_backlog",
@@ -59,17 +60,12 @@ def make_tuner(
 
 def drops(n: int, cpu: int = 1, backlog: int = 1000) -> Event:
     obs = NetBufferObs(cpu=cpu, drops=n, window_ns=5_000_000_000, max_backlog=backlog)
-    return Event.build(TUNER_ID, NetBufferObservation.BACKLOG_DROPS, raw=obs.pack())
+    return Event.build(TUNER_ID, NetBufferObservation.OBS_BACKLOG_DROPS, raw=obs.pack())
 
 
 def squeeze(cpu: int = 0, new: int = 12, old: int = 10) -> Event:
     obs = NetBufferObs(cpu=cpu, time_squeeze=new, prev_time_squeeze=old)
-    return Event.build(TUNER_ID, NetBufferObservation.TIME_SQUEEZE, raw=obs.pack())
-
-
-def test_observation_round_trips_through_the_event_layout() -> None:
-    obs = NetBufferObs(3, 0, 7, 11, 13, 17, 19)
-    assert NetBufferObs.of_event(Event.build(TUNER_ID, NetBufferObservation.TIME_SQUEEZE, raw=obs.pack())) == obs
+    return Event.build(TUNER_ID, NetBufferObservation.OBS_TIME_SQUEEZE, raw=obs.pack())
 
 
 def test_a_32nd_of_the_backlog_dropped_grows_it_and_sets_the_cpu_bit(caplog: pytest.LogCaptureFixture) -> None:
@@ -115,7 +111,7 @@ def test_backlog_growth_stops_at_its_memory_cap(caplog: pytest.LogCaptureFixture
     1/16 of memory is 16384 packets per cpu, not INT_MAX."""
     tuner, backend, _ = make_tuner(backlog=16000)
     tuner.memory = HostMemory(1 << 30, 0, 4096, cpus=2)
-    assert tuner.ceiling(nb.NetBufferTunable.MAX_BACKLOG) == 16384
+    assert tuner.ceiling(NetBufferTunable.MAX_BACKLOG) == 16384
     with caplog.at_level(logging.INFO, logger="pybpftune"):
         tuner.handle_event(drops(1000, backlog=16000))
         assert backend.read(BACKLOG) == (16384,)

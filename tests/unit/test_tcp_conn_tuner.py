@@ -7,14 +7,14 @@ from typing import ClassVar
 
 import pytest
 
-from pybpftune import libbpf
+from pybpftune.bindings import TcpConnAlg, TcpConnEvent, TcpConnNsKey, TcpConnReason, TcpConnScenario
 from pybpftune.events import Event
 from pybpftune.store import TunableStore
 from pybpftune.sysctl import MemorySysctl
 from pybpftune.testing import TunerHarness
 from pybpftune.tuner import MapUpdate
 from pybpftune.tuners import tcp_conn as tc
-from pybpftune.tuners.tcp_conn import TcpConnReason, TcpConnScenario, TcpConnTuner
+from pybpftune.tuners.tcp_conn import TcpConnTuner
 
 M = tc.COST_SCALE
 
@@ -208,16 +208,15 @@ def test_advice_mode_sets_nothing(caplog: pytest.LogCaptureFixture) -> None:
 
 
 def loss_event(cookie: int) -> Event:
-    size = libbpf.struct_size("struct tcp_conn_event")
-    payload = libbpf.struct_view("struct tcp_conn_event", bytearray(size))
-    payload.reason = TcpConnReason.LOSS
-    payload.old_alg = 0
-    payload.new_alg = 1
-    payload.total_retrans = 3
-    payload.segs_out = 120
-    for i, b in enumerate(bytes(10) + b"\xff\xff" + bytes([10, 0, 0, 1])):
-        payload.addr[i] = b
-    return Event.build(2, TcpConnScenario.LOSS, netns_cookie=cookie, raw=libbpf.struct_bytes(payload, size))
+    payload = TcpConnEvent(
+        reason=TcpConnReason.LOSS,
+        old_alg=TcpConnAlg.CUBIC,
+        new_alg=TcpConnAlg.BBR,
+        total_retrans=3,
+        segs_out=120,
+        addr=bytes(10) + b"\xff\xff" + bytes([10, 0, 0, 1]),
+    )
+    return Event.build(2, TcpConnScenario.LOSS, netns_cookie=cookie, raw=payload.pack())
 
 
 def test_loss_event_is_explained_in_bpftune_words(caplog: pytest.LogCaptureFixture) -> None:
@@ -255,8 +254,4 @@ def test_admin_write_in_a_namespace_reaches_the_tuner_hook() -> None:
 
 
 def test_a_namespace_turned_off_is_one_map_entry_keyed_by_its_cookie() -> None:
-    update = tc.ns_off(4242)
-    assert update == MapUpdate("bpftune_ns_off", update.key, b"\x01")
-    key = libbpf.struct_view("struct tcp_conn_ns_key", bytearray(update.key))
-    assert key.netns_cookie == 4242
-    assert len(update.key) == libbpf.struct_size("struct tcp_conn_ns_key")
+    assert tc.ns_off(4242) == MapUpdate("bpftune_ns_off", TcpConnNsKey(4242).pack(), b"\x01")

@@ -30,6 +30,7 @@ import pybpftune.tuners
 from pybpftune import libbpf
 from pybpftune import store as store_mod
 from pybpftune._libbpf import ffi
+from pybpftune.bindings import NeighTableStats
 from pybpftune.corr import CorrSums
 from pybpftune.events import Event
 from pybpftune.hostmem import HostMemory
@@ -260,10 +261,10 @@ def neigh_backend(data: st.DataObject, evs: list[Event], glob: int) -> MemoryNei
             tables[family] = Table(fam.table, family, thresholds, data.draw(ints(0, INT_MAX)))
     addresses = {}
     for ev in evs:
-        stats = ev.payload("struct neigh_table_stats")
+        stats = NeighTableStats.unpack(ev.raw)
         for cookie in (ev.netns_cookie, glob):
             prefixes = data.draw(st.lists(st.integers(-1, 130), max_size=4))
-            addresses[(cookie, int(stats.ifindex), int(stats.family))] = prefixes
+            addresses[(cookie, stats.ifindex, stats.family)] = prefixes
     return MemoryNeigh(tables, addresses)
 
 

@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 from .. import libbpf
+from ..bindings import NeighTableFlag, NeighTableScenario, NeighTableStats, NeighTableTunable
 from ..errors import NotSupported
 from ..events import Event
 from ..hostmem import HostMemory
@@ -49,11 +50,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("pybpftune.tuner.neigh_table")
 
-# Ids from the shared header; these three lines become `from ..bindings
-# import ...` once the bindings are on main.
-NeighTableTunable: Any = libbpf.header_enum("NeighTableTunable", "enum neigh_table_tunable", "NEIGH_TABLE_")
-NeighTableScenario: Any = libbpf.header_enum("NeighTableScenario", "enum neigh_table_scenario", "NEIGH_TABLE_")
-NeighTableFlag: Any = libbpf.header_enum("NeighTableFlag", "enum neigh_table_flag", "NEIGH_TABLE_F_")
 
 DEFAULTS = (128, 512, 1024)  # the kernel's gc_thresh1/2/3
 ADDRESS_FLOOR = 256  # bpftune counts at least a /24's worth of hosts per address
@@ -393,16 +389,16 @@ class NeighTableTuner(Tuner):
     def _global_active(self) -> bool:
         return self.ctx.store.netns_state(self, self.ctx.namespaces.global_cookie) == ACTIVE
 
-    def _device(self, event: Event, stats: Any) -> Device:
-        return Device(int(stats.ifindex), libbpf.c_string(stats.dev), event.netns_cookie, int(stats.netns_inum))
+    def _device(self, event: Event, stats: NeighTableStats) -> Device:
+        return Device(stats.ifindex, stats.dev, event.netns_cookie, stats.netns_inum)
 
     def decide(self, event: Event) -> Decision:
         """Reads the live table (the event may be stale) and, to bound a
         growth, the addresses of the event's device."""
         if event.scenario_id not in (NeighTableScenario.FULL, NeighTableScenario.EMPTY):
             return NOTHING
-        stats = event.payload("struct neigh_table_stats")
-        fam = FAMILIES.get(int(stats.family))
+        stats = NeighTableStats.unpack(event.raw)
+        fam = FAMILIES.get(stats.family)
         if fam is None:
             return NOTHING
         if not self._global_active():
@@ -420,7 +416,7 @@ class NeighTableTuner(Tuner):
         device = self._device(event, stats)
         if event.scenario_id == NeighTableScenario.EMPTY:
             return self._shrink(fam, table, device)
-        return self._grow(fam, table, device, refused=bool(int(stats.flags) & NeighTableFlag.REFUSED))
+        return self._grow(fam, table, device, refused=bool(stats.flags & NeighTableFlag.F_REFUSED))
 
     def _where(self, device: Device) -> str:
         if device.netns_cookie == libbpf.NETNS_UNKNOWN:

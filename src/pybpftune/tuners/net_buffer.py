@@ -29,24 +29,17 @@ import os
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, fields
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, ClassVar, Protocol
+from typing import Protocol
 
-from .. import libbpf
+from ..bindings import NetBufferObs, NetBufferObservation, NetBufferScenario, NetBufferTunable
 from ..events import Event
 from ..hostmem import HostMemory
 from ..tuner import INT_MAX, NOTHING, Decision, Proposal, Scenario, TextProposal, Tunable, Tuner, TunerContext
 from .common import SayOnce, sample_lines, significant_correlation
 
 log = logging.getLogger("pybpftune")
-
-# Ids from the shared header (bpftune_shared.h, "net_buffer tuner"); these
-# three lines become `from ..bindings import ...` once the bindings are on main.
-NetBufferTunable: Any = libbpf.header_enum("NetBufferTunable", "enum net_buffer_tunable", "NET_BUFFER_")
-NetBufferScenario: Any = libbpf.header_enum("NetBufferScenario", "enum net_buffer_scenario", "NET_BUFFER_")
-NetBufferObservation: Any = libbpf.header_enum("NetBufferObservation", "enum net_buffer_observation", "NET_BUFFER_OBS_")
 
 BUDGET_USECS_MAX = 50_000
 # The kernel's largest NR_CPUS (CONFIG_MAXSMP): no cpu number reaches it.
@@ -60,35 +53,6 @@ BACKLOG_DEFAULT = 1000
 BUDGET_HOLD_S = 1.0
 CORR_WINDOW = 32
 WINDOW_S = 60.0
-
-
-@dataclass(frozen=True)
-class NetBufferObs:
-    """struct net_buffer_obs: what the BPF side (or /proc/net/softnet_stat)
-    saw.  Stands in for pybpftune.bindings.NetBufferObs until that is on
-    main: the fields are the header's, packed through its cffi type."""
-
-    cpu: int = 0
-    pad: int = 0
-    drops: int = 0
-    window_ns: int = 0
-    max_backlog: int = 0
-    time_squeeze: int = 0
-    prev_time_squeeze: int = 0
-
-    C_TYPE: ClassVar[str] = "struct net_buffer_obs"
-
-    def pack(self) -> bytes:
-        size = libbpf.struct_size(self.C_TYPE)
-        view = libbpf.struct_view(self.C_TYPE, bytearray(size))
-        for f in fields(self):
-            setattr(view, f.name, getattr(self, f.name))
-        return libbpf.struct_bytes(view, size)
-
-    @classmethod
-    def of_event(cls, event: Event) -> NetBufferObs:
-        view = event.payload(cls.C_TYPE)
-        return cls(**{f.name: int(getattr(view, f.name)) for f in fields(cls)})
 
 
 # --- text helpers -------------------------------------------------------------------------
@@ -344,16 +308,16 @@ class NetBufferTuner(Tuner):
     # --- events -------------------------------------------------------------------------------
 
     def decide(self, event: Event) -> Decision:
-        return self.observe(event.scenario_id, NetBufferObs.of_event(event), event.netns_cookie)
+        return self.observe(event.scenario_id, NetBufferObs.unpack(event.raw), event.netns_cookie)
 
     def observe(self, kind: int, obs: NetBufferObs, cookie: int) -> Decision:
         """One observation (``kind``: enum net_buffer_observation), from an
         event or from polling /proc/net/softnet_stat."""
-        if kind == NetBufferObservation.BACKLOG_DROPS:
+        if kind == NetBufferObservation.OBS_BACKLOG_DROPS:
             proposals = self.on_backlog_drops(obs, cookie)
             flow_limit = self.flow_limit(obs.cpu, cookie) if proposals else None
             return Decision(tuple(proposals), texts=(flow_limit,) if flow_limit is not None else ())
-        if kind == NetBufferObservation.TIME_SQUEEZE:
+        if kind == NetBufferObservation.OBS_TIME_SQUEEZE:
             return Decision(tuple(self.on_time_squeeze(obs, cookie)))
         return NOTHING
 
@@ -472,12 +436,12 @@ class NetBufferTuner(Tuner):
                 window = int((t - self._poll_drops[0][0]) * 1e9)
                 cpu = max(drops, key=lambda d: d[1])[0]
                 obs = NetBufferObs(cpu=cpu, drops=total, window_ns=window)
-                self.carry_out(self.observe(NetBufferObservation.BACKLOG_DROPS, obs, glob))
+                self.carry_out(self.observe(NetBufferObservation.OBS_BACKLOG_DROPS, obs, glob))
         if self.poll_squeeze:
             for cpu, (s, p) in enumerate(zip(stats, last, strict=True)):
                 if s[2] > p[2]:
                     obs = NetBufferObs(cpu=cpu, time_squeeze=s[2], prev_time_squeeze=p[2])
-                    self.carry_out(self.observe(NetBufferObservation.TIME_SQUEEZE, obs, glob))
+                    self.carry_out(self.observe(NetBufferObservation.OBS_TIME_SQUEEZE, obs, glob))
                     break
 
     # --- reporting ----------------------------------------------------------------------------------

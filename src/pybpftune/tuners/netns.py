@@ -19,16 +19,10 @@ Needs netns cookies (Linux 5.14+), as bpftune's netns tuner does.
 
 from __future__ import annotations
 
-from typing import Any
-
-from .. import libbpf
+from ..bindings import NetnsEvent, NetnsScenario, NetnsTunable
 from ..events import Event
 from ..tuner import NOTHING, Decision, NamespaceGone, Scenario, Tunable, Tuner, TunerContext
 
-# Ids from the shared header; these lines become `from ..bindings import ...`
-# once the bindings are on main.
-NetnsScenario: Any = libbpf.header_enum("NetnsScenario", "enum netns_scenario", "NETNS_SCENARIO_")
-NetnsTunable: Any = libbpf.header_enum("NetnsTunable", "enum netns_tunable", "NETNS_TUNABLE_")
 FORGET_EVERY_S = 30.0
 # ... and as often when BPF reports each namespace freed (a safety net only).
 FORGET_SIGNALLED_S = 300.0
@@ -98,8 +92,8 @@ class NetnsTuner(Tuner):
         self.log.debug("netns created (cookie %d) [%s]", cookie, via)
 
     def decide(self, event: Event) -> Decision:
-        e = event.payload("struct netns_event")
-        cookie, inode = int(e.cookie), int(e.inum)
+        e = NetnsEvent.unpack(event.raw)
+        cookie, inode = e.cookie, e.inum
         ns = self.ctx.namespaces
         if event.scenario_id == NetnsScenario.CREATE:
             ns.learn(cookie, inode, f"/proc/{event.pid}/ns/net" if event.pid > 0 else None)

@@ -24,42 +24,25 @@ import logging
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar
 
-from .. import libbpf
+from ..bindings import (
+    TcpConnAlg,
+    TcpConnConst,
+    TcpConnCounts,
+    TcpConnEvent,
+    TcpConnHost,
+    TcpConnHostKey,
+    TcpConnNsKey,
+    TcpConnReason,
+    TcpConnScenario,
+    TcpConnTunable,
+)
 from ..errors import PybpftuneError
 from ..events import Event
 from ..sysctl import SysctlMissing
 from ..tuner import Decision, MapUpdate, Noted, Scenario, Tunable, Tuner, TunerContext
 
 log = logging.getLogger("pybpftune.tuner.tcp_conn")
-
-# Ids and rule constants from the shared header; these lines become
-# `from ..bindings import ...` once the bindings are on main.
-TcpConnTunable: Any = libbpf.header_enum("TcpConnTunable", "enum tcp_conn_tunable", "TCP_CONN_TUNABLE_")
-TcpConnScenario: Any = libbpf.header_enum("TcpConnScenario", "enum tcp_conn_scenario", "TCP_CONN_SCENARIO_")
-TcpConnAlg: Any = libbpf.header_enum("TcpConnAlg", "enum tcp_conn_alg", "TCP_CONN_ALG_", drop=("TCP_CONN_NUM_ALGS",))
-TcpConnReason: Any = libbpf.header_enum(
-    "TcpConnReason", "enum tcp_conn_reason", "TCP_CONN_REASON_", drop=("TCP_CONN_NUM_REASONS",)
-)
-TcpConnConst: Any = libbpf.header_enum("TcpConnConst", "enum tcp_conn_const", "TCP_CONN_")
-
-
-@dataclass(frozen=True)
-class TcpConnNsKey:
-    """struct tcp_conn_ns_key (pybpftune.bindings.TcpConnNsKey once that
-    is on main), packed through its cffi type."""
-
-    netns_cookie: int
-
-    C_TYPE: ClassVar[str] = "struct tcp_conn_ns_key"
-
-    def pack(self) -> bytes:
-        size = libbpf.struct_size(self.C_TYPE)
-        view = libbpf.struct_view(self.C_TYPE, bytearray(size))
-        view.netns_cookie = self.netns_cookie
-        return libbpf.struct_bytes(view, size)
-
 
 # The algorithms the tuner may choose, by their kernel names; index = enum tcp_conn_alg.
 ALGS: tuple[str, ...] = tuple(a.name.lower() for a in TcpConnAlg if a != TcpConnAlg.OTHER)
@@ -299,11 +282,11 @@ class TcpConnTuner(Tuner):
     # --- events ---------------------------------------------------------------------------
 
     def decide(self, event: Event) -> Decision:
-        e = event.payload("struct tcp_conn_event")
+        e = TcpConnEvent.unpack(event.raw)
         self.events += 1
         old = ALGS[e.old_alg] if e.old_alg < len(ALGS) else "other"
         new = ALGS[e.new_alg] if e.new_alg < len(ALGS) else "other"
-        host = f"{format_address(bytes(e.addr))} (netns cookie {event.netns_cookie})"
+        host = f"{format_address(e.addr)} (netns cookie {event.netns_cookie})"
         if e.reason == TcpConnReason.LOSS:
             why = (
                 f"loss rate exceeding 1/64 of segments sent ({e.total_retrans} retransmits of "
@@ -319,35 +302,32 @@ class TcpConnTuner(Tuner):
 
     # --- summary --------------------------------------------------------------------------
 
-    def counts(self) -> libbpf.CData | None:
+    def counts(self) -> TcpConnCounts | None:
         if self.loaded is None:
             return None
-        raw = self.loaded.map("bpftune_counts").get(bytes(4))
-        return None if raw is None else libbpf.struct_view("struct tcp_conn_counts", raw)
+        raw = self.loaded.map("bpftune_counts").get(bytes(4))  # an array of one: key 0
+        return None if raw is None else TcpConnCounts.unpack(raw)
 
     def hosts(self) -> list[HostStats]:
         if self.loaded is None:
             return []
         out = []
-        table = self.loaded.map("bpftune_hosts")
-        for key in list(table):
-            raw = table.get(key)
-            if raw is None:
+        table = self.loaded.map("bpftune_hosts", TcpConnHostKey, TcpConnHost)
+        for k in list(table):
+            h = table.get(k)
+            if h is None:
                 continue
-            k = libbpf.struct_view("struct tcp_conn_host_key", key)
-            h = libbpf.struct_view("struct tcp_conn_host", raw)
-            n = len(ALGS)
             out.append(
                 HostStats(
-                    int(k.netns_cookie),
-                    format_address(bytes(k.addr)),
-                    int(h.instances),
-                    int(h.min_rtt_us),
-                    int(h.max_rate),
-                    tuple(int(h.alg[i].metric) for i in range(n)),
-                    tuple(int(h.alg[i].samples) for i in range(n)),
-                    tuple(int(h.alg[i].chosen) for i in range(n)),
-                    tuple(int(h.alg[i].greedy) for i in range(n)),
+                    k.netns_cookie,
+                    format_address(k.addr),
+                    h.instances,
+                    h.min_rtt_us,
+                    h.max_rate,
+                    tuple(a.metric for a in h.alg),
+                    tuple(a.samples for a in h.alg),
+                    tuple(a.chosen for a in h.alg),
+                    tuple(a.greedy for a in h.alg),
                 )
             )
         return out
@@ -356,13 +336,13 @@ class TcpConnTuner(Tuner):
         c = self.counts()
         if c is None:
             return []
-        chosen = [[int(c.chosen[r][a]) for a in range(len(ALGS))] for r in range(len(REASONS))]
+        chosen = [list(row) for row in c.chosen]
         total = sum(map(sum, chosen))
         lines = [
-            f"# Summary: tcp_conn_tuner: {total} congestion control choices over {int(c.connections)} "
-            f"connections ({int(c.measured)} scored at close, {int(c.skipped_netns)} left alone in "
-            f"namespaces an administrator took over, {int(c.setsockopt_failed)} setsockopt failures)",
-            f"# Summary: tcp_conn_tuner: set 'net.ipv4.tcp_thin_linear_timeouts' for {int(c.thin_lto)} connections",
+            f"# Summary: tcp_conn_tuner: {total} congestion control choices over {c.connections} "
+            f"connections ({c.measured} scored at close, {c.skipped_netns} left alone in "
+            f"namespaces an administrator took over, {c.setsockopt_failed} setsockopt failures)",
+            f"# Summary: tcp_conn_tuner: set 'net.ipv4.tcp_thin_linear_timeouts' for {c.thin_lto} connections",
         ]
         if total:
             lines += choice_table(chosen)
