@@ -112,6 +112,11 @@ enum tcp_conn_const {
 	TCP_CONN_MIN_RETRANS = 2,	/* ... and at least 2 retransmits */
 };
 
+/* Key of bpftune_ns_off: a namespace where an administrator took over. */
+struct tcp_conn_ns_key {
+	__u64 netns_cookie;
+};
+
 /* A remote host as the RL state is kept: its namespace and address (v4-mapped). */
 struct tcp_conn_host_key {
 	__u64 netns_cookie;
@@ -291,8 +296,10 @@ enum neigh_table_scenario {
 	NEIGH_TABLE_EMPTY = 2,		/* a large table is nearly empty */
 };
 
-/* neigh_table_stats.flags */
-#define BPFTUNE_NEIGH_F_REFUSED 0x1	/* neigh_create could not allocate: table full */
+/* neigh_table_stats.flags (an enum, not #defines: user space reads it from the header) */
+enum neigh_table_flag {
+	NEIGH_TABLE_F_REFUSED = 0x1,	/* neigh_create could not allocate: table full */
+};
 
 /* Payload (raw_data) of a neigh_table event; the first 44 bytes as bpftune's tbl_stats. */
 struct neigh_table_stats {
@@ -304,7 +311,7 @@ struct neigh_table_stats {
 	__u32 thresh3;
 	__u32 ifindex;		/* device of the entry, in its own namespace */
 	char dev[16];
-	__u32 flags;		/* BPFTUNE_NEIGH_F_* */
+	__u32 flags;		/* enum neigh_table_flag */
 	__u32 netns_inum;	/* the device's namespace inode (found without cookies) */
 };
 

@@ -55,7 +55,7 @@ static __always_inline int neigh_report(struct neigh_table *tbl, struct net_devi
 	stats->thresh1 = BPF_CORE_READ(tbl, gc_thresh1);
 	stats->thresh2 = BPF_CORE_READ(tbl, gc_thresh2);
 	stats->thresh3 = thresh3;
-	stats->flags = refused ? BPFTUNE_NEIGH_F_REFUSED : 0;
+	stats->flags = refused ? NEIGH_TABLE_F_REFUSED : 0;
 	if (dev) {
 		stats->ifindex = BPF_CORE_READ(dev, ifindex);
 		bpf_probe_read_kernel_str(stats->dev, sizeof(stats->dev), dev->name);

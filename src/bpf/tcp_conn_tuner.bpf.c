@@ -89,7 +89,7 @@ struct {
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, 4096);
-	__type(key, __u64);
+	__type(key, struct tcp_conn_ns_key);
 	__type(value, __u8);
 } bpftune_ns_off SEC(".maps");
 
@@ -249,13 +249,15 @@ static __always_inline void conn_established(struct bpf_sock_ops *ops, struct bp
 	struct tcp_conn_host *h;
 	__u64 metric[TCP_CONN_NUM_ALGS], samples[TCP_CONN_NUM_ALGS];
 	__u32 pick, reason, r, i;
+	struct tcp_conn_ns_key ns_key = {};
 	struct conn_sk *c;
 	__u64 cookie;
 
 	cookie = conn_netns_cookie(sk);
 	if (n)
 		__sync_fetch_and_add(&n->connections, 1);
-	if (bpf_map_lookup_elem(&bpftune_ns_off, &cookie)) {
+	ns_key.netns_cookie = cookie;
+	if (bpf_map_lookup_elem(&bpftune_ns_off, &ns_key)) {
 		if (n)
 			__sync_fetch_and_add(&n->skipped_netns, 1);
 		return;

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 from .declarations import Decision, Steps
 from .events import Event
@@ -81,15 +81,20 @@ class TunerHarness(Generic[T]):
         rate: int = 4,
         memory: HostMemory | None = None,
         register: bool = True,
+        store_class: type[TunableStore] = TunableStore,
+        **collaborators: Any,
     ) -> TunerHarness[T]:
         """``sysctls``/``texts``: the global namespace's values by name;
         ``memory``: the host the memory caps are computed from (None: the
-        process's, which tests usually pin with hostmem.override)."""
+        process's, which tests usually pin with hostmem.override);
+        ``store_class``: a store subclass that records what it is handed;
+        ``collaborators``: keyword arguments of the tuner's constructor (the
+        fakes it takes for what it reads of the world)."""
         namespaces = SyntheticNamespaces()
         backend = MemorySysctl(dict(sysctls or {}), global_cookie=namespaces.global_cookie, texts=dict(texts or {}))
-        store = TunableStore(backend, namespaces)
+        store = store_class(backend, namespaces)
         clock = SyntheticClock()
-        tuner = tuner_class(TunerContext(store, namespaces, Steps(rate), clock=clock), tuner_id)
+        tuner = tuner_class(TunerContext(store, namespaces, Steps(rate), clock=clock), tuner_id, **collaborators)
         if memory is not None:
             tuner.memory = memory
         if register:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from pybpftune.tuners import neigh_table as nt
+from pybpftune.bindings import NeighTableScenario
 
 from .forms import fallback_forms
 from .harness import SLOW, Daemon, NetnsPair, Sysctls, netns_pair, run, sysctl_get, sysctls, tuner_daemon
@@ -196,5 +196,5 @@ def test_removal_fallback_forms_fire_or_say_why(pair: NetnsPair, variant: str) -
             forms.poll_until(lambda: bool(got), 10)
         assert got, "no event from neigh_remove_one"
         stats = got[0].payload("struct neigh_table_stats")
-        assert got[0].scenario_id == nt.EMPTY
+        assert got[0].scenario_id == NeighTableScenario.EMPTY
         assert stats.thresh3 == 4096 and stats.ifindex > 0

@@ -22,12 +22,12 @@ from pathlib import Path
 
 import pytest
 
+from pybpftune.bindings import NetBufferObs, NetBufferObservation
 from pybpftune.bpf import object_path
 from pybpftune.loader import load_object
 from pybpftune.objects import LoadedObject
 from pybpftune.ringbuf import SharedMaps
 from pybpftune.support import probe_support
-from pybpftune.tuners import net_buffer as nb
 
 from .forms import fallback_forms
 from .harness import (
@@ -240,5 +240,5 @@ def test_squeeze_fallback_forms_fire_or_say_why(saved: Sysctls, gso_pair: NetnsP
         got = forms.events
         forms.poll_until(lambda: bool(got), 30, between=lambda: burst(gso_pair), ms=200)
     assert got, "no time squeeze event from napi_complete_done"
-    obs = nb.NetBufferObservation.from_event(got[0])
-    assert obs.kind == nb.OBS_TIME_SQUEEZE and obs.time_squeeze > obs.prev_time_squeeze
+    obs = NetBufferObs.unpack(got[0].raw)
+    assert got[0].scenario_id == NetBufferObservation.OBS_TIME_SQUEEZE and obs.time_squeeze > obs.prev_time_squeeze

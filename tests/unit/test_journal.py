@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from pybpftune.bindings import NeighTableScenario, NeighTableTunable
 from pybpftune.errors import PybpftuneError
 from pybpftune.journal import Record, boot_id, replay, valid_name
 from pybpftune.netns import Namespaces
@@ -24,7 +25,6 @@ from pybpftune.state import StateDir, StateDirError
 from pybpftune.store import TunableStore
 from pybpftune.sysctl import MemorySysctl
 from pybpftune.tuner import Proposal, Scenario, Steps, Tunable, Tuner, TunerContext, known_tunables
-from pybpftune.tuners import neigh_table as nt
 from pybpftune.tuners.neigh_table import MemoryNeigh, NeighTableTuner, Table
 
 FIN = "net.ipv4.tcp_fin_timeout"
@@ -243,7 +243,9 @@ def test_neighbour_thresholds_are_journaled_and_restored_after_a_crash(backend: 
     neigh = MemoryNeigh({socket.AF_INET: Table("arp_cache", socket.AF_INET, (32, 64, 128), 252)})
     tuner, store = neigh_life(neigh, backend, tmp_path)
     glob = tuner.ctx.namespaces.global_cookie
-    assert store.apply(tuner, Proposal(nt.ARP_THRESHOLDS, nt.FULL, glob, (96, 195, 390), "a test"))
+    assert store.apply(
+        tuner, Proposal(NeighTableTunable.ARP_THRESHOLDS, NeighTableScenario.FULL, glob, (96, 195, 390), "a test")
+    )
     assert originals(tmp_path) == {("neigh.arp_cache.gc_thresh", glob): [32, 64, 128]}
     del tuner, store  # kill -9
     _tuner2, store2 = neigh_life(neigh, backend, tmp_path)

@@ -7,15 +7,14 @@ import socket
 
 import pytest
 
-from pybpftune import libbpf
-from pybpftune._libbpf import lib
+from pybpftune.bindings import NeighTableFlag, NeighTableScenario, NeighTableStats, NeighTableTunable
 from pybpftune.errors import NotSupported
 from pybpftune.events import Event
 from pybpftune.hostmem import HostMemory
 from pybpftune.netns import Namespaces
-from pybpftune.store import MANUAL, TunableStore
-from pybpftune.sysctl import MemorySysctl
-from pybpftune.tuner import INT_MAX, Steps, TunerContext
+from pybpftune.store import MANUAL
+from pybpftune.testing import TunerHarness
+from pybpftune.tuner import INT_MAX, Steps
 from pybpftune.tuners import neigh_table as nt
 from pybpftune.tuners.neigh_table import (
     MemoryNeigh,
@@ -47,20 +46,10 @@ def sysctls(ipv6: bool = True, init_ns: bool = True) -> dict[str, tuple[int, ...
     return out
 
 
-def make_tuner(
-    neigh: MemoryNeigh,
-    ipv6: bool = True,
-    init_ns: bool = True,
-    rollback: bool = False,
-    advice: bool = False,
-    rate: int = 4,
-) -> NeighTableTuner:
-    ns = Namespaces()
-    store = TunableStore(MemorySysctl(sysctls(ipv6, init_ns), ns.global_cookie), ns, advice=advice)
-    ctx = TunerContext(store, ns, Steps(rate), rollback=rollback)
-    tuner = NeighTableTuner(ctx, 3, backend=neigh)
-    store.register(tuner)
-    return tuner
+def make_tuner(neigh: MemoryNeigh, ipv6: bool = True, init_ns: bool = True, advice: bool = False) -> NeighTableTuner:
+    h = TunerHarness.build(NeighTableTuner, sysctls(ipv6, init_ns), tuner_id=3, backend=neigh)
+    h.store.advice = advice
+    return h.tuner
 
 
 def stats_event(
@@ -74,37 +63,13 @@ def stats_event(
     flags: int = 0,
     inum: int = 0,
 ) -> Event:
-    view = libbpf.struct_view("struct neigh_table_stats", bytearray(libbpf.struct_size("struct neigh_table_stats")))
-    view.family = family
-    view.entries = entries
-    view.gc_entries = entries
-    view.thresh1, view.thresh2, view.thresh3 = thresholds
-    view.ifindex = ifindex
-    view.dev = dev.encode()
-    view.flags = flags
-    view.netns_inum = inum
-    raw = libbpf.struct_bytes(view, libbpf.struct_size("struct neigh_table_stats"))
-    return Event.build(3, scenario, netns_cookie=cookie, raw=raw)
+    t1, t2, t3 = thresholds
+    stats = NeighTableStats(family, entries, entries, t1, t2, t3, ifindex, dev, flags, inum)
+    return Event.build(3, scenario, netns_cookie=cookie, raw=stats.pack())
 
 
 def arp(thresholds: tuple[int, int, int], entries: int) -> Table:
     return Table("arp_cache", V4, thresholds, entries)
-
-
-# --- declarations match the shared header -------------------------------------------------
-
-
-def test_ids_match_the_shared_header() -> None:
-    assert nt.IPV4_GC_THRESH3 == lib.NEIGH_TABLE_IPV4_GC_THRESH3
-    assert nt.ARP_THRESHOLDS == lib.NEIGH_TABLE_ARP_THRESHOLDS
-    assert nt.NDISC_THRESHOLDS == lib.NEIGH_TABLE_NDISC_THRESHOLDS
-    assert (nt.FULL, nt.GROWN, nt.EMPTY) == (lib.NEIGH_TABLE_FULL, lib.NEIGH_TABLE_GROWN, lib.NEIGH_TABLE_EMPTY)
-    assert nt.F_REFUSED == lib.BPFTUNE_NEIGH_F_REFUSED
-    names = [t.name for t in NeighTableTuner.tunables]
-    assert names[lib.NEIGH_TABLE_IPV6_GC_THRESH1] == "net.ipv6.neigh.default.gc_thresh1"
-    assert names[lib.NEIGH_TABLE_IPV4_GC_INTERVAL] == "net.ipv4.neigh.default.gc_interval"
-    # bpftune's tbl_stats layout is the first 44 bytes of ours.
-    assert libbpf.struct_size("struct neigh_table_stats") >= 44
 
 
 # --- the bound ----------------------------------------------------------------------------
@@ -192,7 +157,7 @@ def test_full_event_grows_over_netlink_and_logs(caplog: pytest.LogCaptureFixture
     neigh = MemoryNeigh({V4: arp((32, 64, 128), 252)}, {(OTHER_NS, 2, V4): [24]})
     tuner = make_tuner(neigh)
     caplog.set_level(logging.INFO)
-    tuner.handle_event(stats_event(nt.FULL, entries=252, thresholds=(32, 64, 128)))
+    tuner.handle_event(stats_event(NeighTableScenario.FULL, entries=252, thresholds=(32, 64, 128)))
     # Device in another namespace: its index means nothing in ours, so no NDTA_PARMS.
     assert neigh.writes == [("arp_cache", (96, 195, 390), None)]
     text = caplog.text
@@ -211,7 +176,7 @@ def test_the_request_names_only_the_table() -> None:
     ns_cookie = Namespaces().global_cookie
     neigh = MemoryNeigh({V4: arp((32, 64, 128), 120)}, {(ns_cookie, 5, V4): [24]})
     tuner = make_tuner(neigh)
-    tuner.handle_event(stats_event(nt.FULL, cookie=ns_cookie, ifindex=5, entries=120))
+    tuner.handle_event(stats_event(NeighTableScenario.FULL, cookie=ns_cookie, ifindex=5, entries=120))
     assert neigh.writes and neigh.writes[0][2] is None
 
 
@@ -225,7 +190,7 @@ def test_upstream_bug_bound_comes_from_the_devices_own_namespace() -> None:
         {(glob, 2, V4): [16], (OTHER_NS, 2, V4): [24]},
     )
     tuner = make_tuner(neigh)
-    tuner.handle_event(stats_event(nt.FULL, cookie=OTHER_NS, ifindex=2, entries=990))
+    tuner.handle_event(stats_event(NeighTableScenario.FULL, cookie=OTHER_NS, ifindex=2, entries=990))
     assert neigh.writes == [("arp_cache", (320, 640, 1024), None)]
 
 
@@ -234,7 +199,7 @@ def test_at_the_bound_it_says_so_once(caplog: pytest.LogCaptureFixture) -> None:
     tuner = make_tuner(neigh)
     caplog.set_level(logging.INFO)
     for _ in range(3):
-        tuner.handle_event(stats_event(nt.FULL, entries=1000))
+        tuner.handle_event(stats_event(NeighTableScenario.FULL, entries=1000))
     assert neigh.writes == []
     lines = [r.getMessage() for r in caplog.records if "can no longer update thresholds" in r.getMessage()]
     assert len(lines) == 1
@@ -244,7 +209,7 @@ def test_at_the_bound_it_says_so_once(caplog: pytest.LogCaptureFixture) -> None:
 def test_unknown_device_changes_nothing() -> None:
     neigh = MemoryNeigh({V4: arp((32, 64, 128), 252)}, {})
     tuner = make_tuner(neigh)
-    tuner.handle_event(stats_event(nt.FULL, entries=252))
+    tuner.handle_event(stats_event(NeighTableScenario.FULL, entries=252))
     assert neigh.writes == []
 
 
@@ -252,14 +217,14 @@ def test_stale_event_is_rechecked_against_the_live_table() -> None:
     # The event saw 128 but the table has grown since and is not full now.
     neigh = MemoryNeigh({V4: arp((96, 195, 390), 252)}, {(OTHER_NS, 2, V4): [24]})
     tuner = make_tuner(neigh)
-    tuner.handle_event(stats_event(nt.FULL, entries=252, thresholds=(32, 64, 128)))
+    tuner.handle_event(stats_event(NeighTableScenario.FULL, entries=252, thresholds=(32, 64, 128)))
     assert neigh.writes == []
 
 
 def test_refused_entry_grows_even_if_the_count_looks_fine() -> None:
     neigh = MemoryNeigh({V4: arp((128, 512, 1024), 300)}, {(OTHER_NS, 2, V4): [16]})
     tuner = make_tuner(neigh)
-    tuner.handle_event(stats_event(nt.FULL, entries=300, flags=nt.F_REFUSED))
+    tuner.handle_event(stats_event(NeighTableScenario.FULL, entries=300, flags=NeighTableFlag.F_REFUSED))
     assert neigh.writes == [("arp_cache", (160, 640, 1280), None)]
 
 
@@ -267,7 +232,7 @@ def test_empty_event_shrinks_and_logs(caplog: pytest.LogCaptureFixture) -> None:
     neigh = MemoryNeigh({V4: arp((512, 2048, 4096), 3)}, {})
     tuner = make_tuner(neigh)
     caplog.set_level(logging.INFO)
-    tuner.handle_event(stats_event(nt.EMPTY, entries=3, thresholds=(512, 2048, 4096)))
+    tuner.handle_event(stats_event(NeighTableScenario.EMPTY, entries=3, thresholds=(512, 2048, 4096)))
     assert neigh.writes == [("arp_cache", (384, 1536, 3072), None)]
     assert "reduced thresholds for arp_cache table, dev 'veth0' (ifindex 2)" in caplog.text
 
@@ -276,16 +241,16 @@ def test_ipv6_off_does_not_break_ipv4() -> None:
     neigh = MemoryNeigh({V4: arp((32, 64, 128), 252)}, {(OTHER_NS, 2, V4): [24]})
     tuner = make_tuner(neigh, ipv6=False)  # no net.ipv6.* sysctls, no ndisc_cache
     tuner.start()
-    tuner.handle_event(stats_event(nt.FULL, family=V6, entries=252))
+    tuner.handle_event(stats_event(NeighTableScenario.FULL, family=V6, entries=252))
     assert neigh.writes == []
-    tuner.handle_event(stats_event(nt.FULL, family=V4, entries=252))
+    tuner.handle_event(stats_event(NeighTableScenario.FULL, family=V4, entries=252))
     assert neigh.writes == [("arp_cache", (96, 195, 390), None)]
 
 
 def test_ipv6_table_grows_without_a_bound_on_a_64() -> None:
     neigh = MemoryNeigh({V6: Table("ndisc_cache", V6, (128, 512, 1024), 1000)}, {(OTHER_NS, 2, V6): [64, 64]})
     tuner = make_tuner(neigh)
-    tuner.handle_event(stats_event(nt.FULL, family=V6, entries=1000))
+    tuner.handle_event(stats_event(NeighTableScenario.FULL, family=V6, entries=1000))
     assert neigh.writes == [("ndisc_cache", (200, 800, 1600), None)]
 
 
@@ -295,12 +260,12 @@ def test_a_64_on_the_device_is_bounded_by_memory(caplog: pytest.LogCaptureFixtur
     neigh = MemoryNeigh({V6: Table("ndisc_cache", V6, (4096, 8192, 16000), 15990)}, {(OTHER_NS, 2, V6): [64]})
     tuner = make_tuner(neigh)
     tuner.memory = HostMemory(1 << 30)
-    assert tuner.ceiling(nt.NDISC_THRESHOLDS) == 16384
+    assert tuner.ceiling(NeighTableTunable.NDISC_THRESHOLDS) == 16384
     caplog.set_level(logging.INFO)
     for _ in range(3):
         entries = neigh.tables[V6].thresholds[2] - 1
         neigh.tables[V6] = Table("ndisc_cache", V6, neigh.tables[V6].thresholds, entries)
-        tuner.handle_event(stats_event(nt.FULL, family=V6, entries=entries))
+        tuner.handle_event(stats_event(NeighTableScenario.FULL, family=V6, entries=entries))
     assert neigh.writes == [("ndisc_cache", (5120, 10240, 16384), None)]
     lines = [r.getMessage() for r in caplog.records if "can no longer update thresholds" in r.getMessage()]
     assert len(lines) == 1 and "computed max 16384 for the host's memory" in lines[0]
@@ -312,9 +277,9 @@ def test_the_memory_cap_holds_every_threshold() -> None:
     the kernel's defaults on a tiny host."""
     neigh = MemoryNeigh({V4: arp((10**8, 10**8, 10**8), 3)}, {})
     tuner = make_tuner(neigh)
-    cap = tuner.ceiling(nt.ARP_THRESHOLDS)
+    cap = tuner.ceiling(NeighTableTunable.ARP_THRESHOLDS)
     assert cap == (8 << 30) // nt.NEIGH_MEM_SHARE // nt.NEIGH_ENTRY_BYTES
-    tuner.handle_event(stats_event(nt.EMPTY, entries=3))
+    tuner.handle_event(stats_event(NeighTableScenario.EMPTY, entries=3))
     assert neigh.writes == [("arp_cache", (cap, cap, cap), None)]
     assert nt.neigh_cap(HostMemory(16 << 20)) == nt.DEFAULTS[2]
 
@@ -329,9 +294,9 @@ def test_thresholds_changed_by_someone_else_make_it_back_off(caplog: pytest.LogC
     neigh = MemoryNeigh({V4: arp((32, 64, 128), 252)}, {(OTHER_NS, 2, V4): [24]})
     tuner = make_tuner(neigh)
     caplog.set_level(logging.INFO)
-    tuner.handle_event(stats_event(nt.FULL, entries=252))
+    tuner.handle_event(stats_event(NeighTableScenario.FULL, entries=252))
     neigh.tables[V4] = arp((10, 20, 40), 252)  # `ip ntable change` by an administrator
-    tuner.handle_event(stats_event(nt.FULL, entries=252))
+    tuner.handle_event(stats_event(NeighTableScenario.FULL, entries=252))
     assert len(neigh.writes) == 1
     glob = tuner.ctx.namespaces.global_cookie
     assert tuner.ctx.store.netns_state(tuner, glob) == MANUAL
@@ -342,7 +307,7 @@ def test_admin_sysctl_write_disables_it_globally_even_for_events_from_other_name
     neigh = MemoryNeigh({V4: arp((32, 64, 128), 252)}, {(OTHER_NS, 2, V4): [24]})
     tuner = make_tuner(neigh)
     tuner.ctx.store.disable(tuner, tuner.ctx.namespaces.global_cookie, "pid 1 modified sysctl gc_thresh3")
-    tuner.handle_event(stats_event(nt.FULL, cookie=OTHER_NS, entries=252))
+    tuner.handle_event(stats_event(NeighTableScenario.FULL, cookie=OTHER_NS, entries=252))
     assert neigh.writes == []
 
 
@@ -350,16 +315,16 @@ def test_advice_mode_only_says_what_it_would_do(caplog: pytest.LogCaptureFixture
     neigh = MemoryNeigh({V4: arp((32, 64, 128), 252)}, {(OTHER_NS, 2, V4): [24]})
     tuner = make_tuner(neigh, advice=True)
     caplog.set_level(logging.INFO)
-    tuner.handle_event(stats_event(nt.FULL, entries=252))
+    tuner.handle_event(stats_event(NeighTableScenario.FULL, entries=252))
     assert neigh.writes == []
     assert "would change neigh.arp_cache.gc_thresh" in caplog.text
 
 
 def test_rollback_restores_the_original_thresholds(caplog: pytest.LogCaptureFixture) -> None:
     neigh = MemoryNeigh({V4: arp((32, 64, 128), 252)}, {(OTHER_NS, 2, V4): [24]})
-    tuner = make_tuner(neigh, rollback=True)
+    tuner = make_tuner(neigh)
     caplog.set_level(logging.INFO)
-    tuner.handle_event(stats_event(nt.FULL, entries=252))
+    tuner.handle_event(stats_event(NeighTableScenario.FULL, entries=252))
     tuner.ctx.store.rollback(tuner)  # what the daemon does with -R when the tuner stops
     assert neigh.writes[-1] == ("arp_cache", (32, 64, 128), None)
     assert "Rolling back tunable values for 'neigh.arp_cache.gc_thresh' from (96 195 390)" in caplog.text
@@ -368,7 +333,7 @@ def test_rollback_restores_the_original_thresholds(caplog: pytest.LogCaptureFixt
 def test_without_rollback_stop_leaves_the_thresholds() -> None:
     neigh = MemoryNeigh({V4: arp((32, 64, 128), 252)}, {(OTHER_NS, 2, V4): [24]})
     tuner = make_tuner(neigh)
-    tuner.handle_event(stats_event(nt.FULL, entries=252))
+    tuner.handle_event(stats_event(NeighTableScenario.FULL, entries=252))
     tuner.stop()
     tuner.ctx.store.release(tuner)  # what the daemon does without -R when the tuner stops
     assert len(neigh.writes) == 1

@@ -3,20 +3,19 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import pytest
 
-from pybpftune import _libbpf
+from pybpftune.bindings import NetBufferObs, NetBufferObservation, NetBufferTunable
 from pybpftune.corr import CORR_MIN_SAMPLES
+from pybpftune.events import Event
 from pybpftune.hostmem import HostMemory
-from pybpftune.netns import Namespaces
-from pybpftune.store import TunableStore
 from pybpftune.sysctl import MemorySysctl
-from pybpftune.tuner import Steps, TunerContext
+from pybpftune.testing import SyntheticClock, TunerHarness
 from pybpftune.tuners import net_buffer as nb
-from pybpftune.tuners.net_buffer import NetBufferObservation, NetBufferTuner, SchedWait
+from pybpftune.tuners.net_buffer import NetBufferTuner, SchedWait
 
-lib = _libbpf.lib
 BACKLOG, BITMAP, BUDGET, USECS, HIGH_ORDER = (
     "net.core.netdev_max_backlog",
     "net.core.flow_limit_cpu_bitmap",
@@ -24,14 +23,7 @@ BACKLOG, BITMAP, BUDGET, USECS, HIGH_ORDER = (
     "net.core.netdev_budget_usecs",
     "net.core.high_order_alloc_disable",
 )
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
+TUNER_ID = 4
 
 
 class Waits:
@@ -45,69 +37,43 @@ class Waits:
 
 
 def make_tuner(
-    backlog: int = 1000, budget: int = 300, usecs: int = 8000, high_order: int = 0, bitmap: str = "0"
-) -> tuple[NetBufferTuner, MemorySysctl, Clock]:
-    ns = Namespaces()
-    backend = MemorySysctl(
-        {BACKLOG: (backlog,), BUDGET: (budget,), USECS: (usecs,), HIGH_ORDER: (high_order,)},
-        global_cookie=ns.global_cookie,
+    backlog: int = 1000,
+    budget: int = 300,
+    usecs: int = 8000,
+    high_order: int = 0,
+    bitmap: str = "0",
+    waits: list[float | None] | None = None,
+    read_softnet: Callable[[], str | None] | None = None,
+    kernel_release: str = "6.1.0",
+) -> tuple[NetBufferTuner, MemorySysctl, SyntheticClock]:
+    h = TunerHarness.build(
+        NetBufferTuner,
+        sysctls={BACKLOG: (backlog,), BUDGET: (budget,), USECS: (usecs,), HIGH_ORDER: (high_order,)},
         texts={BITMAP: bitmap},
+        tuner_id=TUNER_ID,
+        sched_wait=Waits(waits or []),
+        read_softnet=read_softnet,
+        kernel_release=kernel_release,
     )
-    store = TunableStore(backend, ns)
-    tuner = NetBufferTuner(TunerContext(store, ns, Steps(4)), 4)
-    store.register(tuner)
-    clock = Clock()
-    tuner.ctx.clock = clock
-    tuner.sched_wait = Waits([])  # type: ignore[assignment]
-    return tuner, backend, clock
+    return h.tuner, h.sysctls, h.clock
 
 
-def drops(n: int, cpu: int = 1, backlog: int = 1000) -> NetBufferObservation:
-    return NetBufferObservation(nb.OBS_BACKLOG_DROPS, cpu, n, 5_000_000_000, backlog)
+def drops(n: int, cpu: int = 1, backlog: int = 1000) -> Event:
+    obs = NetBufferObs(cpu=cpu, drops=n, window_ns=5_000_000_000, max_backlog=backlog)
+    return Event.build(TUNER_ID, NetBufferObservation.OBS_BACKLOG_DROPS, raw=obs.pack())
 
 
-def squeeze(cpu: int = 0, new: int = 12, old: int = 10) -> NetBufferObservation:
-    return NetBufferObservation(nb.OBS_TIME_SQUEEZE, cpu, time_squeeze=new, prev_time_squeeze=old)
-
-
-def test_ids_match_the_shared_header() -> None:
-    assert (nb.MAX_BACKLOG, nb.FLOW_LIMIT_CPU_BITMAP, nb.BUDGET, nb.BUDGET_USECS, nb.HIGH_ORDER_ALLOC_DISABLE) == (
-        lib.NET_BUFFER_MAX_BACKLOG,
-        lib.NET_BUFFER_FLOW_LIMIT_CPU_BITMAP,
-        lib.NET_BUFFER_BUDGET,
-        lib.NET_BUFFER_BUDGET_USECS,
-        lib.NET_BUFFER_HIGH_ORDER_ALLOC_DISABLE,
-    )
-    assert (
-        nb.INCREASE_BACKLOG,
-        nb.SET_FLOW_LIMIT,
-        nb.INCREASE_BUDGET,
-        nb.DECREASE_BUDGET,
-        nb.ENABLE_HIGH_ORDER_ALLOC,
-    ) == (
-        lib.NET_BUFFER_INCREASE_BACKLOG,
-        lib.NET_BUFFER_SET_FLOW_LIMIT,
-        lib.NET_BUFFER_INCREASE_BUDGET,
-        lib.NET_BUFFER_DECREASE_BUDGET,
-        lib.NET_BUFFER_ENABLE_HIGH_ORDER_ALLOC,
-    )
-    assert (nb.OBS_BACKLOG_DROPS, nb.OBS_TIME_SQUEEZE) == (
-        lib.NET_BUFFER_OBS_BACKLOG_DROPS,
-        lib.NET_BUFFER_OBS_TIME_SQUEEZE,
-    )
-
-
-def test_observation_round_trips_through_the_event_layout() -> None:
-    obs = NetBufferObservation(nb.OBS_TIME_SQUEEZE, 3, 7, 11, 13, 17, 19)
-    assert NetBufferObservation.from_event(obs.event(4)) == obs
+def squeeze(cpu: int = 0, new: int = 12, old: int = 10) -> Event:
+    obs = NetBufferObs(cpu=cpu, time_squeeze=new, prev_time_squeeze=old)
+    return Event.build(TUNER_ID, NetBufferObservation.OBS_TIME_SQUEEZE, raw=obs.pack())
 
 
 def test_a_32nd_of_the_backlog_dropped_grows_it_and_sets_the_cpu_bit(caplog: pytest.LogCaptureFixture) -> None:
     tuner, backend, _ = make_tuner(backlog=1000)
     with caplog.at_level(logging.INFO, logger="pybpftune"):
-        tuner.handle_event(drops(30, cpu=1).event(4))
+        tuner.handle_event(drops(30, cpu=1))
         assert backend.writes == []  # 30 < 1000/32
-        tuner.handle_event(drops(32, cpu=1).event(4))
+        tuner.handle_event(drops(32, cpu=1))
     assert backend.read(BACKLOG) == (1250,)
     assert backend.read_text(BITMAP) == "2"
     assert (
@@ -119,9 +85,9 @@ def test_a_32nd_of_the_backlog_dropped_grows_it_and_sets_the_cpu_bit(caplog: pyt
 
 def test_bits_accumulate_in_the_kernel_cpumask_format() -> None:
     tuner, backend, _ = make_tuner(bitmap="00000000,00000001")
-    tuner.handle_event(drops(100, cpu=33).event(4))
+    tuner.handle_event(drops(100, cpu=33))
     assert backend.read_text(BITMAP) == "2,00000001"
-    tuner.handle_event(drops(2000, cpu=33, backlog=1250).event(4))
+    tuner.handle_event(drops(2000, cpu=33, backlog=1250))
     assert backend.text_writes[-1][2] == "2,00000001"  # bit already set: not rewritten
 
 
@@ -129,14 +95,14 @@ def test_a_garbled_cpu_number_sets_no_bit() -> None:
     """Found by the bounds property test: cpu 2**32 - 1 built a 4-billion-bit
     mask and formatted it word by word (minutes of CPU)."""
     tuner, backend, _ = make_tuner()
-    tuner.handle_event(drops(100, cpu=2**32 - 1).event(4))
+    tuner.handle_event(drops(100, cpu=2**32 - 1))
     assert backend.read(BACKLOG) == (1250,)
     assert backend.text_writes == []
 
 
 def test_tiny_backlog_grows_on_a_single_drop() -> None:
     tuner, backend, _ = make_tuner(backlog=8)
-    tuner.handle_event(drops(1, backlog=8).event(4))
+    tuner.handle_event(drops(1, backlog=8))
     assert backend.read(BACKLOG) == (10,)
 
 
@@ -145,12 +111,12 @@ def test_backlog_growth_stops_at_its_memory_cap(caplog: pytest.LogCaptureFixture
     1/16 of memory is 16384 packets per cpu, not INT_MAX."""
     tuner, backend, _ = make_tuner(backlog=16000)
     tuner.memory = HostMemory(1 << 30, 0, 4096, cpus=2)
-    assert tuner.ceiling(nb.MAX_BACKLOG) == 16384
+    assert tuner.ceiling(NetBufferTunable.MAX_BACKLOG) == 16384
     with caplog.at_level(logging.INFO, logger="pybpftune"):
-        tuner.handle_event(drops(1000, backlog=16000).event(4))
+        tuner.handle_event(drops(1000, backlog=16000))
         assert backend.read(BACKLOG) == (16384,)
         for _ in range(3):
-            tuner.handle_event(drops(1000, backlog=16384).event(4))
+            tuner.handle_event(drops(1000, backlog=16384))
     assert backend.read(BACKLOG) == (16384,)
     assert caplog.text.count("its memory cap 16384") == 1
     # More cpus, smaller queues; never below the kernel's default.
@@ -160,40 +126,39 @@ def test_backlog_growth_stops_at_its_memory_cap(caplog: pytest.LogCaptureFixture
 
 def test_drops_counted_against_an_older_setting_are_ignored() -> None:
     tuner, _backend, _ = make_tuner(backlog=1250)
-    assert tuner.decide(drops(500, backlog=1000).event(4)).proposals == ()
+    assert tuner.decide(drops(500, backlog=1000)).proposals == ()
 
 
 def test_time_squeeze_grows_budget_and_usecs_once_a_second(caplog: pytest.LogCaptureFixture) -> None:
     tuner, backend, clock = make_tuner(budget=300, usecs=8000)
     with caplog.at_level(logging.INFO, logger="pybpftune"):
-        tuner.handle_event(squeeze().event(4))
-        tuner.handle_event(squeeze().event(4))  # within the hold-off
+        tuner.handle_event(squeeze())
+        tuner.handle_event(squeeze())  # within the hold-off
     assert backend.read(BUDGET) == (375,)
     assert backend.read(USECS) == (10000,)
     assert (
         "Due to 2 time squeeze(s) on cpu 0 (softirq ran out of budget with work left) change "
         "net.core.netdev_budget from (300) -> (375)" in caplog.text
     )
-    clock.now += 1.5
-    tuner.handle_event(squeeze().event(4))
+    clock.advance(1.5)
+    tuner.handle_event(squeeze())
     assert backend.read(BUDGET) == (468,)
 
 
 def test_budget_usecs_stops_at_50ms(caplog: pytest.LogCaptureFixture) -> None:
     tuner, backend, _ = make_tuner(budget=300, usecs=45000)
     with caplog.at_level(logging.INFO, logger="pybpftune"):
-        tuner.handle_event(squeeze().event(4))
+        tuner.handle_event(squeeze())
     assert backend.writes == []
     assert "netdev_budget_usecs would exceed 50000 us" in caplog.text
 
 
 def test_budget_increases_that_go_with_scheduler_wait_are_backed_off(caplog: pytest.LogCaptureFixture) -> None:
-    tuner, backend, clock = make_tuner(budget=300, usecs=2000)
-    tuner.sched_wait = Waits([None] + [float(5 * i) for i in range(1, 12)])  # type: ignore[assignment]
+    tuner, backend, clock = make_tuner(budget=300, usecs=2000, waits=[None] + [float(5 * i) for i in range(1, 12)])
     with caplog.at_level(logging.INFO, logger="pybpftune"):
         for _ in range(CORR_MIN_SAMPLES + 1):
-            tuner.handle_event(squeeze().event(4))
-            clock.now += 2
+            tuner.handle_event(squeeze())
+            clock.advance(2)
     assert "Scenario 'need to decrease # of packets processed per NAPI poll'" in caplog.text
     assert "Due to scheduler wait rising with the budget (correlation 0.9" in caplog.text
     assert "would exceed" not in caplog.text
@@ -203,19 +168,17 @@ def test_budget_increases_that_go_with_scheduler_wait_are_backed_off(caplog: pyt
 
 
 def test_backing_off_never_goes_below_the_original_budget() -> None:
-    tuner, backend, _ = make_tuner(budget=300, usecs=8000)
-    tuner.sched_wait = Waits([10.0])  # type: ignore[assignment]
+    tuner, backend, _ = make_tuner(budget=300, usecs=8000, waits=[10.0])
     tuner._budget_samples.extend((30.0 * i, float(i)) for i in range(CORR_MIN_SAMPLES))
-    props = tuner.decide(squeeze().event(4))
+    props = tuner.decide(squeeze())
     assert props.proposals == ()  # shrink would go below 300 / 8000: nothing to do
     assert backend.writes == []
 
 
 def test_high_order_allocations_re_enabled_from_5_14() -> None:
-    tuner, backend, _ = make_tuner(high_order=1)
-    tuner.kernel_release = "5.10.0-32-amd64"
-    assert not tuner.enable_high_order_alloc()
-    tuner.kernel_release = "6.1.0-56-amd64"
+    old, backend, _ = make_tuner(high_order=1, kernel_release="5.10.0-32-amd64")
+    assert not old.enable_high_order_alloc()
+    tuner, backend, _ = make_tuner(high_order=1, kernel_release="6.1.0-56-amd64")
     assert tuner.enable_high_order_alloc()
     assert backend.read(HIGH_ORDER) == (0,)
     assert not tuner.enable_high_order_alloc()
@@ -230,10 +193,9 @@ SOFTNET_2 = (
 
 
 def test_procfs_fallback_sees_drops_and_squeezes() -> None:
-    tuner, backend, _ = make_tuner(backlog=32, budget=10, usecs=8000)
-    tuner.poll_backlog = tuner.poll_squeeze = True
     texts = [SOFTNET_1, SOFTNET_2]
-    tuner.read_softnet = lambda: texts.pop(0)
+    tuner, backend, _ = make_tuner(backlog=32, budget=10, usecs=8000, read_softnet=lambda: texts.pop(0))
+    tuner.poll_backlog = tuner.poll_squeeze = True
     tuner.tick(1.0)
     assert backend.writes == []  # first reading: a baseline
     tuner.tick(2.0)

@@ -3,47 +3,25 @@
 from __future__ import annotations
 
 import logging
+from typing import ClassVar
 
 import pytest
 
-from pybpftune import _libbpf
+from pybpftune.bindings import TcpConnAlg, TcpConnEvent, TcpConnNsKey, TcpConnReason, TcpConnScenario
 from pybpftune.events import Event
-from pybpftune.netns import Namespaces
 from pybpftune.store import TunableStore
 from pybpftune.sysctl import MemorySysctl
-from pybpftune.tuner import Steps, TunerContext
+from pybpftune.testing import TunerHarness
+from pybpftune.tuner import MapUpdate
 from pybpftune.tuners import tcp_conn as tc
 from pybpftune.tuners.tcp_conn import TcpConnTuner
 
-lib = _libbpf.lib
 M = tc.COST_SCALE
 
 
-def test_ids_match_the_shared_header() -> None:
+def test_algorithms_are_named_as_the_kernel_names_them() -> None:
     assert tc.ALGS == ("cubic", "bbr", "htcp", "dctcp")
-    assert [lib.TCP_CONN_ALG_CUBIC, lib.TCP_CONN_ALG_BBR, lib.TCP_CONN_ALG_HTCP, lib.TCP_CONN_ALG_DCTCP] == [0, 1, 2, 3]
-    assert len(tc.ALGS) == lib.TCP_CONN_NUM_ALGS
-    assert (lib.TCP_CONN_REASON_LOSS, lib.TCP_CONN_REASON_GREEDY, lib.TCP_CONN_REASON_EXPLORE) == (
-        tc.REASON_LOSS,
-        tc.REASON_GREEDY,
-        tc.REASON_EXPLORE,
-    )
-    assert len(tc.REASONS) == lib.TCP_CONN_NUM_REASONS
-    assert (lib.TCP_CONN_SCENARIO_SPECIFY, lib.TCP_CONN_SCENARIO_LOSS) == (tc.SCENARIO_SPECIFY, tc.SCENARIO_LOSS)
-    ids = (
-        lib.TCP_CONN_TUNABLE_CONG,
-        lib.TCP_CONN_TUNABLE_ALLOWED,
-        lib.TCP_CONN_TUNABLE_AVAILABLE,
-        lib.TCP_CONN_TUNABLE_DEFAULT,
-        lib.TCP_CONN_TUNABLE_THIN_LTO,
-    )
-    assert ids == tuple(t.id for t in TcpConnTuner.tunables)
-    assert (lib.TCP_CONN_MIN_INSTANCES, lib.TCP_CONN_EPSILON, lib.TCP_CONN_LOSS_SHIFT, lib.TCP_CONN_MIN_RETRANS) == (
-        tc.MIN_INSTANCES,
-        tc.EPSILON,
-        tc.LOSS_SHIFT,
-        tc.MIN_RETRANS,
-    )
+    assert tc.MODULES["bbr"] == "tcp_bbr"
 
 
 @pytest.mark.parametrize(
@@ -142,23 +120,44 @@ def test_format_address_handles_v4_mapped_and_v6() -> None:
     assert tc.format_address(bytes.fromhex("fd000168000000000000000000000001")) == "fd00:168::1"
 
 
-def make_tuner(allowed: str = "reno bbr") -> tuple[TcpConnTuner, MemorySysctl, TunableStore]:
-    ns = Namespaces()
-    backend = MemorySysctl(
+def make_tuner(
+    allowed: str = "reno bbr", tuner_class: type[TcpConnTuner] = TcpConnTuner
+) -> tuple[TcpConnTuner, MemorySysctl, TunableStore]:
+    """cubic and bbr are available; no module is loaded (htcp and dctcp stay missing)."""
+    loaded: list[str] = []
+    h = TunerHarness.build(
+        tuner_class,
         {"net.ipv4.tcp_thin_linear_timeouts": (0,)},
-        global_cookie=ns.global_cookie,
         texts={
             "net.ipv4.tcp_allowed_congestion_control": allowed,
             "net.ipv4.tcp_available_congestion_control": "reno bbr cubic",
             "net.ipv4.tcp_congestion_control": "bbr",
         },
+        tuner_id=2,
+        load_module=loaded.append,
     )
-    store = TunableStore(backend, ns)
-    tuner = TcpConnTuner(TunerContext(store, ns, Steps(4)), 2)
-    store.register(tuner)
-    tuner._prepared = True  # no modprobe in unit tests
-    tuner.available = ["cubic", "bbr"]
-    return tuner, backend, store
+    return h.tuner, h.sysctls, h.store
+
+
+THIN = {"net.ipv4.tcp_thin_linear_timeouts": (0,)}
+
+
+def test_missing_algorithms_are_loaded_except_in_advice_mode() -> None:
+    texts = {
+        "net.ipv4.tcp_allowed_congestion_control": "reno cubic",
+        "net.ipv4.tcp_available_congestion_control": "reno cubic",
+        "net.ipv4.tcp_congestion_control": "cubic",
+    }
+    loaded: list[str] = []
+    h = TunerHarness.build(TcpConnTuner, THIN, texts=texts, load_module=loaded.append)
+    h.tuner.bpf_globals()
+    assert loaded == ["tcp_bbr", "tcp_htcp", "tcp_dctcp"]
+    assert h.tuner.available == ["cubic"]
+    advice: list[str] = []
+    h = TunerHarness.build(TcpConnTuner, THIN, texts=texts, load_module=advice.append)
+    h.store.advice = True
+    h.tuner.bpf_globals()
+    assert advice == []
 
 
 def test_start_allows_the_algorithms_and_stop_restores_the_list(caplog: pytest.LogCaptureFixture) -> None:
@@ -209,16 +208,15 @@ def test_advice_mode_sets_nothing(caplog: pytest.LogCaptureFixture) -> None:
 
 
 def loss_event(cookie: int) -> Event:
-    payload = _libbpf.ffi.new("struct tcp_conn_event *")
-    payload.reason = tc.REASON_LOSS
-    payload.old_alg = 0
-    payload.new_alg = 1
-    payload.total_retrans = 3
-    payload.segs_out = 120
-    for i, b in enumerate(bytes(10) + b"\xff\xff" + bytes([10, 0, 0, 1])):
-        payload.addr[i] = b
-    raw = bytes(_libbpf.ffi.buffer(payload))
-    return Event.build(2, tc.SCENARIO_LOSS, netns_cookie=cookie, raw=raw)
+    payload = TcpConnEvent(
+        reason=TcpConnReason.LOSS,
+        old_alg=TcpConnAlg.CUBIC,
+        new_alg=TcpConnAlg.BBR,
+        total_retrans=3,
+        segs_out=120,
+        addr=bytes(10) + b"\xff\xff" + bytes([10, 0, 0, 1]),
+    )
+    return Event.build(2, TcpConnScenario.LOSS, netns_cookie=cookie, raw=payload.pack())
 
 
 def test_loss_event_is_explained_in_bpftune_words(caplog: pytest.LogCaptureFixture) -> None:
@@ -235,12 +233,25 @@ def test_loss_event_is_explained_in_bpftune_words(caplog: pytest.LogCaptureFixtu
     ) in caplog.text
 
 
+class SeesDisabled(TcpConnTuner):
+    """Records the namespaces the store turns it off in."""
+
+    seen: ClassVar[list[int]] = []
+
+    def netns_disabled(self, netns_cookie: int) -> None:
+        self.seen.append(netns_cookie)
+        super().netns_disabled(netns_cookie)
+
+
 def test_admin_write_in_a_namespace_reaches_the_tuner_hook() -> None:
-    tuner, _backend, store = make_tuner()
-    seen: list[int] = []
-    tuner.netns_disabled = seen.append  # type: ignore[method-assign,assignment]
+    tuner, _backend, store = make_tuner(tuner_class=SeesDisabled)
+    seen = SeesDisabled.seen = []
     store.disable(tuner, 4242, "pid 1, cmd 'sysctl' modified sysctl 'net.ipv4.tcp_congestion_control'")
     store.disable(tuner, 4242, "again")
     assert seen == [4242]
     assert store.netns_state(tuner, 4242) == "manual"
     assert store.netns_state(tuner, tuner.ctx.namespaces.global_cookie) == "active"
+
+
+def test_a_namespace_turned_off_is_one_map_entry_keyed_by_its_cookie() -> None:
+    assert tc.ns_off(4242) == MapUpdate("bpftune_ns_off", TcpConnNsKey(4242).pack(), b"\x01")

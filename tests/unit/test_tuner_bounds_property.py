@@ -5,7 +5,7 @@ Every tuner in pybpftune/tuners is driven with random events (every payload
 field a random value of its C type, taken from the shared header through
 cffi, with edge values favoured), random current sysctl values, a random
 host memory size and random inputs on its seams (counters, correlations,
-clocks).  Its rules (``decide``; ``plan`` for neigh_table) must return
+clocks).  Its rules (``decide``) must return
 proposals within bounds, and so must everything ``handle_event`` and
 ``tick`` hand to the store, before the store's own clamp.
 
@@ -30,14 +30,16 @@ import pybpftune.tuners
 from pybpftune import libbpf
 from pybpftune import store as store_mod
 from pybpftune._libbpf import ffi
+from pybpftune.bindings import NeighTableStats
 from pybpftune.corr import CorrSums
 from pybpftune.events import Event
 from pybpftune.hostmem import HostMemory
 from pybpftune.netns import Namespaces
 from pybpftune.store import TunableStore
-from pybpftune.sysctl import MemorySysctl
-from pybpftune.tuner import INT_MAX, Proposal, Steps, Tuner, TunerContext
+from pybpftune.testing import TunerHarness
+from pybpftune.tuner import INT_MAX, Proposal, Tuner
 from pybpftune.tuners.neigh_table import FAMILIES, MemoryNeigh, NeighTableTuner, Table
+from pybpftune.tuners.net_buffer import NetBufferTuner
 
 NS = 4242
 TUNER_ID = 5
@@ -205,14 +207,6 @@ class RecordingStore(TunableStore):
         super().note(tuner, proposal, old)
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 def within_bounds(tuner: Tuner, proposal: Proposal) -> None:
     t = tuner.tunable(proposal.tunable)
     assert len(proposal.new) == t.num_values, proposal
@@ -222,11 +216,12 @@ def within_bounds(tuner: Tuner, proposal: Proposal) -> None:
         assert v <= top, f"{t.name}: {proposal.new} above {top} on {tuner.host_memory} ({proposal.reason})"
 
 
-def seams(tuner: Tuner, data: st.DataObject, clock: Clock) -> None:
+def seams(h: TunerHarness[Tuner], data: st.DataObject) -> None:
     """Random inputs where each tuner reads the world."""
-    if hasattr(tuner, "clock"):
-        tuner.ctx.clock = clock
+    tuner = h.tuner
     counters = data.draw(st.dictionaries(st.sampled_from(COUNTER_NAMES), ints(0, 1 << 40), max_size=8))
+    for cookie in (h.global_cookie, NS):
+        h.namespaces.set_counters(cookie, **counters)
     if hasattr(tuner, "counters"):
         tuner.counters = lambda cookie: counters
     name = tuner.name
@@ -238,15 +233,6 @@ def seams(tuner: Tuner, data: st.DataObject, clock: Clock) -> None:
         tuner.allocated_reader = lambda: allocated  # type: ignore[attr-defined]
         tuner.near_pressure_flag = data.draw(st.booleans())  # type: ignore[attr-defined]
         tuner.near_exhaustion_flag = data.draw(st.booleans())  # type: ignore[attr-defined]
-    elif name == "net_buffer":
-        waits = data.draw(st.lists(st.one_of(st.none(), st.floats(0, 1000)), max_size=40))
-
-        class Waits:
-            def sample(self) -> float | None:
-                return waits.pop(0) if waits else None
-
-        tuner.sched_wait = Waits()  # type: ignore[attr-defined]
-        tuner.kernel_release = data.draw(st.sampled_from(["5.10.0", "6.1.0", "garbage"]))  # type: ignore[attr-defined]
     elif name == "ip_frag" and data.draw(st.booleans()):
         for cookie in (tuner.ctx.namespaces.global_cookie, NS):
             for tid in (0, 1):
@@ -275,29 +261,47 @@ def neigh_backend(data: st.DataObject, evs: list[Event], glob: int) -> MemoryNei
             tables[family] = Table(fam.table, family, thresholds, data.draw(ints(0, INT_MAX)))
     addresses = {}
     for ev in evs:
-        stats = ev.payload("struct neigh_table_stats")
+        stats = NeighTableStats.unpack(ev.raw)
         for cookie in (ev.netns_cookie, glob):
             prefixes = data.draw(st.lists(st.integers(-1, 130), max_size=4))
-            addresses[(cookie, int(stats.ifindex), int(stats.family))] = prefixes
+            addresses[(cookie, stats.ifindex, stats.family)] = prefixes
     return MemoryNeigh(tables, addresses)
 
 
-def build(
-    cls: type[Tuner], data: st.DataObject, evs: list[Event], ns: Namespaces
-) -> tuple[Tuner, RecordingStore, Clock]:
-    backend = MemorySysctl(data.draw(sysctl_values(cls)), ns.global_cookie, texts=texts(cls))
-    store = RecordingStore(backend, ns)
-    ctx = TunerContext(store, ns, Steps(data.draw(st.integers(0, 4))))
-    tuner: Tuner
+class Waits:
+    """Scheduler wait percentages handed out one per sample (net_buffer)."""
+
+    def __init__(self, values: list[float | None]) -> None:
+        self.values = values
+
+    def sample(self) -> float | None:
+        return self.values.pop(0) if self.values else None
+
+
+def collaborators(cls: type[Tuner], data: st.DataObject, evs: list[Event], glob: int) -> dict[str, Any]:
+    """Random stand-ins for what a tuner's constructor takes."""
     if cls is NeighTableTuner:
-        tuner = NeighTableTuner(ctx, TUNER_ID, backend=neigh_backend(data, evs, ns.global_cookie))
-    else:
-        tuner = cls(ctx, TUNER_ID)
-    tuner.memory = data.draw(host_memory())
-    store.register(tuner)
-    clock = Clock()
-    seams(tuner, data, clock)
-    return tuner, store, clock
+        return {"backend": neigh_backend(data, evs, glob)}
+    if cls is NetBufferTuner:
+        waits = data.draw(st.lists(st.one_of(st.none(), st.floats(0, 1000)), max_size=40))
+        release = data.draw(st.sampled_from(["5.10.0", "6.1.0", "garbage"]))
+        return {"sched_wait": Waits(list(waits)), "kernel_release": release}
+    return {}
+
+
+def build(cls: type[Tuner], data: st.DataObject, evs: list[Event], glob: int) -> TunerHarness[Tuner]:
+    h = TunerHarness.build(
+        cls,
+        data.draw(sysctl_values(cls)),
+        texts(cls),
+        tuner_id=TUNER_ID,
+        rate=data.draw(st.integers(0, 4)),
+        store_class=RecordingStore,
+        **collaborators(cls, data, evs, glob),
+    )
+    h.tuner.memory = data.draw(host_memory())
+    seams(h, data)
+    return h
 
 
 def numeric(cls: type[Tuner]) -> bool:
@@ -319,19 +323,21 @@ def test_no_proposal_leaves_its_tunables_bounds(name: str) -> None:
 
 def drive(name: str, data: st.DataObject) -> None:
     cls = TUNERS[name]
-    ns = Namespaces()
-    evs = data.draw(events(cls, [ns.global_cookie, NS]))
-    tuner, store, clock = build(cls, data, evs, ns)
+    glob = Namespaces().global_cookie
+    evs = data.draw(events(cls, [glob, NS]))
+    h = build(cls, data, evs, glob)
+    tuner, store, clock = h.tuner, h.store, h.clock
+    assert isinstance(store, RecordingStore)
     for ev in evs:
         for proposal in tuner.decide(ev):
             within_bounds(tuner, proposal)
         if name not in DECIDE_ONLY:
             tuner.handle_event(ev)
-        clock.now += data.draw(st.sampled_from([0.0, 0.3, 1.0, 5.0]))
+        clock.advance(data.draw(st.sampled_from([0.0, 0.3, 1.0, 5.0])))
     if name not in DECIDE_ONLY and type(tuner).tick is not Tuner.tick:
         for _ in range(3):
             tuner.tick(clock.now)
-            clock.now += 2.0
+            clock.advance(2.0)
     for t, proposal in store.proposals:
         assert isinstance(t, Tuner)
         within_bounds(t, proposal)

@@ -31,17 +31,18 @@ import logging
 import socket
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 from .. import libbpf
+from ..bindings import NeighTableFlag, NeighTableScenario, NeighTableStats, NeighTableTunable
 from ..errors import NotSupported
 from ..events import Event
 from ..hostmem import HostMemory
 from ..netns import Namespaces, NetnsGone
 from ..store import ACTIVE
 from ..sysctl import SysctlMissing
-from ..tuner import INT_MAX, Decision, Proposal, Scenario, Steps, Tunable, Tuner
+from ..tuner import INT_MAX, NOTHING, Decision, Disable, Proposal, Scenario, Steps, Tunable, Tuner
 from .common import SayOnce
 
 if TYPE_CHECKING:
@@ -49,14 +50,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("pybpftune.tuner.neigh_table")
 
-# enum neigh_table_tunable
-IPV4_GC_THRESH3 = 4
-ARP_THRESHOLDS = 10
-NDISC_THRESHOLDS = 11
-# enum neigh_table_scenario
-FULL, GROWN, EMPTY = 0, 1, 2
-# neigh_table_stats.flags
-F_REFUSED = 0x1
 
 DEFAULTS = (128, 512, 1024)  # the kernel's gc_thresh1/2/3
 ADDRESS_FLOOR = 256  # bpftune counts at least a /24's worth of hosts per address
@@ -79,8 +72,8 @@ class Family:
 
 
 FAMILIES: dict[int, Family] = {
-    socket.AF_INET: Family(socket.AF_INET, "arp_cache", ARP_THRESHOLDS, 32),
-    socket.AF_INET6: Family(socket.AF_INET6, "ndisc_cache", NDISC_THRESHOLDS, 128),
+    socket.AF_INET: Family(socket.AF_INET, "arp_cache", NeighTableTunable.ARP_THRESHOLDS, 32),
+    socket.AF_INET6: Family(socket.AF_INET6, "ndisc_cache", NeighTableTunable.NDISC_THRESHOLDS, 128),
 }
 
 
@@ -310,21 +303,12 @@ def _setter(namespaces: Namespaces) -> NeighThresholds:
 # --- the tuner ------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Plan:
-    """One decision: new thresholds for a table, and what to say about it."""
-
-    proposal: Proposal
-    new: Thresholds
-    table: Table
-    device: Device
-    message: str
-
-
-def _sysctls(proto: str, first: int, optional: bool) -> tuple[Tunable, ...]:
+def _sysctls(proto: str) -> tuple[Tunable, ...]:
+    """net.<proto>.neigh.default.*, ids NeighTableTunable.<PROTO>_<NAME>."""
     names = ("gc_interval", "gc_stale_time", "gc_thresh1", "gc_thresh2", "gc_thresh3")
     return tuple(
-        Tunable(first + i, f"net.{proto}.neigh.default.{n}", 1, optional=optional) for i, n in enumerate(names)
+        Tunable(NeighTableTunable[f"{proto}_{n}".upper()], f"net.{proto}.neigh.default.{n}", 1, optional=True)
+        for n in names
     )
 
 
@@ -338,10 +322,10 @@ class NeighTableTuner(Tuner):
     tunables = (
         # The sysctls (initial namespace only) are watched, not written: an
         # administrator's write makes the tuner back off.
-        *_sysctls("ipv4", 0, optional=True),
-        *_sysctls("ipv6", 5, optional=True),
+        *_sysctls("ipv4"),
+        *_sysctls("ipv6"),
         Tunable(
-            ARP_THRESHOLDS,
+            NeighTableTunable.ARP_THRESHOLDS,
             "neigh.arp_cache.gc_thresh",
             3,
             kind="custom",
@@ -350,7 +334,7 @@ class NeighTableTuner(Tuner):
             ceiling=neigh_cap,
         ),
         Tunable(
-            NDISC_THRESHOLDS,
+            NeighTableTunable.NDISC_THRESHOLDS,
             "neigh.ndisc_cache.gc_thresh",
             3,
             kind="custom",
@@ -361,9 +345,21 @@ class NeighTableTuner(Tuner):
         ),
     )
     scenarios = (
-        Scenario(FULL, "neighbour table nearly full", "neighbour table is nearly full, increase its GC thresholds"),
-        Scenario(GROWN, "neighbour table grown excessively", "neighbour table cannot grow past its device's bound"),
-        Scenario(EMPTY, "neighbour table nearly empty", "neighbour table is nearly empty, reduce its GC thresholds"),
+        Scenario(
+            NeighTableScenario.FULL,
+            "neighbour table nearly full",
+            "neighbour table is nearly full, increase its GC thresholds",
+        ),
+        Scenario(
+            NeighTableScenario.GROWN,
+            "neighbour table grown excessively",
+            "neighbour table cannot grow past its device's bound",
+        ),
+        Scenario(
+            NeighTableScenario.EMPTY,
+            "neighbour table nearly empty",
+            "neighbour table is nearly empty, reduce its GC thresholds",
+        ),
     )
     # Creations are the signal that matters; without removals the tables only
     # never shrink back.
@@ -380,7 +376,7 @@ class NeighTableTuner(Tuner):
 
     def start(self) -> None:
         try:
-            self.current(IPV4_GC_THRESH3)
+            self.current(NeighTableTunable.IPV4_GC_THRESH3)
         except SysctlMissing:
             raise NotSupported(
                 self.name,
@@ -393,52 +389,56 @@ class NeighTableTuner(Tuner):
     def _global_active(self) -> bool:
         return self.ctx.store.netns_state(self, self.ctx.namespaces.global_cookie) == ACTIVE
 
-    def _device(self, event: Event, stats: Any) -> Device:
-        return Device(int(stats.ifindex), libbpf.c_string(stats.dev), event.netns_cookie, int(stats.netns_inum))
+    def _device(self, event: Event, stats: NeighTableStats) -> Device:
+        return Device(stats.ifindex, stats.dev, event.netns_cookie, stats.netns_inum)
 
-    def _in_daemon_netns(self, device: Device) -> bool:
-        ns = self.ctx.namespaces
-        if device.netns_cookie != libbpf.NETNS_UNKNOWN:
-            return bool(ns.is_global(device.netns_cookie))
-        return device.netns_inum == ns.global_inode
-
-    def plan(self, event: Event) -> list[Plan]:
-        """What to do about one event; reads the live table, changes nothing."""
-        if event.scenario_id not in (FULL, EMPTY):
-            return []
-        stats = event.payload("struct neigh_table_stats")
-        fam = FAMILIES.get(int(stats.family))
+    def decide(self, event: Event) -> Decision:
+        """Reads the live table (the event may be stale) and, to bound a
+        growth, the addresses of the event's device."""
+        if event.scenario_id not in (NeighTableScenario.FULL, NeighTableScenario.EMPTY):
+            return NOTHING
+        stats = NeighTableStats.unpack(event.raw)
+        fam = FAMILIES.get(stats.family)
         if fam is None:
-            return []
+            return NOTHING
         if not self._global_active():
             log.debug("neigh_table is disabled in the global namespace; ignoring %s", fam.table)
-            return []
+            return NOTHING
         table = self.backend.table(fam.family)
         if table is None:
             log.debug("no %s table here (IPv6 off?); ignoring the event", fam.table)
-            return []
-        if self._changed_behind_our_back(fam, table):
-            return []
+            return NOTHING
+        mine = self.ctx.store.written(self, fam.tunable, self.ctx.namespaces.global_cookie)
+        if mine is not None and mine != table.thresholds:
+            # Someone else (sysctl or `ip ntable`) owns them now: back off.
+            why = f"the {table.name} thresholds were changed from ({_fmt(mine)}) to ({_fmt(table.thresholds)})"
+            return Decision(effects=(Disable(self.ctx.namespaces.global_cookie, f"{why} outside pybpftune"),))
         device = self._device(event, stats)
-        where = (
-            self.ctx.namespaces.describe(device.netns_cookie)
-            if device.netns_cookie != libbpf.NETNS_UNKNOWN
-            else "non-global ns"
+        if event.scenario_id == NeighTableScenario.EMPTY:
+            return self._shrink(fam, table, device)
+        return self._grow(fam, table, device, refused=bool(stats.flags & NeighTableFlag.F_REFUSED))
+
+    def _where(self, device: Device) -> str:
+        if device.netns_cookie == libbpf.NETNS_UNKNOWN:
+            return "non-global ns"
+        return self.ctx.namespaces.describe(device.netns_cookie)
+
+    def _shrink(self, fam: Family, table: Table, device: Device) -> Decision:
+        new = self._limited(fam, table, shrink_thresholds(table.thresholds, table.entries, self.steps))
+        if new is None:
+            return NOTHING
+        reason = f"neighbour table {table.name} nearly empty ({table.entries} entries),"
+        announce = (
+            f"reduced thresholds for {table.name} table, {device.describe()} in {self._where(device)}, "
+            f"from ({_fmt(table.thresholds)}) to ({_fmt(new)}): {table.entries} entries"
         )
         glob = self.ctx.namespaces.global_cookie
-        if event.scenario_id == EMPTY:
-            new = self._limited(fam, table, shrink_thresholds(table.thresholds, table.entries, self.steps))
-            if new is None:
-                return []
-            reason = f"neighbour table {table.name} nearly empty ({table.entries} entries),"
-            message = (
-                f"reduced thresholds for {table.name} table, {device.describe()} in {where}, "
-                f"from ({_fmt(table.thresholds)}) to ({_fmt(new)}): {table.entries} entries"
-            )
-            return [Plan(Proposal(fam.tunable, EMPTY, glob, new, reason), new, table, device, message)]
-        refused = bool(int(stats.flags) & F_REFUSED)
+        return Decision((Proposal(fam.tunable, NeighTableScenario.EMPTY, glob, new, reason, announce),))
+
+    def _grow(self, fam: Family, table: Table, device: Device, refused: bool) -> Decision:
         if not refused and not self.steps.nearly_full(table.entries, table.thresholds[2]):
-            return []
+            return NOTHING
+        where = self._where(device)
         prefixes = self.backend.prefixes(device, fam.family)
         if prefixes is None:
             # Usually a namespace that vanished right after its entry was made.
@@ -448,7 +448,7 @@ class NeighTableTuner(Tuner):
                 where,
                 table.name,
             )
-            return []
+            return NOTHING
         by_address, by_memory = address_bound(prefixes, fam.bits), self.highest(fam.tunable)
         bound = min(by_address, by_memory)
         log.debug(
@@ -474,14 +474,15 @@ class NeighTableTuner(Tuner):
                     "its addresses" if by_address <= by_memory else "the host's memory",
                     table.entries,
                 )
-            return []
+            return NOTHING
         why = "an entry was refused" if refused else f"{table.entries} entries of gc_thresh3 {table.thresholds[2]}"
         reason = f"neighbour table {table.name} nearly full ({why}),"
-        message = (
+        announce = (
             f"updated thresholds for {table.name} table, {device.describe()} in {where}, "
             f"from ({_fmt(table.thresholds)}) to ({_fmt(new)}), computed max {bound}"
         )
-        return [Plan(Proposal(fam.tunable, FULL, glob, new, reason), new, table, device, message)]
+        glob = self.ctx.namespaces.global_cookie
+        return Decision((Proposal(fam.tunable, NeighTableScenario.FULL, glob, new, reason, announce),))
 
     def _limited(self, fam: Family, table: Table, new: Thresholds | None) -> Thresholds | None:
         """``new`` within the operator's floors and caps; None if that leaves
@@ -495,23 +496,8 @@ class NeighTableTuner(Tuner):
             return None
         return (limited[0], limited[1], limited[2])
 
-    def _changed_behind_our_back(self, fam: Family, table: Table) -> bool:
-        mine = self.ctx.store.written(self, fam.tunable, self.ctx.namespaces.global_cookie)
-        if mine is None or mine == table.thresholds:
-            return False
-        self.ctx.store.disable(
-            self,
-            self.ctx.namespaces.global_cookie,
-            f"the {table.name} thresholds were changed from ({_fmt(mine)}) to ({_fmt(table.thresholds)}) "
-            "outside pybpftune",
-        )
-        return True
-
-    def decide(self, event: Event) -> Decision:
-        return Decision(tuple(replace(p.proposal, announce=p.message) for p in self.plan(event)))
-
     def command(self, tunable: Tunable, values: tuple[int | str, ...]) -> str | None:
-        if tunable.id in (ARP_THRESHOLDS, NDISC_THRESHOLDS):
+        if tunable.id in (NeighTableTunable.ARP_THRESHOLDS, NeighTableTunable.NDISC_THRESHOLDS):
             table = tunable.name.split(".")[1]
             t1, t2, t3 = values
             return f"ip ntable change name {table} thresh1 {t1} thresh2 {t2} thresh3 {t3}"

@@ -29,22 +29,17 @@ import os
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
+from typing import Protocol
 
-from .. import libbpf
+from ..bindings import NetBufferObs, NetBufferObservation, NetBufferScenario, NetBufferTunable
 from ..events import Event
 from ..hostmem import HostMemory
 from ..tuner import INT_MAX, NOTHING, Decision, Proposal, Scenario, TextProposal, Tunable, Tuner, TunerContext
 from .common import SayOnce, sample_lines, significant_correlation
 
 log = logging.getLogger("pybpftune")
-
-# Ids shared with the BPF side (bpftune_shared.h, "net_buffer tuner").
-MAX_BACKLOG, FLOW_LIMIT_CPU_BITMAP, BUDGET, BUDGET_USECS, HIGH_ORDER_ALLOC_DISABLE = 0, 1, 2, 3, 4
-INCREASE_BACKLOG, SET_FLOW_LIMIT, INCREASE_BUDGET, DECREASE_BUDGET, ENABLE_HIGH_ORDER_ALLOC = 0, 1, 2, 3, 4
-OBS_BACKLOG_DROPS, OBS_TIME_SQUEEZE = 1, 2
 
 BUDGET_USECS_MAX = 50_000
 # The kernel's largest NR_CPUS (CONFIG_MAXSMP): no cpu number reaches it.
@@ -58,40 +53,6 @@ BACKLOG_DEFAULT = 1000
 BUDGET_HOLD_S = 1.0
 CORR_WINDOW = 32
 WINDOW_S = 60.0
-
-
-@dataclass(frozen=True)
-class NetBufferObservation:
-    """What the BPF side (or /proc/net/softnet_stat) saw (struct net_buffer_obs)."""
-
-    kind: int
-    cpu: int
-    drops: int = 0
-    window_ns: int = 0
-    max_backlog: int = 0
-    time_squeeze: int = 0
-    prev_time_squeeze: int = 0
-
-    @classmethod
-    def from_event(cls, event: Event) -> NetBufferObservation:
-        o = event.payload("struct net_buffer_obs")
-        return cls(
-            event.scenario_id,
-            int(o.cpu),
-            int(o.drops),
-            int(o.window_ns),
-            int(o.max_backlog),
-            int(o.time_squeeze),
-            int(o.prev_time_squeeze),
-        )
-
-    def event(self, tuner_id: int, netns_cookie: int = 0) -> Event:
-        """The ring-buffer event carrying this observation (tests, replays)."""
-        size = libbpf.struct_size("struct net_buffer_obs")
-        view = libbpf.struct_view("struct net_buffer_obs", bytearray(size))
-        view.cpu, view.drops, view.window_ns, view.max_backlog = self.cpu, self.drops, self.window_ns, self.max_backlog
-        view.time_squeeze, view.prev_time_squeeze = self.time_squeeze, self.prev_time_squeeze
-        return Event.build(tuner_id, self.kind, netns_cookie, raw=libbpf.struct_bytes(view, size))
 
 
 # --- text helpers -------------------------------------------------------------------------
@@ -156,6 +117,12 @@ def kernel_at_least(release: str, major: int, minor: int) -> bool:
         return False
 
 
+class WaitSource(Protocol):
+    def sample(self) -> float | None:
+        """Scheduler wait (percent) since the last call; None: not known."""
+        ...
+
+
 class SchedWait:
     """Scheduler wait as a percentage, between one call and the next.
 
@@ -199,6 +166,10 @@ def _read_text(path: str) -> str | None:
         return None
 
 
+def _read_softnet() -> str | None:
+    return _read_text("/proc/net/softnet_stat")
+
+
 def backlog_cap(memory: HostMemory) -> int:
     """The most netdev_max_backlog (a per-cpu queue length) may be."""
     per_cpu = memory.total_bytes // BACKLOG_MEM_SHARE // (max(1, memory.cpus) * BACKLOG_PACKET_BYTES)
@@ -210,33 +181,46 @@ class NetBufferTuner(Tuner):
     description = "grows netdev_max_backlog on backlog drops and netdev_budget(_usecs) on softirq time squeeze"
     bpf_name = "net_buffer_tuner"
     tunables = (
-        Tunable(MAX_BACKLOG, "net.core.netdev_max_backlog", 1, lower=1, ceiling=backlog_cap),
-        Tunable(FLOW_LIMIT_CPU_BITMAP, "net.core.flow_limit_cpu_bitmap", 1, kind="string", optional=True),
-        Tunable(BUDGET, "net.core.netdev_budget", 1, lower=1),
-        Tunable(BUDGET_USECS, "net.core.netdev_budget_usecs", 1, lower=1, upper=BUDGET_USECS_MAX),
-        Tunable(HIGH_ORDER_ALLOC_DISABLE, "net.core.high_order_alloc_disable", 1, lower=0, upper=1, optional=True),
+        Tunable(NetBufferTunable.MAX_BACKLOG, "net.core.netdev_max_backlog", 1, lower=1, ceiling=backlog_cap),
+        Tunable(
+            NetBufferTunable.FLOW_LIMIT_CPU_BITMAP, "net.core.flow_limit_cpu_bitmap", 1, kind="string", optional=True
+        ),
+        Tunable(NetBufferTunable.BUDGET, "net.core.netdev_budget", 1, lower=1),
+        Tunable(NetBufferTunable.BUDGET_USECS, "net.core.netdev_budget_usecs", 1, lower=1, upper=BUDGET_USECS_MAX),
+        Tunable(
+            NetBufferTunable.HIGH_ORDER_ALLOC_DISABLE,
+            "net.core.high_order_alloc_disable",
+            1,
+            lower=0,
+            upper=1,
+            optional=True,
+        ),
     )
     scenarios = (
-        Scenario(INCREASE_BACKLOG, "need to increase max backlog", "Need to increase backlog size to avoid drops"),
         Scenario(
-            SET_FLOW_LIMIT,
+            NetBufferScenario.INCREASE_BACKLOG,
+            "need to increase max backlog",
+            "Need to increase backlog size to avoid drops",
+        ),
+        Scenario(
+            NetBufferScenario.SET_FLOW_LIMIT,
             "need to set per-cpu bitmap value",
             "Need to set flow limit per-cpu to prioritize small flows",
         ),
         Scenario(
-            INCREASE_BUDGET,
+            NetBufferScenario.INCREASE_BUDGET,
             "need to increase # of packets processed per NAPI poll",
             "Need to increase number of packets processed across network devices during NAPI poll to use all of "
             "netdev_budget_usecs",
         ),
         Scenario(
-            DECREASE_BUDGET,
+            NetBufferScenario.DECREASE_BUDGET,
             "need to decrease # of packets processed per NAPI poll",
             "Need to decrease netdev_budget[_usecs] since the ratio of time spent waiting to run versus time "
             "spent running for tasks has increased as we have increased netdev budget",
         ),
         Scenario(
-            ENABLE_HIGH_ORDER_ALLOC,
+            NetBufferScenario.ENABLE_HIGH_ORDER_ALLOC,
             "need to enable high-order allocations",
             "Enable high-order allocations for socket buffers: since Linux 5.14 they no longer hurt",
         ),
@@ -253,12 +237,21 @@ class NetBufferTuner(Tuner):
         }
     )
 
-    def __init__(self, ctx: TunerContext, tuner_id: int) -> None:
+    def __init__(
+        self,
+        ctx: TunerContext,
+        tuner_id: int,
+        *,
+        sched_wait: WaitSource | None = None,
+        read_softnet: Callable[[], str | None] | None = None,
+        kernel_release: str | None = None,
+    ) -> None:
+        """The keyword arguments stand in for what the tuner reads of the
+        host (tests): scheduler wait, /proc/net/softnet_stat, the kernel release."""
         super().__init__(ctx, tuner_id)
-        # Seams for unit tests.
-        self.sched_wait = SchedWait()
-        self.read_softnet: Callable[[], str | None] = lambda: _read_text("/proc/net/softnet_stat")
-        self.kernel_release = os.uname().release
+        self.sched_wait: WaitSource = sched_wait if sched_wait is not None else SchedWait()
+        self.read_softnet = read_softnet if read_softnet is not None else _read_softnet
+        self.kernel_release = kernel_release if kernel_release is not None else os.uname().release
         self.poll_backlog = False
         self.poll_squeeze = False
         self._last_budget_change = -1e9
@@ -271,7 +264,7 @@ class NetBufferTuner(Tuner):
     # --- setup ------------------------------------------------------------------------------
 
     def bpf_globals(self) -> dict[str, int]:
-        return {"max_backlog": self.current(MAX_BACKLOG)[0]}
+        return {"max_backlog": self.current(NetBufferTunable.MAX_BACKLOG)[0]}
 
     def start(self) -> None:
         if self.loaded is not None:
@@ -285,15 +278,15 @@ class NetBufferTuner(Tuner):
 
     def enable_high_order_alloc(self) -> bool:
         try:
-            current = self.current(HIGH_ORDER_ALLOC_DISABLE)[0]
+            current = self.current(NetBufferTunable.HIGH_ORDER_ALLOC_DISABLE)[0]
         except Exception:  # sysctl missing on this kernel
             return False
         if current != 1 or not kernel_at_least(self.kernel_release, 5, 14):
             return False
         return self.apply(
             Proposal(
-                HIGH_ORDER_ALLOC_DISABLE,
-                ENABLE_HIGH_ORDER_ALLOC,
+                NetBufferTunable.HIGH_ORDER_ALLOC_DISABLE,
+                NetBufferScenario.ENABLE_HIGH_ORDER_ALLOC,
                 self.ctx.namespaces.global_cookie,
                 (0,),
                 f"high-order allocations being safe on kernel {self.kernel_release}",
@@ -301,43 +294,46 @@ class NetBufferTuner(Tuner):
         )
 
     def applied(self, proposal: Proposal) -> None:
-        if proposal.tunable == MAX_BACKLOG:
+        """The BPF side counts drops against the value written (known only
+        once the store wrote it), and the budget hold-off starts then."""
+        if proposal.tunable == NetBufferTunable.MAX_BACKLOG:
             # A new setting: count its drops from scratch.
-            self.set_bpf_global("max_backlog", self.current(MAX_BACKLOG)[0])
+            self.set_bpf_global("max_backlog", self.current(NetBufferTunable.MAX_BACKLOG)[0])
             self.set_bpf_global("backlog_drops", 0)
             self.set_bpf_global("backlog_window_start", 0)
             self._poll_drops.clear()
-        elif proposal.tunable in (BUDGET, BUDGET_USECS):
+        elif proposal.tunable in (NetBufferTunable.BUDGET, NetBufferTunable.BUDGET_USECS):
             self._last_budget_change = self.clock()
 
     # --- events -------------------------------------------------------------------------------
 
     def decide(self, event: Event) -> Decision:
-        return self.observe(NetBufferObservation.from_event(event), event.netns_cookie)
+        return self.observe(event.scenario_id, NetBufferObs.unpack(event.raw), event.netns_cookie)
 
-    def observe(self, obs: NetBufferObservation, cookie: int) -> Decision:
-        """One observation, from an event or from polling /proc/net/softnet_stat."""
-        if obs.kind == OBS_BACKLOG_DROPS:
+    def observe(self, kind: int, obs: NetBufferObs, cookie: int) -> Decision:
+        """One observation (``kind``: enum net_buffer_observation), from an
+        event or from polling /proc/net/softnet_stat."""
+        if kind == NetBufferObservation.OBS_BACKLOG_DROPS:
             proposals = self.on_backlog_drops(obs, cookie)
             flow_limit = self.flow_limit(obs.cpu, cookie) if proposals else None
             return Decision(tuple(proposals), texts=(flow_limit,) if flow_limit is not None else ())
-        if obs.kind == OBS_TIME_SQUEEZE:
+        if kind == NetBufferObservation.OBS_TIME_SQUEEZE:
             return Decision(tuple(self.on_time_squeeze(obs, cookie)))
         return NOTHING
 
     # --- rules ----------------------------------------------------------------------------------
 
-    def on_backlog_drops(self, obs: NetBufferObservation, cookie: int) -> list[Proposal]:
-        backlog = self.current(MAX_BACKLOG)[0]
+    def on_backlog_drops(self, obs: NetBufferObs, cookie: int) -> list[Proposal]:
+        backlog = self.current(NetBufferTunable.MAX_BACKLOG)[0]
         if obs.max_backlog and obs.max_backlog < backlog:
             return []  # counted against an older, smaller setting
         if obs.drops < max(1, backlog >> 5):
             return []
-        cap = self.highest(MAX_BACKLOG)
+        cap = self.highest(NetBufferTunable.MAX_BACKLOG)
         new = min(cap, max(self.steps.grow(backlog), backlog + 1))
         if new <= backlog:
             self._backlog_capped.info(
-                MAX_BACKLOG,
+                NetBufferTunable.MAX_BACKLOG,
                 "tuner %s: netdev_max_backlog is at %d, its memory cap %d (%s); not increasing it further",
                 self.name,
                 backlog,
@@ -346,38 +342,38 @@ class NetBufferTuner(Tuner):
             )
             return []
         reason = f"{obs.drops} packet(s) dropped from full per-cpu backlog queues"
-        return [Proposal(MAX_BACKLOG, INCREASE_BACKLOG, cookie, (new,), reason)]
+        return [Proposal(NetBufferTunable.MAX_BACKLOG, NetBufferScenario.INCREASE_BACKLOG, cookie, (new,), reason)]
 
     def flow_limit(self, cpu: int, cookie: int) -> TextProposal | None:
         """Flow limits on for the cpu that dropped (None: on already, or none here)."""
         if not 0 <= cpu < MAX_CPUS:
             return None  # no such cpu: a garbled event (1 << cpu would be a 4-billion-bit mask)
         try:
-            text = self.ctx.store.current_text(self, FLOW_LIMIT_CPU_BITMAP)
+            text = self.ctx.store.current_text(self, NetBufferTunable.FLOW_LIMIT_CPU_BITMAP)
         except Exception:  # no CONFIG_NET_FLOW_LIMIT
             return None
         mask = parse_cpumask(text)
         if mask & (1 << cpu):
             return None
         return TextProposal(
-            FLOW_LIMIT_CPU_BITMAP,
-            SET_FLOW_LIMIT,
+            NetBufferTunable.FLOW_LIMIT_CPU_BITMAP,
+            NetBufferScenario.SET_FLOW_LIMIT,
             cookie,
             format_cpumask(mask | (1 << cpu)),
             f"backlog drops on cpu {cpu}",
         )
 
-    def on_time_squeeze(self, obs: NetBufferObservation, cookie: int) -> list[Proposal]:
+    def on_time_squeeze(self, obs: NetBufferObs, cookie: int) -> list[Proposal]:
         now = self.clock()
         if now - self._last_budget_change < BUDGET_HOLD_S:
             return []
-        budget = self.current(BUDGET)[0]
-        usecs = self.current(BUDGET_USECS)[0]
-        if budget >= self.highest(BUDGET):
+        budget = self.current(NetBufferTunable.BUDGET)[0]
+        usecs = self.current(NetBufferTunable.BUDGET_USECS)[0]
+        if budget >= self.highest(NetBufferTunable.BUDGET):
             return []
         # One step up, at least by one (a value below the lower bound of 1,
         # which the kernel refuses anyway, comes up to it).
-        new_budget = min(self.highest(BUDGET), max(1, budget + 1, self.steps.grow(budget)))
+        new_budget = min(self.highest(NetBufferTunable.BUDGET), max(1, budget + 1, self.steps.grow(budget)))
         new_usecs = max(1, usecs + 1, self.steps.grow(usecs))
         wait = self.sched_wait.sample()
         if wait is not None:
@@ -386,16 +382,16 @@ class NetBufferTuner(Tuner):
         if r is not None:
             self._budget_samples.clear()
             out = []
-            for tunable, current in ((BUDGET, budget), (BUDGET_USECS, usecs)):
+            for tunable, current in ((NetBufferTunable.BUDGET, budget), (NetBufferTunable.BUDGET_USECS, usecs)):
                 floor = self._original(tunable)
                 target = min(self.highest(tunable), max(floor, 1, self.steps.shrink(current)))
                 if target < current:
                     reason = f"scheduler wait rising with the budget (correlation {r:.2f}, wait {wait or 0:.1f}%)"
-                    out.append(Proposal(tunable, DECREASE_BUDGET, cookie, (target,), reason))
+                    out.append(Proposal(tunable, NetBufferScenario.DECREASE_BUDGET, cookie, (target,), reason))
             return out
         if new_usecs > BUDGET_USECS_MAX:
             self._usecs_capped.info(
-                BUDGET_USECS,
+                NetBufferTunable.BUDGET_USECS,
                 "tuner %s: netdev_budget_usecs would exceed %d us; not increasing the budget further",
                 self.name,
                 BUDGET_USECS_MAX,
@@ -404,8 +400,8 @@ class NetBufferTuner(Tuner):
         squeezes = obs.time_squeeze - obs.prev_time_squeeze
         reason = f"{squeezes} time squeeze(s) on cpu {obs.cpu} (softirq ran out of budget with work left)"
         return [
-            Proposal(BUDGET, INCREASE_BUDGET, cookie, (new_budget,), reason),
-            Proposal(BUDGET_USECS, INCREASE_BUDGET, cookie, (new_usecs,), reason),
+            Proposal(NetBufferTunable.BUDGET, NetBufferScenario.INCREASE_BUDGET, cookie, (new_budget,), reason),
+            Proposal(NetBufferTunable.BUDGET_USECS, NetBufferScenario.INCREASE_BUDGET, cookie, (new_usecs,), reason),
         ]
 
     def _original(self, tunable: int) -> int:
@@ -439,13 +435,13 @@ class NetBufferTuner(Tuner):
                 total = sum(n for _t, n in self._poll_drops)
                 window = int((t - self._poll_drops[0][0]) * 1e9)
                 cpu = max(drops, key=lambda d: d[1])[0]
-                obs = NetBufferObservation(OBS_BACKLOG_DROPS, cpu, total, window, 0)
-                self.carry_out(self.observe(obs, glob))
+                obs = NetBufferObs(cpu=cpu, drops=total, window_ns=window)
+                self.carry_out(self.observe(NetBufferObservation.OBS_BACKLOG_DROPS, obs, glob))
         if self.poll_squeeze:
             for cpu, (s, p) in enumerate(zip(stats, last, strict=True)):
                 if s[2] > p[2]:
-                    obs = NetBufferObservation(OBS_TIME_SQUEEZE, cpu, time_squeeze=s[2], prev_time_squeeze=p[2])
-                    self.carry_out(self.observe(obs, glob))
+                    obs = NetBufferObs(cpu=cpu, time_squeeze=s[2], prev_time_squeeze=p[2])
+                    self.carry_out(self.observe(NetBufferObservation.OBS_TIME_SQUEEZE, obs, glob))
                     break
 
     # --- reporting ----------------------------------------------------------------------------------

@@ -19,13 +19,10 @@ Needs netns cookies (Linux 5.14+), as bpftune's netns tuner does.
 
 from __future__ import annotations
 
-import time
-
+from ..bindings import NetnsEvent, NetnsScenario, NetnsTunable
 from ..events import Event
 from ..tuner import NOTHING, Decision, NamespaceGone, Scenario, Tunable, Tuner, TunerContext
 
-SCENARIO_CREATE, SCENARIO_DESTROY = 0, 1
-TUNABLE_NAMESPACE = 0
 FORGET_EVERY_S = 30.0
 # ... and as often when BPF reports each namespace freed (a safety net only).
 FORGET_SIGNALLED_S = 300.0
@@ -41,10 +38,10 @@ class NetnsTuner(Tuner):
     bpf_name = "netns_tuner"
     requires_cookies = True
     optional_signals = frozenset({"netns_create", "netns_destroy"})
-    tunables = (Tunable(TUNABLE_NAMESPACE, "network_namespace", namespaced=True, kind="other"),)
+    tunables = (Tunable(NetnsTunable.NAMESPACE, "network_namespace", namespaced=True, kind="other"),)
     scenarios = (
-        Scenario(SCENARIO_CREATE, "netns created", "A network namespace was created."),
-        Scenario(SCENARIO_DESTROY, "netns destroyed", "A network namespace was freed."),
+        Scenario(NetnsScenario.CREATE, "netns created", "A network namespace was created."),
+        Scenario(NetnsScenario.DESTROY, "netns destroyed", "A network namespace was freed."),
     )
 
     def __init__(self, ctx: TunerContext, tuner_id: int) -> None:
@@ -95,13 +92,13 @@ class NetnsTuner(Tuner):
         self.log.debug("netns created (cookie %d) [%s]", cookie, via)
 
     def decide(self, event: Event) -> Decision:
-        e = event.payload("struct netns_event")
-        cookie, inode = int(e.cookie), int(e.inum)
+        e = NetnsEvent.unpack(event.raw)
+        cookie, inode = e.cookie, e.inum
         ns = self.ctx.namespaces
-        if event.scenario_id == SCENARIO_CREATE:
+        if event.scenario_id == NetnsScenario.CREATE:
             ns.learn(cookie, inode, f"/proc/{event.pid}/ns/net" if event.pid > 0 else None)
             self._created(cookie, "bpf")
-        elif event.scenario_id == SCENARIO_DESTROY and not ns.is_gone(cookie):
+        elif event.scenario_id == NetnsScenario.DESTROY and not ns.is_gone(cookie):
             # The store alone decides "gone" (it closes what it held there).
             self.destroyed += 1
             self.seen.discard(cookie)
@@ -110,7 +107,7 @@ class NetnsTuner(Tuner):
         return NOTHING
 
     def _on_watch(self) -> None:
-        self._poll_watch(time.monotonic())
+        self._poll_watch(self.clock())
 
     def _poll_watch(self, now: float) -> None:
         ns = self.ctx.namespaces

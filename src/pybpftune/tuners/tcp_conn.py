@@ -22,32 +22,40 @@ from __future__ import annotations
 import ipaddress
 import logging
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
-from .. import libbpf
+from ..bindings import (
+    TcpConnAlg,
+    TcpConnConst,
+    TcpConnCounts,
+    TcpConnEvent,
+    TcpConnHost,
+    TcpConnHostKey,
+    TcpConnNsKey,
+    TcpConnReason,
+    TcpConnScenario,
+    TcpConnTunable,
+)
 from ..errors import PybpftuneError
 from ..events import Event
 from ..sysctl import SysctlMissing
-from ..tuner import Decision, Noted, Scenario, Tunable, Tuner, TunerContext
+from ..tuner import Decision, MapUpdate, Noted, Scenario, Tunable, Tuner, TunerContext
 
 log = logging.getLogger("pybpftune.tuner.tcp_conn")
 
-# Index = enum tcp_conn_alg.
-ALGS = ("cubic", "bbr", "htcp", "dctcp")
-MODULES = {"cubic": "tcp_cubic", "bbr": "tcp_bbr", "htcp": "tcp_htcp", "dctcp": "tcp_dctcp"}
+# The algorithms the tuner may choose, by their kernel names; index = enum tcp_conn_alg.
+ALGS: tuple[str, ...] = tuple(a.name.lower() for a in TcpConnAlg if a != TcpConnAlg.OTHER)
+# The kernel module of each (modprobe'd when not yet available).
+MODULES = {alg: f"tcp_{alg}" for alg in ALGS}
 # Where modprobe lives (looked up directly: shutil.which would import shutil, bz2 and lzma).
 MODPROBE = ("/usr/sbin/modprobe", "/sbin/modprobe", "/usr/bin/modprobe", "/bin/modprobe")
-REASONS = ("loss", "greedy", "explore")  # index = enum tcp_conn_reason
+REASONS: tuple[str, ...] = tuple(r.name.lower() for r in TcpConnReason)  # index = enum tcp_conn_reason
 
-TUNABLE_CONG, TUNABLE_ALLOWED, TUNABLE_AVAILABLE, TUNABLE_DEFAULT, TUNABLE_THIN_LTO = range(5)
-SCENARIO_SPECIFY, SCENARIO_LOSS = 0, 1
-REASON_LOSS, REASON_GREEDY, REASON_EXPLORE = range(3)
-
-MIN_INSTANCES = 4
-EPSILON = 20
-LOSS_SHIFT = 6
-MIN_RETRANS = 2
+MIN_INSTANCES: int = TcpConnConst.MIN_INSTANCES
+EPSILON: int = TcpConnConst.EPSILON
+LOSS_SHIFT: int = TcpConnConst.LOSS_SHIFT
+MIN_RETRANS: int = TcpConnConst.MIN_RETRANS
 COST_SCALE = 1_000_000
 RTT_TERM_MAX = 100 * COST_SCALE
 U64 = (1 << 64) - 1
@@ -146,6 +154,11 @@ def format_address(raw: bytes) -> str:
     return str(addr.ipv4_mapped or addr)
 
 
+def ns_off(netns_cookie: int) -> MapUpdate:
+    """The sockops program's "leave this namespace alone" entry."""
+    return MapUpdate("bpftune_ns_off", TcpConnNsKey(netns_cookie).pack(), bytes([1]))
+
+
 def choice_table(chosen: Sequence[Sequence[int]]) -> list[str]:
     """The exit table: per algorithm, connections switched by each rule."""
     lines = [f"# {'CongAlg':<10}{'Loss':>8}{'Greedy':>8}{'Explore':>8}{'Total':>8}"]
@@ -156,30 +169,47 @@ def choice_table(chosen: Sequence[Sequence[int]]) -> list[str]:
     return lines
 
 
+def _modprobe(module: str) -> None:
+    """Load a kernel module if modprobe is here (failures are not errors:
+    the algorithm then stays unavailable)."""
+    modprobe = next((p for p in MODPROBE if os.access(p, os.X_OK)), None)
+    if modprobe is None:
+        return
+    import subprocess  # only here: most start-ups need no module loaded
+
+    try:
+        subprocess.run([modprobe, "-q", module], capture_output=True, timeout=10, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        pass
+
+
 class TcpConnTuner(Tuner):
     name = "tcp_conn"
     description = "chooses the congestion control of each TCP connection (BBR on loss, RL per remote host)"
     bpf_name = "tcp_conn_tuner"
     cgroup_programs = ("bpftune_conn_tuner",)
     tunables = (
-        Tunable(TUNABLE_CONG, "net.persock.tcp.congestion_control", namespaced=True, kind="other"),
+        Tunable(TcpConnTunable.CONG, "net.persock.tcp.congestion_control", namespaced=True, kind="other"),
         # Extended at start for the per-connection choice; put back whenever the tuner stops.
-        Tunable(TUNABLE_ALLOWED, "net.ipv4.tcp_allowed_congestion_control", kind="string", restore_on_stop=True),
-        Tunable(TUNABLE_AVAILABLE, "net.ipv4.tcp_available_congestion_control", kind="string"),
-        Tunable(TUNABLE_DEFAULT, "net.ipv4.tcp_congestion_control", namespaced=True, kind="string"),
-        Tunable(TUNABLE_THIN_LTO, "net.ipv4.tcp_thin_linear_timeouts", namespaced=True, lower=0, upper=1),
+        Tunable(TcpConnTunable.ALLOWED, "net.ipv4.tcp_allowed_congestion_control", kind="string", restore_on_stop=True),
+        Tunable(TcpConnTunable.AVAILABLE, "net.ipv4.tcp_available_congestion_control", kind="string"),
+        Tunable(TcpConnTunable.DEFAULT, "net.ipv4.tcp_congestion_control", namespaced=True, kind="string"),
+        Tunable(TcpConnTunable.THIN_LTO, "net.ipv4.tcp_thin_linear_timeouts", namespaced=True, lower=0, upper=1),
     )
     scenarios = (
-        Scenario(SCENARIO_SPECIFY, "specify TCP congestion control algorithm", "Choose a congestion control."),
+        Scenario(TcpConnScenario.SPECIFY, "specify TCP congestion control algorithm", "Choose a congestion control."),
         Scenario(
-            SCENARIO_LOSS,
+            TcpConnScenario.LOSS,
             "loss rate exceeded threshold",
             "Retransmits exceeded 1/64 of the segments sent: BBR copes with loss better.",
         ),
     )
 
-    def __init__(self, ctx: TunerContext, tuner_id: int) -> None:
+    def __init__(self, ctx: TunerContext, tuner_id: int, *, load_module: Callable[[str], None] | None = None) -> None:
+        """``load_module``: how a congestion control's module is loaded
+        (modprobe; tests give a stand-in)."""
         super().__init__(ctx, tuner_id)
+        self.load_module = load_module if load_module is not None else _modprobe
         self.available: list[str] = []
         self.events = 0
         self._prepared = False
@@ -197,25 +227,19 @@ class TcpConnTuner(Tuner):
         if self._prepared:
             return
         self._prepared = True
-        available = self._read_text(TUNABLE_AVAILABLE).split()
+        available = self._read_text(TcpConnTunable.AVAILABLE).split()
         missing = [alg for alg in ALGS if alg not in available]
         # Advice mode changes nothing, kernel modules included: only the
         # algorithms already loaded are considered.
-        modprobe = None if self.ctx.store.advice else next((p for p in MODPROBE if os.access(p, os.X_OK)), None)
-        if missing and modprobe is not None:
-            import subprocess  # only here: most start-ups need no module loaded
-
+        if not self.ctx.store.advice:
             for alg in missing:
-                try:
-                    subprocess.run([modprobe, "-q", MODULES[alg]], capture_output=True, timeout=10, check=False)
-                except (OSError, subprocess.TimeoutExpired):
-                    pass
-        self.available = [a for a in ALGS if a in self._read_text(TUNABLE_AVAILABLE).split()]
+                self.load_module(MODULES[alg])
+        self.available = [a for a in ALGS if a in self._read_text(TcpConnTunable.AVAILABLE).split()]
 
     def bpf_globals(self) -> Mapping[str, int]:
         self._prepare()
         try:
-            thin = self.current(TUNABLE_THIN_LTO)[0]
+            thin = self.current(TcpConnTunable.THIN_LTO)[0]
         except (PybpftuneError, IndexError):
             thin = 0
         return {
@@ -229,13 +253,13 @@ class TcpConnTuner(Tuner):
 
     def start(self) -> None:
         self._prepare()
-        allowed = self._read_text(TUNABLE_ALLOWED)
+        allowed = self._read_text(TcpConnTunable.ALLOWED)
         wanted = allowed_with(allowed, self.available)
         if wanted != " ".join(allowed.split()):
             missing = [a for a in self.available if a not in allowed.split()]
             self.apply_text(
-                TUNABLE_ALLOWED,
-                SCENARIO_SPECIFY,
+                TcpConnTunable.ALLOWED,
+                TcpConnScenario.SPECIFY,
                 None,
                 wanted,
                 f"tcp_conn choosing among {', '.join(self.available)} per connection "
@@ -251,64 +275,59 @@ class TcpConnTuner(Tuner):
 
     def netns_disabled(self, netns_cookie: int) -> None:
         """An administrator took over congestion control in a namespace: the
-        sockops program leaves its new connections alone from now on."""
-        if self.loaded is None:
-            return
-        key = netns_cookie.to_bytes(8, "little")
-        self.loaded.map("bpftune_ns_off")[key] = b"\x01"
+        sockops program leaves its new connections alone from now on.  (The
+        store calls this as it backs off; the map write is carried out then.)"""
+        self.carry_out(Decision(effects=(ns_off(netns_cookie),)))
 
     # --- events ---------------------------------------------------------------------------
 
     def decide(self, event: Event) -> Decision:
-        e = event.payload("struct tcp_conn_event")
+        e = TcpConnEvent.unpack(event.raw)
         self.events += 1
         old = ALGS[e.old_alg] if e.old_alg < len(ALGS) else "other"
         new = ALGS[e.new_alg] if e.new_alg < len(ALGS) else "other"
-        host = f"{format_address(bytes(e.addr))} (netns cookie {event.netns_cookie})"
-        if e.reason == REASON_LOSS:
+        host = f"{format_address(e.addr)} (netns cookie {event.netns_cookie})"
+        if e.reason == TcpConnReason.LOSS:
             why = (
                 f"loss rate exceeding 1/64 of segments sent ({e.total_retrans} retransmits of "
                 f"{e.segs_out} segments) on a connection to {host}"
             )
-        elif e.reason == REASON_GREEDY:
+        elif e.reason == TcpConnReason.GREEDY:
             why = f"the lowest learned cost ({e.cost}) among congestion controls for {host}"
         else:
             why = f"exploring congestion controls for {host} (1 connection in {EPSILON})"
-        scenario = SCENARIO_LOSS if event.scenario_id == SCENARIO_LOSS else SCENARIO_SPECIFY
+        scenario = TcpConnScenario.LOSS if event.scenario_id == TcpConnScenario.LOSS else TcpConnScenario.SPECIFY
         # The BPF side already switched the connection: the store only tells.
-        return Decision(effects=(Noted(TUNABLE_CONG, scenario, event.netns_cookie, old, new, why),))
+        return Decision(effects=(Noted(TcpConnTunable.CONG, scenario, event.netns_cookie, old, new, why),))
 
     # --- summary --------------------------------------------------------------------------
 
-    def counts(self) -> libbpf.CData | None:
+    def counts(self) -> TcpConnCounts | None:
         if self.loaded is None:
             return None
-        raw = self.loaded.map("bpftune_counts").get(bytes(4))
-        return None if raw is None else libbpf.struct_view("struct tcp_conn_counts", raw)
+        raw = self.loaded.map("bpftune_counts").get(bytes(4))  # an array of one: key 0
+        return None if raw is None else TcpConnCounts.unpack(raw)
 
     def hosts(self) -> list[HostStats]:
         if self.loaded is None:
             return []
         out = []
-        table = self.loaded.map("bpftune_hosts")
-        for key in list(table):
-            raw = table.get(key)
-            if raw is None:
+        table = self.loaded.map("bpftune_hosts", TcpConnHostKey, TcpConnHost)
+        for k in list(table):
+            h = table.get(k)
+            if h is None:
                 continue
-            k = libbpf.struct_view("struct tcp_conn_host_key", key)
-            h = libbpf.struct_view("struct tcp_conn_host", raw)
-            n = len(ALGS)
             out.append(
                 HostStats(
-                    int(k.netns_cookie),
-                    format_address(bytes(k.addr)),
-                    int(h.instances),
-                    int(h.min_rtt_us),
-                    int(h.max_rate),
-                    tuple(int(h.alg[i].metric) for i in range(n)),
-                    tuple(int(h.alg[i].samples) for i in range(n)),
-                    tuple(int(h.alg[i].chosen) for i in range(n)),
-                    tuple(int(h.alg[i].greedy) for i in range(n)),
+                    k.netns_cookie,
+                    format_address(k.addr),
+                    h.instances,
+                    h.min_rtt_us,
+                    h.max_rate,
+                    tuple(a.metric for a in h.alg),
+                    tuple(a.samples for a in h.alg),
+                    tuple(a.chosen for a in h.alg),
+                    tuple(a.greedy for a in h.alg),
                 )
             )
         return out
@@ -317,13 +336,13 @@ class TcpConnTuner(Tuner):
         c = self.counts()
         if c is None:
             return []
-        chosen = [[int(c.chosen[r][a]) for a in range(len(ALGS))] for r in range(len(REASONS))]
+        chosen = [list(row) for row in c.chosen]
         total = sum(map(sum, chosen))
         lines = [
-            f"# Summary: tcp_conn_tuner: {total} congestion control choices over {int(c.connections)} "
-            f"connections ({int(c.measured)} scored at close, {int(c.skipped_netns)} left alone in "
-            f"namespaces an administrator took over, {int(c.setsockopt_failed)} setsockopt failures)",
-            f"# Summary: tcp_conn_tuner: set 'net.ipv4.tcp_thin_linear_timeouts' for {int(c.thin_lto)} connections",
+            f"# Summary: tcp_conn_tuner: {total} congestion control choices over {c.connections} "
+            f"connections ({c.measured} scored at close, {c.skipped_netns} left alone in "
+            f"namespaces an administrator took over, {c.setsockopt_failed} setsockopt failures)",
+            f"# Summary: tcp_conn_tuner: set 'net.ipv4.tcp_thin_linear_timeouts' for {c.thin_lto} connections",
         ]
         if total:
             lines += choice_table(chosen)
