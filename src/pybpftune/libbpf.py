@@ -484,7 +484,7 @@ def struct_field_names(type_name: str) -> list[str]:
 
 def enum_members(c_enum: str) -> dict[str, int]:
     """Name -> value of an enum of the shared header ("enum tcp_buffer_tunable"),
-    in value order (see :func:`header_enum` for an IntEnum of it)."""
+    in value order (pybpftune.bindings has an IntEnum of each)."""
     ctype = _ctype(c_enum)
     if ctype.kind != "enum":
         raise LayoutError(f"{c_enum!r} is a {ctype.kind}, not an enum")
