@@ -13,8 +13,8 @@ from pathlib import Path
 import click
 
 from . import __version__
-from .errors import PybpftuneError, UsageError
-from .launch import fail, start_daemon
+from .errors import UsageError
+from .launch import fail, one_line_errors, start_daemon
 
 EPILOG = """\b
 Examples:
@@ -167,7 +167,7 @@ def main(
     explaining every change in the log, backing off when an administrator sets
     a value by hand, and working per network namespace.  Needs root.
     """
-    try:
+    with one_line_errors():
         if version:
             from . import libbpf
 
@@ -205,12 +205,6 @@ def main(
                 "config_path": config_path,
             }
         )
-    except UsageError as exc:
-        fail(str(exc), 2)
-    except PybpftuneError as exc:
-        fail(str(exc))
-    except PermissionError as exc:
-        fail(f"permission denied ({exc.filename or exc}); pybpftune needs root (CAP_SYS_ADMIN, CAP_BPF, CAP_NET_ADMIN)")
 
 
 def _query(request: str, as_json: bool, port: int | None, config_path: Path | None, state_dir: Path) -> int:

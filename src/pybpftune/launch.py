@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
@@ -66,6 +67,22 @@ def fail(message: str, code: int = 1) -> NoReturn:
     """One line on stderr and a non-zero exit: how every operator mistake ends."""
     print(f"bpftune: {message}", file=sys.stderr, flush=True)
     sys.exit(code)
+
+
+@contextmanager
+def one_line_errors() -> Iterator[None]:
+    """Operator mistakes (exit 2), refusals (exit 1) and missing privileges
+    end the command in one line, never a traceback."""
+    from .errors import PybpftuneError, UsageError
+
+    try:
+        yield
+    except UsageError as exc:
+        fail(str(exc), 2)
+    except PybpftuneError as exc:
+        fail(str(exc))
+    except PermissionError as exc:
+        fail(f"permission denied ({exc.filename or exc}); pybpftune needs root (CAP_SYS_ADMIN, CAP_BPF, CAP_NET_ADMIN)")
 
 
 def parse_daemon_args(argv: Sequence[str]) -> dict[str, object] | None:
@@ -224,9 +241,7 @@ def start_daemon(kwargs: dict[str, object], early_probe: bool = False) -> NoRetu
     Mistakes and refusals end in one line (2 for usage, 1 otherwise).
     ``early_probe``: start the support probe before importing the daemon
     (not across -D's fork, and only as root: the daemon refuses otherwise)."""
-    from .errors import PybpftuneError, UsageError
-
-    try:
+    with one_line_errors():
         # The configuration file before anything else: a mistake in it is one
         # line and exit 2, with nothing probed, loaded or written.
         config = daemon_config(**kwargs)  # type: ignore[arg-type]
@@ -242,9 +257,3 @@ def start_daemon(kwargs: dict[str, object], early_probe: bool = False) -> NoRetu
         finally:
             if early is not None:
                 early.loader.close()  # a refused start: let a probe under way finish first
-    except UsageError as exc:
-        fail(str(exc), 2)
-    except PybpftuneError as exc:
-        fail(str(exc))
-    except PermissionError as exc:
-        fail(f"permission denied ({exc.filename or exc}); pybpftune needs root (CAP_SYS_ADMIN, CAP_BPF, CAP_NET_ADMIN)")
