@@ -3,45 +3,31 @@
 from __future__ import annotations
 
 import logging
-from types import SimpleNamespace
 
 import pytest
 
 from pybpftune import libbpf
-from pybpftune._libbpf import lib
 from pybpftune.errors import NotSupported
 from pybpftune.events import Event, Update
-from pybpftune.netns import Namespaces
 from pybpftune.objects import SignalChoice
-from pybpftune.store import TunableStore
-from pybpftune.sysctl import MemorySysctl
-from pybpftune.tuner import INT_MAX, Steps, TunerContext
-from pybpftune.tuners import route_table as rt
-from pybpftune.tuners.route_table import RouteTableTuner, grown_max_size
+from pybpftune.testing import TunerHarness
+from pybpftune.tuner import INT_MAX, Steps
+from pybpftune.tuners.route_table import FULL, MAX_SIZE, RouteTableTuner, grown_max_size, require_a_signal
 
 STEPS = Steps(4)
 NS = 777  # a namespace cookie other than the daemon's
-MAX_SIZE = "net.ipv6.route.max_size"
+MAX_SIZE_NAME = "net.ipv6.route.max_size"
+Harness = TunerHarness[RouteTableTuner]
 
 
-def make_tuner(values: dict[str, tuple[int, ...]] | None = None) -> tuple[RouteTableTuner, MemorySysctl]:
-    ns = Namespaces()
-    backend = MemorySysctl({MAX_SIZE: (32,)} if values is None else values, ns.global_cookie)
-    store = TunableStore(backend, ns)
-    tuner = RouteTableTuner(TunerContext(store, ns, STEPS), 6)
-    store.register(tuner)
-    return tuner, backend
+@pytest.fixture
+def h(harness: type[Harness]) -> Harness:
+    return harness.build(RouteTableTuner, sysctls={MAX_SIZE_NAME: (32,)}, tuner_id=6)
 
 
 def full_event(max_size: int, count: int, cookie: int = NS) -> Event:
-    update = Update(rt.MAX_SIZE, (max_size, count, 0), (STEPS.grow(max_size), count, 0))
-    return Event.build(6, rt.FULL, netns_cookie=cookie, updates=[update])
-
-
-def test_ids_match_the_shared_header() -> None:
-    assert rt.MAX_SIZE == lib.ROUTE_TABLE_IPV6_MAX_SIZE
-    assert rt.FULL == lib.ROUTE_TABLE_FULL
-    assert RouteTableTuner.tunables[lib.ROUTE_TABLE_IPV6_MAX_SIZE].name == MAX_SIZE
+    update = Update(MAX_SIZE, (max_size, count, 0), (STEPS.grow(max_size), count, 0))
+    return Event.build(6, FULL, netns_cookie=cookie, updates=[update])
 
 
 def test_grows_until_no_longer_nearly_full() -> None:
@@ -59,54 +45,48 @@ def test_tiny_values_still_make_progress() -> None:
     assert grown_max_size(5, 1, STEPS) == 7
 
 
-def test_event_writes_in_its_namespace_with_bpftunes_line(caplog: pytest.LogCaptureFixture) -> None:
-    tuner, backend = make_tuner()
+def test_event_writes_in_its_namespace_with_bpftunes_line(h: Harness, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO)
-    tuner.handle_event(full_event(32, 40))
-    assert backend.writes == [(NS, MAX_SIZE, (62,))]
-    assert backend.read(MAX_SIZE) == (32,), "the global namespace is untouched"
+    h.feed(full_event(32, 40))
+    assert h.sysctls.writes == [(NS, MAX_SIZE_NAME, (62,))]
+    assert h.value(MAX_SIZE_NAME) == (32,), "the global namespace is untouched"
     assert "Due to dst table filling up, change net.ipv6.route.max_size from (32) -> (62)" in caplog.text
     assert "in non-global ns" in caplog.text
 
 
-def test_stale_event_changes_nothing() -> None:
-    tuner, backend = make_tuner()
-    tuner.handle_event(full_event(32, 40))
-    tuner.handle_event(full_event(32, 40))  # a second event from before the write
-    assert len(backend.writes) == 1
+def test_stale_event_changes_nothing(h: Harness) -> None:
+    h.feed(full_event(32, 40))
+    h.feed(full_event(32, 40))  # a second event from before the write
+    assert len(h.sysctls.writes) == 1
 
 
-def test_unknown_namespace_is_ignored() -> None:
-    tuner, _ = make_tuner()
-    assert not tuner.decide(full_event(32, 40, cookie=libbpf.NETNS_UNKNOWN))
+def test_unknown_namespace_is_ignored(h: Harness) -> None:
+    assert not h.decide(full_event(32, 40, cookie=libbpf.NETNS_UNKNOWN))
 
 
-def test_ipv6_off_the_tuner_runs_idle(caplog: pytest.LogCaptureFixture) -> None:
-    tuner, backend = make_tuner({})
+def test_ipv6_off_the_tuner_runs_idle(harness: type[Harness], caplog: pytest.LogCaptureFixture) -> None:
+    h = harness.build(RouteTableTuner, sysctls={}, tuner_id=6)
     caplog.set_level(logging.INFO)
-    tuner.start()
+    h.tuner.start()
     assert "IPv6 is off" in caplog.text
-    tuner.handle_event(full_event(32, 40))
-    assert backend.writes == []
+    h.feed(full_event(32, 40))
+    assert h.sysctls.writes == []
 
 
 def test_either_signal_suffices_but_one_is_needed() -> None:
     """dst_table (lookups) and dst_gc (the garbage collector) are both
     optional; a kernel where neither has a form refuses the tuner, naming
     both and why."""
-    tuner, _backend = make_tuner()
     gc_only = {
         "dst_table": SignalChoice("dst_table", ["tp_btf"], None, {"tp_btf": "no such tracepoint"}),
         "dst_gc": SignalChoice("dst_gc", ["fentry", "kprobe"], "fentry"),
     }
-    tuner.loaded = SimpleNamespace(choices=gc_only)  # type: ignore[assignment]
-    tuner.start()
+    require_a_signal(gc_only)
     neither = {
         "dst_table": gc_only["dst_table"],
         "dst_gc": SignalChoice("dst_gc", ["fentry", "kprobe"], None, {"fentry": "EPERM", "kprobe": "ENOENT"}),
     }
-    tuner.loaded = SimpleNamespace(choices=neither)  # type: ignore[assignment]
     with pytest.raises(NotSupported) as err:
-        tuner.start()
+        require_a_signal(neither)
     assert "dst_table: unavailable (tp_btf: no such tracepoint)" in str(err.value)
     assert "dst_gc: unavailable (fentry: EPERM; kprobe: ENOENT)" in str(err.value)
