@@ -15,6 +15,7 @@ raises the threshold of that side only.
 
 from __future__ import annotations
 
+import socket
 import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -157,14 +158,14 @@ def test_defrag_fallback_forms_fire_or_say_why(variant: str) -> None:
         families: set[int] = set()
 
         def seen_both() -> bool:
-            families.update(fr.FragObservation.from_event(e).family for e in got)
-            return families == {fr.AF_INET, fr.AF_INET6}
+            families.update(fr.observation(e).family for e in got)
+            return families == {socket.AF_INET, socket.AF_INET6}
 
         with global_pair() as path, sysctls() as s:
             forms.assert_chose_fallback("frag", variant)
             offloads_off(path)
             shrink_thresholds(s, None)
-            forms.poll_until(seen_both, 30, between=lambda: ping(path, v6=fr.AF_INET in families, count=2))
+            forms.poll_until(seen_both, 30, between=lambda: ping(path, v6=socket.AF_INET in families, count=2))
         assert seen_both(), f"events: {got}"
-        obs = fr.FragObservation.from_event(got[0])
+        obs = fr.observation(got[0])
         assert obs.high_thresh == SMALL and obs.mem >= SMALL - SMALL // 4
