@@ -1,108 +1,96 @@
 """udp_buffer tuner: receive buffer limits and udp_mem for datagram traffic.
 
-The BPF side (udp_buffer_tuner.bpf.c) reports two observations:
+Watches (udp_buffer_tuner.bpf.c) two observations:
 
 * a receive queue overflowed (udp:udp_fail_queue_rcv_skb with -ENOMEM, or
-  sock:sock_rcvqueue_full): grow ``net.core.rmem_default`` when the socket
-  used the default size, or ``net.core.rmem_max`` when the socket asked for
-  a buffer with SO_RCVBUF and the kernel capped it at rmem_max.  A socket
-  that locked a size it chose below the cap is left alone: no global change
-  can help it, and rmem_default is never changed on its account;
+  sock:sock_rcvqueue_full);
 * UDP memory accounting refused datagrams above udp_mem[0] (-ENOBUFS, or
-  sock:sock_exceed_buf_limit): grow ``net.ipv4.udp_mem`` towards 1/16, 1/8
-  and 1/4 of the buffer-usable memory (no value ever above 1/4: one beyond
-  it comes down to it), and when udp_mem[2] can grow no more
-  under exhaustion, take rmem_max/rmem_default back towards their original
-  values instead.
+  sock:sock_exceed_buf_limit).
 
-Every value stays within 8 KiB <= value < 256 MiB.  See docs/tuners/udp_buffer.md.
+Changes: on an overflow, ``net.core.rmem_default`` when the socket used the
+default size, or ``net.core.rmem_max`` when the socket asked for a buffer with
+SO_RCVBUF and the kernel capped it at rmem_max.  A socket that locked a size
+it chose below the cap is left alone: no global change can help it, and
+rmem_default is never changed on its account.  On a refusal,
+``net.ipv4.udp_mem`` grows towards 1/16, 1/8 and 1/4 of the buffer-usable
+memory (no value ever above 1/4: one beyond it comes down to it), and when
+udp_mem[2] can grow no more under exhaustion, rmem_max/rmem_default go back
+towards their original values instead.  Every rmem value stays within
+8 KiB <= value < 256 MiB.
+
+Why the BPF side keeps a copy of rmem_max/rmem_default (SetGlobal effects):
+it reports only sockets whose buffer came near a limit, so it must know the
+limits as they are now.  See docs/tuners/udp_buffer.md.
 """
 
 from __future__ import annotations
 
 import logging
+import socket
 from collections.abc import Callable
-from dataclasses import dataclass
+from enum import IntEnum
 
-from .. import hostmem, libbpf
+from .. import libbpf
 from ..events import Event
 from ..hostmem import HostMemory
 from ..procnet import Counters
-from ..tuner import Decision, Proposal, Scenario, SetGlobal, Tunable, Tuner, TunerContext
+from ..tuner import NOTHING, Decision, Proposal, Scenario, SetGlobal, Tunable, Tuner, TunerContext
 from .common import SayOnce, sample_lines
 
 log = logging.getLogger("pybpftune")
 
-# Ids shared with the BPF side (bpftune_shared.h, "udp_buffer tuner").
-UDP_MEM, RMEM_MAX, RMEM_DEFAULT = 0, 1, 2
-INCREASE, DECREASE, MEM_PRESSURE, MEM_EXHAUSTION = 0, 1, 2, 3
-OBS_RCVBUF_FULL, OBS_MEM_LIMIT = 1, 2
-SRC_FAIL_QUEUE, SRC_RCVQUEUE_FULL, SRC_EXCEED_BUF = 1, 2, 3
+# --- ids and the payload: bpftune_shared.h, "udp_buffer tuner" ------------------------------
+# Until pybpftune.bindings is on main: the names it will give, the values the header gives.
+_header = libbpf.enum_members
 
-SOCK_RCVBUF_LOCK = 2
+
+class UdpBufferTunable(IntEnum):
+    UDP_MEM = _header("enum udp_buffer_tunable")["UDP_BUFFER_UDP_MEM"]
+    RMEM_MAX = _header("enum udp_buffer_tunable")["UDP_BUFFER_RMEM_MAX"]
+    RMEM_DEFAULT = _header("enum udp_buffer_tunable")["UDP_BUFFER_RMEM_DEFAULT"]
+
+
+class UdpBufferScenario(IntEnum):
+    INCREASE = _header("enum udp_buffer_scenario")["UDP_BUFFER_INCREASE"]
+    DECREASE = _header("enum udp_buffer_scenario")["UDP_BUFFER_DECREASE"]
+    MEM_PRESSURE = _header("enum udp_buffer_scenario")["UDP_BUFFER_MEM_PRESSURE"]
+    MEM_EXHAUSTION = _header("enum udp_buffer_scenario")["UDP_BUFFER_MEM_EXHAUSTION"]
+
+
+class UdpBufferObservation(IntEnum):
+    RCVBUF_FULL = _header("enum udp_buffer_observation")["UDP_BUFFER_OBS_RCVBUF_FULL"]
+    MEM_LIMIT = _header("enum udp_buffer_observation")["UDP_BUFFER_OBS_MEM_LIMIT"]
+
+
+class UdpBufferSource(IntEnum):
+    FAIL_QUEUE = _header("enum udp_buffer_source")["UDP_BUFFER_SRC_FAIL_QUEUE"]
+    RCVQUEUE_FULL = _header("enum udp_buffer_source")["UDP_BUFFER_SRC_RCVQUEUE_FULL"]
+    EXCEED_BUF = _header("enum udp_buffer_source")["UDP_BUFFER_SRC_EXCEED_BUF"]
+
+
+# struct udp_buffer_obs, read in place (bindings.UdpBufferObs.unpack once it is on main).
+UdpBufferObs = libbpf.CData
+
+
+def observation(event: Event) -> UdpBufferObs:
+    return event.payload("struct udp_buffer_obs")
+
+
+UDP_MEM, RMEM_MAX, RMEM_DEFAULT = UdpBufferTunable.UDP_MEM, UdpBufferTunable.RMEM_MAX, UdpBufferTunable.RMEM_DEFAULT
+INCREASE, DECREASE = UdpBufferScenario.INCREASE, UdpBufferScenario.DECREASE
+MEM_PRESSURE, MEM_EXHAUSTION = UdpBufferScenario.MEM_PRESSURE, UdpBufferScenario.MEM_EXHAUSTION
+
+SOCK_RCVBUF_LOCK = 2  # include/net/sock.h: the socket set SO_RCVBUF itself
 RMEM_LOWER = 8192
 RMEM_BOUND = 256 * 1024 * 1024  # values stay strictly below
-ENOBUFS = 105
-
-
-@dataclass(frozen=True)
-class UdpObservation:
-    """What the BPF side saw (struct udp_buffer_obs)."""
-
-    kind: int
-    source: int
-    error: int
-    family: int
-    userlocks: int
-    sk_rcvbuf: int
-    rmem_alloc: int
-    mem_allocated: int
-    mem: tuple[int, int, int]
-
-    @property
-    def locked(self) -> bool:
-        return bool(self.userlocks & SOCK_RCVBUF_LOCK)
-
-    @classmethod
-    def from_event(cls, event: Event) -> UdpObservation:
-        o = event.payload("struct udp_buffer_obs")
-        return cls(
-            event.scenario_id,
-            int(o.source),
-            int(o.error),
-            int(o.family),
-            int(o.userlocks),
-            int(o.sk_rcvbuf),
-            int(o.rmem_alloc),
-            int(o.mem_allocated),
-            (int(o.mem[0]), int(o.mem[1]), int(o.mem[2])),
-        )
-
-    def event(self, tuner_id: int, netns_cookie: int = 0) -> Event:
-        """The ring-buffer event carrying this observation (tests, replays)."""
-        size = libbpf.struct_size("struct udp_buffer_obs")
-        view = libbpf.struct_view("struct udp_buffer_obs", bytearray(size))
-        view.source, view.error, view.family, view.userlocks = self.source, self.error, self.family, self.userlocks
-        view.sk_rcvbuf, view.rmem_alloc, view.mem_allocated = self.sk_rcvbuf, self.rmem_alloc, self.mem_allocated
-        for i, v in enumerate(self.mem):
-            view.mem[i] = v
-        raw = libbpf.struct_bytes(view, size)
-        return Event.build(tuner_id, self.kind, netns_cookie, raw=raw)
-
-
-def nr_free_buffer_pages(zoneinfo: str | None = None) -> int:
-    """Pages usable for buffers, as the kernel sizes tcp_mem/udp_mem: the sum
-    over Normal zones of managed - high (DMA32 when there is no Normal zone);
-    without ``zoneinfo``, the host's (see hostmem: estimated from MemTotal
-    when the zones give none)."""
-    if zoneinfo is None:
-        return hostmem.host_memory().buffer_pages
-    return hostmem.parse_zone_pages(zoneinfo)
 
 
 def udp_mem_cap(memory: HostMemory) -> int:
     """The most any udp_mem value may be: a quarter of the buffer-usable pages."""
     return max(1, memory.buffer_pages // 4)
+
+
+# --- the declaration ---------------------------------------------------------------------------
 
 
 class UdpBufferTuner(Tuner):
@@ -121,45 +109,45 @@ class UdpBufferTuner(Tuner):
         Scenario(MEM_EXHAUSTION, "approaching UDP memory exhaustion", "UDP memory use is nearing the hard limit"),
     )
     optional_signals = frozenset({"rcvqueue_full", "exceed_buf"})
+    # The object's sampled hooks (<name>_sample globals), for the summary.
+    sampled = ("fail_queue", "rcvqueue_full", "exceed_buf")
 
     def __init__(self, ctx: TunerContext, tuner_id: int) -> None:
         super().__init__(ctx, tuner_id)
-        # Seam for unit tests: a namespace's counters (free_pages is the base class's).
-        self.counters: Callable[[int], Counters | None] = ctx.namespaces.counters
         self._refused = SayOnce(log)
 
-    # --- setup -------------------------------------------------------------------------
+    # --- the BPF pre-filter's copy of the limits ---------------------------------------------------
 
     def bpf_globals(self) -> dict[str, int]:
         return {"rmem_max": self.current(RMEM_MAX)[0], "rmem_default": self.current(RMEM_DEFAULT)[0]}
 
-    def _mirror(self) -> tuple[SetGlobal, SetGlobal]:
+    def mirror(self) -> Decision:
         """The limits as they are now, for the BPF pre-filter."""
-        return (
-            SetGlobal("rmem_max", self.current(RMEM_MAX)[0]),
-            SetGlobal("rmem_default", self.current(RMEM_DEFAULT)[0]),
+        return Decision(
+            effects=(
+                SetGlobal("rmem_max", self.current(RMEM_MAX)[0]),
+                SetGlobal("rmem_default", self.current(RMEM_DEFAULT)[0]),
+            )
         )
 
     def applied(self, proposal: Proposal) -> None:
         # The framework calls this with what the store wrote: mirror it.
         if proposal.tunable in (RMEM_MAX, RMEM_DEFAULT):
-            for effect in self._mirror():
-                self.set_bpf_global(effect.name, effect.value)
+            self.carry_out(self.mirror())
 
-    # --- rules -----------------------------------------------------------------------------
+    # --- the rules ---------------------------------------------------------------------------------
 
     def decide(self, event: Event) -> Decision:
-        obs = UdpObservation.from_event(event)
         # Follow changes made behind our back (the sysctl tuner disables us
         # then, but the BPF pre-filter should still see true values): a raised
         # limit makes the stale pre-filter send events, and each event
         # refreshes it, so no periodic re-read is needed.
-        mirror = self._mirror()
-        if obs.kind == OBS_RCVBUF_FULL:
-            return Decision.of(self.on_rcvbuf_full(obs, event.netns_cookie), mirror)
-        if obs.kind == OBS_MEM_LIMIT:
-            return Decision.of(self.on_memory_limit(obs, event.netns_cookie), mirror)
-        return Decision.of((), mirror)
+        mirror = self.mirror()
+        if event.scenario_id == UdpBufferObservation.RCVBUF_FULL:
+            return mirror + self.on_rcvbuf_full(observation(event), event.netns_cookie)
+        if event.scenario_id == UdpBufferObservation.MEM_LIMIT:
+            return mirror + self.on_memory_limit(observation(event), event.netns_cookie)
+        return mirror
 
     def _within_bound(self, tunable: int, value: int) -> bool:
         if value < RMEM_BOUND:
@@ -173,19 +161,20 @@ class UdpBufferTuner(Tuner):
         )
         return False
 
-    def on_rcvbuf_full(self, obs: UdpObservation, cookie: int) -> list[Proposal]:
+    def on_rcvbuf_full(self, obs: UdpBufferObs, cookie: int) -> Decision:
+        """A receive queue overflowed: grow the limit the socket's buffer came from."""
         rmem_max = self.current(RMEM_MAX)[0]
         rmem_default = self.current(RMEM_DEFAULT)[0]
         steps = self.steps
         out: list[Proposal] = []
-        if obs.locked:
+        if obs.userlocks & SOCK_RCVBUF_LOCK:
             # SO_RCVBUF doubles the request and caps it at 2 * rmem_max: only a
             # socket that hit the cap can gain from a larger rmem_max.
             if not steps.nearly_full(obs.sk_rcvbuf, 2 * rmem_max):
-                return []
+                return NOTHING
             new_max = max(RMEM_LOWER, steps.grow(rmem_max))
             if not self._within_bound(RMEM_MAX, new_max):
-                return []
+                return NOTHING
             reason = (
                 f"receive queue overflow of a socket whose SO_RCVBUF request was capped by rmem_max "
                 f"({obs.sk_rcvbuf} bytes)"
@@ -193,22 +182,23 @@ class UdpBufferTuner(Tuner):
             out.append(Proposal(RMEM_MAX, INCREASE, cookie, (new_max,), reason))
         else:
             if not steps.nearly_full(obs.sk_rcvbuf, rmem_default):
-                return []
+                return NOTHING
             new_default = max(RMEM_LOWER, steps.grow(rmem_default))
             if not self._within_bound(RMEM_DEFAULT, new_default):
-                return []
+                return NOTHING
             if new_default > rmem_max:
                 out.append(Proposal(RMEM_MAX, INCREASE, cookie, (new_default,), "rmem_default growing beyond it"))
             reason = f"receive queue overflow of a socket using the default buffer size ({obs.sk_rcvbuf} bytes)"
             out.append(Proposal(RMEM_DEFAULT, INCREASE, cookie, (new_default,), reason))
         self._log_drop_rate(cookie, obs.family)
-        return out
+        return Decision.of(out)
 
-    def on_memory_limit(self, obs: UdpObservation, cookie: int) -> list[Proposal]:
+    def on_memory_limit(self, obs: UdpBufferObs, cookie: int) -> Decision:
+        """UDP memory accounting refused a datagram: grow udp_mem, or at its
+        cap, give back receive buffer growth."""
         mem = self.current(UDP_MEM)
-        steps = self.steps
         used = obs.mem_allocated
-        if steps.nearly_full(used, mem[2]):
+        if self.steps.nearly_full(used, mem[2]):
             scenario, what = MEM_EXHAUSTION, "approaching UDP memory exhaustion"
         elif used > mem[0]:
             # UDP has no memory-pressure state: above udp_mem[0] the kernel
@@ -216,36 +206,40 @@ class UdpBufferTuner(Tuner):
             # there is already pressure (bpftune waits for udp_mem[1]).
             scenario, what = MEM_PRESSURE, "approaching UDP memory pressure"
         else:
-            return []  # refused for another reason (a memory cgroup's limit)
-        new = grow_udp_mem(mem, self.free_pages, steps.grow)
+            return NOTHING  # refused for another reason (a memory cgroup's limit)
+        new = grow_udp_mem(mem, self.free_pages, self.steps.grow)
         if new != mem:
             reason = f"{what} ({used} pages in use)"
-            return [Proposal(UDP_MEM, scenario, cookie, new, reason)]
+            return Decision.of([Proposal(UDP_MEM, scenario, cookie, new, reason)])
         if scenario != MEM_EXHAUSTION:
-            return []
-        # udp_mem[2] is at its cap: give back receive buffer growth instead.
+            return NOTHING
+        return self.given_back(cookie, used)
+
+    def given_back(self, cookie: int, used: int) -> Decision:
+        """udp_mem[2] is at its cap under exhaustion: rmem_max and
+        rmem_default one step back towards their original values."""
         out = []
         for tunable in (RMEM_MAX, RMEM_DEFAULT):
             current = self.current(tunable)[0]
             initial = self.ctx.store.original(self, tunable)
             floor = max(RMEM_LOWER, initial[0] if initial else RMEM_LOWER)
-            target = min(self.highest(tunable), max(floor, steps.shrink(current)))
+            target = min(self.highest(tunable), max(floor, self.steps.shrink(current)))
             if target < current:
                 reason = f"UDP memory exhaustion with udp_mem at its limit ({used} pages in use)"
                 out.append(Proposal(tunable, DECREASE, cookie, (target,), reason))
-        return out
+        return Decision.of(out)
 
     # --- reporting ---------------------------------------------------------------------------
 
     def _log_drop_rate(self, cookie: int, family: int) -> None:
-        counters = self.counters(cookie)
+        counters = self.ctx.namespaces.counters(cookie)
         if not counters:
             return
-        received, drops, rate = udp_drop_rate(counters, v6=family == 10)
+        received, drops, rate = udp_drop_rate(counters, v6=family == socket.AF_INET6)
         log.info("netns: %d UDP in %d, drops %d drop rate %.1f per mille", cookie, received, drops, rate)
 
     def summary_lines(self) -> list[str]:
-        return sample_lines(self, ("fail_queue", "rcvqueue_full", "exceed_buf"))
+        return sample_lines(self, self.sampled)
 
 
 def grow_udp_mem(mem: tuple[int, ...], free_pages: int, grow: Callable[[int], int]) -> tuple[int, int, int]:
