@@ -24,8 +24,8 @@ from pathlib import Path
 
 import pytest
 
+from pybpftune.bindings import IpFragObs
 from pybpftune.netns import current_cookie
-from pybpftune.tuners import ip_frag as fr
 
 from .forms import fallback_forms
 from .harness import SLOW, Daemon, Sysctls, netns_pair, repeat_until_logged, run, sysctl_get, sysctls, tuner_daemon
@@ -158,7 +158,7 @@ def test_defrag_fallback_forms_fire_or_say_why(variant: str) -> None:
         families: set[int] = set()
 
         def seen_both() -> bool:
-            families.update(fr.observation(e).family for e in got)
+            families.update(IpFragObs.unpack(e.raw).family for e in got)
             return families == {socket.AF_INET, socket.AF_INET6}
 
         with global_pair() as path, sysctls() as s:
@@ -167,5 +167,5 @@ def test_defrag_fallback_forms_fire_or_say_why(variant: str) -> None:
             shrink_thresholds(s, None)
             forms.poll_until(seen_both, 30, between=lambda: ping(path, v6=socket.AF_INET in families, count=2))
         assert seen_both(), f"events: {got}"
-        obs = fr.observation(got[0])
+        obs = IpFragObs.unpack(got[0].raw)
         assert obs.high_thresh == SMALL and obs.mem >= SMALL - SMALL // 4

@@ -8,14 +8,13 @@ import socket
 import pytest
 
 from pybpftune import hostmem
+from pybpftune.bindings import IpFragObs, IpFragObservation
 from pybpftune.corr import CORR_MIN_SAMPLES
 from pybpftune.events import Event
 from pybpftune.hostmem import HostMemory
 from pybpftune.testing import TunerHarness
 from pybpftune.tuners.common import pearson
-from pybpftune.tuners.ip_frag import DECREASE, IPV4, IpFragObservation, IpFragTuner
-
-from .payload import observation_event
+from pybpftune.tuners.ip_frag import DECREASE, IPV4, IpFragTuner
 
 NS = 4242  # a non-global namespace cookie
 V4, V6 = "net.ipv4.ipfrag_high_thresh", "net.ipv6.ip6frag_high_thresh"
@@ -49,17 +48,8 @@ def add(h: Harness, reqds: int, fails: int, v6: bool = False) -> None:
 
 def near(mem: int, high: int = 8192, v6: bool = False, cookie: int = NS) -> Event:
     """The BPF side's report: fragment memory ``mem`` near ``high``."""
-    family = socket.AF_INET6 if v6 else socket.AF_INET
-    return observation_event(
-        7,
-        IpFragObservation.NEAR_THRESH,
-        cookie,
-        "struct ip_frag_obs",
-        family=family,
-        mem=mem,
-        high_thresh=high,
-        low_thresh=4096,
-    )
+    obs = IpFragObs(family=socket.AF_INET6 if v6 else socket.AF_INET, mem=mem, high_thresh=high, low_thresh=4096)
+    return Event.build(7, IpFragObservation.OBS_NEAR_THRESH, cookie, raw=obs.pack())
 
 
 def test_memory_near_threshold_raises_it_in_that_namespace_only(caplog: pytest.LogCaptureFixture) -> None:

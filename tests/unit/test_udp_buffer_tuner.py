@@ -9,14 +9,13 @@ import socket
 import pytest
 
 from pybpftune import hostmem
+from pybpftune.bindings import UdpBufferObs, UdpBufferObservation, UdpBufferSource
 from pybpftune.events import Event
 from pybpftune.hostmem import HostMemory
 from pybpftune.testing import TunerHarness
 from pybpftune.tuner import SetGlobal, Steps
 from pybpftune.tuners import udp_buffer as ub
-from pybpftune.tuners.udp_buffer import UdpBufferObservation, UdpBufferSource, UdpBufferTuner
-
-from .payload import observation_event
+from pybpftune.tuners.udp_buffer import UdpBufferTuner
 
 KIB = 1024
 FREE = 1_600_000  # buffer-usable pages: caps 100000 / 200000 / 400000
@@ -50,34 +49,29 @@ def make(
 
 
 def rcvbuf_full(sk_rcvbuf: int, locked: bool = False) -> Event:
-    return observation_event(
-        3,
-        UdpBufferObservation.RCVBUF_FULL,
-        COOKIE,
-        "struct udp_buffer_obs",
-        source=UdpBufferSource.FAIL_QUEUE,
+    obs = UdpBufferObs(
+        source=UdpBufferSource.SRC_FAIL_QUEUE,
         error=-errno.ENOMEM,
         family=socket.AF_INET,
         userlocks=ub.SOCK_RCVBUF_LOCK if locked else 0,
         sk_rcvbuf=sk_rcvbuf,
         rmem_alloc=sk_rcvbuf,
         mem_allocated=50,
+        mem=(0, 0, 0),
     )
+    return Event.build(3, UdpBufferObservation.OBS_RCVBUF_FULL, COOKIE, raw=obs.pack())
 
 
 def mem_limit(allocated: int, mem: tuple[int, int, int]) -> Event:
-    return observation_event(
-        3,
-        UdpBufferObservation.MEM_LIMIT,
-        COOKIE,
-        "struct udp_buffer_obs",
-        source=UdpBufferSource.FAIL_QUEUE,
+    obs = UdpBufferObs(
+        source=UdpBufferSource.SRC_FAIL_QUEUE,
         error=-errno.ENOBUFS,
         family=socket.AF_INET,
         sk_rcvbuf=212992,
         mem_allocated=allocated,
         mem=mem,
     )
+    return Event.build(3, UdpBufferObservation.OBS_MEM_LIMIT, COOKIE, raw=obs.pack())
 
 
 def test_default_sized_socket_overflowing_grows_rmem_default_and_keeps_max_above(

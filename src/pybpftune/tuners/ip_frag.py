@@ -22,9 +22,8 @@ from __future__ import annotations
 import logging
 import socket
 from collections import deque
-from enum import IntEnum
 
-from .. import libbpf
+from ..bindings import IpFragObs, IpFragObservation, IpFragScenario, IpFragTunable
 from ..events import Event
 from ..hostmem import HostMemory
 from ..procnet import ratio
@@ -33,33 +32,7 @@ from .common import SayOnce, sample_lines, significant_correlation
 
 log = logging.getLogger("pybpftune")
 
-# --- ids and the payload: bpftune_shared.h, "ip_frag tuner" ---------------------------------
-# Until pybpftune.bindings is on main: the names it will give, the values the header gives.
-_header = libbpf.enum_members
-
-
-class IpFragTunable(IntEnum):
-    IPV4_HIGH_THRESH = _header("enum ip_frag_tunable")["IP_FRAG_IPV4_HIGH_THRESH"]
-    IPV6_HIGH_THRESH = _header("enum ip_frag_tunable")["IP_FRAG_IPV6_HIGH_THRESH"]
-
-
-class IpFragScenario(IntEnum):
-    INCREASE = _header("enum ip_frag_scenario")["IP_FRAG_INCREASE"]
-    DECREASE = _header("enum ip_frag_scenario")["IP_FRAG_DECREASE"]
-
-
-class IpFragObservation(IntEnum):
-    NEAR_THRESH = _header("enum ip_frag_observation")["IP_FRAG_OBS_NEAR_THRESH"]
-
-
-# struct ip_frag_obs, read in place (bindings.IpFragObs.unpack once it is on main).
-IpFragObs = libbpf.CData
-
-
-def observation(event: Event) -> IpFragObs:
-    return event.payload("struct ip_frag_obs")
-
-
+# Ids from the shared header (bpftune_shared.h, "ip_frag tuner").
 IPV4, IPV6 = IpFragTunable.IPV4_HIGH_THRESH, IpFragTunable.IPV6_HIGH_THRESH
 INCREASE, DECREASE = IpFragScenario.INCREASE, IpFragScenario.DECREASE
 # Reassemblies requested and failed, per family (snmp and snmp6).
@@ -118,9 +91,9 @@ class IpFragTuner(Tuner):
     # --- the rules ------------------------------------------------------------------------------
 
     def decide(self, event: Event) -> Decision:
-        if event.scenario_id != IpFragObservation.NEAR_THRESH:
+        if event.scenario_id != IpFragObservation.OBS_NEAR_THRESH:
             return NOTHING
-        return self.near_threshold(observation(event), event.netns_cookie)
+        return self.near_threshold(IpFragObs.unpack(event.raw), event.netns_cookie)
 
     def near_threshold(self, obs: IpFragObs, cookie: int) -> Decision:
         """Memory nears the threshold: back off if raising it has gone with

@@ -20,10 +20,9 @@ changes nothing.  See docs/tuners/route_table.md.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from enum import IntEnum
 from typing import TYPE_CHECKING
 
-from .. import libbpf
+from ..bindings import NETNS_UNKNOWN, RouteTableScenario, RouteTableTunable
 from ..errors import NotSupported
 from ..events import Event
 from ..netns import NetnsGone
@@ -33,19 +32,7 @@ from ..tuner import INT_MAX, NOTHING, Decision, Proposal, Scenario, Steps, Tunab
 if TYPE_CHECKING:
     from ..objects import SignalChoice
 
-# --- ids: bpftune_shared.h, "route_table tuner" ---------------------------------------------
-# Until pybpftune.bindings is on main: the names it will give, the values the header gives.
-_header = libbpf.enum_members
-
-
-class RouteTableTunable(IntEnum):
-    IPV6_MAX_SIZE = _header("enum route_table_tunable")["ROUTE_TABLE_IPV6_MAX_SIZE"]
-
-
-class RouteTableScenario(IntEnum):
-    FULL = _header("enum route_table_scenario")["ROUTE_TABLE_FULL"]
-
-
+# Ids from the shared header (bpftune_shared.h, "route_table tuner").
 MAX_SIZE = RouteTableTunable.IPV6_MAX_SIZE
 FULL = RouteTableScenario.FULL
 REASON = "dst table filling up,"  # bpftune's line: "Due to dst table filling up, change ..."
@@ -77,7 +64,7 @@ class RouteTableTuner(Tuner):
     # --- the rule ---------------------------------------------------------------------------
 
     def decide(self, event: Event) -> Decision:
-        if event.scenario_id != FULL or event.netns_cookie == libbpf.NETNS_UNKNOWN:
+        if event.scenario_id != FULL or event.netns_cookie == NETNS_UNKNOWN:
             return NOTHING
         update = event.update(0)
         if update.id != MAX_SIZE:

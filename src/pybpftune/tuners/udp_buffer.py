@@ -28,9 +28,8 @@ from __future__ import annotations
 import logging
 import socket
 from collections.abc import Callable
-from enum import IntEnum
 
-from .. import libbpf
+from ..bindings import UdpBufferObs, UdpBufferObservation, UdpBufferScenario, UdpBufferTunable
 from ..events import Event
 from ..hostmem import HostMemory
 from ..procnet import Counters
@@ -39,43 +38,7 @@ from .common import SayOnce, sample_lines
 
 log = logging.getLogger("pybpftune")
 
-# --- ids and the payload: bpftune_shared.h, "udp_buffer tuner" ------------------------------
-# Until pybpftune.bindings is on main: the names it will give, the values the header gives.
-_header = libbpf.enum_members
-
-
-class UdpBufferTunable(IntEnum):
-    UDP_MEM = _header("enum udp_buffer_tunable")["UDP_BUFFER_UDP_MEM"]
-    RMEM_MAX = _header("enum udp_buffer_tunable")["UDP_BUFFER_RMEM_MAX"]
-    RMEM_DEFAULT = _header("enum udp_buffer_tunable")["UDP_BUFFER_RMEM_DEFAULT"]
-
-
-class UdpBufferScenario(IntEnum):
-    INCREASE = _header("enum udp_buffer_scenario")["UDP_BUFFER_INCREASE"]
-    DECREASE = _header("enum udp_buffer_scenario")["UDP_BUFFER_DECREASE"]
-    MEM_PRESSURE = _header("enum udp_buffer_scenario")["UDP_BUFFER_MEM_PRESSURE"]
-    MEM_EXHAUSTION = _header("enum udp_buffer_scenario")["UDP_BUFFER_MEM_EXHAUSTION"]
-
-
-class UdpBufferObservation(IntEnum):
-    RCVBUF_FULL = _header("enum udp_buffer_observation")["UDP_BUFFER_OBS_RCVBUF_FULL"]
-    MEM_LIMIT = _header("enum udp_buffer_observation")["UDP_BUFFER_OBS_MEM_LIMIT"]
-
-
-class UdpBufferSource(IntEnum):
-    FAIL_QUEUE = _header("enum udp_buffer_source")["UDP_BUFFER_SRC_FAIL_QUEUE"]
-    RCVQUEUE_FULL = _header("enum udp_buffer_source")["UDP_BUFFER_SRC_RCVQUEUE_FULL"]
-    EXCEED_BUF = _header("enum udp_buffer_source")["UDP_BUFFER_SRC_EXCEED_BUF"]
-
-
-# struct udp_buffer_obs, read in place (bindings.UdpBufferObs.unpack once it is on main).
-UdpBufferObs = libbpf.CData
-
-
-def observation(event: Event) -> UdpBufferObs:
-    return event.payload("struct udp_buffer_obs")
-
-
+# Ids from the shared header (bpftune_shared.h, "udp_buffer tuner").
 UDP_MEM, RMEM_MAX, RMEM_DEFAULT = UdpBufferTunable.UDP_MEM, UdpBufferTunable.RMEM_MAX, UdpBufferTunable.RMEM_DEFAULT
 INCREASE, DECREASE = UdpBufferScenario.INCREASE, UdpBufferScenario.DECREASE
 MEM_PRESSURE, MEM_EXHAUSTION = UdpBufferScenario.MEM_PRESSURE, UdpBufferScenario.MEM_EXHAUSTION
@@ -143,10 +106,10 @@ class UdpBufferTuner(Tuner):
         # limit makes the stale pre-filter send events, and each event
         # refreshes it, so no periodic re-read is needed.
         mirror = self.mirror()
-        if event.scenario_id == UdpBufferObservation.RCVBUF_FULL:
-            return mirror + self.on_rcvbuf_full(observation(event), event.netns_cookie)
-        if event.scenario_id == UdpBufferObservation.MEM_LIMIT:
-            return mirror + self.on_memory_limit(observation(event), event.netns_cookie)
+        if event.scenario_id == UdpBufferObservation.OBS_RCVBUF_FULL:
+            return mirror + self.on_rcvbuf_full(UdpBufferObs.unpack(event.raw), event.netns_cookie)
+        if event.scenario_id == UdpBufferObservation.OBS_MEM_LIMIT:
+            return mirror + self.on_memory_limit(UdpBufferObs.unpack(event.raw), event.netns_cookie)
         return mirror
 
     def _within_bound(self, tunable: int, value: int) -> bool:
