@@ -490,12 +490,6 @@ class LoadedObject(_Globals, Resource):
                 except (OSError, ValueError):
                     pass  # not mmapable on this kernel: set_global reports it when used
 
-    @property
-    def obj(self) -> LoadedObject:
-        """This object (tuners once reached it as ``loaded.obj``); kept while
-        branches written against that are merged, to be removed after."""
-        return self
-
     def _opened(self) -> _Opened:
         if self._handle is None:
             raise PybpftuneError(f"BPF object {self.name} is closed")

@@ -162,7 +162,6 @@ def test_loading_spends_the_open_object(test_object: Path) -> None:
         with pytest.raises(PybpftuneError, match="loaded"):
             obj.set_autoload("bpftune_syscall__kprobe", False)
         assert loaded.programs == obj.programs and loaded.name == obj.name
-        assert loaded.obj is loaded
         assert loaded.unavailable() == []
     assert loaded.closed
     loaded.close()
