@@ -40,6 +40,11 @@ def test_mem_total_and_zone_estimate() -> None:
     assert mem.buffer_pages == 1780000 and not mem.buffer_estimated
 
 
+def test_normal_zones_of_every_node_add_up() -> None:
+    second_node = "Node 1, zone   Normal\n  pages free     5000000\n        high     20000\n        managed  1000000\n"
+    assert parse_zone_pages(ZONEINFO + second_node) == (1800000 - 20000) + (1000000 - 20000)
+
+
 def test_dma32_when_normal_gives_nothing() -> None:
     no_normal = ZONEINFO.split("Node 0, zone   Normal")[0]
     assert parse_zone_pages(no_normal) == 500000 - 1000

@@ -8,7 +8,6 @@ import socket
 
 import pytest
 
-from pybpftune import hostmem
 from pybpftune.bindings import UdpBufferObs, UdpBufferObservation, UdpBufferSource
 from pybpftune.events import Event
 from pybpftune.hostmem import HostMemory
@@ -234,34 +233,3 @@ def test_drop_rate_log_survives_a_namespace_without_counters() -> None:
     h = make(counters=False)
     h.feed(rcvbuf_full(16 * KIB))
     assert h.value("net.core.rmem_default") == (20480,)
-
-
-ZONEINFO = """Node 0, zone      DMA
-  pages free     3840
-        min      10
-        high     16
-        managed  3840
-Node 0, zone    DMA32
-  pages free     400000
-        high     1000
-        managed  500000
-Node 0, zone   Normal
-  pages free     5000000
-        min      10000
-        high     20000
-        managed  6000000
-      nr_free_pages 5000000
-Node 1, zone   Normal
-  pages free     5000000
-        high     20000
-        managed  1000000
-"""
-
-
-def test_free_buffer_pages_sum_normal_zones() -> None:
-    assert hostmem.parse_zone_pages(ZONEINFO) == (6000000 - 20000) + (1000000 - 20000)
-
-
-def test_free_buffer_pages_fall_back_to_dma32() -> None:
-    no_normal = ZONEINFO.split("Node 0, zone   Normal")[0]
-    assert hostmem.parse_zone_pages(no_normal) == 500000 - 1000

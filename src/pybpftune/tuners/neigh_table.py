@@ -432,8 +432,7 @@ class NeighTableTuner(Tuner):
             f"reduced thresholds for {table.name} table, {device.describe()} in {self._where(device)}, "
             f"from ({_fmt(table.thresholds)}) to ({_fmt(new)}): {table.entries} entries"
         )
-        glob = self.ctx.namespaces.global_cookie
-        return Decision((Proposal(fam.tunable, NeighTableScenario.EMPTY, glob, new, reason, announce),))
+        return self._change(fam, NeighTableScenario.EMPTY, new, reason, announce)
 
     def _grow(self, fam: Family, table: Table, device: Device, refused: bool) -> Decision:
         if not refused and not self.steps.nearly_full(table.entries, table.thresholds[2]):
@@ -481,8 +480,12 @@ class NeighTableTuner(Tuner):
             f"updated thresholds for {table.name} table, {device.describe()} in {where}, "
             f"from ({_fmt(table.thresholds)}) to ({_fmt(new)}), computed max {bound}"
         )
+        return self._change(fam, NeighTableScenario.FULL, new, reason, announce)
+
+    def _change(self, fam: Family, scenario: int, new: Thresholds, reason: str, announce: str) -> Decision:
+        """New thresholds for a table: always the global namespace's (the tables are global)."""
         glob = self.ctx.namespaces.global_cookie
-        return Decision((Proposal(fam.tunable, NeighTableScenario.FULL, glob, new, reason, announce),))
+        return Decision((Proposal(fam.tunable, scenario, glob, new, reason, announce),))
 
     def _limited(self, fam: Family, table: Table, new: Thresholds | None) -> Thresholds | None:
         """``new`` within the operator's floors and caps; None if that leaves
