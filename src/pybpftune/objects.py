@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import mmap
 import os
-from collections.abc import Iterator, MutableMapping
+from collections.abc import Iterator, Mapping, MutableMapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar, Protocol, Self, TypeVar, overload
@@ -221,6 +221,46 @@ class TypedMap(MutableMapping[K, V]):
 
     def __len__(self) -> int:
         return len(self.raw)
+
+
+class BpfObject(Protocol):
+    """What tuners and the daemon use of a loaded object: a
+    :class:`LoadedObject` in the daemon, ``pybpftune.testing.SyntheticObject``
+    in unit tests.  Tuners read and write its globals and maps and look at
+    ``choices``; the rest (programs, autoload, unavailable, close) is the
+    daemon's status and lifecycle."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def choices(self) -> Mapping[str, SignalChoice]: ...
+
+    @property
+    def programs(self) -> Mapping[str, ProgramInfo]: ...
+
+    @property
+    def closed(self) -> bool: ...
+
+    def has_global(self, name: str) -> bool: ...
+
+    def get_global(self, name: str, signed: bool = False) -> int: ...
+
+    def set_global(self, name: str, value: int) -> None: ...
+
+    def global_struct(self, name: str, layout: type[V]) -> V: ...
+
+    @overload
+    def map(self, name: str) -> MutableMapping[bytes, bytes]: ...
+
+    @overload
+    def map(self, name: str, key: type[K], value: type[V]) -> MutableMapping[K, V]: ...
+
+    def autoload(self, program: str) -> bool: ...
+
+    def unavailable(self) -> list[SignalChoice]: ...
+
+    def close(self) -> None: ...
 
 
 def read_object_file(path: Path) -> bytes:

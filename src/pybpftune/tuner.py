@@ -55,7 +55,7 @@ if TYPE_CHECKING:
     from .eventloop import EventLoop
     from .events import Event
     from .netns import Namespaces
-    from .objects import LoadedObject
+    from .objects import BpfObject
     from .store import TunableStore
     from .support import Support
 
@@ -140,7 +140,8 @@ class Tuner:
     def __init__(self, ctx: TunerContext, tuner_id: int) -> None:
         self.ctx = ctx
         self.id = tuner_id
-        self.loaded: LoadedObject | None = None
+        # The daemon's LoadedObject once started; a SyntheticObject in unit tests.
+        self.loaded: BpfObject | None = None
         self.log = logging.getLogger(f"pybpftune.tuner.{self.name}")
         ids = [t.id for t in self.tunables]
         if ids != list(range(len(ids))):
