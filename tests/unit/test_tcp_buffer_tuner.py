@@ -13,6 +13,7 @@ import pytest
 from pybpftune import procnet
 from pybpftune.bindings import (
     BpftunableUpdate,
+    CorrKey,
     TcpBufferConn,
     TcpBufferEvent,
     TcpBufferHold,
@@ -24,11 +25,12 @@ from pybpftune.declarations import MapUpdate
 from pybpftune.events import Event
 from pybpftune.hostmem import HostMemory, parse_zone_pages
 from pybpftune.sysctl import MemorySysctl
-from pybpftune.testing import SyntheticClock, SyntheticNamespaces, TunerHarness
+from pybpftune.testing import SyntheticClock, SyntheticNamespaces, SyntheticObject, TunerHarness
 from pybpftune.tuner import INT_MAX, Proposal, Steps
 from pybpftune.tuners import tcp_buffer as tb
 from pybpftune.tuners.tcp_buffer import Conn, TcpBufferTuner
 from pybpftune.tuners.tcp_buffer.conn import STRUCT_FIELDS
+from pybpftune.tuners.tcp_buffer.holds import HOLD_MAP
 
 TUNER_ID = 2
 NS = 4242  # a non-global namespace cookie
@@ -54,10 +56,26 @@ HOST = HostMemory(F * 4096, F, 4096, 4)
 Clock = SyntheticClock
 
 
+def tcp_buffer_object() -> SyntheticObject:
+    """The object's memory flags (clear) and hold-off map, and the shared correlation map."""
+    return SyntheticObject(
+        globals={"near_memory_pressure": 0, "near_memory_exhaustion": 0},
+        maps={HOLD_MAP: (TcpBufferHoldKey, TcpBufferHold)},
+        name=TcpBufferTuner.bpf_name or "",
+    )
+
+
 def make_tuner(
     rate: int = 4, values: dict[str, tuple[int, ...]] | None = None
 ) -> tuple[TcpBufferTuner, MemorySysctl, SyntheticClock]:
-    h = TunerHarness.build(TcpBufferTuner, {**DEFAULTS, **(values or {})}, tuner_id=TUNER_ID, rate=rate, memory=HOST)
+    h = TunerHarness.build(
+        TcpBufferTuner,
+        {**DEFAULTS, **(values or {})},
+        tuner_id=TUNER_ID,
+        rate=rate,
+        memory=HOST,
+        bpf=tcp_buffer_object(),
+    )
     return h.tuner, h.sysctls, h.clock
 
 
@@ -65,6 +83,23 @@ def namespaces(tuner: TcpBufferTuner) -> SyntheticNamespaces:
     ns = tuner.ctx.namespaces
     assert isinstance(ns, SyntheticNamespaces)
     return ns
+
+
+def bpf(tuner: TcpBufferTuner) -> SyntheticObject:
+    assert isinstance(tuner.loaded, SyntheticObject)
+    return tuner.loaded
+
+
+def memory_short(tuner: TcpBufferTuner, *, pressure: bool = True, exhaustion: bool = False) -> None:
+    """The BPF side's flags: TCP memory near tcp_mem[1] / tcp_mem[2]."""
+    bpf(tuner).set_global("near_memory_pressure", int(pressure))
+    bpf(tuner).set_global("near_memory_exhaustion", int(exhaustion))
+
+
+def correlate(tuner: TcpBufferTuner, tunable: int, sums: CorrSums, cookie: int = NS) -> None:
+    """The sums the BPF side keeps in bpftune_corr for a tunable in a namespace."""
+    corr = bpf(tuner).map("bpftune_corr", CorrKey, CorrSums)
+    corr[CorrKey(tuner_id=TUNER_ID, id=tunable, netns_cookie=cookie)] = sums
 
 
 def set_allocated(tuner: TcpBufferTuner, pages: int | None) -> None:
@@ -530,7 +565,7 @@ def test_low_learning_rate_is_gentler() -> None:
 
 def test_no_buffer_growth_while_memory_is_short() -> None:
     tuner, backend, _clock = make_tuner()
-    tuner.near_pressure_flag = True
+    memory_short(tuner)
     tuner.handle_event(conn_event(tb.TCP_RMEM, receiver(131072), (4096, 65536, 131072)))
     assert backend.read("net.ipv4.tcp_rmem", NS)[2] == 131072
 
@@ -552,8 +587,11 @@ def test_latency_correlated_growth_backs_off_toward_a_full_pipe() -> None:
     # Earlier growth took the namespace from 128 KiB to 8 MiB.
     assert tuner.apply(Proposal(tb.TCP_RMEM, tb.BUFFER_INCREASE, NS, (4096, 65536, 8 * MB), "earlier growth"))
     rising = CorrSums.of([(MB * (i + 1), 50_000 + 3000 * i) for i in range(12)])
-    tuner.corr_reader = lambda tid, cookie: rising if tid == tb.TCP_RMEM and cookie == NS else CorrSums()
+    corr = bpf(tuner).map("bpftune_corr", CorrKey, CorrSums)
     for _ in range(10):
+        # The BPF side keeps seeing latency rise with the buffer (each
+        # back-off deletes the sums it acted on).
+        correlate(tuner, tb.TCP_RMEM, rising)
         clock.now += 1
         limit = backend.read("net.ipv4.tcp_rmem", NS)
         # 200 Mbit/s over a 50 ms path, 30 ms of queue.
@@ -561,7 +599,9 @@ def test_latency_correlated_growth_backs_off_toward_a_full_pipe() -> None:
         tuner.handle_event(conn_event(tb.TCP_RMEM, conn, limit))
     full = int(2 * 25e6 * 0.05 * 2)
     assert backend.read("net.ipv4.tcp_rmem", NS)[2] == full
+    assert not corr, "acted on: deleted"
     # Acting on the correlation starts it over: its sums are deleted.
+    correlate(tuner, tb.TCP_RMEM, rising)
     clock.now += 1
     limit = backend.read("net.ipv4.tcp_rmem", NS)
     decision = tuner.decide(conn_event(tb.TCP_RMEM, receiver(limit[2], rtt_us=80_000, rate=25e6), limit))
@@ -577,18 +617,20 @@ def test_latency_back_off_never_goes_below_the_initial_value() -> None:
     tuner.handle_event(conn_event(tb.TCP_RMEM, receiver(131072), (4096, 65536, 131072)))
     assert backend.read("net.ipv4.tcp_rmem", NS)[2] == 524288
     rising = CorrSums.of([(131072 * (i + 1), 50_000 + 3000 * i) for i in range(12)])
-    tuner.corr_reader = lambda tid, cookie: rising
     # Within 30 s the first connection's need (262144) still protects the limit.
+    correlate(tuner, tb.TCP_RMEM, rising)
     clock.now += 1
     limit = backend.read("net.ipv4.tcp_rmem", NS)
     conn = receiver(limit[2], rtt_us=80_000, min_rtt_us=50_000, rate=1e5)
     tuner.handle_event(conn_event(tb.TCP_RMEM, conn, limit))
     assert backend.read("net.ipv4.tcp_rmem", NS)[2] == 393216
+    correlate(tuner, tb.TCP_RMEM, rising)
     clock.now += 1
     tuner.handle_event(conn_event(tb.TCP_RMEM, receiver(393216, rtt_us=80_000, min_rtt_us=50_000, rate=1e5), limit))
     assert backend.read("net.ipv4.tcp_rmem", NS)[2] == 393216, "stale: seen before the change"
     clock.now += 30
     for _ in range(5):
+        correlate(tuner, tb.TCP_RMEM, rising)
         clock.now += 1
         limit = backend.read("net.ipv4.tcp_rmem", NS)
         conn = receiver(limit[2], rtt_us=80_000, min_rtt_us=50_000, rate=1e5)
@@ -599,7 +641,7 @@ def test_latency_back_off_never_goes_below_the_initial_value() -> None:
 def test_uncorrelated_latency_does_not_back_off() -> None:
     tuner, backend, _clock = make_tuner()
     flat = CorrSums.of([(131072 * (i + 1), 50_000 + (i % 2) * 100) for i in range(20)])
-    tuner.corr_reader = lambda tid, cookie: flat
+    correlate(tuner, tb.TCP_RMEM, flat)
     tuner.handle_event(conn_event(tb.TCP_RMEM, receiver(131072), (4096, 65536, 131072)))
     assert backend.read("net.ipv4.tcp_rmem", NS)[2] == 524288
 
@@ -697,7 +739,7 @@ def test_syn_backlog_growth_stops_at_its_memory_cap(caplog: pytest.LogCaptureFix
     tuner, backend, clock = make_tuner(values={"net.ipv4.tcp_max_syn_backlog": (8000,)})
     tuner.memory = HostMemory(1 << 30, 0)
     assert tuner.ceiling(tb.TCP_MAX_SYN_BACKLOG) == 8192
-    tuner.corr_reader = lambda tid, cookie: CorrSums.of([(i, 10 * i) for i in range(20)])
+    correlate(tuner, tb.TCP_MAX_SYN_BACKLOG, CorrSums.of([(i, 10 * i) for i in range(20)]))
     caplog.set_level(logging.INFO)
     for _ in range(3):
         tuner.handle_event(update_event(tb.TCP_MAX_SYN_BACKLOG, tb.SYN_BACKLOG_INCREASE, (8000, 0, 0)))
@@ -729,7 +771,7 @@ def test_exhaustion_grows_tcp_mem_and_enters_the_low_memory_state() -> None:
     RECOVERY_S, whatever the BPF side's (stale) flags say."""
     tuner, backend, clock = make_tuner()
     set_allocated(tuner, 89000)
-    tuner.near_exhaustion_flag = tuner.near_pressure_flag = True
+    memory_short(tuner, exhaustion=True)
     tuner.handle_event(update_event(tb.TCP_MEM, tb.MEM_EXHAUSTION, (40000, 60000, 90000)))
     assert backend.read("net.ipv4.tcp_mem") == (40000, 60000, 112500)
     glob = tuner.ctx.namespaces.global_cookie
@@ -860,7 +902,7 @@ def test_exhaustion_with_tcp_mem_at_its_cap_shrinks_the_buffers() -> None:
             "net.ipv4.tcp_wmem": (4096, 16384, 4194304),
         }
     )
-    tuner.near_exhaustion_flag = tuner.near_pressure_flag = True
+    memory_short(tuner, exhaustion=True)
     tuner.handle_event(update_event(tb.TCP_MEM, tb.MEM_EXHAUSTION, (60000, 120000, F // 4)))
     assert backend.read("net.ipv4.tcp_mem") == (60000, 120000, F // 4)
     assert backend.read("net.ipv4.tcp_rmem", NS) == (4096, 131072, 4718592)
@@ -917,13 +959,13 @@ def test_established_counter_that_stays_zero_looks_like_an_attack() -> None:
     floods = list(range(1, 21))
     broken = CorrSums.of([(f, 0) for f in floods])
     counting = CorrSums.of([(f, 3 * f + 1) for f in floods])
-    assert tb.syn_backlog_rule(1024, broken, Steps(4))[0] == tb.SYN_BACKLOG_DECREASE  # type: ignore[index]
-    assert tb.syn_backlog_rule(1024, counting, Steps(4))[0] == tb.SYN_BACKLOG_INCREASE  # type: ignore[index]
+    assert tb.syn_backlog_rule(1024, broken, Steps(4)) == (tb.SYN_BACKLOG_DECREASE, 768)
+    assert tb.syn_backlog_rule(1024, counting, Steps(4)) == (tb.SYN_BACKLOG_INCREASE, 1280)
 
 
 def test_syn_flood_event_applies_the_backlog_rule() -> None:
     tuner, backend, _clock = make_tuner()
-    tuner.corr_reader = lambda tid, cookie: CorrSums.of([(i, 10 * i) for i in range(20)])
+    correlate(tuner, tb.TCP_MAX_SYN_BACKLOG, CorrSums.of([(i, 10 * i) for i in range(20)]))
     tuner.handle_event(update_event(tb.TCP_MAX_SYN_BACKLOG, tb.SYN_BACKLOG_INCREASE, (1024, 0, 0)))
     assert backend.read("net.ipv4.tcp_max_syn_backlog", NS) == (1280,)
 
@@ -938,7 +980,7 @@ def test_syncookies_failing_without_valid_ones_are_switched_off() -> None:
 
 def test_syncookies_switched_on_when_memory_is_short() -> None:
     tuner, backend, _clock = make_tuner(values={"net.ipv4.tcp_syncookies": (0,)})
-    tuner.near_pressure_flag = True
+    memory_short(tuner)
     tuner.handle_event(update_event(tb.TCP_MAX_SYN_BACKLOG, tb.SYN_BACKLOG_INCREASE, (1024, 0, 0)))
     assert backend.read("net.ipv4.tcp_syncookies", NS) == (1,)
 

@@ -5,8 +5,6 @@ correlation.  The rule modules take a :class:`TcpBufferBase`; the tuner
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 from ...corr import CorrSums, corr_key, read_corr
 from ...declarations import MapUpdate
 from ...errors import PybpftuneError
@@ -22,27 +20,22 @@ class TcpBufferBase(Tuner):
     def __init__(self, ctx: TunerContext, tuner_id: int) -> None:
         super().__init__(ctx, tuner_id)
         self.page_size = PAGE_SIZE
-        # Where the memory flags and correlation sums come from when no BPF
-        # object is loaded (unit tests).
-        self.near_pressure_flag = False
-        self.near_exhaustion_flag = False
-        self.corr_reader: Callable[[int, int], CorrSums] = self._read_corr
         self.last_change: dict[tuple[int, int], float] = {}
         self.tcp_mem_cache: tuple[float, Values | None] | None = None
 
     @property
     def near_pressure(self) -> bool:
-        if self.loaded is not None:
-            return bool(self.loaded.get_global("near_memory_pressure"))
-        return self.near_pressure_flag
+        """The BPF side saw TCP memory near tcp_mem[1] (its global flag)."""
+        return self.loaded is not None and bool(self.loaded.get_global("near_memory_pressure"))
 
     @property
     def near_exhaustion(self) -> bool:
-        if self.loaded is not None:
-            return bool(self.loaded.get_global("near_memory_exhaustion"))
-        return self.near_exhaustion_flag
+        """The BPF side saw TCP memory near tcp_mem[2]."""
+        return self.loaded is not None and bool(self.loaded.get_global("near_memory_exhaustion"))
 
-    def _read_corr(self, tunable_id: int, cookie: int) -> CorrSums:
+    def corr(self, tunable_id: int, cookie: int) -> CorrSums:
+        """The latency (or, for the SYN backlog, connections established)
+        correlation the BPF side keeps for a tunable in a namespace."""
         if self.loaded is None:
             return CorrSums()
         return read_corr(self.loaded.map(CORR_MAP), self.id, tunable_id, cookie)

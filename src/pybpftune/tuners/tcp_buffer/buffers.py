@@ -112,7 +112,7 @@ class BufferRules:
             return Decision()
         need = conn.need(t.steps, first_limit=written is None)
         recent = self._recent_need(cookie, tid, conn.full_need())
-        if conn.queueing() and t.corr_reader(tid, cookie).significant():
+        if conn.queueing() and t.corr(tid, cookie).significant():
             return self._latency_backoff(conn, tid, cookie, current, recent)
         target = grow_max(current[2], need, t.steps, buffer_cap(t.tcp_mem(), t.page_size))
         if target is None:

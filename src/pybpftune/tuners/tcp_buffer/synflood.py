@@ -96,7 +96,7 @@ class SynFloodRules:
         if backlog is None:
             return out
         cap = t.highest(TCP_MAX_SYN_BACKLOG)
-        decision = syn_backlog_rule(backlog[0], t.corr_reader(TCP_MAX_SYN_BACKLOG, cookie), t.steps, cap)
+        decision = syn_backlog_rule(backlog[0], t.corr(TCP_MAX_SYN_BACKLOG, cookie), t.steps, cap)
         if decision is None and backlog[0] >= cap:
             self._capped.info(
                 (TCP_MAX_SYN_BACKLOG, cookie),
