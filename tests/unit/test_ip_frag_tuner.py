@@ -125,9 +125,9 @@ def test_increases_without_more_failures_continue() -> None:
 def test_backing_off_never_goes_below_the_original_value() -> None:
     h = make()
     h.feed(near(7000))  # 8192 -> 10240, original recorded
-    key = (NS, IPV4)
-    h.tuner._samples[key].clear()
-    h.tuner._samples[key].extend((float(x), float(x)) for x in range(20))  # perfectly correlated
+    trend = h.tuner.trend(NS, IPV4)
+    trend.clear()
+    trend.extend((float(x), float(x)) for x in range(20))  # perfectly correlated
     add(h, 10, 1)
     props = h.decide(near(10000, high=10240))
     assert [(p.scenario, p.new) for p in props] == [(DECREASE, (8192,))]

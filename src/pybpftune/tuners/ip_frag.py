@@ -107,7 +107,7 @@ class IpFragTuner(Tuner):
         if not self.steps.nearly_full(obs.mem, current):
             return NOTHING  # an older observation; the threshold has moved on since
         fail_pct = self.failure_percent(cookie, tunable)
-        samples = self._samples.setdefault((cookie, tunable), deque(maxlen=CORR_WINDOW))
+        samples = self.trend(cookie, tunable)
         r = significant_correlation(samples)
         if r is not None:
             samples.clear()  # judge the lower setting afresh
@@ -182,6 +182,11 @@ class IpFragTuner(Tuner):
             for name, t, c, values in self.ctx.store.namespace_values()
             if name == self.name and (t.id, c) != (tunable, cookie) and values
         )
+
+    def trend(self, cookie: int, tunable: int) -> deque[tuple[float, float]]:
+        """The (threshold set, failure percent) pairs since the last back-off
+        in a namespace: what the back-off rule correlates (tests seed it)."""
+        return self._samples.setdefault((cookie, tunable), deque(maxlen=CORR_WINDOW))
 
     def failure_percent(self, cookie: int, tunable: int) -> float | None:
         """Failed reassemblies as a percentage of those requested since the
