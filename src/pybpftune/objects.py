@@ -263,6 +263,15 @@ class BpfObject(Protocol):
     def close(self) -> None: ...
 
 
+def map_view(raw: MapView, key: type[K] | None, value: type[V] | None) -> MapView | TypedMap[K, V]:
+    """``raw`` itself, or typed by both ``key`` and ``value`` bindings."""
+    if key is None and value is None:
+        return raw
+    if key is None or value is None:
+        raise LayoutError(f"map {raw.name}: a typed view needs both a key and a value type")
+    return TypedMap(raw, key, value)
+
+
 def read_object_file(path: Path) -> bytes:
     """Bytes of a BPF ELF object, or a clear BpfObjectError."""
     try:
@@ -566,12 +575,7 @@ class LoadedObject(_Globals, Resource):
         ``value`` bindings of the shared header, as a :class:`TypedMap`:
         ``loaded.map("bpftune_corr", bindings.CorrKey, bindings.Corr)``."""
         m = self._opened().map(name)
-        raw = MapView(name, self.map_fd(name), libbpf.map_key_size(m), libbpf.map_value_size(m))
-        if key is None and value is None:
-            return raw
-        if key is None or value is None:
-            raise LayoutError(f"map {name}: a typed view needs both a key and a value type")
-        return TypedMap(raw, key, value)
+        return map_view(MapView(name, self.map_fd(name), libbpf.map_key_size(m), libbpf.map_value_size(m)), key, value)
 
     def map_fd(self, name: str) -> int:
         m = self._opened().map(name)

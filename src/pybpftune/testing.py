@@ -30,7 +30,7 @@ from .errors import LayoutError, PybpftuneError
 from .events import Event
 from .hostmem import HostMemory
 from .netns import Namespaces
-from .objects import K, Layout, MapView, ProgramInfo, SignalChoice, TypedMap, V
+from .objects import K, Layout, MapView, ProgramInfo, SignalChoice, TypedMap, V, map_view
 from .procnet import Counters
 from .store import TunableStore
 from .sysctl import MemorySysctl
@@ -156,18 +156,14 @@ class SyntheticObject:
     @overload
     def map(self, name: str, key: type[K], value: type[V]) -> TypedMap[K, V]: ...
 
-    def map(self, name: str, key: type[K] | None = None, value: type[V] | None = None) -> SyntheticMap | TypedMap[K, V]:
+    def map(self, name: str, key: type[K] | None = None, value: type[V] | None = None) -> MapView | TypedMap[K, V]:
         if self.closed:
             raise PybpftuneError(f"BPF object {self.name} is closed")
         try:
             raw = self.maps[name]
         except KeyError:
             raise PybpftuneError(f"{self.name} has no map {name!r}") from None
-        if key is None and value is None:
-            return raw
-        if key is None or value is None:
-            raise LayoutError(f"map {name}: a typed view needs both a key and a value type")
-        return TypedMap(raw, key, value)
+        return map_view(raw, key, value)
 
     def autoload(self, program: str) -> bool:
         return False  # no programs
