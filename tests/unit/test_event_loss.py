@@ -16,6 +16,7 @@ from pybpftune.loss import EventLoss
 from pybpftune.query import Request, answer
 from pybpftune.registry import Plugin
 from pybpftune.sysctl import MemorySysctl
+from pybpftune.testing import SyntheticObject
 from pybpftune.tuner import NOTHING, Decision, Tunable, Tuner, TunerContext
 from tests.unit.test_plugins import Lines, lines
 
@@ -73,24 +74,6 @@ def test_object_counters_are_read_as_deltas_and_outlive_their_object() -> None:
     assert loss.counts().total == 13
 
 
-class FakeLoaded:
-    """A loaded object's ring-buffer drop counter, as the daemon reads it."""
-
-    def __init__(self) -> None:
-        self.closed = False
-        self.drops = 0
-
-    def has_global(self, name: str) -> bool:
-        return name == "bpftune_ringbuf_drops"
-
-    def get_global(self, name: str) -> int:
-        assert not self.closed, "read after close"
-        return self.drops
-
-    def close(self) -> None:
-        self.closed = True
-
-
 class Quiet(Tuner):
     name = "quiet"
     tunables = (Tunable(0, "net.core.somaxconn", 1),)
@@ -112,11 +95,16 @@ def daemon(tmp_path: Path) -> Iterator[Daemon]:
         d.close()
 
 
-def with_object(d: Daemon) -> tuple[Tuner, FakeLoaded]:
+DROPS = "bpftune_ringbuf_drops"
+
+
+def with_object(d: Daemon) -> tuple[Tuner, SyntheticObject]:
+    """A tuner whose object counts ring-buffer drops, as the daemon reads it
+    (reading it once closed raises, as a real object's read would)."""
     tuner = d._start_tuner(Plugin(Quiet))
     assert tuner is not None
-    loaded = FakeLoaded()
-    tuner.loaded = loaded  # type: ignore[assignment]
+    loaded = SyntheticObject(globals={DROPS: 0})
+    tuner.loaded = loaded
     return tuner, loaded
 
 
@@ -128,13 +116,13 @@ def status(d: Daemon) -> tuple[str, dict[str, int]]:
 
 def test_status_counts_drops_of_tuners_stopped_since(daemon: Daemon) -> None:
     tuner, obj = with_object(daemon)
-    obj.drops = 7
+    obj.globals[DROPS] = 7
     daemon.ring._on_record(b"\0\0")  # shorter than a header
     daemon.ring._on_record(Event.build(55, 1).data)  # no tuner ever had id 55
     text, own = status(daemon)
     assert "7 dropped by the ring buffer, 1 malformed, 1 for an unknown tuner" in text
     assert own == {"events_dropped": 7, "events_malformed": 1, "events_unknown": 1}
-    obj.drops = 9
+    obj.globals[DROPS] = 9
     daemon._stop_tuner(tuner, summarize=False)  # its counter is read once more, then closed
     assert obj.closed
     _text, own = status(daemon)
@@ -155,11 +143,11 @@ def test_the_loop_reads_and_says_losses_after_events_drain(
 
     drain_and_run()
     assert said(lines) == [] and daemon._loss_timer is None, "nothing lost: nothing said, no timer left"
-    obj.drops = 300
+    obj.globals[DROPS] = 300
     drain_and_run()
     [line] = said(lines)
     assert line.startswith("lost 300 events before a tuner saw them (since start: 300 because the ring buffer")
-    obj.drops = 301
+    obj.globals[DROPS] = 301
     drain_and_run()
     assert len(said(lines)) == 1, "once per interval"
     assert daemon._loss_timer is not None and daemon._loss_timer.when > daemon.loop.clock() + 50
