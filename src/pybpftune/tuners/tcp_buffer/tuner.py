@@ -8,10 +8,10 @@ import math
 import time
 from collections import Counter
 
-from ...bindings import BpftuneSample
 from ...declarations import Decision, Proposal, Scenario, Tunable
 from ...events import Event
 from ...tuner import TunerContext
+from ..common import sample_lines
 from .base import TcpBufferBase
 from .buffers import BufferRules
 from .conn import Conn
@@ -215,17 +215,5 @@ class TcpBufferTuner(TcpBufferBase):
         if self.outcomes:
             outcomes = ", ".join(f"{k} {v}" for k, v in sorted(self.outcomes.items()))
             lines.append(f"Buffer events: {outcomes}; {self.handler_s:.2f} s handling events")
-        if self.loaded is None:
-            return lines
-        for name in SAMPLES:
-            gname = f"{name}_sample"
-            if not self.loaded.has_global(gname):
-                continue
-            sample = self.loaded.global_struct(gname, BpftuneSample)
-            count, rate = sample.count, max(sample.rate, 1)
-            if count:
-                lines.append(
-                    f"Sample '{name}': associated program was called {count} times, "
-                    f"collected data every {rate} of these."
-                )
+        lines += sample_lines(self, SAMPLES)
         return lines
