@@ -274,3 +274,51 @@ def test_tuners_do_not_override_the_final_methods() -> None:
             bad.extend(f"{name}:{getattr(node, 'lineno', 0)} defines {d}" for d in defined if d in FINAL)
     assert not bad, bad
     assert "pybpftune.tuners.sysctl" in modules()  # the walk reached the tuners
+
+
+def _header_names() -> set[str]:
+    """Every id the shared header defines, as C names and as the bindings'
+    short member names ("TCP_BUFFER_TCP_WMEM", "TCP_WMEM")."""
+    import enum
+
+    from pybpftune import bindings, libbpf
+
+    names: set[str] = set()
+    for value in vars(bindings).values():
+        if isinstance(value, type) and issubclass(value, enum.Enum):
+            names.update(m.name for m in value)
+    for match in re.finditer(r"^enum (\w+)", (SRC.parent / "src/bpf/bpftune_shared.h").read_text(), re.M):
+        names.update(libbpf.enum_members(f"enum {match.group(1)}"))
+    return names
+
+
+def _literal_copies(module: Module, names: set[str]) -> Iterator[str]:
+    for node in module.tree.body:
+        if isinstance(node, ast.Assign) and isinstance(node.value, ast.Constant) and type(node.value.value) is int:
+            for target in node.targets:
+                if isinstance(target, ast.Name) and target.id in names:
+                    yield f"{module.name}:{node.lineno} {target.id} = {node.value.value}"
+        if isinstance(node, ast.Assign) and isinstance(node.value, ast.Tuple):
+            # A, B = 0, 1
+            elts = node.value.elts
+            if all(isinstance(e, ast.Constant) and type(e.value) is int for e in elts):
+                for target in node.targets:
+                    if isinstance(target, ast.Tuple):
+                        hits = [t.id for t in target.elts if isinstance(t, ast.Name) and t.id in names]
+                        if hits:
+                            yield f"{module.name}:{node.lineno} {', '.join(hits)} = literals"
+
+
+def test_no_header_id_is_copied_as_a_literal() -> None:
+    """Ids come from pybpftune.bindings (read from the compiled header), never
+    from an integer written again in Python."""
+    names = _header_names()
+    assert {"TCP_WMEM", "TCP_BUFFER_TCP_WMEM", "IPV6_MAX_SIZE", "OBS_NEAR_THRESH"} <= names
+    copies = [c for name, m in modules().items() if name != f"{PACKAGE}.bindings" for c in _literal_copies(m, names)]
+    assert not copies, copies
+
+
+def test_the_copy_check_sees_a_copy() -> None:
+    tree = ast.parse("MAX_SIZE = 0\nCREATE, DESTROY = 0, 1\nFORGET_S = 30\n")
+    found = list(_literal_copies(Module("x", Path("x.py"), tree), {"MAX_SIZE", "CREATE", "DESTROY"}))
+    assert found == ["x:1 MAX_SIZE = 0", "x:2 CREATE, DESTROY = literals"]
