@@ -404,20 +404,19 @@ class Namespaces:
         with entered(ref.path):
             yield
 
-    def socket(self, cookie: int, family: int, type: int, proto: int = 0) -> socket.socket:
-        """A socket that lives in the namespace of ``cookie`` (a netlink socket
-        for pyroute2, say): created inside, usable from here."""
-        with self.enter(cookie):
-            return socket.socket(family, type, proto)
-
-    def iproute(self, cookie: int) -> Any:
-        """A pyroute2 IPRoute bound to the namespace of ``cookie``; close it
-        after use.  Its netlink socket is opened inside the namespace, so no
-        pyroute2 namespace helper (and no second setns site) is involved."""
+    def rtnl(self, cookie: int | None = None, inode: int | None = None) -> Any:
+        """A pyroute2 rtnetlink handle (no multicast groups) in the namespace
+        of ``cookie`` or, on kernels without cookies, of ``inode``; the
+        daemon's own without either.  Close it after use.  Its socket is
+        opened inside the namespace, so no pyroute2 namespace helper (and no
+        second setns site) is involved.  NetnsGone if it cannot be entered."""
         from pyroute2 import IPRoute
 
-        with self.enter(cookie):
-            return IPRoute()
+        if cookie is not None:
+            with self.enter(cookie):
+                return IPRoute(groups=0)
+        with self.enter_inode(inode or 0):
+            return IPRoute(groups=0)
 
     # --- watching /run/netns ------------------------------------------------------------
 

@@ -29,8 +29,7 @@ from __future__ import annotations
 
 import logging
 import socket
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -185,15 +184,9 @@ class RtnlNeigh:
     def __init__(self, namespaces: Namespaces) -> None:
         self.namespaces = namespaces
 
-    @staticmethod
-    def _socket() -> Any:
-        from pyroute2 import IPRoute
-
-        return IPRoute(groups=0)
-
     def table(self, family: int) -> Table | None:
         fam = FAMILIES[family]
-        with self._socket() as ipr:
+        with self.namespaces.rtnl() as ipr:
             for msg in ipr.get_ntables(family=family):
                 if msg.get_attr("NDTA_NAME") != fam.table or msg.get_attr("NDTA_THRESH3") is None:
                     continue
@@ -203,19 +196,16 @@ class RtnlNeigh:
                 return Table(fam.table, family, (t1, t2, t3), entries)
         return None
 
-    @contextmanager
-    def _in_namespace_of(self, device: Device) -> Iterator[None]:
-        ns = self.namespaces
+    def _rtnl_of(self, device: Device) -> Any:
+        """A netlink handle in the device's namespace (by cookie, or by inode
+        on kernels without cookies)."""
         if device.netns_cookie != libbpf.NETNS_UNKNOWN:
-            with ns.enter(device.netns_cookie):
-                yield
-            return
-        with ns.enter_inode(device.netns_inum):
-            yield
+            return self.namespaces.rtnl(device.netns_cookie)
+        return self.namespaces.rtnl(inode=device.netns_inum)
 
     def prefixes(self, device: Device, family: int) -> list[int] | None:
         try:
-            with self._in_namespace_of(device), self._socket() as ipr:
+            with self._rtnl_of(device) as ipr:
                 links = ipr.get_links(device.ifindex)
                 if not links or links[0].get_attr("IFLA_IFNAME") != device.name:
                     return None
@@ -242,7 +232,7 @@ class RtnlNeigh:
         if ifindex is not None:
             attrs.append(("NDTA_PARMS", {"attrs": [("NDTPA_IFINDEX", ifindex)]}))
         msg["attrs"] = attrs
-        with self._socket() as ipr:
+        with self.namespaces.rtnl() as ipr:
             status = getattr(ipr, "asyncore", None)
             if status is not None and "nlm_generator" not in status.status:
                 status.status["nlm_generator"] = False  # pyroute2 0.9's sync IPRoute leaves it unset
