@@ -6,8 +6,9 @@ in between (so bounds, caps, the journal-free write path, advice and
 back-off all behave as in the daemon)::
 
     h = TunerHarness.build(RouteTableTuner, sysctls={"net.ipv6.route.max_size": (4096,)})
-    h.feed(Event.build(h.tuner.id, Scenarios.FULL, h.global_cookie, updates=[...]))
-    assert h.sysctls.values[(h.global_cookie, "net.ipv6.route.max_size")] == (5120,)
+    full = Update(RouteTableTunable.IPV6_MAX_SIZE, (4096, 4000, 0), (5120, 4000, 0))
+    h.feed(Event.build(h.tuner.id, RouteTableScenario.FULL, h.global_cookie, updates=[full]))
+    assert h.value("net.ipv6.route.max_size") == (6400,)  # grown until 4000 is not nearly full
 
 A tuner that reads its BPF object gets a :class:`SyntheticObject` (globals
 and maps in memory, read and written as the loaded object's are)::
