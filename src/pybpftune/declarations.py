@@ -228,9 +228,6 @@ class Decision(Sequence[Proposal]):
             self.texts + other.texts,
         )
 
-    def with_effects(self, *effects: Effect) -> Decision:
-        return Decision(self.proposals, self.effects + effects, self.check_at, self.texts)
-
     @overload
     def __getitem__(self, index: int) -> Proposal: ...
 
