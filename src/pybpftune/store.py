@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
 from .config import Limits, TunableLimits
-from .declarations import Proposal, Scenario, Setter, Tunable
+from .declarations import Noted, Proposal, Scenario, Setter, TextProposal, Tunable
 from .errors import PybpftuneError, TunerError
 from .history import Change, History, now
 from .journal import Key, Pending, Record, Value, boot_id, compacted, describe, same
@@ -155,16 +155,6 @@ def bounded(
                 v = min(o, floor)
         out.append(hard(v))
     return tuple(out)
-
-
-@dataclass(frozen=True)
-class _TextProposal:
-    """What _log_change needs of a string sysctl change."""
-
-    tunable: int
-    scenario: int
-    netns_cookie: int
-    reason: str
 
 
 def _plain(values: tuple[int | str, ...]) -> str:
@@ -457,7 +447,7 @@ class TunableStore:
         """Carry out one proposal; True if the tunable changed."""
         t = tuner.tunable(proposal.tunable)
         if t.kind == "string" or t.kind == "other":
-            raise TunerError(f"{t.name} is not numeric and settable; use apply_text or note for it")
+            raise TunerError(f"{t.name} is not numeric and settable; use a TextProposal or Noted for it")
         if len(proposal.new) != t.num_values:
             raise TunerError(f"proposal for {t.name} has {len(proposal.new)} values, expected {t.num_values}")
         cookie = self._cookie(t, proposal.netns_cookie)
@@ -479,31 +469,28 @@ class TunableStore:
         self._log_change(tuner, t, proposal, cookie, old, new)
         return True
 
-    def apply_text(
-        self, tuner: Tuner, tunable_id: int, scenario: int, netns_cookie: int | None, text: str, reason: str
-    ) -> bool:
+    def apply_text(self, tuner: Tuner, p: TextProposal) -> bool:
         """Set a string sysctl (e.g. a list of congestion controls); True if it changed."""
-        t = tuner.tunable(tunable_id)
+        t = tuner.tunable(p.tunable)
         if t.kind != "string":
             raise TunerError(f"{t.name} is not a string sysctl")
-        cookie = self._cookie(t, netns_cookie)
+        cookie = self._cookie(t, p.netns_cookie)
         if self.netns_state(tuner, cookie) != ACTIVE:
             log.debug("Skipping update of %s: '%s' is disabled in netns cookie %d", t.name, tuner.name, cookie)
             return False
         old = self._read(t, cookie)
         if not isinstance(old, str):
             return False
-        new = " ".join(text.split())
+        new = " ".join(p.text.split())
         if same(new, old):
             return False
-        proposal = _TextProposal(tunable_id, scenario, cookie, reason)
         if self.advice:
-            self._count(tuner, t, scenario, cookie)
-            self._log_change(tuner, t, proposal, cookie, (old,), (new,), advice=True)  # type: ignore[arg-type]
+            self._count(tuner, t, p.scenario, cookie)
+            self._log_change(tuner, t, p, cookie, (old,), (new,), advice=True)
             return False
-        if not self._write(tuner, t, cookie, old, new, scenario):
+        if not self._write(tuner, t, cookie, old, new, p.scenario):
             return False
-        self._log_change(tuner, t, proposal, cookie, (old,), (new,))  # type: ignore[arg-type]
+        self._log_change(tuner, t, p, cookie, (old,), (new,))
         return True
 
     def _read(self, t: Tunable, cookie: int) -> Value | None:
@@ -545,29 +532,19 @@ class TunableStore:
     def _count(self, tuner: Tuner, t: Tunable, scenario: int, cookie: int) -> None:
         self._counts.setdefault((tuner.name, t.id), Counter())[(scenario, self.namespaces.is_global(cookie))] += 1
 
-    def note(self, tuner: Tuner, proposal: Proposal, old: Values) -> None:
-        """Log and count a change made by other means (per socket, by BPF)."""
-        t = tuner.tunable(proposal.tunable)
-        cookie = self._cookie(t, proposal.netns_cookie)
-        self._count(tuner, t, proposal.scenario, cookie)
-        self._log_change(tuner, t, proposal, cookie, old, proposal.new, advice=self.advice)
-
-    def note_text(
-        self, tuner: Tuner, tunable_id: int, scenario: int, netns_cookie: int, old: str, new: str, reason: str
-    ) -> None:
-        """Log and count a textual change made by other means (a connection's
+    def note(self, tuner: Tuner, n: Noted) -> None:
+        """Log and count a change made by other means (a connection's
         congestion control, set by BPF)."""
-        t = tuner.tunable(tunable_id)
-        cookie = self._cookie(t, netns_cookie)
-        self._count(tuner, t, scenario, cookie)
-        proposal = _TextProposal(tunable_id, scenario, cookie, reason)
-        self._log_change(tuner, t, proposal, cookie, (old,), (new,), advice=self.advice)  # type: ignore[arg-type]
+        t = tuner.tunable(n.tunable)
+        cookie = self._cookie(t, n.netns_cookie)
+        self._count(tuner, t, n.scenario, cookie)
+        self._log_change(tuner, t, n, cookie, (n.old,), (n.new,), advice=self.advice)
 
     def _log_change(
         self,
         tuner: Tuner,
         t: Tunable,
-        p: Proposal,
+        p: Proposal | TextProposal | Noted,
         cookie: int,
         old: tuple[int | str, ...],
         new: tuple[int | str, ...],

@@ -227,7 +227,7 @@ class Tuner:
             if self.apply(proposal) and proposal.announce:
                 self.log.info("%s", proposal.announce)
         for text in decision.texts:
-            self.apply_text(text.tunable, text.scenario, text.netns_cookie, text.text, text.reason)
+            self.ctx.store.apply_text(self, text)
         if decision.check_at is not None:
             self.tick_at(decision.check_at)
 
@@ -243,8 +243,7 @@ class Tuner:
         elif isinstance(effect, NamespaceGone):
             self.ctx.store.mark_gone(effect.netns_cookie, effect.why)
         elif isinstance(effect, Noted):
-            e = effect
-            self.ctx.store.note_text(self, e.tunable, e.scenario, e.netns_cookie, e.old, e.new, e.reason)
+            self.ctx.store.note(self, effect)
 
     def _update_map(self, update: MapUpdate) -> None:
         if self.loaded is None:
@@ -330,10 +329,6 @@ class Tuner:
         """Update a global in the loaded object (no-op without one)."""
         if self.loaded is not None:
             self.loaded.set_global(name, value)
-
-    def apply_text(self, tunable_id: int, scenario: int, netns_cookie: int | None, text: str, reason: str) -> bool:
-        """Set a string sysctl through the store's write path."""
-        return self.ctx.store.apply_text(self, tunable_id, scenario, netns_cookie, text, reason)
 
     def current(self, tunable_id: int, netns_cookie: int | None = None) -> tuple[int, ...]:
         """Current values of a tunable (in a namespace for namespaced ones)."""

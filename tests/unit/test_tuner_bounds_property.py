@@ -223,10 +223,6 @@ class RecordingStore(TunableStore):
         self.proposals.append((tuner, proposal))
         return super().apply(tuner, proposal)
 
-    def note(self, tuner: store_mod.Tuner, proposal: Proposal, old: tuple[int, ...]) -> None:
-        self.proposals.append((tuner, proposal))
-        super().note(tuner, proposal, old)
-
 
 def within_bounds(tuner: Tuner, proposal: Proposal) -> None:
     t = tuner.tunable(proposal.tunable)

@@ -40,7 +40,7 @@ from ..bindings import (
 from ..errors import PybpftuneError
 from ..events import Event
 from ..sysctl import SysctlMissing
-from ..tuner import Decision, MapUpdate, Noted, Scenario, Tunable, Tuner, TunerContext
+from ..tuner import Decision, MapUpdate, Noted, Scenario, TextProposal, Tunable, Tuner, TunerContext
 
 log = logging.getLogger("pybpftune.tuner.tcp_conn")
 
@@ -257,13 +257,13 @@ class TcpConnTuner(Tuner):
         wanted = allowed_with(allowed, self.available)
         if wanted != " ".join(allowed.split()):
             missing = [a for a in self.available if a not in allowed.split()]
-            self.apply_text(
-                TcpConnTunable.ALLOWED,
-                TcpConnScenario.SPECIFY,
-                None,
-                wanted,
+            reason = (
                 f"tcp_conn choosing among {', '.join(self.available)} per connection "
-                f"({', '.join(missing)} not yet allowed)",
+                f"({', '.join(missing)} not yet allowed)"
+            )
+            glob = self.ctx.namespaces.global_cookie
+            self.carry_out(
+                Decision(texts=(TextProposal(TcpConnTunable.ALLOWED, TcpConnScenario.SPECIFY, glob, wanted, reason),))
             )
         self.log.info(
             "tcp_conn: choosing among %s; BBR on loss %s",
