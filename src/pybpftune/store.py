@@ -443,8 +443,9 @@ class TunableStore:
 
     # --- the write path --------------------------------------------------------------
 
-    def apply(self, tuner: Tuner, proposal: Proposal) -> bool:
-        """Carry out one proposal; True if the tunable changed."""
+    def apply(self, tuner: Tuner, proposal: Proposal) -> Values | None:
+        """Carry out one proposal: the values written (bounds and caps may
+        have made them smaller than proposed), None if nothing changed."""
         t = tuner.tunable(proposal.tunable)
         if t.kind == "string" or t.kind == "other":
             raise TunerError(f"{t.name} is not numeric and settable; use a TextProposal or Noted for it")
@@ -453,21 +454,21 @@ class TunableStore:
         cookie = self._cookie(t, proposal.netns_cookie)
         if self.netns_state(tuner, cookie) != ACTIVE:
             log.debug("Skipping update of %s: '%s' is disabled in netns cookie %d", t.name, tuner.name, cookie)
-            return False
+            return None
         old = self._read(t, cookie)
         if old is None or isinstance(old, str):
-            return False
+            return None
         new = self._bounded(tuner, t, cookie, old, proposal.new)
         if new == old:
-            return False
+            return None
         if self.advice:
             self._count(tuner, t, proposal.scenario, cookie)
             self._log_change(tuner, t, proposal, cookie, old, new, advice=True)
-            return False
+            return None
         if not self._write(tuner, t, cookie, old, new, proposal.scenario):
-            return False
+            return None
         self._log_change(tuner, t, proposal, cookie, old, new)
-        return True
+        return new
 
     def apply_text(self, tuner: Tuner, p: TextProposal) -> bool:
         """Set a string sysctl (e.g. a list of congestion controls); True if it changed."""

@@ -5,8 +5,8 @@ A tuner reads as a declaration::
     class RouteTableTuner(Tuner):
         name = "route_table"
         bpf_name = "route_table_tuner"
-        tunables = (Tunable(Ids.MAX_SIZE, "net.ipv6.route.max_size", ...),)
-        scenarios = (Scenario(Ids.FULL, "destination table nearly full", "..."),)
+        tunables = (Tunable(RouteTableTunable.IPV6_MAX_SIZE, "net.ipv6.route.max_size", ...),)
+        scenarios = (Scenario(RouteTableScenario.FULL, "destination table nearly full", "..."),)
 
         def decide(self, event: Event) -> Decision:   # plain rules, unit-testable
 
@@ -172,13 +172,6 @@ class Tuner:
         0: estimated from MemTotal when /proc/zoneinfo has no usable zone)."""
         return self.host_memory.buffer_pages
 
-    @free_pages.setter
-    def free_pages(self, pages: int) -> None:
-        """Pretend the zones give ``pages`` (tests); 0: no usable zone."""
-        mem = self.host_memory
-        total = pages * mem.page_size if pages > 0 else mem.total_bytes
-        self.memory = HostMemory(total, pages, mem.page_size, mem.cpus)
-
     def ceiling(self, tunable_id: int) -> int | None:
         """The memory cap of a tunable on this host (never below its lower
         bound); None when it declares none."""
@@ -269,13 +262,13 @@ class Tuner:
 
     @final
     def apply(self, proposal: Proposal) -> bool:
-        applied = self.ctx.store.apply(self, proposal)
-        if applied:
-            # What was written, which bounds and configured caps may have
-            # made smaller than what was proposed.
-            written = self.ctx.store.written(self, proposal.tunable, proposal.netns_cookie)
-            self.applied(proposal if written is None else replace(proposal, new=written))
-        return applied
+        written = self.ctx.store.apply(self, proposal)
+        if written is None:
+            return False
+        # What was written, which bounds and configured caps may have made
+        # smaller than what was proposed.
+        self.applied(replace(proposal, new=written))
+        return True
 
     def applied(self, proposal: Proposal) -> None:
         """A proposal took effect (e.g. mirror the new value into BPF);

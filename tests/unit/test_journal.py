@@ -69,9 +69,8 @@ class Life:
 
     def set(self, value: int, cookie: int | None = None, tuner: Tuner | None = None, tunable: int = 0) -> bool:
         t = tuner or self.demo
-        return self.store.apply(
-            t, Proposal(tunable, 0, cookie if cookie is not None else self.ns.global_cookie, (value,), "a test")
-        )
+        cookie = cookie if cookie is not None else self.ns.global_cookie
+        return self.store.apply(t, Proposal(tunable, 0, cookie, (value,), "a test")) is not None
 
     def recover(self, restore: bool) -> int:
         return self.store.recover(self.store.load_journal(KNOWN), KNOWN.get, restore=restore)

@@ -691,7 +691,7 @@ def test_tcp_mem_is_capped_from_memtotal_when_the_zones_give_nothing(caplog: pyt
     (F * 4 KiB here), so 42 pressure events stop at F/4 instead of taking
     tcp_mem to INT_MAX pages."""
     tuner, backend, clock = make_tuner()
-    tuner.free_pages = 0  # the zones give nothing
+    tuner.memory = dataclasses.replace(tuner.host_memory, zone_pages=0)  # the zones give nothing
     assert tuner.host_memory.buffer_estimated
     assert tuner.free_pages == F
     caplog.set_level(logging.DEBUG, logger="pybpftune.tuner.tcp_buffer")

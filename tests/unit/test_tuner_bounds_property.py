@@ -219,7 +219,7 @@ class RecordingStore(TunableStore):
         super().__init__(*args, **kwargs)
         self.proposals: list[tuple[store_mod.Tuner, Proposal]] = []
 
-    def apply(self, tuner: store_mod.Tuner, proposal: Proposal) -> bool:
+    def apply(self, tuner: store_mod.Tuner, proposal: Proposal) -> tuple[int, ...] | None:
         self.proposals.append((tuner, proposal))
         return super().apply(tuner, proposal)
 
