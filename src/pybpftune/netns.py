@@ -349,9 +349,9 @@ class Namespaces:
         """A path that leads to the namespace with this inode (kernels without
         cookies name namespaces only by inode): a known one, else a scan whose
         find is cached."""
-        for ref in list(self._by_cookie.values()):
-            if ref.inode == inode and ref.valid():
-                return ref.path
+        known = self._by_cookie.get(self._cookie_by_inode.get(inode, -1))
+        if known is not None and known.valid():
+            return known.path
         cached = self._path_by_inode.get(inode)
         if cached is not None and _inode_of(cached) == inode:
             return cached
