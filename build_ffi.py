@@ -121,10 +121,13 @@ def _enum_members(enum_name: str, members: dict[str, int]) -> tuple[dict[str, st
 
 # How a field of each shape is declared, read from a cffi view ``v`` and
 # written into it; {n}: the field, {c}: the binding class of a struct element.
+# Writes leave zero/empty values alone (pack starts from zeroed bytes), so
+# the members of a union (bpftune_event's update/str/raw_data) do not
+# overwrite one another: only the one that is set is written.
 _SHAPES = {
-    "int": ("int = 0", "int(v.{n})", "v.{n} = self.{n}"),
+    "int": ("int = 0", "int(v.{n})", "if self.{n}:\n            v.{n} = self.{n}"),
     "struct": ("{c} = field(default_factory=lambda: {c}())", "{c}.from_view(v.{n})", "self.{n}.fill(v.{n})"),
-    "char[]": ('str = ""', "libbpf.c_string(v.{n})", "libbpf.set_c_string(v.{n}, self.{n})"),
+    "char[]": ('str = ""', "libbpf.c_string(v.{n})", "if self.{n}:\n            libbpf.set_c_string(v.{n}, self.{n})"),
     "byte[]": ('builtins.bytes = b""', "libbpf.array_bytes(v.{n})", "libbpf.set_array(v.{n}, self.{n})"),
     "int[]": ("tuple[int, ...] = ()", "tuple(int(x) for x in v.{n})", "libbpf.set_array(v.{n}, self.{n})"),
     "int[][]": (

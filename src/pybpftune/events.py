@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from . import libbpf
+from . import bindings, libbpf
 
 HEADER_SIZE = libbpf.union_offset()
 # Netns cookies count up from 1 (a 64-bit counter the kernel advances per new
@@ -53,24 +53,16 @@ class Event:
         raw: bytes | None = None,
     ) -> Event:
         """A synthetic event, as the BPF side would send it (for tests and replays)."""
-        view = libbpf.struct_view("struct bpftune_event", bytearray(libbpf.EVENT_SIZE))
-        view.tuner_id = tuner_id
-        view.scenario_id = scenario_id
-        view.netns_cookie = netns_cookie
-        view.pid = pid
-        for i, upd in enumerate(updates or []):
-            view.update[i].id = upd.id
-            for j in range(libbpf.MAX_VALUES):
-                view.update[i].old[j] = upd.old[j]
-                view.update[i].new[j] = upd.new[j]
-        if text is not None:
-            encoded = text.encode()[: len(view.str) - 1]
-            for i, b in enumerate(encoded):
-                view.str[i] = bytes([b])
-        if raw is not None:
-            for i, b in enumerate(raw[: len(view.raw_data)]):
-                view.raw_data[i] = b
-        return cls(libbpf.struct_bytes(view, libbpf.EVENT_SIZE))
+        record = bindings.BpftuneEvent(
+            tuner_id=tuner_id,
+            scenario_id=scenario_id,
+            netns_cookie=netns_cookie,
+            pid=pid,
+            update=tuple(bindings.BpftunableUpdate(id=u.id, old=u.old, new=u.new) for u in updates or ()),
+            str=text or "",
+            raw_data=raw or b"",
+        )
+        return cls(record.pack())
 
     @property
     def data(self) -> bytes:

@@ -84,3 +84,12 @@ def test_enums_come_from_the_header() -> None:
     assert issubclass(bindings.TcpBufferConnFlag, enum.IntFlag)
     assert [m.name for m in bindings.TcpConnAlg] == ["CUBIC", "BBR", "HTCP", "DCTCP", "OTHER"]
     assert bindings.NETNS_UNKNOWN == 2**64 - 1
+
+
+def test_members_of_a_union_do_not_overwrite_each_other() -> None:
+    """struct bpftune_event's update, str and raw_data share their bytes:
+    packing one leaves it as set (the others are written only when set)."""
+    update = bindings.BpftunableUpdate(id=7, old=(1, 2, 3), new=(4, 5, 6))
+    event = bindings.BpftuneEvent(tuner_id=3, update=(update,))
+    assert bindings.BpftuneEvent.unpack(event.pack()).update[0] == update
+    assert bindings.BpftuneEvent.unpack(bindings.BpftuneEvent(str="hello").pack()).str == "hello"
