@@ -44,6 +44,8 @@ INCREASE, DECREASE = UdpBufferScenario.INCREASE, UdpBufferScenario.DECREASE
 MEM_PRESSURE, MEM_EXHAUSTION = UdpBufferScenario.MEM_PRESSURE, UdpBufferScenario.MEM_EXHAUSTION
 
 SOCK_RCVBUF_LOCK = 2  # include/net/sock.h: the socket set SO_RCVBUF itself
+# The BPF pre-filter's copy of each limit (a global of the same name).
+MIRRORED: dict[int, str] = {RMEM_MAX: "rmem_max", RMEM_DEFAULT: "rmem_default"}
 RMEM_LOWER = 8192
 RMEM_BOUND = 256 * 1024 * 1024  # values stay strictly below
 
@@ -84,19 +86,11 @@ class UdpBufferTuner(Tuner):
     def bpf_globals(self) -> dict[str, int]:
         return {"rmem_max": self.current(RMEM_MAX)[0], "rmem_default": self.current(RMEM_DEFAULT)[0]}
 
-    def mirror(self) -> Decision:
-        """The limits as they are now, for the BPF pre-filter."""
-        return Decision(
-            effects=(
-                SetGlobal("rmem_max", self.current(RMEM_MAX)[0]),
-                SetGlobal("rmem_default", self.current(RMEM_DEFAULT)[0]),
-            )
-        )
-
     def applied(self, proposal: Proposal) -> None:
-        # The framework calls this with what the store wrote: mirror it.
-        if proposal.tunable in (RMEM_MAX, RMEM_DEFAULT):
-            self.carry_out(self.mirror())
+        # The framework calls this with what the store wrote: mirror that
+        # (no re-read of the sysctl).
+        if proposal.tunable in MIRRORED:
+            self.carry_out(Decision(effects=(SetGlobal(MIRRORED[proposal.tunable], proposal.new[0]),)))
 
     # --- the rules ---------------------------------------------------------------------------------
 
@@ -104,10 +98,13 @@ class UdpBufferTuner(Tuner):
         # Follow changes made behind our back (the sysctl tuner disables us
         # then, but the BPF pre-filter should still see true values): a raised
         # limit makes the stale pre-filter send events, and each event
-        # refreshes it, so no periodic re-read is needed.
-        mirror = self.mirror()
+        # refreshes it, so no periodic re-read is needed.  Read once per
+        # event: the overflow rule judges the same values.
+        rmem_max, rmem_default = self.current(RMEM_MAX)[0], self.current(RMEM_DEFAULT)[0]
+        mirror = Decision(effects=(SetGlobal("rmem_max", rmem_max), SetGlobal("rmem_default", rmem_default)))
         if event.scenario_id == UdpBufferObservation.OBS_RCVBUF_FULL:
-            return mirror + self.on_rcvbuf_full(UdpBufferObs.unpack(event.raw), event.netns_cookie)
+            obs = UdpBufferObs.unpack(event.raw)
+            return mirror + self.on_rcvbuf_full(obs, event.netns_cookie, rmem_max, rmem_default)
         if event.scenario_id == UdpBufferObservation.OBS_MEM_LIMIT:
             return mirror + self.on_memory_limit(UdpBufferObs.unpack(event.raw), event.netns_cookie)
         return mirror
@@ -124,10 +121,8 @@ class UdpBufferTuner(Tuner):
         )
         return False
 
-    def on_rcvbuf_full(self, obs: UdpBufferObs, cookie: int) -> Decision:
+    def on_rcvbuf_full(self, obs: UdpBufferObs, cookie: int, rmem_max: int, rmem_default: int) -> Decision:
         """A receive queue overflowed: grow the limit the socket's buffer came from."""
-        rmem_max = self.current(RMEM_MAX)[0]
-        rmem_default = self.current(RMEM_DEFAULT)[0]
         steps = self.steps
         out: list[Proposal] = []
         if obs.userlocks & SOCK_RCVBUF_LOCK:
