@@ -298,7 +298,7 @@ class NetBufferTuner(Tuner):
         once the store wrote it), and the budget hold-off starts then."""
         if proposal.tunable == NetBufferTunable.MAX_BACKLOG:
             # A new setting: count its drops from scratch.
-            self.set_bpf_global("max_backlog", self.current(NetBufferTunable.MAX_BACKLOG)[0])
+            self.set_bpf_global("max_backlog", proposal.new[0])
             self.set_bpf_global("backlog_drops", 0)
             self.set_bpf_global("backlog_window_start", 0)
             self._poll_drops.clear()
