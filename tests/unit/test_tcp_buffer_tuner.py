@@ -12,14 +12,17 @@ import pytest
 
 from pybpftune import procnet
 from pybpftune.bindings import (
+    TCP_BUFFER_NUM_TUNABLES,
     BpftunableUpdate,
     CorrKey,
     TcpBufferConn,
     TcpBufferEvent,
     TcpBufferHold,
     TcpBufferHoldKey,
-    TcpBufferScenario,
 )
+from pybpftune.bindings import TcpBufferConnFlag as Flag
+from pybpftune.bindings import TcpBufferScenario as Scenario
+from pybpftune.bindings import TcpBufferTunable as Tunable
 from pybpftune.corr import CorrSums, corr_key, corr_value, read_corr
 from pybpftune.declarations import MapUpdate
 from pybpftune.events import Event
@@ -117,7 +120,7 @@ def conn_event(
     conn: Conn,
     old: tuple[int, ...],
     cookie: int = NS,
-    scenario: int = tb.BUFFER_INCREASE,
+    scenario: int = Scenario.INCREASE,
 ) -> Event:
     """The event the BPF side sends for a pressing connection."""
     update = BpftunableUpdate(id=tunable, old=tuple(old[:3]), new=(old[0], old[1], old[2] + (old[2] >> 2)))
@@ -147,9 +150,9 @@ def receiver(
     window = limit // 2
     usable = min(window, wscale_cap)
     delivered = usable if rate is None else int(rate * rtt_us / 1e6)
-    flags = tb.F_RCV | tb.F_LIMIT
+    flags = Flag.F_RCV | Flag.F_LIMIT
     if window > wscale_cap:
-        flags |= tb.F_WSCALE
+        flags |= Flag.F_WSCALE
     measured = 0.0 if first else delivered * 1e6 / rtt_us
     return Conn(
         flags, rtt_us, min_rtt_us, 1448, limit, 0, window, wscale_cap, delivered, rtt_us, measured_rate=measured
@@ -160,15 +163,15 @@ def sender(limit: int, *, rtt_us: int = 50_000, min_rtt_us: int = 50_000, inflig
     """A sender limited by a send buffer at ``limit``: its whole buffer in flight."""
     flight = limit * 9 // 10 if inflight is None else inflight
     segs = flight // 1448
-    return Conn(tb.F_SND | tb.F_LIMIT, rtt_us, min_rtt_us, 1448, limit, limit, flight, 4 * MB, segs, rtt_us, segs)
+    return Conn(Flag.F_SND | Flag.F_LIMIT, rtt_us, min_rtt_us, 1448, limit, limit, flight, 4 * MB, segs, rtt_us, segs)
 
 
 # --- declarations ---------------------------------------------------------------------------
 
 
 def test_every_id_of_the_header_is_declared() -> None:
-    assert [t.id for t in TcpBufferTuner.tunables] == list(range(tb.NUM_TUNABLES))
-    assert [s.id for s in TcpBufferTuner.scenarios] == sorted(TcpBufferScenario)
+    assert [t.id for t in TcpBufferTuner.tunables] == list(range(TCP_BUFFER_NUM_TUNABLES))
+    assert [s.id for s in TcpBufferTuner.scenarios] == sorted(Scenario)
 
 
 def test_namespaced_tunables_follow_the_kernel() -> None:
@@ -184,14 +187,14 @@ def test_syncookies_is_a_readable_sysctl() -> None:
     """Upstream OR-ed OPTIONAL into the type field: tcp_syncookies was never
     read (current value always 0) and the rule disabling it never fired."""
     tuner, _backend, _clock = make_tuner(values={"net.ipv4.tcp_syncookies": (1,)})
-    t = tuner.tunable(tb.TCP_SYNCOOKIES)
+    t = tuner.tunable(Tunable.TCP_SYNCOOKIES)
     assert t.kind == "sysctl" and t.is_sysctl and t.optional
-    assert tuner.ctx.store.original(tuner, tb.TCP_SYNCOOKIES) == (1,)
+    assert tuner.ctx.store.original(tuner, Tunable.TCP_SYNCOOKIES) == (1,)
 
 
 def test_conn_payload_round_trips_through_the_event() -> None:
     conn = receiver(131072, wscale_cap=262140, first=True)  # the event carries no measured goodput
-    event = conn_event(tb.TCP_RMEM, conn, (4096, 65536, 131072))
+    event = conn_event(Tunable.TCP_RMEM, conn, (4096, 65536, 131072))
     assert Conn.from_event(event) == conn
     assert event.update(0).old == (4096, 65536, 131072)
 
@@ -355,7 +358,7 @@ def test_never_above_int_max_or_the_memory_cap() -> None:
 def test_starved_receiver_raises_tcp_rmem_and_enables_moderate_rcvbuf(caplog: pytest.LogCaptureFixture) -> None:
     tuner, backend, _clock = make_tuner()
     with caplog.at_level(logging.INFO, logger="pybpftune"):
-        tuner.handle_event(conn_event(tb.TCP_RMEM, receiver(131072), (4096, 65536, 131072)))
+        tuner.handle_event(conn_event(Tunable.TCP_RMEM, receiver(131072), (4096, 65536, 131072)))
     assert backend.read("net.ipv4.tcp_rmem", NS) == (4096, 65536, 524288)
     assert backend.read("net.ipv4.tcp_moderate_rcvbuf", NS) == (1,)
     assert backend.read("net.ipv4.tcp_rmem") == (4096, 65536, 131072), "global namespace untouched"
@@ -371,24 +374,24 @@ def test_starved_receiver_raises_tcp_rmem_and_enables_moderate_rcvbuf(caplog: py
 
 def test_starved_sender_raises_tcp_wmem() -> None:
     tuner, backend, _clock = make_tuner()
-    tuner.handle_event(conn_event(tb.TCP_WMEM, sender(131072), (4096, 65536, 131072)))
+    tuner.handle_event(conn_event(Tunable.TCP_WMEM, sender(131072), (4096, 65536, 131072)))
     assert backend.read("net.ipv4.tcp_wmem", NS) == (4096, 65536, 4 * 131072)
     assert backend.read("net.ipv4.tcp_moderate_rcvbuf", NS) == (0,), "only tcp_rmem changes need it"
 
 
 def test_changes_are_spaced_by_a_few_rtts_and_stale_events_ignored() -> None:
     tuner, backend, clock = make_tuner()
-    tuner.handle_event(conn_event(tb.TCP_RMEM, receiver(131072), (4096, 65536, 131072)))
+    tuner.handle_event(conn_event(Tunable.TCP_RMEM, receiver(131072), (4096, 65536, 131072)))
     assert backend.read("net.ipv4.tcp_rmem", NS)[2] == 524288
     # Pressing at the new limit, but within 3 RTTs of the change.
     clock.now += 0.1
-    tuner.handle_event(conn_event(tb.TCP_RMEM, receiver(524288), (4096, 65536, 524288)))
+    tuner.handle_event(conn_event(Tunable.TCP_RMEM, receiver(524288), (4096, 65536, 524288)))
     assert backend.read("net.ipv4.tcp_rmem", NS)[2] == 524288
     # Queued before the change (old max 131072): stale even after the cooldown.
     clock.now += 1
-    tuner.handle_event(conn_event(tb.TCP_RMEM, receiver(131072), (4096, 65536, 131072)))
+    tuner.handle_event(conn_event(Tunable.TCP_RMEM, receiver(131072), (4096, 65536, 131072)))
     assert backend.read("net.ipv4.tcp_rmem", NS)[2] == 524288
-    tuner.handle_event(conn_event(tb.TCP_RMEM, receiver(524288), (4096, 65536, 524288)))
+    tuner.handle_event(conn_event(Tunable.TCP_RMEM, receiver(524288), (4096, 65536, 524288)))
     assert backend.read("net.ipv4.tcp_rmem", NS)[2] == 4 * 524288
 
 
@@ -398,11 +401,11 @@ def test_only_the_first_growth_in_a_namespace_sizes_for_the_window_scale_cap() -
     grown limit: cap 4 MiB here) is sized by need, not by its cap."""
     tuner, backend, clock = make_tuner()
     first = receiver(131072, wscale_cap=262140, rate=4.3e6 / 8, first=True)
-    tuner.handle_event(conn_event(tb.TCP_RMEM, first, (4096, 65536, 131072)))
+    tuner.handle_event(conn_event(Tunable.TCP_RMEM, first, (4096, 65536, 131072)))
     assert backend.read("net.ipv4.tcp_rmem", NS)[2] == 2 * 262140
     clock.now += 2
     later = receiver(2 * 262140, wscale_cap=4 * MB, rate=4.3e6 / 8, first=True)
-    tuner.handle_event(conn_event(tb.TCP_RMEM, later, (4096, 65536, 2 * 262140)))
+    tuner.handle_event(conn_event(Tunable.TCP_RMEM, later, (4096, 65536, 2 * 262140)))
     assert backend.read("net.ipv4.tcp_rmem", NS)[2] == 2 * 262140, "need-based: a slow reader needs no more"
 
 
@@ -415,8 +418,8 @@ def test_a_window_scale_capped_connection_cannot_run_the_limit_away() -> None:
         limit = backend.read("net.ipv4.tcp_rmem", NS)[2]
         # The kernel grows the buffer to what the capped flow uses (~2x cap).
         buf = min(limit, 3 * cap)
-        conn = Conn(tb.F_RCV | tb.F_WSCALE, 50_000, 50_000, 1448, buf, 0, buf // 2, cap, cap, 50_000)
-        tuner.handle_event(conn_event(tb.TCP_RMEM, conn, (4096, 65536, limit)))
+        conn = Conn(Flag.F_RCV | Flag.F_WSCALE, 50_000, 50_000, 1448, buf, 0, buf // 2, cap, cap, 50_000)
+        tuner.handle_event(conn_event(Tunable.TCP_RMEM, conn, (4096, 65536, limit)))
         clock.now += 1
     final = backend.read("net.ipv4.tcp_rmem", NS)[2]
     assert final == 4 * cap * 2, "x4 the capped window, at 2 buffer bytes per window byte"
@@ -447,11 +450,11 @@ def simulate_path(
         rate = min(window / (rtt / 1e6), 25e6)
         if side == "rcv":
             delivered = int(rate * rtt / 1e6)
-            conn = Conn(tb.F_RCV | tb.F_LIMIT, rtt, rtt_us, 1448, limit, 0, window, 1 << 30, delivered, rtt)
+            conn = Conn(Flag.F_RCV | Flag.F_LIMIT, rtt, rtt_us, 1448, limit, 0, window, 1 << 30, delivered, rtt)
         else:
             segs = int(rate * rtt / 1e6 / 1448)
-            conn = Conn(tb.F_SND | tb.F_LIMIT, rtt, rtt_us, 1448, limit, limit, window, 1 << 30, segs, rtt, segs)
-        tid = tb.TCP_RMEM if side == "rcv" else tb.TCP_WMEM
+            conn = Conn(Flag.F_SND | Flag.F_LIMIT, rtt, rtt_us, 1448, limit, limit, window, 1 << 30, segs, rtt, segs)
+        tid = Tunable.TCP_RMEM if side == "rcv" else Tunable.TCP_WMEM
         tuner.handle_event(conn_event(tid, conn, backend.read(name, NS)))
         t += rtt / 1e6
         history.append((t, backend.read(name, NS)[2]))
@@ -485,8 +488,8 @@ def test_a_sufficient_limit_holds_off_the_connections_events_longer_each_time() 
     conn = dataclasses.replace(receiver(8 * MB, rate=25e6, rtt_us=80_000), conn=77)  # needs far less than 8 MB
     held = []
     for _ in range(6):
-        tuner.handle_event(conn_event(tb.TCP_RMEM, conn, (4096, 65536, 8 * MB)))
-        hold = tuner.holds[(NS, tb.TCP_RMEM, 77)]
+        tuner.handle_event(conn_event(Tunable.TCP_RMEM, conn, (4096, 65536, 8 * MB)))
+        hold = tuner.holds[(NS, Tunable.TCP_RMEM, 77)]
         assert hold.limit == 8 * MB
         assert hold.metric == tuner.steps.grow(conn.delivered)
         held.append(round(hold.until - clock.now, 3))
@@ -494,43 +497,43 @@ def test_a_sufficient_limit_holds_off_the_connections_events_longer_each_time() 
     assert held == [0.25, 0.5, 1.0, 2.0, 2.0, 2.0]
     assert backend.read("net.ipv4.tcp_rmem", NS)[2] == 8 * MB
     assert tuner.outcomes["enough"] == 6
-    assert list(tuner.holds) == [(NS, tb.TCP_RMEM, 77)], "only that connection is held"
+    assert list(tuner.holds) == [(NS, Tunable.TCP_RMEM, 77)], "only that connection is held"
     other = dataclasses.replace(conn, conn=78)
-    tuner.handle_event(conn_event(tb.TCP_RMEM, other, (4096, 65536, 8 * MB)))
-    assert tuner.holds[(NS, tb.TCP_RMEM, 78)].until == pytest.approx(clock.now + 0.25)
+    tuner.handle_event(conn_event(Tunable.TCP_RMEM, other, (4096, 65536, 8 * MB)))
+    assert tuner.holds[(NS, Tunable.TCP_RMEM, 78)].until == pytest.approx(clock.now + 0.25)
     # A connection the BPF side cannot tell apart (no hash) is never held.
-    tuner.handle_event(conn_event(tb.TCP_RMEM, dataclasses.replace(conn, conn=0), (4096, 65536, 8 * MB)))
-    assert (NS, tb.TCP_RMEM, 0) not in tuner.holds
+    tuner.handle_event(conn_event(Tunable.TCP_RMEM, dataclasses.replace(conn, conn=0), (4096, 65536, 8 * MB)))
+    assert (NS, Tunable.TCP_RMEM, 0) not in tuner.holds
 
 
 def test_growth_holds_the_namespace_through_its_cooldown_and_restarts_the_hold_offs() -> None:
     tuner, backend, clock = make_tuner()
     c = dataclasses.replace(receiver(131072), conn=5)
-    tuner.handle_event(conn_event(tb.TCP_RMEM, c, (4096, 65536, 131072)))
+    tuner.handle_event(conn_event(Tunable.TCP_RMEM, c, (4096, 65536, 131072)))
     assert backend.read("net.ipv4.tcp_rmem", NS)[2] == 524288
-    hold = tuner.holds[(NS, tb.TCP_RMEM, 0)]
+    hold = tuner.holds[(NS, Tunable.TCP_RMEM, 0)]
     # Every connection waits for the new limit for 3 RTTs (150 ms here).
     assert (hold.limit, hold.metric) == (524288, 2**64 - 1)
     assert hold.until == pytest.approx(clock.now + 0.15)
     # Sufficient at a larger limit three times in a row: 1 s hold-off.
     big = 8 * MB
-    assert tuner.apply(Proposal(tb.TCP_RMEM, tb.BUFFER_INCREASE, NS, (4096, 65536, big), "test"))
+    assert tuner.apply(Proposal(Tunable.TCP_RMEM, Scenario.INCREASE, NS, (4096, 65536, big), "test"))
     settled = dataclasses.replace(receiver(big, rate=25e6, rtt_us=80_000), conn=5)
     for _ in range(3):
         clock.now += 5
-        tuner.handle_event(conn_event(tb.TCP_RMEM, settled, (4096, 65536, big)))
-    assert tuner.holds[(NS, tb.TCP_RMEM, 5)].until == pytest.approx(clock.now + 1.0)
+        tuner.handle_event(conn_event(Tunable.TCP_RMEM, settled, (4096, 65536, big)))
+    assert tuner.holds[(NS, Tunable.TCP_RMEM, 5)].until == pytest.approx(clock.now + 1.0)
     # A growth (here after an administrator-free shrink to 512 KiB) restarts it.
-    assert tuner.apply(Proposal(tb.TCP_RMEM, tb.BUFFER_DECREASE, NS, (4096, 65536, big // 16), "test"))
+    assert tuner.apply(Proposal(Tunable.TCP_RMEM, Scenario.DECREASE, NS, (4096, 65536, big // 16), "test"))
     clock.now += 5
     tuner.handle_event(
-        conn_event(tb.TCP_RMEM, dataclasses.replace(receiver(big // 16), conn=5), (4096, 65536, big // 16))
+        conn_event(Tunable.TCP_RMEM, dataclasses.replace(receiver(big // 16), conn=5), (4096, 65536, big // 16))
     )
     assert backend.read("net.ipv4.tcp_rmem", NS)[2] == big // 4
     clock.now += 5
     slow = dataclasses.replace(receiver(big // 4, rate=5e6, rtt_us=80_000), conn=5)
-    tuner.handle_event(conn_event(tb.TCP_RMEM, slow, (4096, 65536, big // 4)))
-    assert tuner.holds[(NS, tb.TCP_RMEM, 5)].until == pytest.approx(clock.now + 0.25)
+    tuner.handle_event(conn_event(Tunable.TCP_RMEM, slow, (4096, 65536, big // 4)))
+    assert tuner.holds[(NS, Tunable.TCP_RMEM, 5)].until == pytest.approx(clock.now + 0.25)
 
 
 def test_a_hold_off_is_a_map_update_the_bpf_side_reads() -> None:
@@ -538,11 +541,11 @@ def test_a_hold_off_is_a_map_update_the_bpf_side_reads() -> None:
     the shared header's struct tcp_buffer_hold_key / tcp_buffer_hold."""
     tuner, _backend, clock = make_tuner(values={"net.ipv4.tcp_rmem": (4096, 65536, 8 * MB)})
     conn = dataclasses.replace(receiver(8 * MB, rate=25e6, rtt_us=80_000), conn=77)
-    decision = tuner.decide(conn_event(tb.TCP_RMEM, conn, (4096, 65536, 8 * MB)))
+    decision = tuner.decide(conn_event(Tunable.TCP_RMEM, conn, (4096, 65536, 8 * MB)))
     assert not decision.proposals
     (update,) = decision.effects
     assert isinstance(update, MapUpdate) and update.map == "bpftune_hold" and update.value is not None
-    assert TcpBufferHoldKey.unpack(update.key) == TcpBufferHoldKey(netns_cookie=NS, tunable=tb.TCP_RMEM, conn=77)
+    assert TcpBufferHoldKey.unpack(update.key) == TcpBufferHoldKey(netns_cookie=NS, tunable=Tunable.TCP_RMEM, conn=77)
     until_ns = int((clock.now + tb.HOLD_MIN_S) * 1e9)
     assert TcpBufferHold.unpack(update.value) == TcpBufferHold(until_ns, 8 * MB, tuner.steps.grow(conn.delivered))
 
@@ -566,14 +569,14 @@ def test_low_learning_rate_is_gentler() -> None:
 def test_no_buffer_growth_while_memory_is_short() -> None:
     tuner, backend, _clock = make_tuner()
     memory_short(tuner)
-    tuner.handle_event(conn_event(tb.TCP_RMEM, receiver(131072), (4096, 65536, 131072)))
+    tuner.handle_event(conn_event(Tunable.TCP_RMEM, receiver(131072), (4096, 65536, 131072)))
     assert backend.read("net.ipv4.tcp_rmem", NS)[2] == 131072
 
 
 def test_an_administrators_namespace_is_left_alone() -> None:
     tuner, backend, _clock = make_tuner()
     tuner.ctx.store.disable(tuner, NS, "pid 1, cmd 'sysctl' modified sysctl 'net.ipv4.tcp_rmem'")
-    tuner.handle_event(conn_event(tb.TCP_RMEM, receiver(131072), (4096, 65536, 131072)))
+    tuner.handle_event(conn_event(Tunable.TCP_RMEM, receiver(131072), (4096, 65536, 131072)))
     assert backend.read("net.ipv4.tcp_rmem", NS)[2] == 131072
 
 
@@ -585,64 +588,66 @@ def test_latency_correlated_growth_backs_off_toward_a_full_pipe() -> None:
     keeps the pipe full (2 x BDP) nor below the value before we grew it."""
     tuner, backend, clock = make_tuner()
     # Earlier growth took the namespace from 128 KiB to 8 MiB.
-    assert tuner.apply(Proposal(tb.TCP_RMEM, tb.BUFFER_INCREASE, NS, (4096, 65536, 8 * MB), "earlier growth"))
+    assert tuner.apply(Proposal(Tunable.TCP_RMEM, Scenario.INCREASE, NS, (4096, 65536, 8 * MB), "earlier growth"))
     rising = CorrSums.of([(MB * (i + 1), 50_000 + 3000 * i) for i in range(12)])
     corr = bpf(tuner).map("bpftune_corr", CorrKey, CorrSums)
     for _ in range(10):
         # The BPF side keeps seeing latency rise with the buffer (each
         # back-off deletes the sums it acted on).
-        correlate(tuner, tb.TCP_RMEM, rising)
+        correlate(tuner, Tunable.TCP_RMEM, rising)
         clock.now += 1
         limit = backend.read("net.ipv4.tcp_rmem", NS)
         # 200 Mbit/s over a 50 ms path, 30 ms of queue.
         conn = receiver(limit[2], rtt_us=80_000, min_rtt_us=50_000, rate=25e6)
-        tuner.handle_event(conn_event(tb.TCP_RMEM, conn, limit))
+        tuner.handle_event(conn_event(Tunable.TCP_RMEM, conn, limit))
     full = int(2 * 25e6 * 0.05 * 2)
     assert backend.read("net.ipv4.tcp_rmem", NS)[2] == full
     assert not corr, "acted on: deleted"
     # Acting on the correlation starts it over: its sums are deleted.
-    correlate(tuner, tb.TCP_RMEM, rising)
+    correlate(tuner, Tunable.TCP_RMEM, rising)
     clock.now += 1
     limit = backend.read("net.ipv4.tcp_rmem", NS)
-    decision = tuner.decide(conn_event(tb.TCP_RMEM, receiver(limit[2], rtt_us=80_000, rate=25e6), limit))
-    assert MapUpdate("bpftune_corr", corr_key(TUNER_ID, tb.TCP_RMEM, NS), None) in decision.effects
-    counts = tuner.ctx.store.scenario_counts(tuner, tb.TCP_RMEM)
-    assert counts[(tb.BUFFER_DECREASE_LATENCY, False)] == 2
+    decision = tuner.decide(conn_event(Tunable.TCP_RMEM, receiver(limit[2], rtt_us=80_000, rate=25e6), limit))
+    assert MapUpdate("bpftune_corr", corr_key(TUNER_ID, Tunable.TCP_RMEM, NS), None) in decision.effects
+    counts = tuner.ctx.store.scenario_counts(tuner, Tunable.TCP_RMEM)
+    assert counts[(Scenario.DECREASE_LATENCY, False)] == 2
 
 
 def test_latency_back_off_never_goes_below_the_initial_value() -> None:
     """Nor below a connection's recent need (30 s); and only for connections
     that sit in a queue."""
     tuner, backend, clock = make_tuner()
-    tuner.handle_event(conn_event(tb.TCP_RMEM, receiver(131072), (4096, 65536, 131072)))
+    tuner.handle_event(conn_event(Tunable.TCP_RMEM, receiver(131072), (4096, 65536, 131072)))
     assert backend.read("net.ipv4.tcp_rmem", NS)[2] == 524288
     rising = CorrSums.of([(131072 * (i + 1), 50_000 + 3000 * i) for i in range(12)])
     # Within 30 s the first connection's need (262144) still protects the limit.
-    correlate(tuner, tb.TCP_RMEM, rising)
+    correlate(tuner, Tunable.TCP_RMEM, rising)
     clock.now += 1
     limit = backend.read("net.ipv4.tcp_rmem", NS)
     conn = receiver(limit[2], rtt_us=80_000, min_rtt_us=50_000, rate=1e5)
-    tuner.handle_event(conn_event(tb.TCP_RMEM, conn, limit))
+    tuner.handle_event(conn_event(Tunable.TCP_RMEM, conn, limit))
     assert backend.read("net.ipv4.tcp_rmem", NS)[2] == 393216
-    correlate(tuner, tb.TCP_RMEM, rising)
+    correlate(tuner, Tunable.TCP_RMEM, rising)
     clock.now += 1
-    tuner.handle_event(conn_event(tb.TCP_RMEM, receiver(393216, rtt_us=80_000, min_rtt_us=50_000, rate=1e5), limit))
+    tuner.handle_event(
+        conn_event(Tunable.TCP_RMEM, receiver(393216, rtt_us=80_000, min_rtt_us=50_000, rate=1e5), limit)
+    )
     assert backend.read("net.ipv4.tcp_rmem", NS)[2] == 393216, "stale: seen before the change"
     clock.now += 30
     for _ in range(5):
-        correlate(tuner, tb.TCP_RMEM, rising)
+        correlate(tuner, Tunable.TCP_RMEM, rising)
         clock.now += 1
         limit = backend.read("net.ipv4.tcp_rmem", NS)
         conn = receiver(limit[2], rtt_us=80_000, min_rtt_us=50_000, rate=1e5)
-        tuner.handle_event(conn_event(tb.TCP_RMEM, conn, limit))
+        tuner.handle_event(conn_event(Tunable.TCP_RMEM, conn, limit))
     assert backend.read("net.ipv4.tcp_rmem", NS)[2] == 131072
 
 
 def test_uncorrelated_latency_does_not_back_off() -> None:
     tuner, backend, _clock = make_tuner()
     flat = CorrSums.of([(131072 * (i + 1), 50_000 + (i % 2) * 100) for i in range(20)])
-    correlate(tuner, tb.TCP_RMEM, flat)
-    tuner.handle_event(conn_event(tb.TCP_RMEM, receiver(131072), (4096, 65536, 131072)))
+    correlate(tuner, Tunable.TCP_RMEM, flat)
+    tuner.handle_event(conn_event(Tunable.TCP_RMEM, receiver(131072), (4096, 65536, 131072)))
     assert backend.read("net.ipv4.tcp_rmem", NS)[2] == 524288
 
 
@@ -682,7 +687,7 @@ def test_pressure_grows_tcp_mem_within_fractions_of_free_pages() -> None:
 
 def test_pressure_event_writes_tcp_mem_in_the_global_namespace() -> None:
     tuner, backend, _clock = make_tuner()
-    tuner.handle_event(update_event(tb.TCP_MEM, tb.MEM_PRESSURE, (40000, 60000, 90000)))
+    tuner.handle_event(update_event(Tunable.TCP_MEM, Scenario.MEM_PRESSURE, (40000, 60000, 90000)))
     assert backend.read("net.ipv4.tcp_mem") == (50000, 75000, 112500)
 
 
@@ -699,7 +704,7 @@ def test_tcp_mem_is_capped_from_memtotal_when_the_zones_give_nothing(caplog: pyt
     assert "estimated from MemTotal" in caplog.text
     for _ in range(42):
         mem = backend.read("net.ipv4.tcp_mem")
-        tuner.handle_event(update_event(tb.TCP_MEM, tb.MEM_PRESSURE, (mem[0], mem[1], mem[2])))
+        tuner.handle_event(update_event(Tunable.TCP_MEM, Scenario.MEM_PRESSURE, (mem[0], mem[1], mem[2])))
         clock.now += tb.MEM_COOLDOWN_S
     cap = F // 4
     final = backend.read("net.ipv4.tcp_mem")
@@ -712,7 +717,7 @@ def test_a_tcp_mem_max_no_memory_can_back_is_brought_down_the_first_time() -> No
     """The reference's mem_pressure test: tcp_mem "50 100 2000000000" and
     pressure grow the first two values and bring the max down to F/4."""
     tuner, backend, _clock = make_tuner(values={"net.ipv4.tcp_mem": (50, 100, 2_000_000_000)})
-    tuner.handle_event(update_event(tb.TCP_MEM, tb.MEM_PRESSURE, (50, 100, 2_000_000_000)))
+    tuner.handle_event(update_event(Tunable.TCP_MEM, Scenario.MEM_PRESSURE, (50, 100, 2_000_000_000)))
     assert backend.read("net.ipv4.tcp_mem") == (62, 125, F // 4)
     change = tuner.ctx.store.history.changes[-1]
     assert "brought down to a quarter of the 1000000 buffer-usable pages" in change.reason
@@ -720,7 +725,7 @@ def test_a_tcp_mem_max_no_memory_can_back_is_brought_down_the_first_time() -> No
 
 def test_exhaustion_also_brings_the_tcp_mem_max_down_to_its_cap() -> None:
     tuner, backend, _clock = make_tuner(values={"net.ipv4.tcp_mem": (50, 100, 2_000_000_000)})
-    tuner.handle_event(update_event(tb.TCP_MEM, tb.MEM_EXHAUSTION, (50, 100, 2_000_000_000)))
+    tuner.handle_event(update_event(Tunable.TCP_MEM, Scenario.MEM_EXHAUSTION, (50, 100, 2_000_000_000)))
     assert backend.read("net.ipv4.tcp_mem") == (50, 100, F // 4)
 
 
@@ -729,8 +734,8 @@ def test_the_store_holds_any_tcp_mem_proposal_within_the_memory_cap() -> None:
     declared on the tunable (Tunable.ceiling), for every value."""
     tuner, backend, _clock = make_tuner()
     glob = tuner.ctx.namespaces.global_cookie
-    assert tuner.ceiling(tb.TCP_MEM) == F // 4
-    tuner.apply(Proposal(tb.TCP_MEM, tb.MEM_PRESSURE, glob, (INT_MAX, INT_MAX, INT_MAX), "test"))
+    assert tuner.ceiling(Tunable.TCP_MEM) == F // 4
+    tuner.apply(Proposal(Tunable.TCP_MEM, Scenario.MEM_PRESSURE, glob, (INT_MAX, INT_MAX, INT_MAX), "test"))
     assert backend.read("net.ipv4.tcp_mem") == (F // 4, F // 4, F // 4)
 
 
@@ -738,11 +743,11 @@ def test_syn_backlog_growth_stops_at_its_memory_cap(caplog: pytest.LogCaptureFix
     """1 GiB: 1/256 of it in 512-byte request sockets is 8192."""
     tuner, backend, clock = make_tuner(values={"net.ipv4.tcp_max_syn_backlog": (8000,)})
     tuner.memory = HostMemory(1 << 30, 0)
-    assert tuner.ceiling(tb.TCP_MAX_SYN_BACKLOG) == 8192
-    correlate(tuner, tb.TCP_MAX_SYN_BACKLOG, CorrSums.of([(i, 10 * i) for i in range(20)]))
+    assert tuner.ceiling(Tunable.TCP_MAX_SYN_BACKLOG) == 8192
+    correlate(tuner, Tunable.TCP_MAX_SYN_BACKLOG, CorrSums.of([(i, 10 * i) for i in range(20)]))
     caplog.set_level(logging.INFO)
     for _ in range(3):
-        tuner.handle_event(update_event(tb.TCP_MAX_SYN_BACKLOG, tb.SYN_BACKLOG_INCREASE, (8000, 0, 0)))
+        tuner.handle_event(update_event(Tunable.TCP_MAX_SYN_BACKLOG, Scenario.SYN_BACKLOG_INCREASE, (8000, 0, 0)))
         clock.now += tb.SYN_COOLDOWN_S
     assert backend.read("net.ipv4.tcp_max_syn_backlog", NS) == (8192,)
     assert caplog.text.count("its memory cap 8192") == 1
@@ -752,10 +757,10 @@ def test_syn_backlog_growth_stops_at_its_memory_cap(caplog: pytest.LogCaptureFix
 
 def test_a_backlog_beyond_its_cap_is_not_restored_on_leaving_the_low_memory_state() -> None:
     tuner, backend, clock = make_tuner(values={"net.ipv4.tcp_max_syn_backlog": (10**9,)})
-    cap = tuner.ceiling(tb.TCP_MAX_SYN_BACKLOG)
+    cap = tuner.ceiling(Tunable.TCP_MAX_SYN_BACKLOG)
     assert cap is not None and cap < 10**9
     set_allocated(tuner, 0)
-    tuner.handle_event(update_event(tb.TCP_MEM, tb.MEM_EXHAUSTION, (40000, 60000, 90000)))
+    tuner.handle_event(update_event(Tunable.TCP_MEM, Scenario.MEM_EXHAUSTION, (40000, 60000, 90000)))
     assert backend.read("net.ipv4.tcp_max_syn_backlog", NS) == (cap,)
     tuner.tick(clock.now)
     clock.now += tb.RECOVERY_S
@@ -772,7 +777,7 @@ def test_exhaustion_grows_tcp_mem_and_enters_the_low_memory_state() -> None:
     tuner, backend, clock = make_tuner()
     set_allocated(tuner, 89000)
     memory_short(tuner, exhaustion=True)
-    tuner.handle_event(update_event(tb.TCP_MEM, tb.MEM_EXHAUSTION, (40000, 60000, 90000)))
+    tuner.handle_event(update_event(Tunable.TCP_MEM, Scenario.MEM_EXHAUSTION, (40000, 60000, 90000)))
     assert backend.read("net.ipv4.tcp_mem") == (40000, 60000, 112500)
     glob = tuner.ctx.namespaces.global_cookie
     for cookie in (NS, glob):
@@ -802,18 +807,18 @@ def test_exhaustion_grows_tcp_mem_and_enters_the_low_memory_state() -> None:
         assert backend.read("net.ipv4.tcp_no_ssthresh_metrics_save", cookie) == (0,)
         assert backend.read("net.ipv4.tcp_max_syn_backlog", cookie) == (1024,)
     assert backend.read("net.core.high_order_alloc_disable") == (0,)
-    counts = tuner.ctx.store.scenario_counts(tuner, tb.TCP_NO_METRICS_SAVE)
-    assert counts[(tb.LOW_MEM_ENTER, False)] == 1 and counts[(tb.LOW_MEM_LEAVE, False)] == 1
-    assert counts[(tb.LOW_MEM_ENTER, True)] == 1 and counts[(tb.LOW_MEM_LEAVE, True)] == 1
+    counts = tuner.ctx.store.scenario_counts(tuner, Tunable.TCP_NO_METRICS_SAVE)
+    assert counts[(Scenario.LOW_MEM_ENTER, False)] == 1 and counts[(Scenario.LOW_MEM_LEAVE, False)] == 1
+    assert counts[(Scenario.LOW_MEM_ENTER, True)] == 1 and counts[(Scenario.LOW_MEM_LEAVE, True)] == 1
 
 
 def test_exhaustion_enters_the_low_memory_state_even_while_tcp_mem_cools_down() -> None:
     """A pressure event just grew tcp_mem; an exhaustion event right after
     (within the tcp_mem cooldown) must still enter the low-memory state."""
     tuner, backend, clock = make_tuner()
-    tuner.handle_event(update_event(tb.TCP_MEM, tb.MEM_PRESSURE, (40000, 60000, 90000)))
+    tuner.handle_event(update_event(Tunable.TCP_MEM, Scenario.MEM_PRESSURE, (40000, 60000, 90000)))
     clock.now += tb.MEM_COOLDOWN_S / 2
-    tuner.handle_event(update_event(tb.TCP_MEM, tb.MEM_EXHAUSTION, (50000, 75000, 112500)))
+    tuner.handle_event(update_event(Tunable.TCP_MEM, Scenario.MEM_EXHAUSTION, (50000, 75000, 112500)))
     assert backend.read("net.ipv4.tcp_mem") == (50000, 75000, 112500), "tcp_mem waits for its cooldown"
     assert backend.read("net.ipv4.tcp_no_metrics_save", NS) == (1,)
     assert backend.read("net.ipv4.tcp_no_metrics_save") == (1,)
@@ -829,7 +834,7 @@ def test_the_low_memory_state_keeps_its_ticks_and_stops_them_when_left() -> None
     set_allocated(tuner, 89000)
     assert tuner.tick(clock.now) == math.inf
     before = clock.now
-    tuner.handle_event(update_event(tb.TCP_MEM, tb.MEM_EXHAUSTION, (40000, 60000, 90000)))
+    tuner.handle_event(update_event(Tunable.TCP_MEM, Scenario.MEM_EXHAUSTION, (40000, 60000, 90000)))
     assert requested and before < requested[-1] <= clock.now + tb.LOW_MEMORY_CHECK_S
     assert tuner.tick(clock.now) == clock.now + tb.LOW_MEMORY_CHECK_S
     set_allocated(tuner, 10000)
@@ -837,7 +842,7 @@ def test_the_low_memory_state_keeps_its_ticks_and_stops_them_when_left() -> None
         assert tuner.tick(clock.now) == clock.now + tb.LOW_MEMORY_CHECK_S
         clock.now += tb.LOW_MEMORY_CHECK_S
     assert tuner.tick(clock.now) == math.inf
-    assert tuner.ctx.store.scenario_counts(tuner, tb.TCP_NO_METRICS_SAVE)[(tb.LOW_MEM_LEAVE, True)] == 1
+    assert tuner.ctx.store.scenario_counts(tuner, Tunable.TCP_NO_METRICS_SAVE)[(Scenario.LOW_MEM_LEAVE, True)] == 1
 
 
 def test_no_buffer_growth_in_the_low_memory_state_and_the_first_growth_waits() -> None:
@@ -846,17 +851,17 @@ def test_no_buffer_growth_in_the_low_memory_state_and_the_first_growth_waits() -
     once the state is left, that first growth still gets the cap rule."""
     tuner, backend, clock = make_tuner()
     set_allocated(tuner, 89000)
-    tuner.handle_event(update_event(tb.TCP_MEM, tb.MEM_EXHAUSTION, (40000, 60000, 90000)))
+    tuner.handle_event(update_event(Tunable.TCP_MEM, Scenario.MEM_EXHAUSTION, (40000, 60000, 90000)))
     assert not (tuner.near_pressure or tuner.near_exhaustion)  # the BPF flags say memory is fine
     first = receiver(131072, wscale_cap=262140, rate=4.3e6 / 8, first=True)
-    tuner.handle_event(conn_event(tb.TCP_RMEM, first, (4096, 65536, 131072)))
+    tuner.handle_event(conn_event(Tunable.TCP_RMEM, first, (4096, 65536, 131072)))
     assert backend.read("net.ipv4.tcp_rmem", NS)[2] == 131072
     set_allocated(tuner, 10000)
     for _ in range(int(tb.RECOVERY_S) + 2):
         tuner.tick(clock.now)
         clock.now += 1
     assert not tuner.low_memory.active
-    tuner.handle_event(conn_event(tb.TCP_RMEM, first, (4096, 65536, 131072)))
+    tuner.handle_event(conn_event(Tunable.TCP_RMEM, first, (4096, 65536, 131072)))
     assert backend.read("net.ipv4.tcp_rmem", NS)[2] == 2 * 262140
 
 
@@ -903,14 +908,14 @@ def test_exhaustion_with_tcp_mem_at_its_cap_shrinks_the_buffers() -> None:
         }
     )
     memory_short(tuner, exhaustion=True)
-    tuner.handle_event(update_event(tb.TCP_MEM, tb.MEM_EXHAUSTION, (60000, 120000, F // 4)))
+    tuner.handle_event(update_event(Tunable.TCP_MEM, Scenario.MEM_EXHAUSTION, (60000, 120000, F // 4)))
     assert backend.read("net.ipv4.tcp_mem") == (60000, 120000, F // 4)
     assert backend.read("net.ipv4.tcp_rmem", NS) == (4096, 131072, 4718592)
     assert backend.read("net.ipv4.tcp_wmem", NS) == (4096, 16384, 3145728)
     # Repeated exhaustion never takes a maximum below its default value.
     for _ in range(30):
         clock.now += 1
-        tuner.handle_event(update_event(tb.TCP_MEM, tb.MEM_EXHAUSTION, (60000, 120000, F // 4)))
+        tuner.handle_event(update_event(Tunable.TCP_MEM, Scenario.MEM_EXHAUSTION, (60000, 120000, F // 4)))
     assert backend.read("net.ipv4.tcp_rmem", NS) == (4096, 131072, 131072)
     assert backend.read("net.ipv4.tcp_wmem", NS) == (4096, 16384, 16384)
 
@@ -942,10 +947,10 @@ def test_good_syn_flood_grows_the_backlog_attack_shrinks_it() -> None:
     steps = Steps(4)
     # Floods come with connections established: load, grow.
     good = CorrSums.of([(i, 10 * i) for i in range(20)])
-    assert tb.syn_backlog_rule(1024, good, steps) == (tb.SYN_BACKLOG_INCREASE, 1280)
+    assert tb.syn_backlog_rule(1024, good, steps) == (Scenario.SYN_BACKLOG_INCREASE, 1280)
     # Floods without established connections: an attack, shrink, not below 128.
     attack = CorrSums.of([(i, 5) for i in range(20)])
-    assert tb.syn_backlog_rule(1024, attack, steps) == (tb.SYN_BACKLOG_DECREASE, 768)
+    assert tb.syn_backlog_rule(1024, attack, steps) == (Scenario.SYN_BACKLOG_DECREASE, 768)
     assert tb.syn_backlog_rule(128, attack, steps) is None
 
 
@@ -959,21 +964,21 @@ def test_established_counter_that_stays_zero_looks_like_an_attack() -> None:
     floods = list(range(1, 21))
     broken = CorrSums.of([(f, 0) for f in floods])
     counting = CorrSums.of([(f, 3 * f + 1) for f in floods])
-    assert tb.syn_backlog_rule(1024, broken, Steps(4)) == (tb.SYN_BACKLOG_DECREASE, 768)
-    assert tb.syn_backlog_rule(1024, counting, Steps(4)) == (tb.SYN_BACKLOG_INCREASE, 1280)
+    assert tb.syn_backlog_rule(1024, broken, Steps(4)) == (Scenario.SYN_BACKLOG_DECREASE, 768)
+    assert tb.syn_backlog_rule(1024, counting, Steps(4)) == (Scenario.SYN_BACKLOG_INCREASE, 1280)
 
 
 def test_syn_flood_event_applies_the_backlog_rule() -> None:
     tuner, backend, _clock = make_tuner()
-    correlate(tuner, tb.TCP_MAX_SYN_BACKLOG, CorrSums.of([(i, 10 * i) for i in range(20)]))
-    tuner.handle_event(update_event(tb.TCP_MAX_SYN_BACKLOG, tb.SYN_BACKLOG_INCREASE, (1024, 0, 0)))
+    correlate(tuner, Tunable.TCP_MAX_SYN_BACKLOG, CorrSums.of([(i, 10 * i) for i in range(20)]))
+    tuner.handle_event(update_event(Tunable.TCP_MAX_SYN_BACKLOG, Scenario.SYN_BACKLOG_INCREASE, (1024, 0, 0)))
     assert backend.read("net.ipv4.tcp_max_syn_backlog", NS) == (1280,)
 
 
 def test_syncookies_failing_without_valid_ones_are_switched_off() -> None:
     tuner, backend, _clock = make_tuner(values={"net.ipv4.tcp_syncookies": (1,)})
     namespaces(tuner).set_counters(NS, **{"TcpExt.SyncookiesFailed": 5000, "TcpExt.SyncookiesRecv": 0})
-    tuner.handle_event(update_event(tb.TCP_MAX_SYN_BACKLOG, tb.SYN_BACKLOG_INCREASE, (1024, 0, 0)))
+    tuner.handle_event(update_event(Tunable.TCP_MAX_SYN_BACKLOG, Scenario.SYN_BACKLOG_INCREASE, (1024, 0, 0)))
     assert backend.read("net.ipv4.tcp_syncookies", NS) == (0,)
     assert tb.syncookies_rule(1, {"TcpExt.SyncookiesFailed": 5000, "TcpExt.SyncookiesRecv": 3}, False) is None
 
@@ -981,7 +986,7 @@ def test_syncookies_failing_without_valid_ones_are_switched_off() -> None:
 def test_syncookies_switched_on_when_memory_is_short() -> None:
     tuner, backend, _clock = make_tuner(values={"net.ipv4.tcp_syncookies": (0,)})
     memory_short(tuner)
-    tuner.handle_event(update_event(tb.TCP_MAX_SYN_BACKLOG, tb.SYN_BACKLOG_INCREASE, (1024, 0, 0)))
+    tuner.handle_event(update_event(Tunable.TCP_MAX_SYN_BACKLOG, Scenario.SYN_BACKLOG_INCREASE, (1024, 0, 0)))
     assert backend.read("net.ipv4.tcp_syncookies", NS) == (1,)
 
 
@@ -998,5 +1003,5 @@ def test_netstat_parsing() -> None:
 def test_unknown_events_are_ignored() -> None:
     tuner, backend, _clock = make_tuner()
     before = dict(backend.values)
-    tuner.handle_event(update_event(tb.TCP_MAX_ORPHANS, tb.MAX_ORPHANS_INCREASE, (65536, 0, 0)))
+    tuner.handle_event(update_event(Tunable.TCP_MAX_ORPHANS, Scenario.MAX_ORPHANS_INCREASE, (65536, 0, 0)))
     assert backend.values == before

@@ -30,7 +30,15 @@ import pybpftune.tuners
 from pybpftune import libbpf
 from pybpftune import store as store_mod
 from pybpftune._libbpf import ffi
-from pybpftune.bindings import CorrKey, IpFragScenario, NeighTableStats, TcpBufferHold, TcpBufferHoldKey
+from pybpftune.bindings import (
+    CorrKey,
+    IpFragScenario,
+    NeighTableStats,
+    TcpBufferHold,
+    TcpBufferHoldKey,
+    TcpBufferScenario,
+    TcpBufferTunable,
+)
 from pybpftune.corr import CorrSums
 from pybpftune.events import Event
 from pybpftune.hostmem import HostMemory
@@ -174,11 +182,11 @@ def events(tuner_cls: type[Tuner], cookies: list[int]) -> st.SearchStrategy[list
 # take one (random ids almost never name a pair).
 ROUTES: dict[str, list[tuple[int, int]]] = {
     "tcp_buffer": [
-        (tcp_buffer.MEM_PRESSURE, tcp_buffer.TCP_MEM),
-        (tcp_buffer.MEM_EXHAUSTION, tcp_buffer.TCP_MEM),
-        (tcp_buffer.BUFFER_INCREASE, tcp_buffer.TCP_RMEM),
-        (tcp_buffer.BUFFER_INCREASE, tcp_buffer.TCP_WMEM),
-        (tcp_buffer.SYN_BACKLOG_INCREASE, tcp_buffer.TCP_MAX_SYN_BACKLOG),
+        (TcpBufferScenario.MEM_PRESSURE, TcpBufferTunable.TCP_MEM),
+        (TcpBufferScenario.MEM_EXHAUSTION, TcpBufferTunable.TCP_MEM),
+        (TcpBufferScenario.INCREASE, TcpBufferTunable.TCP_RMEM),
+        (TcpBufferScenario.INCREASE, TcpBufferTunable.TCP_WMEM),
+        (TcpBufferScenario.SYN_BACKLOG_INCREASE, TcpBufferTunable.TCP_MAX_SYN_BACKLOG),
     ],
 }
 
@@ -257,7 +265,7 @@ def bpf_object(cls: type[Tuner], data: st.DataObject, glob: int) -> SyntheticObj
     bpf = SyntheticObject(globals=flags, maps={HOLD_MAP: (TcpBufferHoldKey, TcpBufferHold)}, name="tcp_buffer_tuner")
     corr = bpf.map("bpftune_corr", CorrKey, CorrSums)
     for cookie in (glob, NS):
-        for tid in (tcp_buffer.TCP_RMEM, tcp_buffer.TCP_WMEM, tcp_buffer.TCP_MAX_SYN_BACKLOG):
+        for tid in (TcpBufferTunable.TCP_RMEM, TcpBufferTunable.TCP_WMEM, TcpBufferTunable.TCP_MAX_SYN_BACKLOG):
             samples = data.draw(st.sampled_from(CORRELATIONS))
             if samples:
                 corr[CorrKey(tuner_id=TUNER_ID, id=tid, netns_cookie=cookie)] = CorrSums.of(samples)
@@ -289,12 +297,12 @@ COUNTER_NAMES = [
 # the same example: test_ip_frag_tuner drives it.
 MUST_REACH: dict[str, set[int]] = {
     "tcp_buffer": {
-        tcp_buffer.MEM_PRESSURE,
-        tcp_buffer.MEM_EXHAUSTION,
-        tcp_buffer.LOW_MEM_ENTER,
-        tcp_buffer.SYN_BACKLOG_INCREASE,
-        tcp_buffer.SYN_BACKLOG_DECREASE,
-        tcp_buffer.SYNCOOKIES_DISABLE,
+        TcpBufferScenario.MEM_PRESSURE,
+        TcpBufferScenario.MEM_EXHAUSTION,
+        TcpBufferScenario.LOW_MEM_ENTER,
+        TcpBufferScenario.SYN_BACKLOG_INCREASE,
+        TcpBufferScenario.SYN_BACKLOG_DECREASE,
+        TcpBufferScenario.SYNCOOKIES_DISABLE,
     },
     "ip_frag": {IpFragScenario.INCREASE},
 }

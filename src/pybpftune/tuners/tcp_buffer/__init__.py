@@ -36,20 +36,19 @@ the BDP (enough to stay full through a halving of the window), so growth
 stops near what connections use.  The learning rate bounds every step (at
 most 1 + 12 reference steps: x4 at the default rate); a need within one
 reference step of the current maximum changes nothing.
-The package: ids.py (ids and flags from the shared header), conn.py (a
-pressing connection and its need), rates.py (goodput and smallest RTT across
-samples), holds.py (the BPF hold-off protocol), buffers.py (the buffer
-rules), memory.py and lowmem.py (tcp_mem and the low-memory state),
-synflood.py (the SYN backlog and syncookies), base.py (what the rules read)
-and tuner.py (the declaration and its hooks).  The rules are plain functions
-on plain values, unit-tested with synthetic events.
+The package: conn.py (a pressing connection and its need), rates.py (goodput
+and smallest RTT across samples), holds.py (the BPF hold-off protocol),
+buffers.py (the buffer rules), memory.py and lowmem.py (tcp_mem and the
+low-memory state), synflood.py (the SYN backlog and syncookies), base.py (what
+the rules read) and tuner.py (the declaration and its hooks); ids and flags
+are the shared header's (pybpftune.bindings.TcpBufferTunable,
+TcpBufferScenario, TcpBufferConnFlag).  The rules are plain functions on
+plain values, unit-tested with synthetic events.
 """
 
-from . import ids
 from .buffers import buffer_cap, grow_max, latency_backoff
 from .conn import Conn, explore_factor, max_step_factor
 from .holds import HOLD_MAX_S, HOLD_MIN_S, Hold, HoldOffs, hold_metric, hold_seconds
-from .ids import *  # noqa: F403  (the header's ids by their tuner-local names; see ids.__all__)
 from .lowmem import LOW_MEMORY_CHECK_S, RECOVERY_S, SOCKSTAT_TCP_PAGES, SYN_BACKLOG_MIN, LowMemory, memory_recovered
 from .memory import MEM_COOLDOWN_S, exhaustion_shrink, tcp_mem_cap, tcp_mem_exhaustion, tcp_mem_pressure
 from .synflood import SYN_COOLDOWN_S, syn_backlog_cap, syn_backlog_rule, syncookies_rule
@@ -88,4 +87,3 @@ __all__ = [
     "tcp_mem_exhaustion",
     "tcp_mem_pressure",
 ]
-__all__ += ids.__all__

@@ -5,13 +5,13 @@ correlation.  The rule modules take a :class:`TcpBufferBase`; the tuner
 
 from __future__ import annotations
 
+from ...bindings import TcpBufferTunable
 from ...corr import CorrSums, corr_key, read_corr
-from ...declarations import MapUpdate
+from ...declarations import MapUpdate, Values
 from ...errors import PybpftuneError
 from ...hostmem import PAGE_SIZE
 from ...sysctl import SysctlMissing
 from ...tuner import Tuner, TunerContext
-from .ids import TCP_MEM, Values
 
 CORR_MAP = "bpftune_corr"
 
@@ -55,7 +55,7 @@ class TcpBufferBase(Tuner):
         """tcp_mem (global), read at most once a second for the buffer cap."""
         now = self.clock()
         if self.tcp_mem_cache is None or now - self.tcp_mem_cache[0] >= 1.0:
-            self.tcp_mem_cache = (now, self.read(TCP_MEM, self.ctx.namespaces.global_cookie))
+            self.tcp_mem_cache = (now, self.read(TcpBufferTunable.TCP_MEM, self.ctx.namespaces.global_cookie))
         return self.tcp_mem_cache[1]
 
     def cooling(self, cookie: int, tunable_id: int, seconds: float) -> bool:

@@ -7,13 +7,13 @@ from __future__ import annotations
 import logging
 from collections import Counter
 
-from ...declarations import INT_MAX, Decision, Proposal, Steps
+from ...bindings import TcpBufferScenario
+from ...declarations import INT_MAX, Decision, Proposal, Steps, Values
 from ...events import Event
 from ...hostmem import PAGE_SIZE
 from .base import TcpBufferBase
 from .conn import Conn, max_step_factor
 from .holds import HoldOffs
-from .ids import BUFFER_DECREASE_LATENCY, BUFFER_INCREASE, Values
 from .rates import ConnTracker
 
 # One socket's buffer maximum may use at most this share of tcp_mem[2].
@@ -122,7 +122,7 @@ class BufferRules:
         reason = (
             f"need to increase max buffer size to maximize throughput ({conn.describe()}; needs about {need} bytes)"
         )
-        return Decision((Proposal(tid, BUFFER_INCREASE, cookie, (current[0], current[1], target), reason),))
+        return Decision((Proposal(tid, TcpBufferScenario.INCREASE, cookie, (current[0], current[1], target), reason),))
 
     def _latency_backoff(self, conn: Conn, tid: int, cookie: int, current: Values, recent: int) -> Decision:
         """Latency rose with buffer size and this connection sits in a
@@ -137,7 +137,7 @@ class BufferRules:
             return Decision(effects=(reset, *self.holds.sufficient(cookie, tid, current[2], conn, t.clock(), t.steps)))
         self.outcomes["back-off"] += 1
         reason = f"need to decrease max buffer size as latency rose with buffer size increases ({conn.describe()})"
-        proposal = Proposal(tid, BUFFER_DECREASE_LATENCY, cookie, (current[0], current[1], backoff), reason)
+        proposal = Proposal(tid, TcpBufferScenario.DECREASE_LATENCY, cookie, (current[0], current[1], backoff), reason)
         return Decision((proposal,), (reset,))
 
     def applied(self, proposal: Proposal) -> Decision:
@@ -145,7 +145,7 @@ class BufferRules:
         key = (proposal.netns_cookie, proposal.tunable)
         self.written_max[key] = proposal.new[2]
         grown_until = None
-        if proposal.scenario == BUFFER_INCREASE:
+        if proposal.scenario == TcpBufferScenario.INCREASE:
             grown_until = self.tuner.clock() + self._cooldown.get(key, COOLDOWN_MIN_S)
         return Decision(effects=self.holds.new_limit(*key, proposal.new[2], grown_until))
 

@@ -10,10 +10,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 
-from ...bindings import TcpBufferConn, TcpBufferEvent, field_names
+from ...bindings import TcpBufferConn, TcpBufferConnFlag, TcpBufferEvent, field_names
 from ...declarations import Steps
 from ...events import Event
-from .ids import F_LIMIT, F_RCV, F_WSCALE
 
 # A queue is forming (the path is full) once the RTT exceeds the minimum by
 # 15 % and by at least a millisecond (below that it is scheduling noise).
@@ -69,7 +68,7 @@ class Conn:
 
     @property
     def receive(self) -> bool:
-        return bool(self.flags & F_RCV)
+        return bool(self.flags & TcpBufferConnFlag.F_RCV)
 
     @property
     def base_rtt_us(self) -> int:
@@ -162,7 +161,7 @@ class Conn:
         need, and every later growth is need-based (the memory discipline).
         (A sender's send buffer follows a raised limit whenever its
         congestion window grows, so senders need no such rule.)"""
-        if not self.receive or not self.flags & F_LIMIT or self.measured_rate > 0:
+        if not self.receive or not self.flags & TcpBufferConnFlag.F_LIMIT or self.measured_rate > 0:
             return 0
         if self.window_cap <= self.effective_window():
             return 0
@@ -180,9 +179,9 @@ class Conn:
             text += f" (min {_ms(self.min_rtt_us)})"
         if not self.receive and self.cwnd:
             text += f", cwnd {self.cwnd}, {self.window} in flight, {self.unsent} unsent"
-        if self.flags & F_WSCALE:
+        if self.flags & TcpBufferConnFlag.F_WSCALE:
             text += f", window capped at {self.window_cap} by its window scale"
-        elif self.flags & F_LIMIT:
+        elif self.flags & TcpBufferConnFlag.F_LIMIT:
             text += f", buffer {self.buf} at the limit"
         return text
 

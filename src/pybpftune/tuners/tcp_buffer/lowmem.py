@@ -7,18 +7,10 @@ the pressure threshold."""
 
 from __future__ import annotations
 
-from ...declarations import Proposal, Steps
+from ...bindings import TcpBufferScenario, TcpBufferTunable
+from ...declarations import Proposal, Steps, Values
 from ...errors import PybpftuneError
 from .base import TcpBufferBase
-from .ids import (
-    HIGH_ORDER_ALLOC_DISABLE,
-    LOW_MEM_ENTER,
-    LOW_MEM_LEAVE,
-    TCP_MAX_SYN_BACKLOG,
-    TCP_NO_METRICS_SAVE,
-    TCP_NO_SSTHRESH_METRICS_SAVE,
-    Values,
-)
 
 SYN_BACKLOG_MIN = 128
 # While in the low-memory state, how often to check whether it can be left.
@@ -68,20 +60,32 @@ class LowMemory:
         t = self.tuner
         saved: dict[int, int] = {}
         out: list[Proposal] = []
-        for tid in (TCP_NO_METRICS_SAVE, TCP_NO_SSTHRESH_METRICS_SAVE, HIGH_ORDER_ALLOC_DISABLE):
+        for tid in (
+            TcpBufferTunable.TCP_NO_METRICS_SAVE,
+            TcpBufferTunable.TCP_NO_SSTHRESH_METRICS_SAVE,
+            TcpBufferTunable.HIGH_ORDER_ALLOC_DISABLE,
+        ):
             if not host and not t.tunable(tid).namespaced:
                 continue  # a global switch: the host's entry sets it
             values = t.read(tid, cookie)
             if values is not None and values[0] != 1:
                 saved[tid] = values[0]
-                out.append(Proposal(tid, LOW_MEM_ENTER, cookie, (1,), "TCP memory near exhaustion"))
-        backlog = t.read(TCP_MAX_SYN_BACKLOG, cookie)
+                out.append(Proposal(tid, TcpBufferScenario.LOW_MEM_ENTER, cookie, (1,), "TCP memory near exhaustion"))
+        backlog = t.read(TcpBufferTunable.TCP_MAX_SYN_BACKLOG, cookie)
         if backlog is not None:
-            shrunk = min(t.highest(TCP_MAX_SYN_BACKLOG), max(SYN_BACKLOG_MIN, t.steps.shrink(backlog[0])))
+            shrunk = min(
+                t.highest(TcpBufferTunable.TCP_MAX_SYN_BACKLOG), max(SYN_BACKLOG_MIN, t.steps.shrink(backlog[0]))
+            )
             if shrunk < backlog[0]:
-                saved[TCP_MAX_SYN_BACKLOG] = backlog[0]
+                saved[TcpBufferTunable.TCP_MAX_SYN_BACKLOG] = backlog[0]
                 out.append(
-                    Proposal(TCP_MAX_SYN_BACKLOG, LOW_MEM_ENTER, cookie, (shrunk,), "TCP memory near exhaustion")
+                    Proposal(
+                        TcpBufferTunable.TCP_MAX_SYN_BACKLOG,
+                        TcpBufferScenario.LOW_MEM_ENTER,
+                        cookie,
+                        (shrunk,),
+                        "TCP memory near exhaustion",
+                    )
                 )
         self.saved[cookie] = saved
         return out
@@ -93,7 +97,9 @@ class LowMemory:
         for cookie, saved in self.saved.items():
             for tid, value in saved.items():
                 back = min(value, self.tuner.highest(tid))
-                out.append(Proposal(tid, LOW_MEM_LEAVE, cookie, (back,), "TCP memory no longer short"))
+                out.append(
+                    Proposal(tid, TcpBufferScenario.LOW_MEM_LEAVE, cookie, (back,), "TCP memory no longer short")
+                )
         self.saved.clear()
         return out
 

@@ -8,11 +8,11 @@ buffer maxima shrink instead.  Exhaustion also enters the low-memory state
 
 from __future__ import annotations
 
-from ...declarations import INT_MAX, Proposal, Steps
+from ...bindings import TcpBufferScenario, TcpBufferTunable
+from ...declarations import INT_MAX, Proposal, Steps, Values
 from ...events import Event
 from ...hostmem import HostMemory
 from .base import TcpBufferBase
-from .ids import BUFFER_DECREASE, MEM_EXHAUSTION, MEM_PRESSURE, TCP_MEM, TCP_RMEM, TCP_WMEM, Values
 from .lowmem import LowMemory
 
 MEM_COOLDOWN_S = 0.5
@@ -77,28 +77,36 @@ class MemoryRules:
         glob = t.ctx.namespaces.global_cookie
         # Exhaustion enters the low-memory state whatever the tcp_mem
         # cooldown: growing tcp_mem a moment ago does not end the shortage.
-        low = self.low_memory.enter(cookie) if event.scenario_id == MEM_EXHAUSTION else []
-        if t.cooling(glob, TCP_MEM, MEM_COOLDOWN_S):
+        low = self.low_memory.enter(cookie) if event.scenario_id == TcpBufferScenario.MEM_EXHAUSTION else []
+        if t.cooling(glob, TcpBufferTunable.TCP_MEM, MEM_COOLDOWN_S):
             return low
-        mem = t.read(TCP_MEM, glob)
+        mem = t.read(TcpBufferTunable.TCP_MEM, glob)
         if mem is None:
             return low
         out: list[Proposal] = []
         f = t.free_pages
-        if event.scenario_id == MEM_EXHAUSTION:
+        if event.scenario_id == TcpBufferScenario.MEM_EXHAUSTION:
             new = tcp_mem_exhaustion(mem, f, t.steps)
             if new is not None:
-                out.append(Proposal(TCP_MEM, MEM_EXHAUSTION, glob, new, self._reason("exhaustion", mem, new)))
+                out.append(
+                    Proposal(
+                        TcpBufferTunable.TCP_MEM,
+                        TcpBufferScenario.MEM_EXHAUSTION,
+                        glob,
+                        new,
+                        self._reason("exhaustion", mem, new),
+                    )
+                )
             else:
                 # tcp_mem[2] is at F/4: make the buffers smaller instead.
-                for tid in (TCP_RMEM, TCP_WMEM):
+                for tid in (TcpBufferTunable.TCP_RMEM, TcpBufferTunable.TCP_WMEM):
                     values = t.read(tid, cookie)
                     shrunk = exhaustion_shrink(values, t.steps) if values else None
                     if values is not None and shrunk is not None:
                         out.append(
                             Proposal(
                                 tid,
-                                BUFFER_DECREASE,
+                                TcpBufferScenario.DECREASE,
                                 cookie,
                                 shrunk,
                                 f"near memory exhaustion with tcp_mem max at a quarter of free buffer pages ({f // 4})",
@@ -107,7 +115,15 @@ class MemoryRules:
         else:
             new = tcp_mem_pressure(mem, f, t.steps)
             if new is not None:
-                out.append(Proposal(TCP_MEM, MEM_PRESSURE, glob, new, self._reason("pressure", mem, new)))
+                out.append(
+                    Proposal(
+                        TcpBufferTunable.TCP_MEM,
+                        TcpBufferScenario.MEM_PRESSURE,
+                        glob,
+                        new,
+                        self._reason("pressure", mem, new),
+                    )
+                )
         return out + low
 
     def _reason(self, what: str, mem: Values, new: Values) -> str:

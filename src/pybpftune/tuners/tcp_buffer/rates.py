@@ -9,8 +9,8 @@ import dataclasses
 from collections import OrderedDict
 from dataclasses import dataclass
 
+from ...bindings import TcpBufferConnFlag
 from .conn import Conn
-from .ids import F_RCV, F_SND
 
 # Connections remembered (and hold-off verdicts kept, see holds.py).
 CONN_MEMORY = 4096
@@ -41,7 +41,7 @@ class ConnTracker:
         goodput since an earlier sample (bytes over kernel time)."""
         if not conn.conn:
             return conn
-        key = (cookie, conn.flags & (F_RCV | F_SND), conn.conn)
+        key = (cookie, conn.flags & (TcpBufferConnFlag.F_RCV | TcpBufferConnFlag.F_SND), conn.conn)
         track = self._conns.pop(key, None) or ConnTrack(0, conn.ts_ns, conn.bytes)
         self._conns[key] = track
         while len(self._conns) > CONN_MEMORY:

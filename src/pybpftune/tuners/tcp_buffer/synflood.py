@@ -6,6 +6,7 @@ fail."""
 
 from __future__ import annotations
 
+from ...bindings import TcpBufferScenario, TcpBufferTunable
 from ...corr import CorrSums
 from ...declarations import INT_MAX, Proposal, Steps
 from ...errors import PybpftuneError
@@ -14,14 +15,6 @@ from ...hostmem import HostMemory
 from ...procnet import Counters
 from ..common import SayOnce
 from .base import TcpBufferBase
-from .ids import (
-    SYN_BACKLOG_DECREASE,
-    SYN_BACKLOG_INCREASE,
-    SYNCOOKIES_DISABLE,
-    SYNCOOKIES_ENABLE,
-    TCP_MAX_SYN_BACKLOG,
-    TCP_SYNCOOKIES,
-)
 from .lowmem import SYN_BACKLOG_MIN, LowMemory
 
 SYN_COOLDOWN_S = 1.0
@@ -61,9 +54,9 @@ def syn_backlog_rule(backlog: int, corr: CorrSums, steps: Steps, cap: int = INT_
     """
     if corr.n > 10 and corr.coefficient() < 0.75:
         new = min(cap, max(SYN_BACKLOG_MIN, steps.shrink(backlog)))
-        return (SYN_BACKLOG_DECREASE, new) if new < backlog else None
+        return (TcpBufferScenario.SYN_BACKLOG_DECREASE, new) if new < backlog else None
     new = min(INT_MAX, cap, steps.grow(backlog))
-    return (SYN_BACKLOG_INCREASE, new) if new > backlog else None
+    return (TcpBufferScenario.SYN_BACKLOG_INCREASE, new) if new > backlog else None
 
 
 class SynFloodRules:
@@ -75,31 +68,43 @@ class SynFloodRules:
     def decide(self, event: Event) -> list[Proposal]:
         t = self.tuner
         cookie = event.netns_cookie
-        if t.cooling(cookie, TCP_MAX_SYN_BACKLOG, SYN_COOLDOWN_S):
+        if t.cooling(cookie, TcpBufferTunable.TCP_MAX_SYN_BACKLOG, SYN_COOLDOWN_S):
             return []
         out: list[Proposal] = []
-        cookies = t.read(TCP_SYNCOOKIES, cookie)
+        cookies = t.read(TcpBufferTunable.TCP_SYNCOOKIES, cookie)
         if cookies is not None:
             new_cookies = syncookies_rule(cookies[0], self._netstat(cookie), t.near_pressure or t.near_exhaustion)
             if new_cookies == 0:
                 out.append(
-                    Proposal(TCP_SYNCOOKIES, SYNCOOKIES_DISABLE, cookie, (0,), "SYN cookies failing and never valid")
+                    Proposal(
+                        TcpBufferTunable.TCP_SYNCOOKIES,
+                        TcpBufferScenario.SYNCOOKIES_DISABLE,
+                        cookie,
+                        (0,),
+                        "SYN cookies failing and never valid",
+                    )
                 )
             elif new_cookies == 1:
                 out.append(
-                    Proposal(TCP_SYNCOOKIES, SYNCOOKIES_ENABLE, cookie, (1,), "SYN flood while TCP memory is short")
+                    Proposal(
+                        TcpBufferTunable.TCP_SYNCOOKIES,
+                        TcpBufferScenario.SYNCOOKIES_ENABLE,
+                        cookie,
+                        (1,),
+                        "SYN flood while TCP memory is short",
+                    )
                 )
         if t.near_exhaustion:
             out.extend(self.low_memory.enter(cookie))
             return out
-        backlog = t.read(TCP_MAX_SYN_BACKLOG, cookie)
+        backlog = t.read(TcpBufferTunable.TCP_MAX_SYN_BACKLOG, cookie)
         if backlog is None:
             return out
-        cap = t.highest(TCP_MAX_SYN_BACKLOG)
-        decision = syn_backlog_rule(backlog[0], t.corr(TCP_MAX_SYN_BACKLOG, cookie), t.steps, cap)
+        cap = t.highest(TcpBufferTunable.TCP_MAX_SYN_BACKLOG)
+        decision = syn_backlog_rule(backlog[0], t.corr(TcpBufferTunable.TCP_MAX_SYN_BACKLOG, cookie), t.steps, cap)
         if decision is None and backlog[0] >= cap:
             self._capped.info(
-                (TCP_MAX_SYN_BACKLOG, cookie),
+                (TcpBufferTunable.TCP_MAX_SYN_BACKLOG, cookie),
                 "tcp_max_syn_backlog in netns %d is at %d, its memory cap %d; not increasing it further",
                 cookie,
                 backlog[0],
@@ -109,10 +114,10 @@ class SynFloodRules:
             scenario, new = decision
             why = (
                 "SYN flood with connections established"
-                if scenario == SYN_BACKLOG_INCREASE
+                if scenario == TcpBufferScenario.SYN_BACKLOG_INCREASE
                 else ("SYN flood without connections established, suggesting an attack")
             )
-            out.append(Proposal(TCP_MAX_SYN_BACKLOG, scenario, cookie, (new,), why))
+            out.append(Proposal(TcpBufferTunable.TCP_MAX_SYN_BACKLOG, scenario, cookie, (new,), why))
         return out
 
     def _netstat(self, cookie: int) -> Counters:

@@ -8,6 +8,7 @@ import math
 import time
 from collections import Counter
 
+from ...bindings import TcpBufferScenario, TcpBufferTunable
 from ...declarations import Decision, Proposal, Scenario, Tunable
 from ...events import Event
 from ...tuner import TunerContext
@@ -16,31 +17,6 @@ from .base import TcpBufferBase
 from .buffers import BufferRules
 from .conn import Conn
 from .holds import HoldOffs
-from .ids import (
-    BUFFER_DECREASE,
-    BUFFER_DECREASE_LATENCY,
-    BUFFER_INCREASE,
-    HIGH_ORDER_ALLOC_DISABLE,
-    LOW_MEM_ENTER,
-    LOW_MEM_LEAVE,
-    MAX_ORPHANS_INCREASE,
-    MEM_EXHAUSTION,
-    MEM_PRESSURE,
-    MODERATE_RCVBUF,
-    SYN_BACKLOG_DECREASE,
-    SYN_BACKLOG_INCREASE,
-    SYNCOOKIES_DISABLE,
-    SYNCOOKIES_ENABLE,
-    TCP_MAX_ORPHANS,
-    TCP_MAX_SYN_BACKLOG,
-    TCP_MEM,
-    TCP_MODERATE_RCVBUF,
-    TCP_NO_METRICS_SAVE,
-    TCP_NO_SSTHRESH_METRICS_SAVE,
-    TCP_RMEM,
-    TCP_SYNCOOKIES,
-    TCP_WMEM,
-)
 from .lowmem import LOW_MEMORY_CHECK_S, LowMemory
 from .memory import MemoryRules, tcp_mem_cap
 from .synflood import SynFloodRules, syn_backlog_cap
@@ -54,87 +30,99 @@ class TcpBufferTuner(TcpBufferBase):
     description = "grows TCP buffer limits toward what connections need; TCP memory and SYN backlog"
     bpf_name = "tcp_buffer_tuner"
     tunables = (
-        Tunable(TCP_WMEM, "net.ipv4.tcp_wmem", 3, namespaced=True, labels="min default max"),
-        Tunable(TCP_RMEM, "net.ipv4.tcp_rmem", 3, namespaced=True, labels="min default max"),
-        Tunable(TCP_MEM, "net.ipv4.tcp_mem", 3, lower=0, labels="min pressure max", ceiling=tcp_mem_cap),
-        Tunable(TCP_MODERATE_RCVBUF, "net.ipv4.tcp_moderate_rcvbuf", 1, namespaced=True),
-        Tunable(TCP_NO_METRICS_SAVE, "net.ipv4.tcp_no_metrics_save", 1, namespaced=True),
+        Tunable(TcpBufferTunable.TCP_WMEM, "net.ipv4.tcp_wmem", 3, namespaced=True, labels="min default max"),
+        Tunable(TcpBufferTunable.TCP_RMEM, "net.ipv4.tcp_rmem", 3, namespaced=True, labels="min default max"),
         Tunable(
-            TCP_NO_SSTHRESH_METRICS_SAVE, "net.ipv4.tcp_no_ssthresh_metrics_save", 1, namespaced=True, optional=True
+            TcpBufferTunable.TCP_MEM, "net.ipv4.tcp_mem", 3, lower=0, labels="min pressure max", ceiling=tcp_mem_cap
+        ),
+        Tunable(TcpBufferTunable.TCP_MODERATE_RCVBUF, "net.ipv4.tcp_moderate_rcvbuf", 1, namespaced=True),
+        Tunable(TcpBufferTunable.TCP_NO_METRICS_SAVE, "net.ipv4.tcp_no_metrics_save", 1, namespaced=True),
+        Tunable(
+            TcpBufferTunable.TCP_NO_SSTHRESH_METRICS_SAVE,
+            "net.ipv4.tcp_no_ssthresh_metrics_save",
+            1,
+            namespaced=True,
+            optional=True,
         ),
         # Global: the kernel keeps it in init_net's table only.
-        Tunable(HIGH_ORDER_ALLOC_DISABLE, "net.core.high_order_alloc_disable", 1, optional=True),
+        Tunable(TcpBufferTunable.HIGH_ORDER_ALLOC_DISABLE, "net.core.high_order_alloc_disable", 1, optional=True),
         # A sysctl like any other (upstream OR-ed "optional" into its type,
         # so it was never read and its rules could not fire).
-        Tunable(TCP_SYNCOOKIES, "net.ipv4.tcp_syncookies", 1, namespaced=True, optional=True),
-        Tunable(TCP_MAX_SYN_BACKLOG, "net.ipv4.tcp_max_syn_backlog", 1, namespaced=True, ceiling=syn_backlog_cap),
-        Tunable(TCP_MAX_ORPHANS, "net.ipv4.tcp_max_orphans", 1),
+        Tunable(TcpBufferTunable.TCP_SYNCOOKIES, "net.ipv4.tcp_syncookies", 1, namespaced=True, optional=True),
+        Tunable(
+            TcpBufferTunable.TCP_MAX_SYN_BACKLOG,
+            "net.ipv4.tcp_max_syn_backlog",
+            1,
+            namespaced=True,
+            ceiling=syn_backlog_cap,
+        ),
+        Tunable(TcpBufferTunable.TCP_MAX_ORPHANS, "net.ipv4.tcp_max_orphans", 1),
     )
     scenarios = (
         Scenario(
-            BUFFER_INCREASE,
+            TcpBufferScenario.INCREASE,
             "need to increase TCP buffer size(s)",
             "Need to increase buffer size(s) to maximize throughput",
         ),
         Scenario(
-            BUFFER_DECREASE,
+            TcpBufferScenario.DECREASE,
             "need to decrease TCP buffer size(s)",
             "Need to decrease buffer size(s) to reduce memory utilization",
         ),
         Scenario(
-            BUFFER_DECREASE_LATENCY,
+            TcpBufferScenario.DECREASE_LATENCY,
             "need to decrease TCP buffer size due to latency",
             "Latency is starting to correlate with buffer size increases, so decrease buffer size to avoid this effect",
         ),
         Scenario(
-            MEM_PRESSURE,
+            TcpBufferScenario.MEM_PRESSURE,
             "approaching TCP memory pressure",
             "Since memory pressure/exhaustion are unstable system states, adjust tcp memory-related tunables",
         ),
         Scenario(
-            MEM_EXHAUSTION,
+            TcpBufferScenario.MEM_EXHAUSTION,
             "approaching TCP memory exhaustion",
             "Since memory exhaustion is a highly unstable state, adjust TCP memory-related tunables "
             "to avoid exhaustion",
         ),
         Scenario(
-            MODERATE_RCVBUF,
+            TcpBufferScenario.MODERATE_RCVBUF,
             "match receive buffer size with throughput needs",
             "Since we are tuning rcvbuf max size, ensure auto-tuning of rcvbuf size for the connection is "
             "enabled to pick optimal rcvbuf size",
         ),
         Scenario(
-            LOW_MEM_ENTER,
+            TcpBufferScenario.LOW_MEM_ENTER,
             "set tunable on entering low-memory state",
             "To reduce memory use when TCP memory is short, switch off optional TCP memory consumers",
         ),
         Scenario(
-            LOW_MEM_LEAVE,
+            TcpBufferScenario.LOW_MEM_LEAVE,
             "unset tunable set earlier in low-memory state",
             "TCP memory is no longer short, so restore the tunables changed on entering the low-memory state",
         ),
         Scenario(
-            SYN_BACKLOG_INCREASE,
+            TcpBufferScenario.SYN_BACKLOG_INCREASE,
             "increase maximum syn backlog",
             "SYN floods coincide with connections being established, so allow more pending connections",
         ),
         Scenario(
-            SYN_BACKLOG_DECREASE,
+            TcpBufferScenario.SYN_BACKLOG_DECREASE,
             "decrease maximum syn backlog",
             "SYN floods do not coincide with connections being established, suggesting an attack; "
             "limit pending connections",
         ),
         Scenario(
-            SYNCOOKIES_ENABLE,
+            TcpBufferScenario.SYNCOOKIES_ENABLE,
             "enable syncookies",
             "TCP memory is short during a SYN flood, so answer SYNs with cookies",
         ),
         Scenario(
-            SYNCOOKIES_DISABLE,
+            TcpBufferScenario.SYNCOOKIES_DISABLE,
             "disable syncookies",
             "SYN cookies are sent but never returned valid, so they only cost work; disable them",
         ),
-        Scenario(MAX_ORPHANS_INCREASE, "increase max number of orphaned sockets", ""),
+        Scenario(TcpBufferScenario.MAX_ORPHANS_INCREASE, "increase max number of orphaned sockets", ""),
     )
     optional_signals = frozenset({"mem_pressure", "syn_flood"})
 
@@ -173,12 +161,21 @@ class TcpBufferTuner(TcpBufferBase):
 
     def _rules(self, event: Event) -> Decision:
         update = event.update(0)
-        if event.scenario_id in (MEM_PRESSURE, MEM_EXHAUSTION) and update.id == TCP_MEM:
+        if (
+            event.scenario_id in (TcpBufferScenario.MEM_PRESSURE, TcpBufferScenario.MEM_EXHAUSTION)
+            and update.id == TcpBufferTunable.TCP_MEM
+        ):
             return Decision(tuple(self.memory_rules.decide(event)))
-        if update.id in (TCP_RMEM, TCP_WMEM) and event.scenario_id == BUFFER_INCREASE:
+        if (
+            update.id in (TcpBufferTunable.TCP_RMEM, TcpBufferTunable.TCP_WMEM)
+            and event.scenario_id == TcpBufferScenario.INCREASE
+        ):
             short = self.near_pressure or self.near_exhaustion or self.low_memory.active
             return self.buffers.decide(event, short)
-        if update.id == TCP_MAX_SYN_BACKLOG and event.scenario_id == SYN_BACKLOG_INCREASE:
+        if (
+            update.id == TcpBufferTunable.TCP_MAX_SYN_BACKLOG
+            and event.scenario_id == TcpBufferScenario.SYN_BACKLOG_INCREASE
+        ):
             return Decision(tuple(self.syn_flood.decide(event)))
         self.log.debug("tcp_buffer: ignoring event %r (tunable %d)", event, update.id)
         return Decision()
@@ -193,16 +190,24 @@ class TcpBufferTuner(TcpBufferBase):
 
     def applied(self, proposal: Proposal) -> None:
         self.last_change[(proposal.netns_cookie, proposal.tunable)] = self.clock()
-        if proposal.tunable == TCP_MEM:
+        if proposal.tunable == TcpBufferTunable.TCP_MEM:
             self.tcp_mem_cache = None
-        if proposal.tunable in (TCP_RMEM, TCP_WMEM):
+        if proposal.tunable in (TcpBufferTunable.TCP_RMEM, TcpBufferTunable.TCP_WMEM):
             self.carry_out(self.buffers.applied(proposal))
-        if proposal.tunable == TCP_RMEM and proposal.scenario == BUFFER_INCREASE:
+        if proposal.tunable == TcpBufferTunable.TCP_RMEM and proposal.scenario == TcpBufferScenario.INCREASE:
             # Receive autotuning up to the new maximum.
-            values = self.read(TCP_MODERATE_RCVBUF, proposal.netns_cookie)
+            values = self.read(TcpBufferTunable.TCP_MODERATE_RCVBUF, proposal.netns_cookie)
             if values is not None and values[0] != 1:
                 reason = "need to auto-tune receive buffers up to the new tcp_rmem max"
-                self.apply(Proposal(TCP_MODERATE_RCVBUF, MODERATE_RCVBUF, proposal.netns_cookie, (1,), reason))
+                self.apply(
+                    Proposal(
+                        TcpBufferTunable.TCP_MODERATE_RCVBUF,
+                        TcpBufferScenario.MODERATE_RCVBUF,
+                        proposal.netns_cookie,
+                        (1,),
+                        reason,
+                    )
+                )
 
     def tick(self, now: float) -> float | None:
         self.carry_out(Decision(tuple(self.low_memory.check_recovery())))
