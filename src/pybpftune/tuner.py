@@ -142,6 +142,7 @@ class Tuner:
         self.id = tuner_id
         # The daemon's LoadedObject once started; a SyntheticObject in unit tests.
         self.loaded: BpfObject | None = None
+        self.handling_s = 0.0  # seconds spent in handle_event
         self.log = logging.getLogger(f"pybpftune.tuner.{self.name}")
         ids = [t.id for t in self.tunables]
         if ids != list(range(len(ids))):
@@ -204,8 +205,11 @@ class Tuner:
 
     @final
     def handle_event(self, event: Event) -> None:
-        """The one pipeline: decide, then carry the decision out."""
+        """The one pipeline: decide, then carry the decision out (timed: the
+        summary can say what handling events cost)."""
+        t0 = time.perf_counter()
         self.carry_out(self.decide(event))
+        self.handling_s += time.perf_counter() - t0
 
     @final
     def carry_out(self, decision: Decision | Sequence[Proposal]) -> None:
