@@ -77,17 +77,13 @@ from .registry import (
 )
 from .resource import Resource
 from .ringbuf import SharedMaps
-from .startup import EarlyProbe, Future, LoadThread, tune_malloc
+from .startup import EarlyProbe, LoadThread, begin_probe
 from .state import StateDir
 from .store import ACTIVE, MANUAL, TunableStore
 from .support import (
-    KindSupport,
     Support,
     assemble,
-    cache_key,
-    kinds_from_text,
     kinds_to_text,
-    probe_support,
     support_report,
     variant_line,
 )
@@ -202,15 +198,8 @@ class Daemon(Resource):
         self._serve_queries()
         # SIGHUP's default would end the process: from here on it reloads.
         self.loop.on_signal(signal.SIGHUP, self._reload_on_signal)
-        tune_malloc()
-        if self._early is not None:
-            key, kinds, probed = self._early.key, self._early.kinds, self._early.probed
-        else:
-            key = cache_key() if self.cache is not None else ""
-            kinds = self._cached_kinds(key)
-            probed = Future()
-            if kinds is None:
-                self._loader.submit(probe_support, probed.set)
+        early = self._early if self._early is not None else begin_probe(self.config.cache_dir, self._loader)
+        key, kinds, probed = early.key, early.kinds, early.probed
         # Watch before the directories are read, so no plugin added meanwhile is missed.
         directories = [d for d in plugin_directories(self.config.libdirs) if d.is_dir()]
         if directories:
@@ -303,13 +292,6 @@ class Daemon(Resource):
         from .query import answer, parse_request
 
         return answer(self, parse_request(data)).encode()
-
-    def _cached_kinds(self, key: str) -> dict[str, KindSupport] | None:
-        """This boot's probed program kinds, if an earlier daemon cached them."""
-        if not key or self.cache is None:
-            return None
-        text = self.cache.read_cache("support")
-        return kinds_from_text(text, key) if text is not None else None
 
     def _context(self, support: Support | None) -> TunerContext:
         return TunerContext(
