@@ -385,12 +385,10 @@ class Daemon(Resource):
         self._loading_plugins[tuner.id] = plugin
         loading = tuner
 
-        batch = self._batch
-        take: Callable[[], LoadedObject]
-        if batch is not None and not batch.sealed:
-            take = batch.add(lambda: self._load_request(loading, support, globals_))
-        else:
-            take = lambda: self._load(loading, support, globals_)  # noqa: E731
+        # Only start() prepares tuners, with its batch open (a plugin added
+        # later starts through _start_tuner).
+        assert self._batch is not None
+        take = self._batch.add(lambda: self._load_request(loading, support, globals_))
 
         def load() -> LoadedObject:
             t0 = time.monotonic()
