@@ -1062,13 +1062,7 @@ class Daemon(Resource):
         self._loader.close()  # waits for a load in progress
         if self._batch is not None:
             self._batch.close()  # the loads not taken end with their child
-        while self._loaded:
-            tuner, loaded, _exc = self._loaded.popleft()
-            if loaded is not None:
-                loaded.close()
-            plugin = self._loading_plugins.pop(tuner.id, None)
-            if plugin is not None and plugin.path is not None:
-                unload_plugin(plugin)
+        self._take_loaded()  # closed: what was loaded meanwhile is released, not started
         tuners = list(reversed(self.tuners))
         block = []
         for tuner in tuners:
