@@ -77,17 +77,13 @@ from .registry import (
 )
 from .resource import Resource
 from .ringbuf import SharedMaps
-from .startup import EarlyProbe, Future, LoadThread, tune_malloc
+from .startup import EarlyProbe, LoadThread, begin_probe
 from .state import StateDir
 from .store import ACTIVE, MANUAL, TunableStore
 from .support import (
-    KindSupport,
     Support,
     assemble,
-    cache_key,
-    kinds_from_text,
     kinds_to_text,
-    probe_support,
     support_report,
     variant_line,
 )
@@ -202,15 +198,8 @@ class Daemon(Resource):
         self._serve_queries()
         # SIGHUP's default would end the process: from here on it reloads.
         self.loop.on_signal(signal.SIGHUP, self._reload_on_signal)
-        tune_malloc()
-        if self._early is not None:
-            key, kinds, probed = self._early.key, self._early.kinds, self._early.probed
-        else:
-            key = cache_key() if self.cache is not None else ""
-            kinds = self._cached_kinds(key)
-            probed = Future()
-            if kinds is None:
-                self._loader.submit(probe_support, probed.set)
+        early = self._early if self._early is not None else begin_probe(self.config.cache_dir, self._loader)
+        key, kinds, probed = early.key, early.kinds, early.probed
         # Watch before the directories are read, so no plugin added meanwhile is missed.
         directories = [d for d in plugin_directories(self.config.libdirs) if d.is_dir()]
         if directories:
@@ -304,13 +293,6 @@ class Daemon(Resource):
 
         return answer(self, parse_request(data)).encode()
 
-    def _cached_kinds(self, key: str) -> dict[str, KindSupport] | None:
-        """This boot's probed program kinds, if an earlier daemon cached them."""
-        if not key or self.cache is None:
-            return None
-        text = self.cache.read_cache("support")
-        return kinds_from_text(text, key) if text is not None else None
-
     def _context(self, support: Support | None) -> TunerContext:
         return TunerContext(
             self.store,
@@ -403,12 +385,10 @@ class Daemon(Resource):
         self._loading_plugins[tuner.id] = plugin
         loading = tuner
 
-        batch = self._batch
-        take: Callable[[], LoadedObject]
-        if batch is not None and not batch.sealed:
-            take = batch.add(lambda: self._load_request(loading, support, globals_))
-        else:
-            take = lambda: self._load(loading, support, globals_)  # noqa: E731
+        # Only start() prepares tuners, with its batch open (a plugin added
+        # later starts through _start_tuner).
+        assert self._batch is not None
+        take = self._batch.add(lambda: self._load_request(loading, support, globals_))
 
         def load() -> LoadedObject:
             t0 = time.monotonic()
@@ -1082,13 +1062,7 @@ class Daemon(Resource):
         self._loader.close()  # waits for a load in progress
         if self._batch is not None:
             self._batch.close()  # the loads not taken end with their child
-        while self._loaded:
-            tuner, loaded, _exc = self._loaded.popleft()
-            if loaded is not None:
-                loaded.close()
-            plugin = self._loading_plugins.pop(tuner.id, None)
-            if plugin is not None and plugin.path is not None:
-                unload_plugin(plugin)
+        self._take_loaded()  # closed: what was loaded meanwhile is released, not started
         tuners = list(reversed(self.tuners))
         block = []
         for tuner in tuners:

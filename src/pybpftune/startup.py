@@ -118,13 +118,14 @@ class EarlyProbe:
     probed: Future = field(default_factory=Future)
 
 
-def begin_probe(cache_dir: Path | None) -> EarlyProbe:
-    """Start probing on a new load thread unless this boot's answer is cached
-    in ``cache_dir`` (read only here; the daemon writes it)."""
+def begin_probe(cache_dir: Path | None, loader: LoadThread | None = None) -> EarlyProbe:
+    """Start probing on ``loader`` (a new load thread by default) unless this
+    boot's answer is cached in ``cache_dir`` (read only here; the daemon
+    writes it).  A daemon started without an early probe begins it here too."""
     from .state import StateDir
 
     tune_malloc()
-    loader = LoadThread()
+    loader = loader if loader is not None else LoadThread()
     key, kinds = "", None
     if cache_dir is not None:
         key = cache_key()

@@ -65,10 +65,10 @@ def test_support_exit_codes(
 def test_daemon_refuses_unsupported_kernel_in_one_line(
     monkeypatch: pytest.MonkeyPatch, tmp_path: object, support: support_mod.Support, reason: str
 ) -> None:
-    import pybpftune.daemon as daemon_mod
+    import pybpftune.startup as startup_mod
 
-    monkeypatch.setattr(daemon_mod, "probe_support", lambda: support)
-    monkeypatch.setattr(daemon_mod.Daemon, "_cached_kinds", lambda self, key: None)  # a real boot's cache
+    monkeypatch.setattr(startup_mod, "probe_support", lambda: support)
+    monkeypatch.setattr(startup_mod, "cache_key", lambda: "")  # no cache of a real boot's answer
     monkeypatch.setattr("os.geteuid", lambda: 0)
     result = CliRunner().invoke(main, ["-s", "--state-dir", str(tmp_path)])
     assert result.exit_code == 1
