@@ -13,7 +13,7 @@ import collections
 import logging
 import os
 import threading
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -441,19 +441,12 @@ def c_string(chars: CData) -> str:
     return str(ffi.string(chars).decode(errors="replace"))
 
 
-def struct_size(type_name: str) -> int:
-    """Same as :func:`sizeof` (the older name)."""
-    return sizeof(type_name)
-
-
 # --- layouts from the shared header ---------------------------------------------
 #
 # src/bpf/bpftune_shared.h is compiled into the BPF objects and flattened into
 # the cffi cdef, so these read every size, field and enum value from the same
 # text the BPF side uses: Python code names a type and never repeats a layout.
-# Values are plain Python: a struct or union is a dict of its fields (an
-# anonymous union's members appear as fields of the enclosing struct), an array
-# is a list, a char array is bytes (up to its first NUL), an enum is an int.
+# Values are read and written through pybpftune.bindings (generated from it).
 
 
 def _ctype(type_name: str) -> CData:
@@ -463,9 +456,9 @@ def _ctype(type_name: str) -> CData:
         raise LayoutError(f"{type_name!r} is not a type of the shared header ({exc})") from None
 
 
-def sizeof(type_name: str) -> int:
+def struct_size(type_name: str) -> int:
     """sizeof(type_name) as clang laid it out for the BPF side, e.g.
-    ``sizeof("struct tcp_buffer_hold")``."""
+    ``struct_size("struct tcp_buffer_hold")``."""
     ctype = _ctype(type_name)
     try:
         return int(ffi.sizeof(ctype))
@@ -489,68 +482,6 @@ def enum_members(c_enum: str) -> dict[str, int]:
     if ctype.kind != "enum":
         raise LayoutError(f"{c_enum!r} is a {ctype.kind}, not an enum")
     return {str(name): int(value) for name, value in sorted(ctype.relements.items(), key=lambda kv: kv[1])}
-
-
-def _new_type(ctype: CData) -> CData:
-    """What ffi.new and ffi.from_buffer take for a value of ``ctype``: the
-    array type itself, else a pointer to the type."""
-    return ctype if ctype.kind == "array" else ffi.getctype(ctype, "*")
-
-
-def encode(type_name: str, value: Any) -> bytes:
-    """The bytes of ``value`` laid out as ``type_name``: a mapping for a
-    struct (fields left out are zero), a sequence for an array, an int for a
-    scalar.  LayoutError names a field that does not exist or a value that
-    does not fit."""
-    ctype = _ctype(type_name)
-    if isinstance(value, Mapping):
-        value = dict(value)
-    try:
-        cdata = ffi.new(_new_type(ctype), value)
-    except KeyError as exc:
-        raise LayoutError(f"{type_name} has no field {exc}") from None
-    except (OverflowError, TypeError, IndexError, ValueError, ffi.error) as exc:
-        raise LayoutError(f"{value!r} does not fit {type_name}: {exc}") from None
-    return bytes(ffi.buffer(cdata))
-
-
-def pack(type_name: str, **fields: Any) -> bytes:
-    """A struct's bytes from its fields: ``pack("struct corr_key", tuner_id=3,
-    id=1, netns_cookie=c)``; nested structs as mappings, arrays as sequences."""
-    return encode(type_name, fields)
-
-
-def decode(type_name: str, data: bytes | bytearray | memoryview) -> Any:
-    """``data`` read as ``type_name`` (the inverse of :func:`encode`); its
-    length must be exactly the type's size, or LayoutError says both."""
-    ctype = _ctype(type_name)
-    size = sizeof(type_name)
-    if len(data) != size:
-        raise LayoutError(f"{type_name} is {size} bytes, got {len(data)}")
-    view = ffi.from_buffer(_new_type(ctype), data)
-    return _plain(view if ctype.kind == "array" else view[0], ctype)
-
-
-def unpack(type_name: str, data: bytes | bytearray | memoryview) -> dict[str, Any]:
-    """A struct's fields from its bytes (the inverse of :func:`pack`)."""
-    value = decode(type_name, data)
-    if not isinstance(value, dict):
-        raise LayoutError(f"{type_name!r} is not a struct or union")
-    return value
-
-
-def _plain(cdata: Any, ctype: CData) -> Any:
-    """A cffi value (or what a struct field read gave) as plain Python."""
-    kind = ctype.kind
-    if kind in ("struct", "union"):
-        return {name: _plain(getattr(cdata, name), field.type) for name, field in ctype.fields}
-    if kind == "array":
-        if ctype.item.kind == "primitive" and ctype.item.cname == "char":
-            return bytes(ffi.string(cdata))
-        return [_plain(cdata[i], ctype.item) for i in range(ctype.length)]
-    if kind in ("primitive", "enum"):
-        return cdata if isinstance(cdata, (int, float, bytes)) else int(cdata)
-    raise LayoutError(f"a {ctype.cname} cannot be read as plain Python")
 
 
 def header_constant(name: str) -> int:

@@ -204,10 +204,10 @@ class LoadBatch:
         self._requests: list[Callable[[], LoadRequest]] = []
         self._sealed = threading.Event()
         self._lock = threading.Lock()
-        self._started = False
         self._closed = False
         self._stream: isolate.Stream | None = None
-        # per request: (bytes, request) to adopt from the child's answer, or the error it met here
+        # per request, once the first take() made them: what to adopt from the
+        # child's answer (None once taken), or the error making it met here
         self._prepared: list[LoadRequest | BaseException | None] = []
         self._next = 0
 
@@ -236,7 +236,7 @@ class LoadBatch:
             if index != self._next:
                 raise PybpftuneError(f"load batch: request {index} taken out of order (next is {self._next})")
             self._next += 1
-            if not self._started:
+            if index == 0:  # the first take (they come in order) makes the requests
                 self._start()
             request, self._prepared[index] = self._prepared[index], None
             if isinstance(request, BaseException):
@@ -248,7 +248,6 @@ class LoadBatch:
             return _adopt(request.source, request.name, request.shared, value, fds)
 
     def _start(self) -> None:
-        self._started = True
         jobs: list[tuple[isolate.Job, str]] = []
         makes, self._requests = self._requests, []
         for make in makes:

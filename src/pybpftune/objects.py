@@ -348,14 +348,32 @@ class _Opened:
             self.handle = None
 
 
-class _Globals:
-    """Integer and struct globals over a buffer source (initial images before
-    load, the mmapped data maps after)."""
+class _ObjectState:
+    """What both states share: the :class:`_Opened` object while this state
+    holds it (``_state`` says why not), its programs and maps, and integer and
+    struct globals over a buffer source (initial images before load, the
+    mmapped data maps after)."""
 
     name: str
+    programs: dict[str, ProgramInfo]
+    _handle: _Opened | None
+    _state: str
 
     def _opened(self) -> _Opened:
-        raise NotImplementedError
+        if self._handle is None:
+            raise PybpftuneError(f"BPF object {self.name} is {self._state}")
+        return self._handle
+
+    @property
+    def closed(self) -> bool:
+        return self._handle is None
+
+    def autoload(self, program: str) -> bool:
+        """Whether ``program`` loads (loaded: was loaded; the loader switches other forms off)."""
+        return libbpf.program_autoload(self._opened().prog(program))
+
+    def has_map(self, name: str) -> bool:
+        return name in self._opened().maps
 
     def _global_buffer(self, m: libbpf.CData, map_name: str) -> memoryview:
         raise NotImplementedError
@@ -389,25 +407,20 @@ class _Globals:
         return layout.unpack(data)
 
 
-class OpenObject(_Globals, Resource):
+class OpenObject(_ObjectState, Resource):
     """A BPF object opened and not loaded yet: configure it, then
     :meth:`load` it (which consumes it and returns the :class:`LoadedObject`)."""
 
     def __init__(self, data: bytes, name: str) -> None:
         self.name = name
-        self._handle: _Opened | None = _Opened(data, name)
-        self.programs: dict[str, ProgramInfo] = self._handle.programs
-        self._map_names = list(self._handle.maps)
+        self._handle = _Opened(data, name)
+        # Kept when load() takes the handle: a failed load's program names the form to drop.
+        self.programs = self._handle.programs
         self._state = "open"
 
     @classmethod
     def from_path(cls, path: Path, name: str | None = None) -> OpenObject:
         return cls(read_object_file(path), name or path.name.split(".", 1)[0])
-
-    def _opened(self) -> _Opened:
-        if self._handle is None:
-            raise PybpftuneError(f"BPF object {self.name} is {self._state}")
-        return self._handle
 
     def _global_buffer(self, m: libbpf.CData, map_name: str) -> memoryview:
         buf = libbpf.map_initial_value(m)
@@ -421,16 +434,10 @@ class OpenObject(_Globals, Resource):
         opened = self._opened()
         libbpf.program_set_autoload(opened.prog(program), autoload)
 
-    def autoload(self, program: str) -> bool:
-        return libbpf.program_autoload(self._opened().prog(program))
-
-    def has_map(self, name: str) -> bool:
-        return name in self._map_names
-
     @property
     def map_names(self) -> list[str]:
         """Names of the object's maps, as libbpf opened them."""
-        return list(self._map_names)
+        return list(self._opened().maps)
 
     def reuse_map(self, name: str, fd: int) -> None:
         """Make this object use an existing map (shared across objects)."""
@@ -499,12 +506,8 @@ class OpenObject(_Globals, Resource):
             self._handle.close()
             self._handle, self._state = None, "closed"
 
-    @property
-    def closed(self) -> bool:
-        return self._handle is None
 
-
-class LoadedObject(_Globals, Resource):
+class LoadedObject(_ObjectState, Resource):
     """A loaded BPF object: attach its programs, use its maps and globals,
     hand it over to a parent process.  Loaded here (:meth:`OpenObject.load`)
     or in a loading child and adopted (:meth:`OpenObject.adopt`): then its
@@ -518,9 +521,10 @@ class LoadedObject(_Globals, Resource):
         adopted: tuple[dict[str, int], dict[str, int], list[Link]] | None = None,
         choices: dict[str, SignalChoice] | None = None,
     ) -> None:
-        self._handle: _Opened | None = opened
+        self._handle = opened
+        self._state = "closed"
         self.name = opened.name
-        self.programs: dict[str, ProgramInfo] = opened.programs
+        self.programs = opened.programs
         self.choices: dict[str, SignalChoice] = choices or {}
         self.links: list[Link] = []
         self._mmaps: dict[str, mmap.mmap] = {}
@@ -539,11 +543,6 @@ class LoadedObject(_Globals, Resource):
                 except (OSError, ValueError):
                     pass  # not mmapable on this kernel: set_global reports it when used
 
-    def _opened(self) -> _Opened:
-        if self._handle is None:
-            raise PybpftuneError(f"BPF object {self.name} is closed")
-        return self._handle
-
     def _global_buffer(self, m: libbpf.CData, map_name: str) -> memoryview:
         if map_name not in self._mmaps:
             writable = not map_name.endswith(".rodata")
@@ -554,13 +553,6 @@ class LoadedObject(_Globals, Resource):
     def unavailable(self) -> list[SignalChoice]:
         """The signals no form of which works here (optional ones only)."""
         return [c for c in self.choices.values() if c.chosen is None]
-
-    def autoload(self, program: str) -> bool:
-        """Whether ``program`` was loaded (the loader switches other forms off)."""
-        return libbpf.program_autoload(self._opened().prog(program))
-
-    def has_map(self, name: str) -> bool:
-        return name in self._opened().maps
 
     # --- maps and programs ---------------------------------------------------------
 
@@ -658,7 +650,3 @@ class LoadedObject(_Globals, Resource):
         if self._adopted_maps is not None:
             self._adopted_maps.clear()
         opened.close()
-
-    @property
-    def closed(self) -> bool:
-        return self._handle is None
