@@ -57,7 +57,7 @@ from .events import Event, cookie_text
 from .history import History
 from .inotify import ADDED, GONE, OVERFLOW, REMOVED, DirEvent, DirWatcher
 from .libbpf import MAX_TUNERS
-from .loader import LoadBatch, LoadRequest, load_object
+from .loader import LoadBatch, LoadRequest, load
 from .log import setup_logging
 from .loss import EventLoss
 from .netns import Namespaces, current_inode
@@ -554,17 +554,7 @@ class Daemon(Resource):
 
     def _load(self, tuner: Tuner, support: Support, globals_: dict[str, int]) -> LoadedObject:
         """Open, load and attach one tuner's object (in its own loading child)."""
-        r = self._load_request(tuner, support, globals_)
-        return load_object(
-            r.source,
-            r.name,
-            r.support,
-            shared=r.shared,
-            globals_=r.globals_,
-            optional_signals=r.optional_signals,
-            cgroup_fd=r.cgroup_fd,
-            prefer=r.prefer,
-        )
+        return load(self._load_request(tuner, support, globals_))
 
     def _load_request(self, tuner: Tuner, support: Support, globals_: dict[str, int]) -> LoadRequest:
         """What to load for a tuner; stale cgroup programs of its names are

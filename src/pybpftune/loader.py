@@ -15,7 +15,7 @@ import logging
 import os
 import threading
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -100,12 +100,19 @@ def load_object(
     attach more programs afterwards.  :class:`LoadBatch` does several loads
     in one child.
     """
-    data = _object_bytes(source, name)
-    request = LoadRequest(data, name, support, shared, globals_, optional_signals, cgroup_fd, configure, prefer)
+    return load(
+        LoadRequest(source, name, support, shared, globals_, optional_signals, cgroup_fd, configure, prefer), isolated
+    )
+
+
+def load(request: LoadRequest, isolated: bool | None = None) -> LoadedObject:
+    """:func:`load_object` for a prepared :class:`LoadRequest`."""
+    data = _object_bytes(request.source, request.name)
+    request = replace(request, source=data)
     if not (ISOLATED if isolated is None else isolated):
         return _load_here(data, request)
-    value, fds = isolate.run(_child_job(request, batched=False), f"loading {name}")
-    return _adopt(data, name, shared, value, fds)
+    value, fds = isolate.run(_child_job(request, batched=False), f"loading {request.name}")
+    return _adopt(data, request.name, request.shared, value, fds)
 
 
 def _object_bytes(source: Path | bytes, name: str) -> bytes:
