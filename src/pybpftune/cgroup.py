@@ -13,11 +13,12 @@ import ctypes
 import logging
 import os
 from pathlib import Path
-from types import TracebackType
+from typing import Self
 
 from . import libbpf
 from .errors import BpfError, PybpftuneError
 from .procfs import mounts
+from .resource import Resource
 from .state import StateDir
 from .support import find_cgroup2
 
@@ -34,7 +35,7 @@ def _is_cgroup2_mount(path: Path) -> bool:
     return any(m.fstype == "cgroup2" and Path(m.target) == real for m in mounts())
 
 
-class CgroupRoot:
+class CgroupRoot(Resource):
     """An open fd on a cgroup v2 root; mounts one only if it must."""
 
     def __init__(self, state: StateDir, path: Path | None = None) -> None:
@@ -113,11 +114,6 @@ class CgroupRoot:
                     pass
             self._mounted = False
 
-    def __enter__(self) -> CgroupRoot:
-        self.open()
+    def __enter__(self) -> Self:
+        self.open()  # entering opens it (the other resources are open once made)
         return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()

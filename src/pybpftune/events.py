@@ -53,6 +53,8 @@ class Event:
         raw: bytes | None = None,
     ) -> Event:
         """A synthetic event, as the BPF side would send it (for tests and replays)."""
+        if len(updates or ()) > libbpf.MAX_UPDATES:
+            raise ValueError(f"an event carries at most {libbpf.MAX_UPDATES} updates")
         record = bindings.BpftuneEvent(
             tuner_id=tuner_id,
             scenario_id=scenario_id,
