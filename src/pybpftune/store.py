@@ -451,23 +451,15 @@ class TunableStore:
             raise TunerError(f"{t.name} is not numeric and settable; use a TextProposal or Noted for it")
         if len(proposal.new) != t.num_values:
             raise TunerError(f"proposal for {t.name} has {len(proposal.new)} values, expected {t.num_values}")
-        cookie = self._cookie(t, proposal.netns_cookie)
-        if self.netns_state(tuner, cookie) != ACTIVE:
-            log.debug("Skipping update of %s: '%s' is disabled in netns cookie %d", t.name, tuner.name, cookie)
+        found = self._current_where_active(tuner, t, proposal.netns_cookie)
+        if found is None:
             return None
-        old = self._read(t, cookie)
-        if old is None or isinstance(old, str):
+        cookie, old = found
+        if isinstance(old, str):
             return None
         new = self._bounded(tuner, t, cookie, old, proposal.new)
-        if new == old:
+        if new == old or not self._change(tuner, t, proposal, cookie, old, new):
             return None
-        if self.advice:
-            self._count(tuner, t, proposal.scenario, cookie)
-            self._log_change(tuner, t, proposal, cookie, old, new, advice=True)
-            return None
-        if not self._write(tuner, t, cookie, old, new, proposal.scenario):
-            return None
-        self._log_change(tuner, t, proposal, cookie, old, new)
         return new
 
     def apply_text(self, tuner: Tuner, p: TextProposal) -> bool:
@@ -475,23 +467,37 @@ class TunableStore:
         t = tuner.tunable(p.tunable)
         if t.kind != "string":
             raise TunerError(f"{t.name} is not a string sysctl")
-        cookie = self._cookie(t, p.netns_cookie)
-        if self.netns_state(tuner, cookie) != ACTIVE:
-            log.debug("Skipping update of %s: '%s' is disabled in netns cookie %d", t.name, tuner.name, cookie)
+        found = self._current_where_active(tuner, t, p.netns_cookie)
+        if found is None:
             return False
-        old = self._read(t, cookie)
+        cookie, old = found
         if not isinstance(old, str):
             return False
         new = " ".join(p.text.split())
-        if same(new, old):
-            return False
+        return not same(new, old) and self._change(tuner, t, p, cookie, old, new)
+
+    def _current_where_active(self, tuner: Tuner, t: Tunable, netns_cookie: int | None) -> tuple[int, Value] | None:
+        """(cookie, current value) where the tuner may act; None where it is
+        off (an administrator took over) or the value cannot be read."""
+        cookie = self._cookie(t, netns_cookie)
+        if self.netns_state(tuner, cookie) != ACTIVE:
+            log.debug("Skipping update of %s: '%s' is disabled in netns cookie %d", t.name, tuner.name, cookie)
+            return None
+        old = self._read(t, cookie)
+        return None if old is None else (cookie, old)
+
+    def _change(
+        self, tuner: Tuner, t: Tunable, p: Proposal | TextProposal, cookie: int, old: Value, new: Value
+    ) -> bool:
+        """Write ``new`` (or, in advice mode, only say so); True if written."""
+        shown_old, shown_new = (old,) if isinstance(old, str) else old, (new,) if isinstance(new, str) else new
         if self.advice:
             self._count(tuner, t, p.scenario, cookie)
-            self._log_change(tuner, t, p, cookie, (old,), (new,), advice=True)
+            self._log_change(tuner, t, p, cookie, shown_old, shown_new, advice=True)
             return False
         if not self._write(tuner, t, cookie, old, new, p.scenario):
             return False
-        self._log_change(tuner, t, p, cookie, (old,), (new,))
+        self._log_change(tuner, t, p, cookie, shown_old, shown_new)
         return True
 
     def _read(self, t: Tunable, cookie: int) -> Value | None:
