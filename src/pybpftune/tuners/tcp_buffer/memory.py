@@ -88,15 +88,7 @@ class MemoryRules:
         if event.scenario_id == TcpBufferScenario.MEM_EXHAUSTION:
             new = tcp_mem_exhaustion(mem, f, t.steps)
             if new is not None:
-                out.append(
-                    Proposal(
-                        TcpBufferTunable.TCP_MEM,
-                        TcpBufferScenario.MEM_EXHAUSTION,
-                        glob,
-                        new,
-                        self._reason("exhaustion", mem, new),
-                    )
-                )
+                out.append(self._tcp_mem(TcpBufferScenario.MEM_EXHAUSTION, "exhaustion", glob, mem, new))
             else:
                 # tcp_mem[2] is at F/4: make the buffers smaller instead.
                 for tid in (TcpBufferTunable.TCP_RMEM, TcpBufferTunable.TCP_WMEM):
@@ -115,16 +107,11 @@ class MemoryRules:
         else:
             new = tcp_mem_pressure(mem, f, t.steps)
             if new is not None:
-                out.append(
-                    Proposal(
-                        TcpBufferTunable.TCP_MEM,
-                        TcpBufferScenario.MEM_PRESSURE,
-                        glob,
-                        new,
-                        self._reason("pressure", mem, new),
-                    )
-                )
+                out.append(self._tcp_mem(TcpBufferScenario.MEM_PRESSURE, "pressure", glob, mem, new))
         return out + low
+
+    def _tcp_mem(self, scenario: int, what: str, glob: int, mem: Values, new: Values) -> Proposal:
+        return Proposal(TcpBufferTunable.TCP_MEM, scenario, glob, new, self._reason(what, mem, new))
 
     def _reason(self, what: str, mem: Values, new: Values) -> str:
         t = self.tuner
