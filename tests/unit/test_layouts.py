@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 
 from pybpftune import bindings, libbpf
 from pybpftune._libbpf import ffi, lib
 from pybpftune.bpf import object_path
 from pybpftune.errors import LayoutError
-from pybpftune.objects import MapView, OpenObject, TypedMap
+from pybpftune.objects import OpenObject, TypedMap
+from pybpftune.testing import SyntheticMap
 
 SHARED_TYPES = [
     "struct bpftune_event",
@@ -65,29 +64,8 @@ def _c_bytes(c_type: str, **fields: int) -> bytes:
     return bytes(ffi.buffer(ffi.new(f"{c_type} *", fields)))
 
 
-class DictMap(MapView):
-    """A MapView over a dict: what TypedMap does, without a kernel map."""
-
-    def __init__(self, key_size: int, value_size: int) -> None:
-        super().__init__("bpftune_test", -1, key_size, value_size)
-        self.data: dict[bytes, bytes] = {}
-
-    def __getitem__(self, key: bytes) -> bytes:
-        return self.data[self._key(key)]
-
-    def __setitem__(self, key: bytes, value: bytes) -> None:
-        assert len(value) == self.value_size
-        self.data[self._key(key)] = value
-
-    def __delitem__(self, key: bytes) -> None:
-        del self.data[self._key(key)]
-
-    def __iter__(self) -> Iterator[bytes]:
-        return iter(list(self.data))
-
-
 def test_typed_map_packs_keys_and_values() -> None:
-    raw = DictMap(bindings.CorrKey.SIZE, bindings.Corr.SIZE)
+    raw = SyntheticMap("bpftune_test", bindings.CorrKey, bindings.Corr)
     corr = TypedMap(raw, bindings.CorrKey, bindings.Corr)
     key = bindings.CorrKey(tuner_id=1, id=2, netns_cookie=3)
     corr[key] = bindings.Corr(n=4, sum_x=5)
@@ -101,7 +79,7 @@ def test_typed_map_packs_keys_and_values() -> None:
 
 
 def test_typed_map_sizes_must_match_the_map() -> None:
-    raw = DictMap(bindings.CorrKey.SIZE, bindings.Corr.SIZE)
+    raw = SyntheticMap("bpftune_test", bindings.CorrKey, bindings.Corr)
     with pytest.raises(LayoutError, match="value is 48 bytes, BpftuneSample is 24"):
         TypedMap(raw, bindings.CorrKey, bindings.BpftuneSample)
 
